@@ -1,0 +1,48 @@
+"""The ``Issuer`` seam: something that turns (name, private key) into a certificate chain.
+
+Implementations: ``InternalIssuer`` (a local CA kept in storage, for the demo, dev and private
+names) and ``AcmeIssuer`` (any RFC 8555 CA). The certificate manager drives them and owns
+caching, locking and renewal; an issuer only issues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    chain_pem: bytes  # leaf first, then intermediates
+    issuer_id: str  # stable id of who issued it (ACME directory URL, or "internal")
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalWindow:
+    """A CA-suggested renewal window (ARI, RFC 9773 section 4.2)."""
+
+    start: datetime
+    end: datetime
+    explanation_url: str | None = None
+    retry_after: float | None = None  # seconds until we should ask again
+
+
+class Issuer(Protocol):
+    @property
+    def id(self) -> str:
+        """Stable identifier stored with each certificate (which CA issued it)."""
+
+    async def issue(
+        self,
+        name: str,
+        private_key: CertificateIssuerPrivateKeyTypes,
+        *,
+        replaces: str | None = None,
+    ) -> IssuedCertificate:
+        """Issue a certificate for ``name``; ``replaces`` is an ARI CertID of the old one."""
+
+    async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
+        """The CA's suggested renewal window, or None when the CA offers no ARI."""

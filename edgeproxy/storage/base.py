@@ -1,0 +1,92 @@
+"""The ``Storage`` protocol: what the certificate manager needs from durable storage.
+
+Storage owns bytes under slash-separated keys, leases (locks with an owner and an expiry) and
+pending ACME challenge tokens. It knows nothing of ACME or TLS: a certificate is just a value.
+
+Contract every backend keeps (the conformance suite in ``tests/unit/test_storage_*`` checks it):
+
+* ``put`` is atomic: a reader sees the old value or the new one, never a torn mix, even if the
+  process is killed mid-write. ``secret=True`` values hold private keys: files are 0600 (and a
+  backend may encrypt them at rest).
+* A lock is a lease: ``try_lock`` succeeds when nobody holds it or the holder's lease expired;
+  the holder keeps it alive with ``refresh_lock``; an abandoned lock frees itself at expiry.
+* Challenge tokens are visible to every process sharing the storage, so whichever process or
+  replica the CA reaches can answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+_KEY_RE = re.compile(r"^[a-z0-9_.\-*]+(/[a-z0-9_.\-*]+)*$")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the storage root or collide after normalisation."""
+    if not _KEY_RE.match(key) or any(part in {".", ".."} for part in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    name: str
+    owner: str
+    expires_at: float  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    key: str
+    modified: float  # unix time
+    size: int
+
+
+@runtime_checkable
+class Storage(Protocol):
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None."""
+
+    async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
+        """Store atomically; ``secret`` marks private-key material."""
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error."""
+
+    async def list(self, prefix: str = "") -> list[StoredItem]:
+        """Items whose key starts with ``prefix`` (a folder-like prefix, e.g. ``certs/``)."""
+
+    async def quarantine(self, key: str, reason: str) -> None:
+        """Move an unparseable value aside so it neither crashes nor blocks re-issuance."""
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lease ``name`` for ``ttl`` seconds if free or expired."""
+
+    async def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Extend our lease; False if we lost it (expired and taken over)."""
+
+    async def unlock(self, name: str, owner: str) -> None:
+        """Release the lease if we still hold it."""
+
+    async def lock_info(self, name: str) -> LockInfo | None:
+        """Who holds ``name`` and until when (expired leases may still be listed)."""
+
+    async def list_locks(self) -> list[LockInfo]:
+        """All lease records, including expired ones not yet cleaned."""
+
+    async def put_challenge(self, name: str, key_authorization: str, ttl: float) -> None:
+        """Publish a pending TLS-ALPN-01 challenge for ``name``."""
+
+    async def get_challenge(self, name: str) -> str | None:
+        """The key authorization for a pending, unexpired challenge, or None."""
+
+    async def delete_challenge(self, name: str) -> None:
+        """Withdraw a challenge once validation finished."""
+
+    async def list_challenges(self) -> list[tuple[str, float]]:
+        """(name, expires_at) of every stored challenge, expired included."""
+
+    async def aclose(self) -> None:
+        """Release connections and background resources."""
