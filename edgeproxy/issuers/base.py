@@ -40,9 +40,27 @@ class Issuer(Protocol):
         name: str,
         private_key: CertificateIssuerPrivateKeyTypes,
         *,
-        replaces: str | None = None,
+        replacing: bytes | None = None,
     ) -> IssuedCertificate:
-        """Issue a certificate for ``name``; ``replaces`` is an ARI CertID of the old one."""
+        """Issue a certificate for ``name``.
+
+        ``replacing`` is the PEM chain of the certificate this one renews, when that one came
+        from this same issuer: an ACME issuer turns it into an ARI ``replaces`` CertID.
+        """
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
         """The CA's suggested renewal window, or None when the CA offers no ARI."""
+
+
+class IssuanceError(Exception):
+    """Issuance failed; ``error_type`` is the ACME problem type or one of our reason tokens.
+
+    The certificate manager decides retries and hints from ``error_type`` and ``retry_after``,
+    never from the message text.
+    """
+
+    def __init__(self, error_type: str, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{error_type}: {detail}")
+        self.error_type = error_type
+        self.detail = detail
+        self.retry_after = retry_after

@@ -1,0 +1,160 @@
+"""Wires one edgeproxy process: storage, issuer, certificate manager, proxy, admin, signals.
+
+This module and ``cli.py`` are the only places that assemble parts; everything else receives
+what it needs. ``run_process`` runs until SIGTERM/SIGINT (drain, then exit 0); SIGHUP reloads
+routes, upstreams, allow patterns and limits from the config file, keeping the old config if
+the new one is invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from . import metrics
+from .certs.challenges import ChallengeResponder
+from .certs.manager import CertificateManager
+from .certs.policy import OnDemandPolicy
+from .certs.static import StaticCertificates
+from .config import Config, load_config
+from .errors import ConfigError
+from .issuers.base import Issuer
+from .issuers.internal import InternalIssuer
+from .proxy.server import Proxy, Settings, open_listeners
+from .storage.base import Storage
+
+log = logging.getLogger("edgeproxy")
+
+
+def build_storage(cfg: Config) -> Storage:
+    if cfg.storage.backend == "postgres":
+        from .storage.postgres import PostgresStorage
+
+        dsn = cfg.storage.dsn
+        if cfg.storage.dsn_env:
+            dsn = os.environ.get(cfg.storage.dsn_env) or dsn
+        if not dsn:
+            raise ConfigError([f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"])
+        enc = os.environ.get(cfg.storage.encryption_key_env) if cfg.storage.encryption_key_env else None
+        return PostgresStorage(dsn, encryption_key=enc)
+    from .storage.file import FileStorage
+
+    return FileStorage(cfg.storage.path)
+
+
+def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) -> Issuer:
+    if cfg.tls.issuer == "internal":
+        return InternalIssuer(storage)
+    from .issuers.acme import AcmeIssuer
+
+    return AcmeIssuer.from_config(cfg.acme, storage, challenges)
+
+
+def build_policy(cfg: Config) -> OnDemandPolicy:
+    od = cfg.on_demand
+    return OnDemandPolicy(
+        allow=od.allow, ask=od.ask, ask_timeout=od.ask_timeout,
+        allow_ttl=od.allow_cache_ttl, deny_ttl=od.deny_cache_ttl,
+    )
+
+
+@dataclass
+class Runtime:
+    """The assembled parts of one process, exposed for the admin API and tests."""
+
+    cfg: Config
+    storage: Storage
+    certs: CertificateManager
+    challenges: ChallengeResponder
+    proxy: Proxy
+    issuer: Issuer
+
+
+def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
+    storage = storage or build_storage(cfg)
+    challenges = ChallengeResponder(storage)
+    issuer = build_issuer(cfg, storage, challenges)
+    static = StaticCertificates.load([(c.cert, c.key) for c in cfg.certificates])
+    certs = CertificateManager(
+        storage=storage, issuer=issuer, policy=build_policy(cfg), static=static,
+        default_sni=cfg.tls.default_sni, key_type=cfg.tls.key_type, wait=cfg.on_demand.wait,
+        max_orders_per_minute=cfg.on_demand.max_orders_per_minute, backoff_max=cfg.on_demand.backoff_max,
+    )
+    proxy = Proxy(Settings.from_config(cfg), certs, challenges)
+    return Runtime(cfg, storage, certs, challenges, proxy, issuer)
+
+
+def apply_reload(rt: Runtime, new: Config) -> None:
+    """Swap what can change without restarting: routes, limits, policy."""
+    rt.proxy.reload(Settings.from_config(new))
+    rt.certs.policy = build_policy(new)
+    rt.cfg = new
+
+
+async def run_process(
+    cfg: Config,
+    *,
+    config_path: Path | None = None,
+    storage: Storage | None = None,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    rt = assemble(cfg, storage)
+    try:
+        listeners = await open_listeners(cfg.server.listen_addresses())
+    except OSError as exc:
+        raise ConfigError([f"server.listen: cannot listen ({exc.strerror}) (free the port or change it)"]) from None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.certs.run)
+        if cfg.admin.listen:
+            from .admin.server import serve_admin
+
+            await nursery.start(serve_admin, rt)
+        done = trio.Event()
+
+        async def serve_then_done() -> None:
+            await rt.proxy.serve(listeners)
+            done.set()
+
+        nursery.start_soon(serve_then_done)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            log.info("edgeproxy listening on %s", ", ".join(str(a) for a in cfg.server.listen_addresses()))
+            task_status.started(rt)
+            if on_ready is not None:
+                await on_ready(rt)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload(rt, config_path)
+                    continue
+                log.info("received %s: draining (up to %.0fs)", signal.Signals(signum).name, rt.cfg.server.drain_timeout)
+                rt.proxy.stop_accepting()
+                with trio.move_on_after(rt.cfg.server.drain_timeout) as scope:
+                    await rt.proxy.wait_idle()
+                if scope.cancelled_caught:
+                    log.warning("drain timeout: closing %d remaining connections", rt.proxy.active)
+                else:
+                    log.info("drained; exiting")
+                break
+        nursery.cancel_scope.cancel()
+    await rt.storage.aclose()
+
+
+def _reload(rt: Runtime, config_path: Path | None) -> None:
+    if config_path is None:
+        log.warning("SIGHUP ignored: no config file to reload (demo mode)")
+        return
+    try:
+        new = load_config(config_path)
+    except ConfigError as exc:
+        metrics.CONFIG_RELOADS.labels("rejected").inc()
+        log.error("reload rejected, keeping the running config:\n  %s", "\n  ".join(exc.problems))
+        return
+    apply_reload(rt, new)
+    metrics.CONFIG_RELOADS.labels("ok").inc()
+    log.info("config reloaded from %s", config_path)

@@ -1,0 +1,71 @@
+"""Storage health as the certificate manager sees it: ``edgeproxy storage check`` and ``clean``.
+
+The backend reports its own problems (leftover temp files, stale locks, expired challenges,
+permissions); on top of that every certificate record must parse and its key must match its
+certificate. Cleaning prunes certificates expired for longer than a grace period.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import StorageError
+from ..storage.base import Storage
+from .record import CertRecord, RecordError, ari_key, status_key
+
+
+async def check_storage(storage: Storage, *, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    problems: list[str] = []
+    backend_check = getattr(storage, "check", None)
+    if backend_check is not None:
+        problems.extend(await backend_check())
+    for item in await storage.list("certs/"):
+        raw = await storage.get(item.key)
+        if raw is None:
+            continue
+        try:
+            CertRecord.from_json(raw)
+        except RecordError as exc:
+            problems.append(f"{item.key}: {exc}")
+    for lock in await storage.list_locks():
+        if lock.expires_at < now:
+            msg = f"lock {lock.name}: expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lock.expires_at))} (owner {lock.owner})"
+            if not any(lock.name in p and "lock" in p for p in problems):
+                problems.append(msg)
+    return problems
+
+
+async def clean_storage(storage: Storage, grace: float, *, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    backend_clean = getattr(storage, "clean", None)
+    if backend_clean is not None:
+        removed.extend(await backend_clean(now=now))
+    for lock in await storage.list_locks():
+        if lock.expires_at < now:
+            await storage.unlock(lock.name, lock.owner)
+            removed.append(f"lock {lock.name}")
+    for name, expires in await storage.list_challenges():
+        if expires < now:
+            await storage.delete_challenge(name)
+            removed.append(f"challenge {name}")
+    for item in await storage.list("certs/"):
+        raw = await storage.get(item.key)
+        if raw is None:
+            continue
+        try:
+            rec = CertRecord.from_json(raw)
+        except RecordError as exc:
+            await storage.quarantine(item.key, str(exc))
+            removed.append(f"{item.key} (quarantined: {exc})")
+            continue
+        if rec.not_after + grace < now:
+            try:
+                await storage.delete(item.key)
+                await storage.delete(status_key(rec.name))
+                await storage.delete(ari_key(rec.name))
+            except StorageError:
+                continue
+            removed.append(f"{item.key} (expired {time.strftime('%Y-%m-%d', time.gmtime(rec.not_after))})")
+    return list(dict.fromkeys(removed))

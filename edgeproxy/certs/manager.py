@@ -1,0 +1,471 @@
+"""The certificate manager: the one place that decides which certificate a name gets.
+
+Theory of operation
+-------------------
+The data path asks one question: ``context_for(name)``. A cached name is answered from an LRU
+of ``SSL.Context`` objects with no await at all. Anything else becomes a background *acquire*
+task (single-flight per name, in the manager's own nursery so a client hanging up does not
+abort an issuance half way): load the record from storage; if absent or expired, ask the
+on-demand policy, take the storage lease for the name, re-read storage (another process or
+replica may have finished meanwhile), issue, store the key and chain as one atomic record,
+install the new context. Handshakes wait for that task at most ``wait`` seconds.
+
+A maintenance loop renews: it lists stored records, refreshes ARI windows (RFC 9773) when the
+issuer offers them, and renews due certificates under the same lease, so one process acts and
+the others notice the new record on their next pass (or sooner via ``invalidate``).
+
+Failures never crash anything: they are recorded in the per-domain status with a typed reason
+and a hint, and retried with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from OpenSSL import SSL
+
+from .. import metrics
+from ..errors import CertificateUnavailable, LockUnavailable, StorageError
+from ..issuers.base import IssuanceError, Issuer
+from ..names import InvalidName, validate_hostname
+from ..storage.base import Storage
+from ..storage.locks import LockLost, hold_lock, make_owner_id
+from ..tls.contexts import build_server_context, generate_private_key
+from .policy import OnDemandPolicy, TokenBucket
+from .record import AriState, CertRecord, RecordError, ari_key, cert_key, lock_name, status_key
+from .renewal import RenewalPlan, backoff_delay, plan_renewal
+from .static import StaticCertificates
+from .status import DomainStatus, State, hint_for
+
+log = logging.getLogger("edgeproxy.certs")
+
+ARI_CHECK_INTERVAL = 12 * 3600.0
+
+
+@dataclass(slots=True)
+class _Cached:
+    ctx: SSL.Context
+    record: CertRecord
+
+
+class CertificateManager:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        issuer: Issuer,
+        policy: OnDemandPolicy,
+        static: StaticCertificates | None = None,
+        default_sni: str | None = None,
+        key_type: str = "ec256",
+        wait: float = 20.0,
+        max_orders_per_minute: int = 30,
+        cache_size: int = 10000,
+        lock_ttl: float = 60.0,
+        issue_timeout: float = 180.0,
+        renew_interval: float = 60.0,
+        backoff_base: float = 30.0,
+        backoff_max: float = 86400.0,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.issuer = issuer
+        self.policy = policy
+        self.static = static or StaticCertificates()
+        self.default_sni = default_sni
+        self.key_type = key_type
+        self.wait = wait
+        self.lock_ttl = lock_ttl
+        self.issue_timeout = issue_timeout
+        self.renew_interval = renew_interval
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.owner = owner or make_owner_id()
+        self.clock = clock
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache_size = cache_size
+        self._inflight: dict[str, trio.Event] = {}
+        self._status: dict[str, DomainStatus] = {}
+        self._seen_modified: dict[str, float] = {}
+        self._orders = TokenBucket(max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic)
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------------ data path
+
+    def cached_context(self, name: str) -> SSL.Context | None:
+        hit = self._cache.get(name)
+        if hit is None:
+            return None
+        self._cache.move_to_end(name)
+        return hit.ctx
+
+    async def context_for(self, name: str | None) -> SSL.Context:
+        """An SSL context for ``name`` (normalised SNI; None = no SNI sent).
+
+        Raises CertificateUnavailable with a reason token when none can be had in time.
+        """
+        if name is None:
+            if self.default_sni is None:
+                raise CertificateUnavailable(None, "no_sni", "client sent no SNI and tls.default_sni is unset")
+            name = self.default_sni
+        hit = self._cache.get(name)
+        if hit is not None:
+            self._cache.move_to_end(name)
+            return hit.ctx
+        static = self.static.match(name)
+        if static is not None:
+            return static
+        ev = self._start_acquire(name)
+        with trio.move_on_after(self.wait):
+            await ev.wait()
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit.ctx
+        st = self._status.get(name)
+        if not ev.is_set():
+            raise CertificateUnavailable(name, "timeout", f"not issued within on_demand.wait={self.wait}s")
+        if st is not None and st.last_error_type:
+            raise CertificateUnavailable(name, st.last_error_type.rsplit(":", 1)[-1], st.last_error or "")
+        raise CertificateUnavailable(name, "unavailable")
+
+    def invalidate(self, name: str) -> None:
+        """Forget the cached context (another replica stored a new certificate)."""
+        self._cache.pop(name, None)
+        self._seen_modified.pop(name, None)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background tasks (issuance, renewal); runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    try:
+                        await self.maintenance_once()
+                    except Exception:
+                        log.exception("certificate maintenance pass failed; retrying later")
+                    await trio.sleep(self.renew_interval)
+            finally:
+                self._nursery = None
+
+    def _start_acquire(self, name: str) -> trio.Event:
+        ev = self._inflight.get(name)
+        if ev is not None:
+            return ev
+        ev = self._inflight[name] = trio.Event()
+        if self._nursery is None:
+            raise RuntimeError("CertificateManager.run() is not running")
+        self._nursery.start_soon(self._acquire_task, name, ev)
+        return ev
+
+    async def _acquire_task(self, name: str, ev: trio.Event) -> None:
+        try:
+            await self._acquire(name)
+        except Exception:
+            log.exception("unexpected error acquiring a certificate for %s", name)
+        finally:
+            del self._inflight[name]
+            ev.set()
+
+    # ------------------------------------------------------------------ control path
+
+    async def _acquire(self, name: str) -> None:
+        try:
+            validate_hostname(name)
+        except InvalidName as exc:
+            self._fail(name, "invalid_name", str(exc), state="denied", backoff=False)
+            return
+        now = self.clock()
+        try:
+            rec = await self._load(name)
+        except StorageError as exc:
+            self._fail(name, "storage", str(exc), backoff=False)
+            return
+        if rec is not None and rec.not_after > now:
+            self._install(rec)
+            return
+        st = self._status.get(name)
+        if st is not None and st.next_attempt and st.next_attempt > now and st.state == "failing":
+            return  # in backoff; the status already holds the error the handshake will report
+        decision = await self.policy.check(name)
+        if not decision.allowed:
+            self._fail(name, decision.reason, decision.detail or decision.reason, state="denied", backoff=False)
+            return
+        if not self._orders.take():
+            self._fail(name, "order_rate_limited", "on_demand.max_orders_per_minute reached", backoff=False)
+            return
+        await self.obtain(name, old=rec)
+
+    async def obtain(self, name: str, *, old: CertRecord | None = None, force: bool = False) -> CertRecord | None:
+        """Issue (or renew) ``name`` under the storage lease; return the stored record.
+
+        Policy is the caller's business (the data path checks it before calling; the CLI and
+        admin API check it themselves). Returns None and records the failure on error.
+        """
+        renewing = old is not None
+        state: State = "renewing" if renewing else "issuing"
+        self._set_status(name, state=state)
+        try:
+            with trio.fail_after(self.issue_timeout):
+                t0 = time.monotonic()
+                async with hold_lock(
+                    self.storage, lock_name(name), owner=self.owner, ttl=self.lock_ttl, wait=self.issue_timeout
+                ):
+                    metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - t0)
+                    current = await self._load(name)
+                    if current is not None and not force and self._still_good(current, old):
+                        self._install(current)
+                        return current
+                    replacing = None
+                    if old is not None and old.issuer_id == self.issuer.id:
+                        replacing = old.chain_pem.encode()
+                    key = generate_private_key(self.key_type)  # type: ignore[arg-type]
+                    issued = await self.issuer.issue(name, key, replacing=replacing)  # type: ignore[arg-type]
+                    rec = CertRecord.build(name, issued.issuer_id, issued.chain_pem, key, self.clock())  # type: ignore[arg-type]
+                    await self.storage.put(cert_key(name), rec.to_json(), secret=True)
+        except IssuanceError as exc:
+            self._fail(name, exc.error_type, exc.detail, retry_after=exc.retry_after)
+            metrics.ACME_ORDERS.labels("failed").inc()
+            if renewing:
+                metrics.RENEWALS.labels("failed").inc()
+            return None
+        except trio.TooSlowError:
+            self._fail(name, "timeout", f"issuance took longer than {self.issue_timeout:.0f}s")
+            return None
+        except (LockUnavailable, LockLost) as exc:
+            self._fail(name, "lock_timeout", str(exc))
+            return None
+        except StorageError as exc:
+            self._fail(name, "storage", str(exc))
+            return None
+        metrics.ACME_ORDERS.labels("valid").inc()
+        if renewing:
+            metrics.RENEWALS.labels("renewed").inc()
+        log.info(
+            "certificate %s for %s (issuer %s, valid until %s)",
+            "renewed" if renewing else "issued", name, rec.issuer_id, _iso(rec.not_after),
+        )
+        self._install(rec)
+        return rec
+
+    def _still_good(self, current: CertRecord, old: CertRecord | None) -> bool:
+        """After taking the lease: did someone else already do the work?"""
+        if current.not_after <= self.clock():
+            return False
+        if old is None:
+            return True  # a valid certificate appeared while we waited for the lease
+        if current.serial != old.serial:
+            return True  # another process renewed it
+        return False
+
+    async def _load(self, name: str) -> CertRecord | None:
+        key = cert_key(name)
+        raw = await self.storage.get(key)
+        if raw is None:
+            return None
+        try:
+            return CertRecord.from_json(raw)
+        except RecordError as exc:
+            log.error("certificate record %s is corrupt (%s): quarantined; it will be re-issued", key, exc)
+            await self.storage.quarantine(key, str(exc))
+            metrics.STORAGE_ERRORS.labels("corrupt_record").inc()
+            return None
+
+    def _install(self, rec: CertRecord) -> None:
+        current = self._cache.get(rec.name)
+        if current is not None and current.record.serial == rec.serial:
+            self._cache.move_to_end(rec.name)
+        else:
+            ctx = build_server_context(rec.chain(), rec.private_key())
+            self._cache[rec.name] = _Cached(ctx, rec)
+            self._cache.move_to_end(rec.name)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        st = self._status.get(rec.name)
+        plan = plan_renewal(rec.not_before, rec.not_after, self.clock())
+        if st is None or st.state != "valid" or st.not_after != rec.not_after:
+            self._set_status(
+                rec.name, state="valid", not_after=rec.not_after, issuer=rec.issuer_id,
+                failures=0, last_error=None, last_error_type=None, hint=None, next_attempt=None,
+                renew_at=(st.renew_at if st and st.not_after == rec.not_after else plan.at),
+                renewal_source=(st.renewal_source if st and st.not_after == rec.not_after else plan.source),
+            )
+
+    # ------------------------------------------------------------------ status
+
+    def _set_status(self, name: str, **changes: object) -> DomainStatus:
+        st = self._status.get(name)
+        if st is None:
+            st = self._status[name] = DomainStatus(name=name, state="allowed")
+        for k, v in changes.items():
+            setattr(st, k, v)
+        st.updated_at = self.clock()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._persist_status, st.name, st.to_json())
+        return st
+
+    async def _persist_status(self, name: str, raw: bytes) -> None:
+        try:
+            await self.storage.put(status_key(name), raw)
+        except StorageError as exc:
+            log.debug("could not persist status for %s: %s", name, exc)
+
+    def _fail(
+        self,
+        name: str,
+        error_type: str,
+        detail: str,
+        *,
+        state: State = "failing",
+        backoff: bool = True,
+        retry_after: float | None = None,
+    ) -> None:
+        st = self._status.get(name)
+        failures = (st.failures if st else 0) + (1 if backoff else 0)
+        next_attempt = None
+        if backoff:
+            delay = backoff_delay(failures - 1, base=self.backoff_base, cap=self.backoff_max)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            next_attempt = self.clock() + delay
+        hint = hint_for(error_type)
+        # A cached certificate keeps being served while renewal fails: keep its state visible.
+        if state == "failing" and name in self._cache:
+            state = "renewing"
+        self._set_status(
+            name, state=state, failures=failures, last_error=detail, last_error_type=error_type,
+            hint=hint, next_attempt=next_attempt,
+        )
+        log.warning("certificate for %s: %s: %s%s", name, error_type, detail, f" (hint: {hint})" if hint else "")
+
+    def status(self, name: str) -> DomainStatus | None:
+        return self._status.get(name)
+
+    def statuses(self) -> list[DomainStatus]:
+        return sorted(self._status.values(), key=lambda s: s.name)
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def maintenance_once(self) -> None:
+        """One renewal pass over every stored certificate."""
+        now = self.clock()
+        try:
+            items = await self.storage.list("certs/")
+        except StorageError as exc:
+            log.warning("maintenance: cannot list certificates: %s", exc)
+            return
+        earliest: float | None = None
+        due = 0
+        for item in items:
+            if not item.key.endswith(".json"):
+                continue
+            name = item.key[len("certs/") : -len(".json")]
+            cached = self._cache.get(name)
+            if cached is not None and self._seen_modified.get(name) == item.modified:
+                rec: CertRecord | None = cached.record
+            else:
+                try:
+                    rec = await self._load(name)
+                except StorageError:
+                    continue
+                self._seen_modified[name] = item.modified
+                # Another process renewed it: swap the cached context now.
+                if rec is not None and cached is not None and cached.record.serial != rec.serial:
+                    log.info("picked up new certificate for %s stored by another process", name)
+                    self._install(rec)
+            if rec is None:
+                continue
+            earliest = rec.not_after if earliest is None else min(earliest, rec.not_after)
+            plan = await self._plan(rec, now)
+            st = self._status.get(name)
+            if plan.at <= now:
+                due += 1
+                if st is not None and st.next_attempt and st.next_attempt > now:
+                    continue
+                await self._renew(rec)
+        if earliest is not None:
+            metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest)
+        metrics.RENEWALS_DUE.set(due)
+        counts: dict[str, int] = {}
+        for st in self._status.values():
+            counts[st.state] = counts.get(st.state, 0) + 1
+        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing"):
+            metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
+
+    async def _plan(self, rec: CertRecord, now: float) -> RenewalPlan:
+        ari = await self._ari_state(rec, now)
+        window = (ari.start, ari.end) if ari else None
+        # Seeded by serial and window: every pass and every replica picks the same random
+        # moment for this certificate, so the schedule neither drifts nor disagrees.
+        rand = random.Random(f"{rec.serial}/{window}").random
+        plan = plan_renewal(
+            rec.not_before, rec.not_after, now,
+            ari_start=window[0] if window else None, ari_end=window[1] if window else None,
+            rand=rand,
+        )
+        st = self._status.get(rec.name)
+        if st is None or (st.renew_at, st.renewal_source, st.ari_window) != (plan.at, plan.source, window):
+            self._set_status(
+                rec.name, renew_at=plan.at, renewal_source=plan.source, ari_window=window,
+                not_after=rec.not_after, issuer=rec.issuer_id,
+                **({"state": "valid"} if st is None else {}),
+            )
+        return plan
+
+    async def _ari_state(self, rec: CertRecord, now: float) -> AriState | None:
+        if rec.issuer_id != self.issuer.id:
+            return None
+        key = ari_key(rec.name)
+        state: AriState | None = None
+        raw = await self.storage.get(key)
+        if raw is not None:
+            try:
+                state = AriState.from_json(raw)
+            except RecordError:
+                state = None
+            if state is not None and state.serial != rec.serial:
+                state = None
+        if state is not None and state.next_check > now:
+            return state
+        try:
+            window = await self.issuer.renewal_window(rec.chain_pem.encode())
+        except IssuanceError as exc:
+            log.info("ARI check for %s failed: %s", rec.name, exc)
+            return state
+        if window is None:
+            return None
+        retry = window.retry_after if window.retry_after is not None else ARI_CHECK_INTERVAL
+        state = AriState(
+            serial=rec.serial, start=window.start.timestamp(), end=window.end.timestamp(),
+            explanation_url=window.explanation_url, next_check=now + retry,
+        )
+        try:
+            await self.storage.put(key, state.to_json())
+        except StorageError as exc:
+            log.debug("could not store ARI state for %s: %s", rec.name, exc)
+        return state
+
+    async def _renew(self, rec: CertRecord) -> None:
+        # Another process may be renewing right now: don't queue behind it, check next pass.
+        try:
+            got = await self.storage.try_lock(lock_name(rec.name), self.owner, 1.0)
+        except StorageError:
+            return
+        if not got:
+            return
+        await self.storage.unlock(lock_name(rec.name), self.owner)
+        log.info("renewing %s (not after %s)", rec.name, _iso(rec.not_after))
+        await self.obtain(rec.name, old=rec)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,156 @@
+"""The on-demand allow-check: may we obtain a certificate for this name?
+
+Order: the name must be a valid DNS hostname (refused before any request leaves), then static
+``allow`` patterns, then the ``ask`` endpoint (GET ?domain=NAME, 2xx allows; errors and
+timeouts deny). Decisions are cached briefly, both ways, and asks are rate limited so a flood of
+random names cannot turn into a flood against the customer's endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from .. import metrics
+from ..names import InvalidName, name_matches, validate_hostname
+
+log = logging.getLogger("edgeproxy.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    source: str  # static | ask | cache | invalid | ratelimit | none
+    reason: str  # short token: allowed | denied | invalid_name | ask_unavailable | ...
+    detail: str = ""
+
+
+class TokenBucket:
+    """A plain token bucket; ``clock`` is injectable for tests."""
+
+    def __init__(self, rate_per_second: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate_per_second
+        self.burst = burst
+        self.tokens = burst
+        self.clock = clock
+        self.last = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class OnDemandPolicy:
+    def __init__(
+        self,
+        *,
+        allow: Sequence[str] = (),
+        ask: str | None = None,
+        ask_timeout: float = 2.0,
+        allow_ttl: float = 300.0,
+        deny_ttl: float = 30.0,
+        asks_per_second: float = 20.0,
+        cache_size: int = 10000,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allow = tuple(allow)
+        self.ask = ask
+        self.ask_timeout = ask_timeout
+        self.allow_ttl = allow_ttl
+        self.deny_ttl = deny_ttl
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
+        self._cache_size = cache_size
+        self._bucket = TokenBucket(asks_per_second, max(1.0, asks_per_second * 2), clock)
+        self._http = http
+        self._inflight: dict[str, trio.Event] = {}
+
+    def static_allows(self, name: str) -> bool:
+        return any(name_matches(p, name) for p in self.allow)
+
+    async def check(self, raw_name: str) -> Decision:
+        try:
+            name = validate_hostname(raw_name)
+        except InvalidName as exc:
+            return self._count(Decision(False, "invalid", "invalid_name", str(exc)))
+        if self.static_allows(name):
+            return self._count(Decision(True, "static", "allowed"))
+        if not self.ask:
+            return self._count(Decision(False, "none", "denied", "no allow pattern matches"))
+        cached = self._cached(name)
+        if cached is not None:
+            return self._count(cached)
+        # Single-flight per name: concurrent handshakes for one name make one ask request.
+        while (ev := self._inflight.get(name)) is not None:
+            await ev.wait()
+            cached = self._cached(name)
+            if cached is not None:
+                return self._count(cached)
+        if not self._bucket.take():
+            return self._count(Decision(False, "ratelimit", "ask_rate_limited", "too many asks"))
+        ev = self._inflight[name] = trio.Event()
+        try:
+            decision = await self._ask(name)
+            ttl = self.allow_ttl if decision.allowed else self.deny_ttl
+            self._remember(name, decision, ttl)
+        finally:
+            del self._inflight[name]
+            ev.set()
+        return self._count(decision)
+
+    def _count(self, d: Decision) -> Decision:
+        metrics.ON_DEMAND_DECISIONS.labels("allow" if d.allowed else "deny", d.source).inc()
+        return d
+
+    def _cached(self, name: str) -> Decision | None:
+        hit = self._cache.get(name)
+        if hit is None:
+            return None
+        expires, decision = hit
+        if expires <= self._clock():
+            del self._cache[name]
+            return None
+        self._cache.move_to_end(name)
+        return Decision(decision.allowed, "cache", decision.reason, decision.detail)
+
+    def _remember(self, name: str, decision: Decision, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._cache[name] = (self._clock() + ttl, decision)
+        self._cache.move_to_end(name)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def _ask(self, name: str) -> Decision:
+        assert self.ask is not None
+        client = self._http
+        owned = client is None
+        if client is None:
+            client = httpx.AsyncClient()
+        try:
+            with trio.move_on_after(self.ask_timeout) as scope:
+                resp = await client.get(self.ask, params={"domain": name}, timeout=self.ask_timeout)
+            if scope.cancelled_caught:
+                log.warning("ask endpoint timed out for %s after %.1fs", name, self.ask_timeout)
+                return Decision(False, "ask", "ask_unavailable", "ask endpoint timed out")
+        except httpx.HTTPError as exc:
+            log.warning("ask endpoint failed for %s: %s", name, type(exc).__name__)
+            return Decision(False, "ask", "ask_unavailable", f"ask endpoint error: {type(exc).__name__}")
+        finally:
+            if owned:
+                await client.aclose()
+        if 200 <= resp.status_code < 300:
+            return Decision(True, "ask", "allowed")
+        return Decision(False, "ask", "denied", f"ask endpoint answered {resp.status_code}")

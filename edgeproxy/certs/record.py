@@ -1,0 +1,146 @@
+"""The stored form of one managed certificate: chain, key and what we know about renewing it.
+
+Key and chain are one record written in one atomic put, so no reader can ever pair a new key
+with an old certificate (the "stale or torn files" incident). Pure data and (de)serialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+FORMAT_VERSION = 1
+
+
+def cert_key(name: str) -> str:
+    """Storage key of the record for ``name`` (already normalised)."""
+    return f"certs/{name}.json"
+
+
+def status_key(name: str) -> str:
+    return f"status/{name}.json"
+
+
+def ari_key(name: str) -> str:
+    """ARI state lives apart from the record: refreshing it must never race a renewal's write."""
+    return f"ari/{name}.json"
+
+
+def lock_name(name: str) -> str:
+    return f"issue-{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AriState:
+    serial: str  # the certificate this window is for
+    start: float
+    end: float
+    explanation_url: str | None
+    next_check: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AriState:
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise RecordError(f"unparseable ARI state: {exc}") from None
+
+
+class RecordError(ValueError):
+    """A stored certificate record does not parse or is inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    name: str
+    issuer_id: str
+    chain_pem: str
+    key_pem: str
+    not_before: float
+    not_after: float
+    serial: str
+    issued_at: float
+
+    @property
+    def lifetime(self) -> float:
+        return self.not_after - self.not_before
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["format"] = FORMAT_VERSION
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> CertRecord:
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or d.pop("format", None) != FORMAT_VERSION:
+                raise RecordError("unknown record format")
+            rec = cls(**d)
+        except (ValueError, TypeError) as exc:
+            raise RecordError(f"unparseable certificate record: {exc}") from None
+        rec.verify()
+        return rec
+
+    def verify(self) -> None:
+        """Check the key belongs to the leaf certificate; raise RecordError otherwise."""
+        try:
+            chain = x509.load_pem_x509_certificates(self.chain_pem.encode())
+            key = serialization.load_pem_private_key(self.key_pem.encode(), password=None)
+        except ValueError as exc:
+            raise RecordError(f"bad PEM in certificate record: {exc}") from None
+        if not chain:
+            raise RecordError("empty certificate chain")
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if chain[0].public_key().public_bytes(der, pub) != key.public_key().public_bytes(der, pub):
+            raise RecordError("private key does not match the certificate")
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        issuer_id: str,
+        chain_pem: bytes,
+        key: CertificateIssuerPrivateKeyTypes,
+        now: float,
+    ) -> CertRecord:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        leaf = chain[0]
+        rec = cls(
+            name=name,
+            issuer_id=issuer_id,
+            chain_pem=chain_pem.decode(),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+            not_before=leaf.not_valid_before_utc.timestamp(),
+            not_after=leaf.not_valid_after_utc.timestamp(),
+            serial=format(leaf.serial_number, "x"),
+            issued_at=now,
+        )
+        rec.verify()
+        return rec
+
+    def chain(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self.chain_pem.encode())
+
+    def private_key(self) -> CertificateIssuerPrivateKeyTypes:
+        key = serialization.load_pem_private_key(self.key_pem.encode(), password=None)
+        return key  # type: ignore[return-value]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,312 @@
+"""The ``edgeproxy`` command line: run, check, demo, certs, storage, doctor.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage (listing every problem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, EdgeproxyError
+from .logs import setup_logging
+
+CONFIG_ENV = "EDGEPROXY_CONFIG"
+_config_option = click.option(
+    "--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV, required=True, help=f"TOML config file (or ${CONFIG_ENV}).",
+)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"{path}: invalid configuration:", err=True)
+        for p in exc.problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeproxy")
+def main() -> None:
+    """edgeproxy: a TLS-terminating TCP edge proxy that obtains its own certificates."""
+
+
+@main.command()
+@_config_option
+def run(config_path: Path) -> None:
+    """Run the proxy with a config file (SIGTERM drains, SIGHUP reloads)."""
+    cfg = _load(config_path)
+    setup_logging(cfg.log.format, cfg.log.level)
+    if cfg.server.workers != 1:
+        from .workers import run_supervisor
+
+        sys.exit(run_supervisor(cfg, config_path))
+    from .app import run_process
+
+    try:
+        trio.run(lambda: run_process(cfg, config_path=config_path))
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(p, err=True)
+        sys.exit(2)
+
+
+@main.command()
+@_config_option
+def check(config_path: Path) -> None:
+    """Validate a config file: exit 0 if valid, 2 listing every problem."""
+    cfg = _load(config_path)
+    if cfg.certificates:
+        from .certs.static import StaticCertificates
+
+        try:
+            StaticCertificates.load([(c.cert, c.key) for c in cfg.certificates])
+        except ConfigError as exc:
+            for p in exc.problems:
+                click.echo(f"  {p}", err=True)
+            sys.exit(2)
+    click.echo(f"{config_path}: OK ({len(cfg.routes)} routes, issuer {cfg.tls.issuer}, storage {cfg.storage.backend})")
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="TLS listen address.")
+@click.option(
+    "--state-dir", default=".edgeproxy-demo", show_default=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Where the demo keeps its CA and certificates.",
+)
+@click.option("--admin", default="127.0.0.1:9901", show_default=True, help="Admin (metrics/health) address; '' disables.")
+def demo(listen: str, state_dir: Path, admin: str) -> None:
+    """Run the embedded default: internal CA, hello upstream, no config needed."""
+    from .app import Runtime, run_process
+    from .demo import DEMO_HOST, demo_config, start_hello_upstream
+    from .issuers.internal import InternalIssuer
+
+    setup_logging("text", "info")
+    state_dir = state_dir.resolve()
+
+    async def main_async() -> None:
+        async with trio.open_nursery() as nursery:
+            upstream = await start_hello_upstream(nursery)
+            cfg = demo_config(state_dir, listen, upstream, admin or None)
+
+            async def ready(rt: Runtime) -> None:
+                assert isinstance(rt.issuer, InternalIssuer)
+                ca_path = state_dir / "ca.pem"
+                ca_path.write_bytes(await rt.issuer.ca_certificate_pem())
+                port = listen.rsplit(":", 1)[1]
+                host = listen.rsplit(":", 1)[0].strip("[]")
+                click.echo(
+                    "\nedgeproxy demo is running. Try:\n\n"
+                    f"  curl --cacert {ca_path} --resolve {DEMO_HOST}:{port}:{host} https://{DEMO_HOST}:{port}/\n\n"
+                    f"Any name under *.edgeproxy.test gets its own certificate on first use. "
+                    f"Metrics: http://{admin}/metrics. Ctrl-C to stop.\n",
+                )
+
+            await run_process(cfg, on_ready=ready)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main_async)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(p, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------- certs
+
+
+def _fmt_ts(ts: Any) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(ts)))
+
+
+async def _read_statuses(cfg: Config, name: str | None) -> list[dict[str, Any]]:
+    from .app import build_storage
+
+    storage = build_storage(cfg)
+    try:
+        out = []
+        items = await storage.list("status/")
+        for item in items:
+            if name is not None and item.key != f"status/{name}.json":
+                continue
+            raw = await storage.get(item.key)
+            if raw is None:
+                continue
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return out
+    finally:
+        await storage.aclose()
+
+
+@main.group()
+def certs() -> None:
+    """Inspect and pre-issue certificates in the deployment's storage."""
+
+
+@certs.command("list")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def certs_list(config_path: Path, as_json: bool) -> None:
+    """Every managed name with its state, expiry and next renewal."""
+    cfg = _load(config_path)
+    rows = trio.run(_read_statuses, cfg, None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'NAME':40} {'STATE':9} {'NOT AFTER':16} {'RENEW AT':16} {'SOURCE':8} LAST ERROR")
+    for r in sorted(rows, key=lambda r: r["name"]):
+        click.echo(
+            f"{r['name']:40} {r['state']:9} {_fmt_ts(r.get('not_after')):16} "
+            f"{_fmt_ts(r.get('renew_at')):16} {r.get('renewal_source') or '-':8} {r.get('last_error_type') or '-'}"
+        )
+
+
+@certs.command("status")
+@_config_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def certs_status(config_path: Path, name: str, as_json: bool) -> None:
+    """Everything known about NAME, with a hint when something is wrong."""
+    from .names import normalize_name
+
+    cfg = _load(config_path)
+    name = normalize_name(name)
+    rows = trio.run(_read_statuses, cfg, name)
+    if not rows:
+        click.echo(f"{name}: not managed (no certificate or attempt recorded)", err=True)
+        sys.exit(1)
+    r = rows[0]
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for label, key in (
+        ("name", "name"), ("state", "state"), ("issuer", "issuer"), ("failures", "failures"),
+        ("last error type", "last_error_type"), ("last error", "last_error"), ("hint", "hint"),
+    ):
+        click.echo(f"{label:16} {r.get(key) if r.get(key) is not None else '-'}")
+    for label, key in (("not after", "not_after"), ("renew at", "renew_at"), ("next attempt", "next_attempt")):
+        click.echo(f"{label:16} {_fmt_ts(r.get(key))}")
+    click.echo(f"{'renewal source':16} {r.get('renewal_source') or '-'}")
+    if r.get("ari_window"):
+        a, b = r["ari_window"]
+        click.echo(f"{'ARI window':16} {_fmt_ts(a)} .. {_fmt_ts(b)}")
+
+
+@certs.command("issue")
+@_config_option
+@click.argument("name")
+def certs_issue(config_path: Path, name: str) -> None:
+    """Pre-issue NAME through the deployment's storage (the running proxy answers the challenge)."""
+    from .app import assemble
+
+    cfg = _load(config_path)
+    setup_logging(cfg.log.format, cfg.log.level)
+
+    async def go() -> int:
+        rt = assemble(cfg)
+        try:
+            decision = await rt.certs.policy.check(name)
+            if not decision.allowed:
+                click.echo(f"{name}: refused by the allow-check ({decision.reason}: {decision.detail})", err=True)
+                return 1
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rt.certs.run)
+                rec = await rt.certs.obtain(decision_name(name))
+                nursery.cancel_scope.cancel()
+            st = rt.certs.status(decision_name(name))
+            if rec is None:
+                click.echo(f"{name}: issuance failed: {st.last_error_type if st else '?'}: {st.last_error if st else ''}", err=True)
+                if st and st.hint:
+                    click.echo(f"hint: {st.hint}", err=True)
+                return 1
+            click.echo(f"{name}: issued by {rec.issuer_id}, valid until {_fmt_ts(rec.not_after)} UTC")
+            return 0
+        finally:
+            await rt.storage.aclose()
+
+    sys.exit(trio.run(go))
+
+
+def decision_name(name: str) -> str:
+    from .names import validate_hostname
+
+    return validate_hostname(name)
+
+
+# ---------------------------------------------------------------- storage
+
+
+@main.group()
+def storage() -> None:
+    """Check and clean the certificate storage."""
+
+
+@storage.command("check")
+@_config_option
+def storage_check(config_path: Path) -> None:
+    """Report leftover temp files, stale locks, corrupt records, bad permissions."""
+    cfg = _load(config_path)
+    problems = trio.run(_with_storage, cfg, "check", 0.0)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        sys.exit(1)
+    click.echo("storage OK")
+
+
+@storage.command("clean")
+@_config_option
+@click.option("--grace-days", default=30, show_default=True, help="Keep expired certificates this long.")
+def storage_clean(config_path: Path, grace_days: int) -> None:
+    """Remove long-expired certificates, stale locks, orphaned challenges and temp files."""
+    cfg = _load(config_path)
+    removed = trio.run(_with_storage, cfg, "clean", grace_days * 86400.0)
+    for r in removed:
+        click.echo(f"removed {r}")
+    click.echo(f"{len(removed)} item(s) removed")
+
+
+async def _with_storage(cfg: Config, what: str, grace: float) -> list[str]:
+    from .app import build_storage
+    from .certs.inventory import check_storage, clean_storage
+
+    st = build_storage(cfg)
+    try:
+        if what == "check":
+            return await check_storage(st)
+        return await clean_storage(st, grace)
+    finally:
+        await st.aclose()
+
+
+def entrypoint() -> None:
+    try:
+        main()
+    except EdgeproxyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,354 @@
+"""TOML configuration to a typed, validated ``Config``.
+
+Owns the config schema, its defaults and the wording of config errors: every problem is
+reported as ``key.path: what is wrong (how to fix)`` so ``edgeproxy check`` can list them all
+at once. Knows nothing of sockets or certificates beyond parsing their settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .names import InvalidName, normalize_name, normalize_pattern
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(value: str, *, what: str) -> HostPort:
+    """Parse ``host:port`` / ``[v6]:port``; raise ValueError with a fix hint."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{value!r} is not [IPv6]:port (write e.g. \"[::]:443\")")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r} has no port (write {what} as \"host:port\")")
+        if ":" in host:
+            raise ValueError(f"{value!r}: put IPv6 addresses in brackets, e.g. \"[::1]:443\"")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: port must be 0-65535")
+    return HostPort(host, port)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ProxyMode = Literal["off", "v1", "v2", "any"]
+
+
+class ServerConfig(_Model):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:443"], min_length=1)
+    proxy_protocol: ProxyMode = "off"
+    workers: Annotated[int, Field(ge=0, le=256)] = 1
+    handshake_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    idle_timeout: Annotated[float, Field(gt=0)] = 300.0
+    connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    max_connections: Annotated[int, Field(ge=1)] = 20000
+    max_connections_per_ip: Annotated[int, Field(ge=0)] = 0  # 0 = unlimited
+    max_handshakes: Annotated[int, Field(ge=1)] = 2000
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        for item in v:
+            hp = parse_hostport(item, what="a listen address")
+            try:
+                ipaddress.ip_address(hp.host)
+            except ValueError:
+                if hp.host != "localhost":
+                    raise ValueError(
+                        f"{item!r}: listen on an IP address (e.g. \"0.0.0.0:443\" or \"[::]:443\")"
+                    ) from None
+        return v
+
+    def listen_addresses(self) -> list[HostPort]:
+        return [parse_hostport(x, what="a listen address") for x in self.listen]
+
+
+class AdminConfig(_Model):
+    listen: str | None = "127.0.0.1:9901"
+    token: str | None = None
+    token_env: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str | None) -> str | None:
+        if v:
+            parse_hostport(v, what="the admin address")
+        return v
+
+    @model_validator(mode="after")
+    def _non_loopback_needs_token(self) -> AdminConfig:
+        if self.listen and not _is_loopback(parse_hostport(self.listen, what="").host):
+            if not (self.token or self.token_env):
+                raise ValueError(
+                    f"admin listens on {self.listen} which is not loopback: set admin.token "
+                    "(or admin.token_env) or listen on 127.0.0.1"
+                )
+        return self
+
+    def resolved_token(self) -> str | None:
+        if self.token_env:
+            return os.environ.get(self.token_env) or self.token
+        return self.token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+KeyType = Literal["ec256", "ec384", "rsa2048", "rsa4096"]
+
+
+class TLSConfig(_Model):
+    issuer: Literal["acme", "internal"] = "acme"
+    default_sni: str | None = None
+    key_type: KeyType = "ec256"
+
+    @field_validator("default_sni")
+    @classmethod
+    def _norm(cls, v: str | None) -> str | None:
+        return normalize_name(v) if v else v
+
+
+class AcmeConfig(_Model):
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str | None = None
+    trust: str = ""
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+    eab_hmac_key_env: str | None = None
+    profile: str | None = None
+    preferred_chain: str | None = None
+    key_type: KeyType = "ec256"
+
+    @field_validator("directory")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("https", "http") or not parts.netloc:
+            raise ValueError(f"{v!r} is not an http(s) URL of an ACME directory")
+        return v
+
+    @field_validator("trust")
+    @classmethod
+    def _trust(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError(f"file {v!r} does not exist (point it at a PEM CA bundle or leave empty)")
+        return v
+
+    @model_validator(mode="after")
+    def _eab_pair(self) -> AcmeConfig:
+        has_key = bool(self.eab_hmac_key or self.eab_hmac_key_env)
+        if bool(self.eab_kid) != has_key:
+            raise ValueError("set both acme.eab_kid and acme.eab_hmac_key (or eab_hmac_key_env), or neither")
+        return self
+
+
+class OnDemandConfig(_Model):
+    ask: str | None = None
+    ask_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    allow: list[str] = Field(default_factory=list)
+    wait: Annotated[float, Field(gt=0, le=300)] = 20.0
+    allow_cache_ttl: Annotated[float, Field(ge=0)] = 300.0
+    deny_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
+    max_orders_per_minute: Annotated[int, Field(ge=1)] = 30
+    backoff_max: Annotated[float, Field(gt=0)] = 86400.0
+
+    @field_validator("ask")
+    @classmethod
+    def _ask(cls, v: str | None) -> str | None:
+        if v:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{v!r} is not an http(s) URL (e.g. \"http://127.0.0.1:8080/allowed\")")
+        return v
+
+    @field_validator("allow")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return [_pattern(p) for p in v]
+
+
+def _pattern(p: str) -> str:
+    if p != "*" and "*" in p.removeprefix("*."):
+        raise ValueError(f"{p!r}: only a leading \"*.\" wildcard or \"*\" alone is supported")
+    try:
+        return normalize_pattern(p)
+    except InvalidName as exc:
+        raise ValueError(f"{p!r}: {exc}") from None
+
+
+class StorageConfig(_Model):
+    backend: Literal["file", "postgres"] = "file"
+    path: str = "/var/lib/edgeproxy"
+    dsn: str | None = None
+    dsn_env: str | None = None
+    encryption_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _postgres_dsn(self) -> StorageConfig:
+        if self.backend == "postgres" and not (self.dsn or self.dsn_env):
+            raise ValueError("backend \"postgres\" needs storage.dsn or storage.dsn_env")
+        return self
+
+
+class LogConfig(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RouteConfig(_Model):
+    sni: list[str] = Field(default_factory=list)
+    default: bool = False
+    upstreams: list[str] = Field(min_length=1)
+    send_proxy: Literal["v1", "v2"] | None = None
+    alpn: list[str] = Field(default_factory=list)
+
+    @field_validator("sni")
+    @classmethod
+    def _sni(cls, v: list[str]) -> list[str]:
+        return [_pattern(p) for p in v]
+
+    @field_validator("upstreams")
+    @classmethod
+    def _ups(cls, v: list[str]) -> list[str]:
+        for u in v:
+            parse_hostport(u, what="an upstream")
+        return v
+
+    @model_validator(mode="after")
+    def _has_match(self) -> RouteConfig:
+        if not self.sni and not self.default:
+            raise ValueError("a route needs sni patterns or default = true")
+        return self
+
+
+class CertificateFileConfig(_Model):
+    cert: str
+    key: str
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"file {v!r} does not exist")
+        return v
+
+
+class OnboardingConfig(_Model):
+    target: list[str] = Field(default_factory=list)
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    acme: AcmeConfig = Field(default_factory=AcmeConfig)
+    on_demand: OnDemandConfig = Field(default_factory=OnDemandConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    onboarding: OnboardingConfig = Field(default_factory=OnboardingConfig)
+    routes: list[RouteConfig] = Field(min_length=1)
+    certificates: list[CertificateFileConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_default(self) -> Config:
+        defaults = [i for i, r in enumerate(self.routes) if r.default]
+        if len(defaults) > 1:
+            raise ValueError(f"routes {defaults} all set default = true; keep exactly one")
+        if self.tls.issuer == "acme" and not (self.on_demand.ask or self.on_demand.allow):
+            raise ValueError(
+                "issuer \"acme\" needs an allow-check: set on_demand.ask or on_demand.allow "
+                "(edgeproxy never issues for names nobody allowed)"
+            )
+        return self
+
+
+# Hints keyed by pydantic error type: the "(how to fix)" part of each message.
+_FIX_HINTS: Mapping[str, str] = {
+    "extra_forbidden": "remove it or check its spelling against the README's config reference",
+    "missing": "add it",
+    "literal_error": "use one of the listed values",
+    "int_parsing": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+    "list_type": "write a list, e.g. [\"a\", \"b\"]",
+    "string_type": "write a quoted string",
+    "too_short": "add at least one entry",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "less_than_equal": "use a smaller value",
+}
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        path = _loc_to_path(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        hint = _FIX_HINTS.get(err["type"])
+        problems.append(f"{path}: {msg}" + (f" ({hint})" if hint else ""))
+    return problems
+
+
+def load_config_data(data: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; raise ConfigError listing every problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read ({exc.strerror}; check the --config path)"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc} (fix the syntax at that position)"]) from None
+    return load_config_data(data)

@@ -1,0 +1,152 @@
+"""``InternalIssuer``: a local CA kept in storage, for the demo, development and private names.
+
+The CA is created on first use (under a storage lock, so concurrent workers agree on one CA)
+and stored as one secret record: certificate and key always travel together. Leaf certificates
+are short-lived (30 days by default) so renewal is exercised like with a public CA.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import CorruptRecord
+from ..storage.base import Storage
+from ..storage.locks import hold_lock, make_owner_id
+from .base import IssuedCertificate, RenewalWindow
+
+CA_KEY = "internal-ca/ca.json"
+ISSUER_ID = "internal"
+
+
+def _new_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+class InternalIssuer:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        common_name: str = "edgeproxy internal CA",
+        validity: timedelta = timedelta(days=30),
+    ) -> None:
+        self._storage = storage
+        self._common_name = common_name
+        self._validity = validity
+        self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+
+    @property
+    def id(self) -> str:
+        return ISSUER_ID
+
+    async def ca_certificate_pem(self) -> bytes:
+        cert, _ = await self._load_or_create()
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    async def _load_or_create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        if self._ca is not None:
+            return self._ca
+        ca = await self._load()
+        if ca is None:
+            async with hold_lock(self._storage, "internal-ca", owner=make_owner_id(), ttl=30, wait=30):
+                ca = await self._load()
+                if ca is None:
+                    ca = _new_ca(self._common_name)
+                    record = {
+                        "cert_pem": ca[0].public_bytes(serialization.Encoding.PEM).decode(),
+                        "key_pem": ca[1]
+                        .private_bytes(
+                            serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption(),
+                        )
+                        .decode(),
+                    }
+                    await self._storage.put(CA_KEY, json.dumps(record).encode(), secret=True)
+        self._ca = ca
+        return ca
+
+    async def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        raw = await self._storage.get(CA_KEY)
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+            cert = x509.load_pem_x509_certificate(record["cert_pem"].encode())
+            key = serialization.load_pem_private_key(record["key_pem"].encode(), password=None)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Never silently mint a second CA: clients trust the first one.
+            raise CorruptRecord(
+                f"internal CA record {CA_KEY} is unreadable ({exc}); restore it from backup or "
+                "delete it to create a new CA (clients must then trust the new ca.pem)"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CorruptRecord(f"internal CA record {CA_KEY} holds an unexpected key type")
+        return cert, key
+
+    async def issue(
+        self,
+        name: str,
+        private_key: CertificateIssuerPrivateKeyTypes,
+        *,
+        replacing: bytes | None = None,
+    ) -> IssuedCertificate:
+        ca_cert, ca_key = await self._load_or_create()
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(private_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + self._validity)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
+            serialization.Encoding.PEM
+        )
+        return IssuedCertificate(chain_pem=chain, issuer_id=ISSUER_ID)
+
+    async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
+        return None

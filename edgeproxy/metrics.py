@@ -1,0 +1,103 @@
+"""Every Prometheus metric edgeproxy exports, defined in one place.
+
+The only module allowed global mutable state: prometheus-client's registry is process-wide by
+design. Labels are bounded sets (reasons, results, route labels from the config, ACME endpoint
+names): never a client address or a server name, so cardinality cannot grow with traffic.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS_ACCEPTED = Counter(
+    "edgeproxy_connections_accepted_total", "TCP connections accepted by the listeners."
+)
+CONNECTIONS_ACTIVE = Gauge(
+    "edgeproxy_connections_active", "Connections currently open.", multiprocess_mode="livesum"
+)
+CONNECTIONS_CLOSED = Counter(
+    "edgeproxy_connections_closed_total", "Connections closed, by reason.", ["reason"]
+)
+CONNECTIONS_REFUSED = Counter(
+    "edgeproxy_connections_refused_total",
+    "Connections refused at accept because a limit was reached.",
+    ["limit"],
+)
+PROXY_HEADERS = Counter(
+    "edgeproxy_proxy_protocol_headers_total", "PROXY protocol headers read, by result.", ["result"]
+)
+CLIENT_HELLOS = Counter(
+    "edgeproxy_client_hellos_total", "ClientHello peeks, by result.", ["result"]
+)
+HANDSHAKES = Counter(
+    "edgeproxy_tls_handshakes_total", "TLS handshakes, by result and reason.", ["result", "reason"]
+)
+HANDSHAKE_SECONDS = Histogram(
+    "edgeproxy_tls_handshake_duration_seconds",
+    "From accept to completed TLS handshake (includes PROXY header, peek, certificate lookup).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+BYTES = Counter(
+    "edgeproxy_bytes_total", "Plaintext bytes proxied, by direction.", ["direction"]
+)
+UPSTREAM_CONNECT_FAILURES = Counter(
+    "edgeproxy_upstream_connect_failures_total",
+    "Failed upstream connection attempts, by route and upstream.",
+    ["route", "upstream"],
+)
+UPSTREAM_CONNECT_SECONDS = Histogram(
+    "edgeproxy_upstream_connect_duration_seconds",
+    "Time to establish an upstream connection, by route.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+ACME_REQUESTS = Counter(
+    "edgeproxy_acme_requests_total", "HTTP requests to the ACME server, by endpoint and status.",
+    ["endpoint", "status"],
+)
+ACME_ORDERS = Counter(
+    "edgeproxy_acme_orders_total", "Certificate issuance attempts, by outcome.", ["outcome"]
+)
+ACME_REPLACES_DROPPED = Counter(
+    "edgeproxy_acme_replaces_dropped_total",
+    "newOrder retried without 'replaces' after the CA rejected it (alreadyReplaced recovery).",
+)
+CHALLENGES_ANSWERED = Counter(
+    "edgeproxy_acme_challenges_answered_total", "TLS-ALPN-01 validation handshakes answered."
+)
+CHALLENGES_WITHOUT_PENDING = Counter(
+    "edgeproxy_acme_validation_without_pending_challenge_total",
+    "acme-tls/1 handshakes for a name with no pending challenge on this node (check the load "
+    "balancer forwards TCP untouched and that replicas share storage).",
+)
+ON_DEMAND_DECISIONS = Counter(
+    "edgeproxy_on_demand_decisions_total",
+    "Allow-check decisions for unknown names, by result and source.",
+    ["result", "source"],
+)
+CERTIFICATES = Gauge(
+    "edgeproxy_certificates", "Managed certificates, by state.", ["state"],
+    multiprocess_mode="max",
+)
+CERTIFICATE_EARLIEST_EXPIRY = Gauge(
+    "edgeproxy_certificate_earliest_expiry_timestamp_seconds",
+    "Unix time of the earliest not_after among managed certificates.",
+    multiprocess_mode="min",
+)
+RENEWALS_DUE = Gauge(
+    "edgeproxy_certificate_renewals_due", "Certificates whose renewal time has passed.",
+    multiprocess_mode="max",
+)
+RENEWALS = Counter(
+    "edgeproxy_certificate_renewals_total", "Renewal attempts, by outcome.", ["outcome"]
+)
+STORAGE_ERRORS = Counter(
+    "edgeproxy_storage_errors_total", "Storage operation errors, by operation.", ["operation"]
+)
+LOCK_WAIT_SECONDS = Histogram(
+    "edgeproxy_storage_lock_wait_seconds", "Time spent waiting for a storage lock.",
+    buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60),
+)
+CONFIG_RELOADS = Counter(
+    "edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"]
+)

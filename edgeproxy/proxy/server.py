@@ -1,0 +1,230 @@
+"""Listeners, admission limits and draining for the data path.
+
+``Proxy`` holds the live ``Settings`` (swapped whole on reload: each connection keeps the
+snapshot it started with), accepts on every listener, refuses fast at the connection limits,
+and on drain stops accepting while existing connections finish, up to a deadline.
+
+Accept errors that mean "out of file descriptors or memory" are logged and retried after a
+short pause, as trio's ``serve_listeners`` does: a proxy that dies under an fd storm turns an
+overload into an outage.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .. import metrics
+from ..certs.challenges import ChallengeResponder
+from ..certs.manager import CertificateManager
+from ..config import Config, HostPort
+from .connection import ConnInfo, handle_connection
+from .routes import RouteTable
+from .upstream import UpstreamPool
+
+log = logging.getLogger("edgeproxy.proxy")
+access_log = logging.getLogger("edgeproxy.access")
+
+_ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    routes: RouteTable
+    proxy_protocol: str
+    handshake_timeout: float
+    idle_timeout: float
+    connect_timeout: float
+    max_connections: int
+    max_connections_per_ip: int
+    max_handshakes: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        s = cfg.server
+        return cls(
+            routes=RouteTable.from_config(cfg.routes),
+            proxy_protocol=s.proxy_protocol,
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            connect_timeout=s.connect_timeout,
+            max_connections=s.max_connections,
+            max_connections_per_ip=s.max_connections_per_ip,
+            max_handshakes=s.max_handshakes,
+        )
+
+
+async def open_listeners(addresses: Sequence[HostPort], *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    listeners = []
+    for hp in addresses:
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((hp.host, hp.port))
+            sock.listen(4096)
+        except OSError:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        certs: CertificateManager,
+        challenges: ChallengeResponder,
+    ) -> None:
+        self.settings = settings
+        self.certs = certs
+        self.challenges = challenges
+        self.upstreams = UpstreamPool()
+        self.active = 0
+        self.per_ip: dict[str, int] = {}
+        self.draining = False
+        self.bound: list[tuple[str, int]] = []
+        self._accept_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def reload(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstreams = UpstreamPool()
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept until ``drain()``; connection tasks live in ``conn_nursery``."""
+        self.bound = [_addr(lst.socket.getsockname()) for lst in listeners]
+        async with trio.open_nursery() as conn_nursery:
+            with self._accept_scope:
+                async with trio.open_nursery() as accept_nursery:
+                    for lst in listeners:
+                        accept_nursery.start_soon(self._accept_loop, lst, conn_nursery)
+                    task_status.started(self.bound)
+            for lst in listeners:
+                await lst.aclose()
+            # Fall through: conn_nursery waits for the remaining connections (drain).
+
+    async def _accept_loop(self, listener: trio.SocketListener, conn_nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    log.error("accept failed: %s; pausing 100 ms and continuing", exc)
+                    metrics.CONNECTIONS_REFUSED.labels("accept_error").inc()
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            metrics.CONNECTIONS_ACCEPTED.inc()
+            s = self.settings
+            counted_ip = None
+            if self.active >= s.max_connections:
+                metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
+                _abort(stream)
+                continue
+            if s.max_connections_per_ip and s.proxy_protocol == "off":
+                ip = _addr(stream.socket.getpeername())[0]
+                if self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
+                    metrics.CONNECTIONS_REFUSED.labels("max_connections_per_ip").inc()
+                    _abort(stream)
+                    continue
+                self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+                counted_ip = ip
+            self.active += 1
+            if self.active == 1:
+                self._idle = trio.Event()
+            metrics.CONNECTIONS_ACTIVE.inc()
+            conn_nursery.start_soon(handle_connection, self, stream, counted_ip)
+
+    def admit_client(self, info: ConnInfo) -> bool:
+        """Per-IP limit for addresses learnt from the PROXY header."""
+        s = self.settings
+        if not s.max_connections_per_ip or s.proxy_protocol == "off":
+            return True
+        ip = info.client[0]
+        if self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
+            metrics.CONNECTIONS_REFUSED.labels("max_connections_per_ip").inc()
+            return False
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        info.counted_ip = ip
+        return True
+
+    def connection_closed(self, info: ConnInfo) -> None:
+        self.active -= 1
+        metrics.CONNECTIONS_ACTIVE.dec()
+        ip = info.counted_ip
+        if ip is not None:
+            n = self.per_ip.get(ip, 1) - 1
+            if n <= 0:
+                self.per_ip.pop(ip, None)
+            else:
+                self.per_ip[ip] = n
+        if self.active == 0:
+            self._idle.set()
+        metrics.CONNECTIONS_CLOSED.labels(info.result.split(":", 1)[0]).inc()
+        metrics.BYTES.labels("to_upstream").inc(info.to_upstream)
+        metrics.BYTES.labels("to_client").inc(info.to_client)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s sni=%s alpn=%s route=%s upstream=%s up=%d down=%d dur=%.3f result=%s",
+                info.client[0],
+                info.sni or "-",
+                info.alpn or "-",
+                info.route or "-",
+                info.upstream or "-",
+                info.to_upstream,
+                info.to_client,
+                time.monotonic() - info.started,
+                info.result,
+                extra={
+                    "client": f"{info.client[0]}:{info.client[1]}",
+                    "sni": info.sni,
+                    "alpn": info.alpn,
+                    "route": info.route,
+                    "upstream": info.upstream,
+                    "bytes_up": info.to_upstream,
+                    "bytes_down": info.to_client,
+                    "duration": round(time.monotonic() - info.started, 6),
+                    "result": info.result,
+                    **info.extra,
+                },
+            )
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        self._accept_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def _abort(stream: trio.SocketStream) -> None:
+    # RST rather than FIN: refusing fast must cost us no TIME_WAIT and the client no wait.
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    stream.socket.close()
+
+
+def _addr(sockaddr: object) -> tuple[str, int]:
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return str(sockaddr[0]), int(sockaddr[1])
+    return ("unknown", 0)
