@@ -1,0 +1,534 @@
+"""Incremental, sans-IO parser for the first thing a TLS client sends: its ClientHello.
+
+This module owns the peek that happens before any TLS state exists: bytes in, then "need more",
+a :class:`ClientHello` (SNI, ALPN, versions, cipher suites, extension types) or a typed
+:class:`ClientHelloError` saying what the peer did wrong. It must not know about sockets, OpenSSL,
+certificates or routing: it never answers the client, it only reads what the client said.
+
+Theory of operation
+-------------------
+A ClientHello is one handshake message (type 1, 24-bit length) carried in one or more TLS
+records (content type 22, 16-bit length, at most 2**14 bytes each, RFC 8446 s5.1). Real clients
+put it in one record, but a post-quantum key share or a client that fragments on purpose can
+spread it over several, and TCP can cut anywhere. So the parser keeps every byte it is fed in
+one ``bytearray`` and only does work when a *whole record* has arrived: the record's payload is
+appended to the handshake buffer, and once that buffer holds the announced message length the
+body is parsed in a single pass with ``struct``/``int.from_bytes`` (no per-byte Python loops,
+no re-parsing of partial data, so feeding one byte at a time stays linear).
+
+Sizes are refused as early as the headers allow: a record header whose end lies beyond
+``max_size``, or a handshake header whose message cannot fit in ``max_size`` even in maximal
+records, raises :class:`ClientHelloTooLarge` without waiting for the bytes themselves.
+
+Before the first record header, the first bytes are classified: ``0x16 0x03`` is TLS; an HTTP
+method, an HTTP/2 preface or a PROXY protocol signature (a proxy_protocol setting mismatch)
+raise :class:`NotTLS` as soon as the bytes are known to match, anything else as soon as they
+can no longer match. An SSLv2-compatible ClientHello (high bit set, message type 1) is
+reported as ``NotTLS(reason="sslv2_hello")``: it is not a TLS record, and a server that speaks
+TLS 1.2+ only could not complete such a handshake anyway.
+
+The bytes contract
+------------------
+:attr:`ClientHelloParser.buffered` is authoritative: it is *everything* fed so far, including
+bytes that arrived after the hello in the same read (a TLS 1.3 client may send
+ChangeCipherSpec or early data right behind it). The proxy primes OpenSSL with ``buffered``.
+:attr:`ClientHello.raw` is the prefix of ``buffered`` up to and including the last byte of the
+record that completed the hello, i.e. exactly the records that carry it; it is what fuzz corpora
+and fixtures store. Feeding a parser after it produced a hello only extends ``buffered``.
+
+Strictness
+----------
+We refuse what OpenSSL would refuse anyway and what would make our reading ambiguous (two
+``server_name`` extensions, two ``host_name`` entries, a hello that does not end on a record
+boundary, RFC 8446 s5.1): the proxy then decides from what OpenSSL will also see. GREASE values
+(RFC 8701) are kept where we report the wire faithfully (``cipher_suites``, ``extensions``) and
+removed where callers compare values (``supported_versions``, ``alpn_protocols``). The SNI is
+checked to be printable ASCII, lower-cased and stripped of one trailing dot; whether it is a
+valid DNS name is the name policy's decision (``edgeproxy.names``), not this module's.
+
+Error reasons (``ClientHelloError.reason``, stable tokens for metrics)
+---------------------------------------------------------------------
+* NotTLS: ``http``, ``proxy_protocol``, ``sslv2_hello``, ``not_tls``
+* ClientHelloTooLarge: ``too_large``
+* MalformedClientHello: records ``unexpected_alert``, ``unexpected_content_type``,
+  ``bad_record_version``, ``empty_record``, ``record_overflow``; handshake
+  ``not_client_hello``, ``hello_too_short``, ``trailing_handshake_data``; body
+  ``bad_legacy_version``, ``bad_session_id``, ``bad_cipher_suites``,
+  ``bad_compression_methods``, ``bad_extensions``, ``trailing_data``, ``duplicate_extension``,
+  ``bad_server_name``, ``bad_alpn``, ``bad_supported_versions``
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from edgeproxy.errors import PeerError
+
+__all__ = [
+    "NEED_DATA",
+    "ClientHello",
+    "ClientHelloError",
+    "ClientHelloParser",
+    "ClientHelloTooLarge",
+    "MalformedClientHello",
+    "NeedData",
+    "NotTLS",
+    "is_grease",
+    "parse_client_hello",
+]
+
+
+class NeedData(enum.Enum):
+    """Type of the :data:`NEED_DATA` sentinel (an enum so ``is NEED_DATA`` narrows for mypy)."""
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+DEFAULT_MAX_SIZE: Final = 65536
+
+_CONTENT_HANDSHAKE: Final = 22
+_CONTENT_ALERT: Final = 21
+_HANDSHAKE_CLIENT_HELLO: Final = 1
+_MAX_FRAGMENT: Final = 1 << 14
+_RECORD_HEADER_LEN: Final = 5
+_HANDSHAKE_HEADER_LEN: Final = 4
+# legacy_version(2) random(32) session_id(1+0) cipher_suites(2+2) compression_methods(1+1)
+_MIN_BODY_LEN: Final = 41
+
+_EXT_SERVER_NAME: Final = 0
+_EXT_ALPN: Final = 16
+_EXT_SUPPORTED_VERSIONS: Final = 43
+_SNI_HOST_NAME: Final = 0
+
+_RECORD_HEADER = struct.Struct(">BBBH")
+_EXT_HEADER = struct.Struct(">HH")
+
+# Bytes a host_name may contain here: printable ASCII without space. Anything finer (LDH
+# labels, IDNA, IP literals) is the name policy's call, not the wire parser's.
+_PRINTABLE_NO_SPACE: Final = bytes(range(0x21, 0x7F))
+
+# First bytes of things people send to a TLS port by mistake, with the NotTLS reason each
+# gets. None of them starts with 0x16, so they never compete with a real TLS record.
+_NOT_TLS_SIGNATURES: Final[tuple[tuple[bytes, str, bool], ...]] = (
+    *(
+        (method + b" ", "http", True)
+        for method in (
+            b"GET",
+            b"HEAD",
+            b"POST",
+            b"PUT",
+            b"DELETE",
+            b"OPTIONS",
+            b"CONNECT",
+            b"TRACE",
+            b"PATCH",
+        )
+    ),
+    (b"PRI * HTTP/2.0", "http", True),
+    (b"PROXY ", "proxy_protocol", False),
+    (b"\r\n\r\n\x00\r\nQUIT\n", "proxy_protocol", False),
+)
+_LONGEST_SIGNATURE: Final = max(len(sig) for sig, _, _ in _NOT_TLS_SIGNATURES)
+
+
+def is_grease(value: int) -> bool:
+    """RFC 8701 GREASE code point: 0x?A?A with both bytes equal."""
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+def _is_grease_alpn(name: bytes) -> bool:
+    return len(name) == 2 and is_grease(int.from_bytes(name, "big"))
+
+
+# --- results and errors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What the client offered, as far as routing and certificate choice need to know."""
+
+    sni: str | None
+    alpn_protocols: tuple[str, ...]
+    supported_versions: tuple[int, ...]
+    legacy_version: int
+    cipher_suites: tuple[int, ...]
+    extensions: tuple[int, ...]
+    raw: bytes = field(repr=False)
+
+    @property
+    def offers_only_acme_tls(self) -> bool:
+        """True for an RFC 8737 validation connection: ALPN offers exactly ``acme-tls/1``."""
+        return self.alpn_protocols == ("acme-tls/1",)
+
+
+class ClientHelloError(PeerError, ValueError):
+    """The peer's first bytes are not a ClientHello we accept.
+
+    ``reason`` is a short, stable token for metrics and logs; the message has the details.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotTLS(ClientHelloError):
+    """The first bytes are not a TLS handshake record at all.
+
+    ``looks_like_http`` is true when they start with an HTTP request line (or the HTTP/2
+    preface), so the caller can answer with a plain-text hint instead of a TLS alert.
+    """
+
+    def __init__(self, reason: str, message: str, *, looks_like_http: bool = False) -> None:
+        super().__init__(reason, message)
+        self.looks_like_http = looks_like_http
+
+
+class ClientHelloTooLarge(ClientHelloError):
+    """The hello is, or is announced to be, bigger than the parser's ``max_size``."""
+
+
+class MalformedClientHello(ClientHelloError):
+    """TLS records arrived, but their content is not a well-formed ClientHello."""
+
+
+# --- the parser ---------------------------------------------------------------------------
+
+
+class ClientHelloParser:
+    """Feed it the connection's first bytes until it returns a :class:`ClientHello`.
+
+    ``feed`` returns :data:`NEED_DATA` while the hello is incomplete and raises only
+    :class:`ClientHelloError` subclasses. Once it has failed it raises the same error again;
+    once it has succeeded it returns the same hello and only grows :attr:`buffered`.
+    """
+
+    __slots__ = ("_buf", "_error", "_hs", "_hs_len", "_is_tls", "_max_size", "_pos", "_result")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be positive")
+        self._max_size = max_size
+        self._buf = bytearray()  # everything received
+        self._pos = 0  # offset in _buf of the next record header not yet consumed
+        self._hs = bytearray()  # handshake bytes from consumed records
+        self._hs_len: int | None = None  # full handshake message length (with its header)
+        self._is_tls = False
+        self._result: ClientHello | None = None
+        self._error: ClientHelloError | None = None
+
+    @property
+    def buffered(self) -> bytes:
+        """Every byte fed so far, including any that followed the hello."""
+        return bytes(self._buf)
+
+    def feed(self, data: bytes) -> ClientHello | Literal[NeedData.NEED_DATA]:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        if self._result is not None:
+            return self._result
+        try:
+            result = self._advance()
+        except ClientHelloError as exc:
+            self._error = exc
+            raise
+        if result is None:
+            return NEED_DATA
+        self._result = result
+        return result
+
+    # The steps below raise on the first problem; feed() remembers the error.
+
+    def _advance(self) -> ClientHello | None:
+        buf = self._buf
+        if not self._is_tls:
+            if not self._classify_first_bytes():
+                return None
+            self._is_tls = True
+        while len(buf) - self._pos >= _RECORD_HEADER_LEN:
+            pos = self._pos
+            content_type, major, _minor, length = _RECORD_HEADER.unpack_from(buf, pos)
+            self._check_record_header(pos, content_type, major, length)
+            payload = pos + _RECORD_HEADER_LEN
+            end = payload + length
+            if self._hs_len is None:
+                self._peek_handshake_header(payload, min(end, len(buf)))
+            if self._hs_len is not None:
+                self._check_budget(end, len(self._hs) + length)
+            if len(buf) < end:
+                break
+            self._hs += buf[payload:end]
+            self._pos = end
+            if self._hs_len is not None and len(self._hs) >= self._hs_len:
+                return self._finish()
+        if len(buf) > self._max_size:
+            # Only reachable with many small records: every header looked affordable.
+            raise ClientHelloTooLarge(
+                "too_large", f"no complete ClientHello within {self._max_size} bytes"
+            )
+        return None
+
+    def _classify_first_bytes(self) -> bool:
+        """True once the stream is known to start with a TLS record; raise NotTLS otherwise."""
+        buf = self._buf
+        if not buf:
+            return False
+        first = buf[0]
+        if first == _CONTENT_HANDSHAKE:
+            if len(buf) < 2:
+                return False
+            if buf[1] != 3:
+                raise NotTLS("not_tls", f"handshake byte followed by 0x{buf[1]:02x}, not 0x03")
+            return True
+        if first & 0x80:
+            # SSLv2 record: 2-byte length with the high bit set, then message type 1.
+            if len(buf) < 3:
+                return False
+            if buf[2] == 1:
+                raise NotTLS("sslv2_hello", "SSLv2-compatible ClientHello (not supported)")
+            raise NotTLS("not_tls", f"first byte 0x{first:02x} is not a TLS record type")
+        head = bytes(buf[:_LONGEST_SIGNATURE])
+        could_still_match = False
+        for signature, reason, looks_like_http in _NOT_TLS_SIGNATURES:
+            if head.startswith(signature):
+                raise NotTLS(
+                    reason, f"not TLS: starts with {signature!r}", looks_like_http=looks_like_http
+                )
+            could_still_match = could_still_match or signature.startswith(head)
+        if could_still_match:
+            return False
+        raise NotTLS("not_tls", f"first byte 0x{first:02x} is not a TLS handshake record")
+
+    def _check_record_header(self, pos: int, content_type: int, major: int, length: int) -> None:
+        if content_type != _CONTENT_HANDSHAKE:
+            if content_type == _CONTENT_ALERT:
+                raise MalformedClientHello(
+                    "unexpected_alert", f"alert record at offset {pos} before the hello completed"
+                )
+            raise MalformedClientHello(
+                "unexpected_content_type",
+                f"record type {content_type} at offset {pos} before the hello completed",
+            )
+        if major != 3:
+            raise MalformedClientHello(
+                "bad_record_version", f"record at offset {pos} has major version {major}"
+            )
+        if length == 0:
+            # RFC 8446 s5.1: zero-length handshake fragments MUST NOT be sent.
+            raise MalformedClientHello("empty_record", f"empty handshake record at offset {pos}")
+        if length > _MAX_FRAGMENT:
+            raise MalformedClientHello(
+                "record_overflow", f"record at offset {pos} is {length} bytes (max {_MAX_FRAGMENT})"
+            )
+        end = pos + _RECORD_HEADER_LEN + length
+        if end > self._max_size:
+            raise ClientHelloTooLarge(
+                "too_large", f"record at offset {pos} ends at byte {end} > {self._max_size}"
+            )
+
+    def _peek_handshake_header(self, payload: int, available_end: int) -> None:
+        """Read the 4-byte handshake header as soon as it exists, even mid-record."""
+        have = len(self._hs)  # < 4 here: _hs_len is set as soon as 4 bytes exist
+        missing = _HANDSHAKE_HEADER_LEN - have
+        if available_end - payload < missing:
+            return
+        header = bytes(self._hs) + bytes(self._buf[payload : payload + missing])
+        msg_type = header[0]
+        if msg_type != _HANDSHAKE_CLIENT_HELLO:
+            raise MalformedClientHello(
+                "not_client_hello", f"first handshake message has type {msg_type}, not 1"
+            )
+        body_len = int.from_bytes(header[1:4], "big")
+        if body_len < _MIN_BODY_LEN:
+            raise MalformedClientHello(
+                "hello_too_short", f"ClientHello body of {body_len} bytes (min {_MIN_BODY_LEN})"
+            )
+        self._hs_len = _HANDSHAKE_HEADER_LEN + body_len
+
+    def _check_budget(self, record_end: int, covered: int) -> None:
+        """Refuse when the rest of the hello cannot fit in max_size even in full records.
+
+        ``covered`` handshake bytes are carried by records ending at ``record_end``.
+        """
+        assert self._hs_len is not None
+        remaining = self._hs_len - covered
+        if remaining <= 0:
+            return
+        records = -(-remaining // _MAX_FRAGMENT)
+        least_total = record_end + remaining + records * _RECORD_HEADER_LEN
+        if least_total > self._max_size:
+            raise ClientHelloTooLarge(
+                "too_large",
+                f"ClientHello of {self._hs_len} bytes needs at least {least_total} bytes "
+                f"on the wire (max {self._max_size})",
+            )
+
+    def _finish(self) -> ClientHello:
+        assert self._hs_len is not None
+        if len(self._hs) > self._hs_len:
+            raise MalformedClientHello(
+                "trailing_handshake_data",
+                f"{len(self._hs) - self._hs_len} bytes follow the ClientHello in its record",
+            )
+        body = bytes(self._hs[_HANDSHAKE_HEADER_LEN:])
+        return _parse_body(body, raw=bytes(self._buf[: self._pos]))
+
+
+def parse_client_hello(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+    """Parse a ClientHello from the start of ``data``; ``None`` means more bytes are needed."""
+    result = ClientHelloParser(max_size).feed(data)
+    return None if result is NEED_DATA else result
+
+
+# --- the body -----------------------------------------------------------------------------
+
+
+def _malformed(reason: str, message: str) -> MalformedClientHello:
+    return MalformedClientHello(reason, message)
+
+
+def _vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: str) -> int:
+    """Return the end offset of the length-prefixed vector at ``pos``; bounds-checked."""
+    if end - pos < len_size:
+        raise _malformed(reason, f"{what}: length field truncated at offset {pos}")
+    length = int.from_bytes(data[pos : pos + len_size], "big")
+    vec_end = pos + len_size + length
+    if vec_end > end:
+        raise _malformed(
+            reason, f"{what}: {length} bytes announced at offset {pos}, {end - pos - len_size} left"
+        )
+    return vec_end
+
+
+def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
+    """One pass over the ClientHello body (RFC 8446 s4.1.2, RFC 5246 s7.4.1.2)."""
+    end = len(body)
+    legacy_version = int.from_bytes(body[0:2], "big")
+    if legacy_version >> 8 != 3:
+        raise _malformed("bad_legacy_version", f"legacy_version 0x{legacy_version:04x}")
+    pos = 2 + 32  # legacy_version, random
+
+    sid_end = _vector(body, pos, end, 1, "bad_session_id", "legacy_session_id")
+    if sid_end - pos - 1 > 32:
+        raise _malformed("bad_session_id", f"legacy_session_id of {sid_end - pos - 1} bytes")
+    pos = sid_end
+
+    cs_end = _vector(body, pos, end, 2, "bad_cipher_suites", "cipher_suites")
+    cs_len = cs_end - pos - 2
+    if cs_len < 2 or cs_len % 2:
+        raise _malformed("bad_cipher_suites", f"cipher_suites vector of {cs_len} bytes")
+    cipher_suites = struct.unpack_from(f">{cs_len // 2}H", body, pos + 2)
+    pos = cs_end
+
+    cm_end = _vector(body, pos, end, 1, "bad_compression_methods", "compression_methods")
+    if cm_end - pos - 1 < 1:
+        raise _malformed("bad_compression_methods", "empty compression_methods")
+    pos = cm_end
+
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] | None = None
+    types: list[int] = []
+    if pos < end:  # a TLS 1.2 hello may omit the extensions block entirely
+        ext_end = _vector(body, pos, end, 2, "bad_extensions", "extensions")
+        if ext_end != end:
+            raise _malformed("trailing_data", f"{end - ext_end} bytes after the extensions")
+        pos += 2
+        seen: set[int] = set()
+        while pos < ext_end:
+            if ext_end - pos < 4:
+                raise _malformed("bad_extensions", f"truncated extension header at offset {pos}")
+            ext_type, ext_len = _EXT_HEADER.unpack_from(body, pos)
+            data_start = pos + 4
+            data_end = data_start + ext_len
+            if data_end > ext_end:
+                raise _malformed(
+                    "bad_extensions",
+                    f"extension {ext_type} announces {ext_len} bytes, {ext_end - data_start} left",
+                )
+            if ext_type in seen:
+                # RFC 8446 s4.2: at most one extension of each type.
+                raise _malformed("duplicate_extension", f"extension {ext_type} appears twice")
+            seen.add(ext_type)
+            types.append(ext_type)
+            if ext_type == _EXT_SERVER_NAME:
+                sni = _parse_server_name(body, data_start, data_end)
+            elif ext_type == _EXT_ALPN:
+                alpn = _parse_alpn(body, data_start, data_end)
+            elif ext_type == _EXT_SUPPORTED_VERSIONS:
+                versions = _parse_supported_versions(body, data_start, data_end)
+            pos = data_end
+
+    return ClientHello(
+        sni=sni,
+        alpn_protocols=alpn,
+        supported_versions=versions if versions is not None else (legacy_version,),
+        legacy_version=legacy_version,
+        cipher_suites=cipher_suites,
+        extensions=tuple(types),
+        raw=raw,
+    )
+
+
+def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
+    """RFC 6066 s3: the first (and only) host_name entry; other name types are skipped."""
+    list_end = _vector(body, pos, end, 2, "bad_server_name", "server_name list")
+    if list_end != end or list_end - pos == 2:
+        raise _malformed("bad_server_name", "server_name list length does not fill the extension")
+    pos += 2
+    host: bytes | None = None
+    while pos < end:
+        name_type = body[pos]
+        name_end = _vector(body, pos + 1, end, 2, "bad_server_name", "server_name entry")
+        if name_type == _SNI_HOST_NAME:
+            if host is not None:
+                raise _malformed("bad_server_name", "more than one host_name entry")
+            host = body[pos + 3 : name_end]
+        pos = name_end
+    if host is None:
+        return None
+    if not host or host.translate(None, _PRINTABLE_NO_SPACE):
+        raise _malformed("bad_server_name", f"host_name {host[:64]!r} is not printable ASCII")
+    name = host.decode("ascii").lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise _malformed("bad_server_name", "host_name is just '.'")
+    return name
+
+
+def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
+    """RFC 7301 s3.1 ProtocolNameList, in client order, GREASE names dropped."""
+    list_end = _vector(body, pos, end, 2, "bad_alpn", "ALPN list")
+    if list_end != end or list_end - pos == 2:
+        raise _malformed("bad_alpn", "ALPN list length does not fill the extension")
+    pos += 2
+    names: list[str] = []
+    while pos < end:
+        name_end = _vector(body, pos, end, 1, "bad_alpn", "ALPN protocol name")
+        name = body[pos + 1 : name_end]
+        if not name:
+            raise _malformed("bad_alpn", "empty ALPN protocol name")
+        if not _is_grease_alpn(name):
+            names.append(name.decode("latin-1"))
+        pos = name_end
+    return tuple(names)
+
+
+def _parse_supported_versions(body: bytes, pos: int, end: int) -> tuple[int, ...]:
+    """RFC 8446 s4.2.1 client form, GREASE removed (may leave an empty tuple)."""
+    list_end = _vector(body, pos, end, 1, "bad_supported_versions", "supported_versions")
+    list_len = list_end - pos - 1
+    if list_end != end or list_len < 2 or list_len % 2:
+        raise _malformed("bad_supported_versions", f"supported_versions list of {list_len} bytes")
+    values = struct.unpack_from(f">{list_len // 2}H", body, pos + 1)
+    return tuple(v for v in values if not is_grease(v))
