@@ -8,6 +8,7 @@ the new one is invalid.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -40,8 +41,14 @@ def build_storage(cfg: Config) -> Storage:
         if cfg.storage.dsn_env:
             dsn = os.environ.get(cfg.storage.dsn_env) or dsn
         if not dsn:
-            raise ConfigError([f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"])
-        enc = os.environ.get(cfg.storage.encryption_key_env) if cfg.storage.encryption_key_env else None
+            raise ConfigError(
+                [f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"]
+            )
+        enc = (
+            os.environ.get(cfg.storage.encryption_key_env)
+            if cfg.storage.encryption_key_env
+            else None
+        )
         return PostgresStorage(dsn, encryption_key=enc)
     from .storage.file import FileStorage
 
@@ -59,8 +66,11 @@ def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) 
 def build_policy(cfg: Config) -> OnDemandPolicy:
     od = cfg.on_demand
     return OnDemandPolicy(
-        allow=od.allow, ask=od.ask, ask_timeout=od.ask_timeout,
-        allow_ttl=od.allow_cache_ttl, deny_ttl=od.deny_cache_ttl,
+        allow=od.allow,
+        ask=od.ask,
+        ask_timeout=od.ask_timeout,
+        allow_ttl=od.allow_cache_ttl,
+        deny_ttl=od.deny_cache_ttl,
     )
 
 
@@ -82,9 +92,17 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     issuer = build_issuer(cfg, storage, challenges)
     static = StaticCertificates.load([(c.cert, c.key) for c in cfg.certificates])
     certs = CertificateManager(
-        storage=storage, issuer=issuer, policy=build_policy(cfg), static=static,
-        default_sni=cfg.tls.default_sni, key_type=cfg.tls.key_type, wait=cfg.on_demand.wait,
-        max_orders_per_minute=cfg.on_demand.max_orders_per_minute, backoff_max=cfg.on_demand.backoff_max,
+        storage=storage,
+        issuer=issuer,
+        policy=build_policy(cfg),
+        static=static,
+        default_sni=cfg.tls.default_sni,
+        key_type=cfg.tls.key_type,
+        wait=cfg.on_demand.wait,
+        max_orders_per_minute=cfg.on_demand.max_orders_per_minute,
+        backoff_max=cfg.on_demand.backoff_max,
+        renew_interval=cfg.tls.maintenance_interval,
+        lock_ttl=cfg.storage.lock_ttl,
     )
     proxy = Proxy(Settings.from_config(cfg), certs, challenges)
     return Runtime(cfg, storage, certs, challenges, proxy, issuer)
@@ -103,28 +121,28 @@ async def run_process(
     config_path: Path | None = None,
     storage: Storage | None = None,
     on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     rt = assemble(cfg, storage)
     try:
-        listeners = await open_listeners(cfg.server.listen_addresses())
+        listeners = await open_listeners(cfg.server.listen_addresses(), reuse_port=reuse_port)
     except OSError as exc:
-        raise ConfigError([f"server.listen: cannot listen ({exc.strerror}) (free the port or change it)"]) from None
+        raise ConfigError(
+            [f"server.listen: cannot listen ({exc.strerror}) (free the port or change it)"]
+        ) from None
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.certs.run)
         if cfg.admin.listen:
             from .admin.server import serve_admin
 
-            await nursery.start(serve_admin, rt)
-        done = trio.Event()
-
-        async def serve_then_done() -> None:
-            await rt.proxy.serve(listeners)
-            done.set()
-
-        nursery.start_soon(serve_then_done)
+            await nursery.start(functools.partial(serve_admin, rt, reuse_port=reuse_port))
+        await nursery.start(rt.proxy.serve, listeners)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            log.info("edgeproxy listening on %s", ", ".join(str(a) for a in cfg.server.listen_addresses()))
+            log.info(
+                "edgeproxy listening on %s",
+                ", ".join(str(a) for a in cfg.server.listen_addresses()),
+            )
             task_status.started(rt)
             if on_ready is not None:
                 await on_ready(rt)
@@ -132,7 +150,11 @@ async def run_process(
                 if signum == signal.SIGHUP:
                     _reload(rt, config_path)
                     continue
-                log.info("received %s: draining (up to %.0fs)", signal.Signals(signum).name, rt.cfg.server.drain_timeout)
+                log.info(
+                    "received %s: draining (up to %.0fs)",
+                    signal.Signals(signum).name,
+                    rt.cfg.server.drain_timeout,
+                )
                 rt.proxy.stop_accepting()
                 with trio.move_on_after(rt.cfg.server.drain_timeout) as scope:
                     await rt.proxy.wait_idle()

@@ -22,8 +22,13 @@ from .logs import setup_logging
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
 _config_option = click.option(
-    "--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar=CONFIG_ENV, required=True, help=f"TOML config file (or ${CONFIG_ENV}).",
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    required=True,
+    help=f"TOML config file (or ${CONFIG_ENV}).",
 )
 
 
@@ -77,16 +82,27 @@ def check(config_path: Path) -> None:
             for p in exc.problems:
                 click.echo(f"  {p}", err=True)
             sys.exit(2)
-    click.echo(f"{config_path}: OK ({len(cfg.routes)} routes, issuer {cfg.tls.issuer}, storage {cfg.storage.backend})")
+    click.echo(
+        f"{config_path}: OK ({len(cfg.routes)} routes, issuer {cfg.tls.issuer}, "
+        f"storage {cfg.storage.backend})"
+    )
 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="TLS listen address.")
 @click.option(
-    "--state-dir", default=".edgeproxy-demo", show_default=True,
-    type=click.Path(file_okay=False, path_type=Path), help="Where the demo keeps its CA and certificates.",
+    "--state-dir",
+    default=".edgeproxy-demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the demo keeps its CA and certificates.",
 )
-@click.option("--admin", default="127.0.0.1:9901", show_default=True, help="Admin (metrics/health) address; '' disables.")
+@click.option(
+    "--admin",
+    default="127.0.0.1:9901",
+    show_default=True,
+    help="Admin (metrics/health) address; '' disables.",
+)
 def demo(listen: str, state_dir: Path, admin: str) -> None:
     """Run the embedded default: internal CA, hello upstream, no config needed."""
     from .app import Runtime, run_process
@@ -177,7 +193,8 @@ def certs_list(config_path: Path, as_json: bool) -> None:
     for r in sorted(rows, key=lambda r: r["name"]):
         click.echo(
             f"{r['name']:40} {r['state']:9} {_fmt_ts(r.get('not_after')):16} "
-            f"{_fmt_ts(r.get('renew_at')):16} {r.get('renewal_source') or '-':8} {r.get('last_error_type') or '-'}"
+            f"{_fmt_ts(r.get('renew_at')):16} {r.get('renewal_source') or '-':8} "
+            f"{r.get('last_error_type') or '-'}"
         )
 
 
@@ -200,11 +217,20 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
         click.echo(json.dumps(r, indent=2))
         return
     for label, key in (
-        ("name", "name"), ("state", "state"), ("issuer", "issuer"), ("failures", "failures"),
-        ("last error type", "last_error_type"), ("last error", "last_error"), ("hint", "hint"),
+        ("name", "name"),
+        ("state", "state"),
+        ("issuer", "issuer"),
+        ("failures", "failures"),
+        ("last error type", "last_error_type"),
+        ("last error", "last_error"),
+        ("hint", "hint"),
     ):
         click.echo(f"{label:16} {r.get(key) if r.get(key) is not None else '-'}")
-    for label, key in (("not after", "not_after"), ("renew at", "renew_at"), ("next attempt", "next_attempt")):
+    for label, key in (
+        ("not after", "not_after"),
+        ("renew at", "renew_at"),
+        ("next attempt", "next_attempt"),
+    ):
         click.echo(f"{label:16} {_fmt_ts(r.get(key))}")
     click.echo(f"{'renewal source':16} {r.get('renewal_source') or '-'}")
     if r.get("ari_window"):
@@ -218,39 +244,41 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
 def certs_issue(config_path: Path, name: str) -> None:
     """Pre-issue NAME through the deployment's storage (the running proxy answers the challenge)."""
     from .app import assemble
+    from .names import InvalidName, validate_hostname
 
     cfg = _load(config_path)
     setup_logging(cfg.log.format, cfg.log.level)
+    try:
+        name = validate_hostname(name)
+    except InvalidName as exc:
+        click.echo(f"{name}: not a valid hostname: {exc}", err=True)
+        sys.exit(2)
 
     async def go() -> int:
         rt = assemble(cfg)
         try:
             decision = await rt.certs.policy.check(name)
             if not decision.allowed:
-                click.echo(f"{name}: refused by the allow-check ({decision.reason}: {decision.detail})", err=True)
+                click.echo(f"{name}: refused by the allow-check ({decision.detail})", err=True)
                 return 1
             async with trio.open_nursery() as nursery:
                 await nursery.start(rt.certs.run)
-                rec = await rt.certs.obtain(decision_name(name))
+                rec = await rt.certs.obtain(name)
                 nursery.cancel_scope.cancel()
-            st = rt.certs.status(decision_name(name))
             if rec is None:
-                click.echo(f"{name}: issuance failed: {st.last_error_type if st else '?'}: {st.last_error if st else ''}", err=True)
+                st = rt.certs.status(name)
+                etype, err = (st.last_error_type, st.last_error) if st else ("?", "")
+                click.echo(f"{name}: issuance failed: {etype}: {err}", err=True)
                 if st and st.hint:
                     click.echo(f"hint: {st.hint}", err=True)
                 return 1
-            click.echo(f"{name}: issued by {rec.issuer_id}, valid until {_fmt_ts(rec.not_after)} UTC")
+            until = _fmt_ts(rec.not_after)
+            click.echo(f"{name}: issued by {rec.issuer_id}, valid until {until} UTC")
             return 0
         finally:
             await rt.storage.aclose()
 
     sys.exit(trio.run(go))
-
-
-def decision_name(name: str) -> str:
-    from .names import validate_hostname
-
-    return validate_hostname(name)
 
 
 # ---------------------------------------------------------------- storage
@@ -276,7 +304,9 @@ def storage_check(config_path: Path) -> None:
 
 @storage.command("clean")
 @_config_option
-@click.option("--grace-days", default=30, show_default=True, help="Keep expired certificates this long.")
+@click.option(
+    "--grace-days", default=30, show_default=True, help="Keep expired certificates this long."
+)
 def storage_clean(config_path: Path, grace_days: int) -> None:
     """Remove long-expired certificates, stale locks, orphaned challenges and temp files."""
     cfg = _load(config_path)

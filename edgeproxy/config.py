@@ -37,14 +37,14 @@ def parse_hostport(value: str, *, what: str) -> HostPort:
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"{value!r} is not [IPv6]:port (write e.g. \"[::]:443\")")
+            raise ValueError(f'{value!r} is not [IPv6]:port (write e.g. "[::]:443")')
         port_s = rest[1:]
     else:
         host, sep, port_s = value.rpartition(":")
         if not sep or not host:
-            raise ValueError(f"{value!r} has no port (write {what} as \"host:port\")")
+            raise ValueError(f'{value!r} has no port (write {what} as "host:port")')
         if ":" in host:
-            raise ValueError(f"{value!r}: put IPv6 addresses in brackets, e.g. \"[::1]:443\"")
+            raise ValueError(f'{value!r}: put IPv6 addresses in brackets, e.g. "[::1]:443"')
     try:
         port = int(port_s)
     except ValueError:
@@ -83,7 +83,7 @@ class ServerConfig(_Model):
             except ValueError:
                 if hp.host != "localhost":
                     raise ValueError(
-                        f"{item!r}: listen on an IP address (e.g. \"0.0.0.0:443\" or \"[::]:443\")"
+                        f'{item!r}: listen on an IP address (e.g. "0.0.0.0:443" or "[::]:443")'
                     ) from None
         return v
 
@@ -105,12 +105,12 @@ class AdminConfig(_Model):
 
     @model_validator(mode="after")
     def _non_loopback_needs_token(self) -> AdminConfig:
-        if self.listen and not _is_loopback(parse_hostport(self.listen, what="").host):
-            if not (self.token or self.token_env):
-                raise ValueError(
-                    f"admin listens on {self.listen} which is not loopback: set admin.token "
-                    "(or admin.token_env) or listen on 127.0.0.1"
-                )
+        off_loopback = self.listen and not _is_loopback(parse_hostport(self.listen, what="").host)
+        if off_loopback and not (self.token or self.token_env):
+            raise ValueError(
+                f"admin listens on {self.listen} which is not loopback: set admin.token "
+                "(or admin.token_env) or listen on 127.0.0.1"
+            )
         return self
 
     def resolved_token(self) -> str | None:
@@ -135,6 +135,8 @@ class TLSConfig(_Model):
     issuer: Literal["acme", "internal"] = "acme"
     default_sni: str | None = None
     key_type: KeyType = "ec256"
+    # How often each process checks stored certificates for renewal and ARI updates.
+    maintenance_interval: Annotated[float, Field(gt=0, le=86400)] = 60.0
 
     @field_validator("default_sni")
     @classmethod
@@ -165,14 +167,18 @@ class AcmeConfig(_Model):
     @classmethod
     def _trust(cls, v: str) -> str:
         if v and not Path(v).is_file():
-            raise ValueError(f"file {v!r} does not exist (point it at a PEM CA bundle or leave empty)")
+            raise ValueError(
+                f"file {v!r} does not exist (point it at a PEM CA bundle or leave empty)"
+            )
         return v
 
     @model_validator(mode="after")
     def _eab_pair(self) -> AcmeConfig:
         has_key = bool(self.eab_hmac_key or self.eab_hmac_key_env)
         if bool(self.eab_kid) != has_key:
-            raise ValueError("set both acme.eab_kid and acme.eab_hmac_key (or eab_hmac_key_env), or neither")
+            raise ValueError(
+                "set both acme.eab_kid and acme.eab_hmac_key (or eab_hmac_key_env), or neither"
+            )
         return self
 
 
@@ -192,7 +198,9 @@ class OnDemandConfig(_Model):
         if v:
             parts = urlsplit(v)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"{v!r} is not an http(s) URL (e.g. \"http://127.0.0.1:8080/allowed\")")
+                raise ValueError(
+                    f'{v!r} is not an http(s) URL (e.g. "http://127.0.0.1:8080/allowed")'
+                )
         return v
 
     @field_validator("allow")
@@ -203,7 +211,7 @@ class OnDemandConfig(_Model):
 
 def _pattern(p: str) -> str:
     if p != "*" and "*" in p.removeprefix("*."):
-        raise ValueError(f"{p!r}: only a leading \"*.\" wildcard or \"*\" alone is supported")
+        raise ValueError(f'{p!r}: only a leading "*." wildcard or "*" alone is supported')
     try:
         return normalize_pattern(p)
     except InvalidName as exc:
@@ -216,11 +224,14 @@ class StorageConfig(_Model):
     dsn: str | None = None
     dsn_env: str | None = None
     encryption_key_env: str | None = None
+    # Issuance leases: a holder refreshes every lock_ttl/3; a crashed holder's lease frees
+    # itself after lock_ttl.
+    lock_ttl: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
     @model_validator(mode="after")
     def _postgres_dsn(self) -> StorageConfig:
         if self.backend == "postgres" and not (self.dsn or self.dsn_env):
-            raise ValueError("backend \"postgres\" needs storage.dsn or storage.dsn_env")
+            raise ValueError('backend "postgres" needs storage.dsn or storage.dsn_env')
         return self
 
 
@@ -290,7 +301,7 @@ class Config(_Model):
             raise ValueError(f"routes {defaults} all set default = true; keep exactly one")
         if self.tls.issuer == "acme" and not (self.on_demand.ask or self.on_demand.allow):
             raise ValueError(
-                "issuer \"acme\" needs an allow-check: set on_demand.ask or on_demand.allow "
+                'issuer "acme" needs an allow-check: set on_demand.ask or on_demand.allow '
                 "(edgeproxy never issues for names nobody allowed)"
             )
         return self
@@ -304,7 +315,7 @@ _FIX_HINTS: Mapping[str, str] = {
     "int_parsing": "write a whole number",
     "float_parsing": "write a number",
     "bool_parsing": "write true or false",
-    "list_type": "write a list, e.g. [\"a\", \"b\"]",
+    "list_type": 'write a list, e.g. ["a", "b"]',
     "string_type": "write a quoted string",
     "too_short": "add at least one entry",
     "greater_than": "use a larger value",
@@ -350,5 +361,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{p}: not valid TOML: {exc} (fix the syntax at that position)"]) from None
+        raise ConfigError(
+            [f"{p}: not valid TOML: {exc} (fix the syntax at that position)"]
+        ) from None
     return load_config_data(data)

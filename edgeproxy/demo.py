@@ -43,16 +43,16 @@ async def _hello(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def start_hello_upstream(
-    nursery: trio.Nursery, host: str = "127.0.0.1"
-) -> tuple[str, int]:
+async def start_hello_upstream(nursery: trio.Nursery, host: str = "127.0.0.1") -> tuple[str, int]:
     listeners = await trio.open_tcp_listeners(0, host=host)
     port = listeners[0].socket.getsockname()[1]
     nursery.start_soon(trio.serve_listeners, _hello, listeners)
     return host, port
 
 
-def demo_config(state_dir: Path, listen: str, upstream: tuple[str, int], admin: str | None) -> Config:
+def demo_config(
+    state_dir: Path, listen: str, upstream: tuple[str, int], admin: str | None
+) -> Config:
     return load_config_data(
         {
             "server": {"listen": [listen], "handshake_timeout": 10},
@@ -61,8 +61,12 @@ def demo_config(state_dir: Path, listen: str, upstream: tuple[str, int], admin: 
             "on_demand": {"allow": ["*.edgeproxy.test", "*.localhost"]},
             "storage": {"backend": "file", "path": str(state_dir)},
             "routes": [
-                {"sni": ["*"], "default": True, "upstreams": [f"{upstream[0]}:{upstream[1]}"],
-                 "alpn": ["http/1.1"]}
+                {
+                    "sni": ["*"],
+                    "default": True,
+                    "upstreams": [f"{upstream[0]}:{upstream[1]}"],
+                    "alpn": ["http/1.1"],
+                }
             ],
         }
     )

@@ -35,7 +35,8 @@ class CertificateUnavailable(EdgeproxyError):
     """
 
     def __init__(self, name: str | None, reason: str, detail: str = "") -> None:
-        super().__init__(f"no certificate for {name!r}: {reason}" + (f" ({detail})" if detail else ""))
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(f"no certificate for {name!r}: {reason}{suffix}")
         self.name = name
         self.reason = reason
         self.detail = detail

@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 _STD_ATTRS = frozenset(
-    logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__.keys() | {"message", "asctime", "taskName"}
+    logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__.keys()
+    | {"message", "asctime", "taskName"}
 )
 
 

@@ -37,9 +37,7 @@ HANDSHAKE_SECONDS = Histogram(
     "From accept to completed TLS handshake (includes PROXY header, peek, certificate lookup).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
 )
-BYTES = Counter(
-    "edgeproxy_bytes_total", "Plaintext bytes proxied, by direction.", ["direction"]
-)
+BYTES = Counter("edgeproxy_bytes_total", "Plaintext bytes proxied, by direction.", ["direction"])
 UPSTREAM_CONNECT_FAILURES = Counter(
     "edgeproxy_upstream_connect_failures_total",
     "Failed upstream connection attempts, by route and upstream.",
@@ -52,7 +50,8 @@ UPSTREAM_CONNECT_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 ACME_REQUESTS = Counter(
-    "edgeproxy_acme_requests_total", "HTTP requests to the ACME server, by endpoint and status.",
+    "edgeproxy_acme_requests_total",
+    "HTTP requests to the ACME server, by endpoint and status.",
     ["endpoint", "status"],
 )
 ACME_ORDERS = Counter(
@@ -76,7 +75,9 @@ ON_DEMAND_DECISIONS = Counter(
     ["result", "source"],
 )
 CERTIFICATES = Gauge(
-    "edgeproxy_certificates", "Managed certificates, by state.", ["state"],
+    "edgeproxy_certificates",
+    "Managed certificates, by state.",
+    ["state"],
     multiprocess_mode="max",
 )
 CERTIFICATE_EARLIEST_EXPIRY = Gauge(
@@ -85,7 +86,8 @@ CERTIFICATE_EARLIEST_EXPIRY = Gauge(
     multiprocess_mode="min",
 )
 RENEWALS_DUE = Gauge(
-    "edgeproxy_certificate_renewals_due", "Certificates whose renewal time has passed.",
+    "edgeproxy_certificate_renewals_due",
+    "Certificates whose renewal time has passed.",
     multiprocess_mode="max",
 )
 RENEWALS = Counter(
@@ -95,9 +97,8 @@ STORAGE_ERRORS = Counter(
     "edgeproxy_storage_errors_total", "Storage operation errors, by operation.", ["operation"]
 )
 LOCK_WAIT_SECONDS = Histogram(
-    "edgeproxy_storage_lock_wait_seconds", "Time spent waiting for a storage lock.",
+    "edgeproxy_storage_lock_wait_seconds",
+    "Time spent waiting for a storage lock.",
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60),
 )
-CONFIG_RELOADS = Counter(
-    "edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"]
-)
+CONFIG_RELOADS = Counter("edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"])

@@ -55,12 +55,14 @@ class ServedRuntime(AdminRuntime, Protocol):
 async def serve_admin(
     rt: ServedRuntime,
     *,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on ``rt.cfg.admin.listen`` until cancelled.
 
     ``task_status.started`` receives the bound ``(host, port)`` once the socket accepts
-    connections; the same tuple is stored as ``rt.admin_bound``.
+    connections; the same tuple is stored as ``rt.admin_bound``. ``reuse_port`` lets the
+    worker processes of one edgeproxy share the admin port (SO_REUSEPORT).
     """
     admin = rt.cfg.admin
     if not admin.listen:
@@ -73,7 +75,7 @@ async def serve_admin(
             f"admin.token_env: environment variable {admin.token_env} is empty and admin "
             f"listens on {admin.listen} (set the variable, or listen on 127.0.0.1)"
         ])
-    sock = _bind(where)
+    sock = _bind(where, reuse_port=reuse_port)
     try:
         bound = _addr(sock.getsockname())
         config = _hypercorn_config(os.dup(sock.fileno()))
@@ -83,11 +85,13 @@ async def serve_admin(
         sock.close()
 
 
-def _bind(where: HostPort) -> socket.socket:
+def _bind(where: HostPort, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((where.host, where.port))

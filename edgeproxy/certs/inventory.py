@@ -20,6 +20,10 @@ async def check_storage(storage: Storage, *, now: float | None = None) -> list[s
     backend_check = getattr(storage, "check", None)
     if backend_check is not None:
         problems.extend(await backend_check())
+    else:
+        for lock in await storage.list_locks():
+            if lock.expires_at < now:
+                problems.append(f"lock {lock.name}: expired, held by {lock.owner}")
     for item in await storage.list("certs/"):
         raw = await storage.get(item.key)
         if raw is None:
@@ -28,11 +32,6 @@ async def check_storage(storage: Storage, *, now: float | None = None) -> list[s
             CertRecord.from_json(raw)
         except RecordError as exc:
             problems.append(f"{item.key}: {exc}")
-    for lock in await storage.list_locks():
-        if lock.expires_at < now:
-            msg = f"lock {lock.name}: expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lock.expires_at))} (owner {lock.owner})"
-            if not any(lock.name in p and "lock" in p for p in problems):
-                problems.append(msg)
     return problems
 
 
@@ -67,5 +66,7 @@ async def clean_storage(storage: Storage, grace: float, *, now: float | None = N
                 await storage.delete(ari_key(rec.name))
             except StorageError:
                 continue
-            removed.append(f"{item.key} (expired {time.strftime('%Y-%m-%d', time.gmtime(rec.not_after))})")
+            removed.append(
+                f"{item.key} (expired {time.strftime('%Y-%m-%d', time.gmtime(rec.not_after))})"
+            )
     return list(dict.fromkeys(removed))

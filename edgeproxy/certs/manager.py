@@ -46,6 +46,10 @@ from .status import DomainStatus, State, hint_for
 log = logging.getLogger("edgeproxy.certs")
 
 ARI_CHECK_INTERVAL = 12 * 3600.0
+# How often a process sweeps storage for debris of crashed writers (old temp files, expired
+# leases and challenges): frequent enough that `storage check` stays clean, rare enough to be
+# free.
+CLEAN_INTERVAL = 600.0
 
 
 @dataclass(slots=True)
@@ -94,8 +98,11 @@ class CertificateManager:
         self._inflight: dict[str, trio.Event] = {}
         self._status: dict[str, DomainStatus] = {}
         self._seen_modified: dict[str, float] = {}
-        self._orders = TokenBucket(max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic)
+        self._orders = TokenBucket(
+            max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic
+        )
         self._nursery: trio.Nursery | None = None
+        self._next_clean = 0.0
 
     # ------------------------------------------------------------------ data path
 
@@ -113,7 +120,9 @@ class CertificateManager:
         """
         if name is None:
             if self.default_sni is None:
-                raise CertificateUnavailable(None, "no_sni", "client sent no SNI and tls.default_sni is unset")
+                raise CertificateUnavailable(
+                    None, "no_sni", "client sent no SNI and tls.default_sni is unset"
+                )
             name = self.default_sni
         hit = self._cache.get(name)
         if hit is not None:
@@ -130,9 +139,13 @@ class CertificateManager:
             return hit.ctx
         st = self._status.get(name)
         if not ev.is_set():
-            raise CertificateUnavailable(name, "timeout", f"not issued within on_demand.wait={self.wait}s")
+            raise CertificateUnavailable(
+                name, "timeout", f"not issued within on_demand.wait={self.wait}s"
+            )
         if st is not None and st.last_error_type:
-            raise CertificateUnavailable(name, st.last_error_type.rsplit(":", 1)[-1], st.last_error or "")
+            raise CertificateUnavailable(
+                name, st.last_error_type.rsplit(":", 1)[-1], st.last_error or ""
+            )
         raise CertificateUnavailable(name, "unavailable")
 
     def invalidate(self, name: str) -> None:
@@ -198,14 +211,24 @@ class CertificateManager:
             return  # in backoff; the status already holds the error the handshake will report
         decision = await self.policy.check(name)
         if not decision.allowed:
-            self._fail(name, decision.reason, decision.detail or decision.reason, state="denied", backoff=False)
+            self._fail(
+                name,
+                decision.reason,
+                decision.detail or decision.reason,
+                state="denied",
+                backoff=False,
+            )
             return
         if not self._orders.take():
-            self._fail(name, "order_rate_limited", "on_demand.max_orders_per_minute reached", backoff=False)
+            self._fail(
+                name, "order_rate_limited", "on_demand.max_orders_per_minute reached", backoff=False
+            )
             return
         await self.obtain(name, old=rec)
 
-    async def obtain(self, name: str, *, old: CertRecord | None = None, force: bool = False) -> CertRecord | None:
+    async def obtain(
+        self, name: str, *, old: CertRecord | None = None, force: bool = False
+    ) -> CertRecord | None:
         """Issue (or renew) ``name`` under the storage lease; return the stored record.
 
         Policy is the caller's business (the data path checks it before calling; the CLI and
@@ -218,7 +241,11 @@ class CertificateManager:
             with trio.fail_after(self.issue_timeout):
                 t0 = time.monotonic()
                 async with hold_lock(
-                    self.storage, lock_name(name), owner=self.owner, ttl=self.lock_ttl, wait=self.issue_timeout
+                    self.storage,
+                    lock_name(name),
+                    owner=self.owner,
+                    ttl=self.lock_ttl,
+                    wait=self.issue_timeout,
                 ):
                     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - t0)
                     current = await self._load(name)
@@ -230,7 +257,9 @@ class CertificateManager:
                         replacing = old.chain_pem.encode()
                     key = generate_private_key(self.key_type)  # type: ignore[arg-type]
                     issued = await self.issuer.issue(name, key, replacing=replacing)  # type: ignore[arg-type]
-                    rec = CertRecord.build(name, issued.issuer_id, issued.chain_pem, key, self.clock())  # type: ignore[arg-type]
+                    rec = CertRecord.build(
+                        name, issued.issuer_id, issued.chain_pem, key, self.clock()
+                    )  # type: ignore[arg-type]
                     await self.storage.put(cert_key(name), rec.to_json(), secret=True)
         except IssuanceError as exc:
             self._fail(name, exc.error_type, exc.detail, retry_after=exc.retry_after)
@@ -252,7 +281,10 @@ class CertificateManager:
             metrics.RENEWALS.labels("renewed").inc()
         log.info(
             "certificate %s for %s (issuer %s, valid until %s)",
-            "renewed" if renewing else "issued", name, rec.issuer_id, _iso(rec.not_after),
+            "renewed" if renewing else "issued",
+            name,
+            rec.issuer_id,
+            _iso(rec.not_after),
         )
         self._install(rec)
         return rec
@@ -263,9 +295,7 @@ class CertificateManager:
             return False
         if old is None:
             return True  # a valid certificate appeared while we waited for the lease
-        if current.serial != old.serial:
-            return True  # another process renewed it
-        return False
+        return current.serial != old.serial  # another process renewed it
 
     async def _load(self, name: str) -> CertRecord | None:
         key = cert_key(name)
@@ -275,7 +305,9 @@ class CertificateManager:
         try:
             return CertRecord.from_json(raw)
         except RecordError as exc:
-            log.error("certificate record %s is corrupt (%s): quarantined; it will be re-issued", key, exc)
+            log.error(
+                "certificate record %s is corrupt (%s): quarantined; it will be re-issued", key, exc
+            )
             await self.storage.quarantine(key, str(exc))
             metrics.STORAGE_ERRORS.labels("corrupt_record").inc()
             return None
@@ -294,10 +326,19 @@ class CertificateManager:
         plan = plan_renewal(rec.not_before, rec.not_after, self.clock())
         if st is None or st.state != "valid" or st.not_after != rec.not_after:
             self._set_status(
-                rec.name, state="valid", not_after=rec.not_after, issuer=rec.issuer_id,
-                failures=0, last_error=None, last_error_type=None, hint=None, next_attempt=None,
+                rec.name,
+                state="valid",
+                not_after=rec.not_after,
+                issuer=rec.issuer_id,
+                failures=0,
+                last_error=None,
+                last_error_type=None,
+                hint=None,
+                next_attempt=None,
                 renew_at=(st.renew_at if st and st.not_after == rec.not_after else plan.at),
-                renewal_source=(st.renewal_source if st and st.not_after == rec.not_after else plan.source),
+                renewal_source=(
+                    st.renewal_source if st and st.not_after == rec.not_after else plan.source
+                ),
             )
 
     # ------------------------------------------------------------------ status
@@ -342,10 +383,21 @@ class CertificateManager:
         if state == "failing" and name in self._cache:
             state = "renewing"
         self._set_status(
-            name, state=state, failures=failures, last_error=detail, last_error_type=error_type,
-            hint=hint, next_attempt=next_attempt,
+            name,
+            state=state,
+            failures=failures,
+            last_error=detail,
+            last_error_type=error_type,
+            hint=hint,
+            next_attempt=next_attempt,
         )
-        log.warning("certificate for %s: %s: %s%s", name, error_type, detail, f" (hint: {hint})" if hint else "")
+        log.warning(
+            "certificate for %s: %s: %s%s",
+            name,
+            error_type,
+            detail,
+            f" (hint: {hint})" if hint else "",
+        )
 
     def status(self, name: str) -> DomainStatus | None:
         return self._status.get(name)
@@ -356,8 +408,11 @@ class CertificateManager:
     # ------------------------------------------------------------------ maintenance
 
     async def maintenance_once(self) -> None:
-        """One renewal pass over every stored certificate."""
+        """One renewal pass over every stored certificate (and, now and then, a storage sweep)."""
         now = self.clock()
+        if now >= self._next_clean:
+            self._next_clean = now + CLEAN_INTERVAL
+            await self._sweep_storage()
         try:
             items = await self.storage.list("certs/")
         except StorageError as exc:
@@ -401,6 +456,18 @@ class CertificateManager:
         for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing"):
             metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
 
+    async def _sweep_storage(self) -> None:
+        clean = getattr(self.storage, "clean", None)
+        if clean is None:
+            return
+        try:
+            removed = await clean()
+        except StorageError as exc:
+            log.warning("storage sweep failed: %s", exc)
+            return
+        for item in removed:
+            log.info("storage sweep: %s", item)
+
     async def _plan(self, rec: CertRecord, now: float) -> RenewalPlan:
         ari = await self._ari_state(rec, now)
         window = (ari.start, ari.end) if ari else None
@@ -408,15 +475,26 @@ class CertificateManager:
         # moment for this certificate, so the schedule neither drifts nor disagrees.
         rand = random.Random(f"{rec.serial}/{window}").random
         plan = plan_renewal(
-            rec.not_before, rec.not_after, now,
-            ari_start=window[0] if window else None, ari_end=window[1] if window else None,
+            rec.not_before,
+            rec.not_after,
+            now,
+            ari_start=window[0] if window else None,
+            ari_end=window[1] if window else None,
             rand=rand,
         )
         st = self._status.get(rec.name)
-        if st is None or (st.renew_at, st.renewal_source, st.ari_window) != (plan.at, plan.source, window):
+        if st is None or (st.renew_at, st.renewal_source, st.ari_window) != (
+            plan.at,
+            plan.source,
+            window,
+        ):
             self._set_status(
-                rec.name, renew_at=plan.at, renewal_source=plan.source, ari_window=window,
-                not_after=rec.not_after, issuer=rec.issuer_id,
+                rec.name,
+                renew_at=plan.at,
+                renewal_source=plan.source,
+                ari_window=window,
+                not_after=rec.not_after,
+                issuer=rec.issuer_id,
                 **({"state": "valid"} if st is None else {}),
             )
         return plan
@@ -445,8 +523,11 @@ class CertificateManager:
             return None
         retry = window.retry_after if window.retry_after is not None else ARI_CHECK_INTERVAL
         state = AriState(
-            serial=rec.serial, start=window.start.timestamp(), end=window.end.timestamp(),
-            explanation_url=window.explanation_url, next_check=now + retry,
+            serial=rec.serial,
+            start=window.start.timestamp(),
+            end=window.end.timestamp(),
+            explanation_url=window.explanation_url,
+            next_check=now + retry,
         )
         try:
             await self.storage.put(key, state.to_json())

@@ -147,7 +147,9 @@ class OnDemandPolicy:
                 return Decision(False, "ask", "ask_unavailable", "ask endpoint timed out")
         except httpx.HTTPError as exc:
             log.warning("ask endpoint failed for %s: %s", name, type(exc).__name__)
-            return Decision(False, "ask", "ask_unavailable", f"ask endpoint error: {type(exc).__name__}")
+            return Decision(
+                False, "ask", "ask_unavailable", f"ask endpoint error: {type(exc).__name__}"
+            )
         finally:
             if owned:
                 await client.aclose()

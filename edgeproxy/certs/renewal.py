@@ -63,5 +63,5 @@ def backoff_delay(
     rand: Callable[[], float] = random.random,
 ) -> float:
     """Exponential backoff with jitter: in [d/2, d] where d = min(cap, base * 2**attempt)."""
-    d = min(cap, base * (2 ** max(0, attempt)))
+    d = min(cap, base * 2.0 ** max(0, attempt))
     return d / 2 + (d / 2) * rand()

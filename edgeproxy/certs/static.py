@@ -33,13 +33,15 @@ class StaticCertificates:
             try:
                 chain = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
                 key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-                ctx = build_server_context(chain, key)  # type: ignore[arg-type]
+                ctx = build_server_context(chain, key)
             except (OSError, ValueError, SSL.Error) as exc:
                 problems.append(f"certificates[{i}]: cannot load {cert_path} / {key_path}: {exc}")
                 continue
             try:
                 sans = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                names = tuple(normalize_pattern(n) for n in sans.value.get_values_for_type(x509.DNSName))
+                names = tuple(
+                    normalize_pattern(n) for n in sans.value.get_values_for_type(x509.DNSName)
+                )
             except x509.ExtensionNotFound:
                 names = ()
             if not names:

@@ -59,7 +59,9 @@ class AcmeIssuer:
         self._storage = storage
         self._solver = solver
         self._email = email
-        self._verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=trust) if trust else True
+        self._verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=trust) if trust else True
+        )
         self._eab = eab
         self._profile = profile
         self._preferred_chain = preferred_chain
@@ -78,8 +80,14 @@ class AcmeIssuer:
         if cfg.eab_kid and hmac_key:
             eab = (cfg.eab_kid, _b64url_decode(hmac_key))
         return cls(
-            directory=cfg.directory, storage=storage, solver=solver, email=cfg.email,
-            trust=cfg.trust, eab=eab, profile=cfg.profile, preferred_chain=cfg.preferred_chain,
+            directory=cfg.directory,
+            storage=storage,
+            solver=solver,
+            email=cfg.email,
+            trust=cfg.trust,
+            eab=eab,
+            profile=cfg.profile,
+            preferred_chain=cfg.preferred_chain,
         )
 
     @property
@@ -115,7 +123,9 @@ class AcmeIssuer:
             await self._save_account(key, None)
             return key, None
 
-    async def _read_account(self, name: str) -> tuple[ec.EllipticCurvePrivateKey, str | None] | None:
+    async def _read_account(
+        self, name: str
+    ) -> tuple[ec.EllipticCurvePrivateKey, str | None] | None:
         raw = await self._storage.get(name)
         if raw is None:
             return None
@@ -133,10 +143,14 @@ class AcmeIssuer:
 
     async def _save_account(self, key: ec.EllipticCurvePrivateKey, url: str | None) -> None:
         pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         ).decode()
         record = {"directory": self.directory, "url": url, "key_pem": pem}
-        await self._storage.put(account_key_name(self.directory), json.dumps(record).encode(), secret=True)
+        await self._storage.put(
+            account_key_name(self.directory), json.dumps(record).encode(), secret=True
+        )
 
     async def issue(
         self,
@@ -155,8 +169,12 @@ class AcmeIssuer:
                     replaces = None
             try:
                 chain = await client.issue(
-                    [name], private_key, self._solver, profile=self._profile,
-                    replaces=replaces, preferred_chain=self._preferred_chain,
+                    [name],
+                    private_key,
+                    self._solver,
+                    profile=self._profile,
+                    replaces=replaces,
+                    preferred_chain=self._preferred_chain,
                 )
             finally:
                 self._report_stats(client)
@@ -183,8 +201,10 @@ class AcmeIssuer:
         if info is None:
             return None
         return RenewalWindow(
-            start=info.start.astimezone(UTC), end=info.end.astimezone(UTC),
-            explanation_url=info.explanation_url, retry_after=info.retry_after,
+            start=info.start.astimezone(UTC),
+            end=info.end.astimezone(UTC),
+            explanation_url=info.explanation_url,
+            retry_after=info.retry_after,
         )
 
     def _report_stats(self, client: AcmeClient) -> None:

@@ -41,9 +41,15 @@ def _new_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -79,7 +85,9 @@ class InternalIssuer:
             return self._ca
         ca = await self._load()
         if ca is None:
-            async with hold_lock(self._storage, "internal-ca", owner=make_owner_id(), ttl=30, wait=30):
+            async with hold_lock(
+                self._storage, "internal-ca", owner=make_owner_id(), ttl=30, wait=30
+            ):
                 ca = await self._load()
                 if ca is None:
                     ca = _new_ca(self._common_name)
@@ -134,9 +142,7 @@ class InternalIssuer:
             .not_valid_after(now + self._validity)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,

@@ -11,6 +11,7 @@ client cannot hold a connection slot longer than ``server.handshake_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ ACME_TLS_ALPN = "acme-tls/1"
 _READ = 16384
 
 # Refusals that are about the name, not about us: the client learns "not here".
-_NAME_REASONS = frozenset({"denied", "invalid_name", "no_sni", "ask_unavailable", "ask_rate_limited"})
+_NAME_REASONS = frozenset(
+    {"denied", "invalid_name", "no_sni", "ask_unavailable", "ask_rate_limited"}
+)
 
 
 @dataclass(slots=True)
@@ -64,12 +67,22 @@ def _addr(sockaddr: object) -> tuple[str, int]:
     return ("unknown", 0)
 
 
-async def handle_connection(proxy: Proxy, stream: trio.SocketStream, counted_ip: str | None) -> None:
+async def handle_connection(
+    proxy: Proxy, stream: trio.SocketStream, counted_ip: str | None
+) -> None:
     settings = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
-    peer = _addr(stream.socket.getpeername())
-    info = ConnInfo(time.monotonic(), peer, peer, _addr(stream.socket.getsockname()))
+    try:
+        peer = _addr(stream.socket.getpeername())
+        local = _addr(stream.socket.getsockname())
+    except OSError:
+        # Reset before we got to it (a scanner's SYN-RST): nothing to serve, nothing to log.
+        peer = local = ("unknown", 0)
+    info = ConnInfo(time.monotonic(), peer, peer, local)
     info.counted_ip = counted_ip
     try:
+        if peer[0] == "unknown":
+            info.result = "reset_before_start"
+            return
         await _serve(proxy, settings, stream, info)
     except Exception:
         info.result = "internal_error"
@@ -82,10 +95,8 @@ async def handle_connection(proxy: Proxy, stream: trio.SocketStream, counted_ip:
 
 async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
     with trio.move_on_after(1.0):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
 
 
 async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: ConnInfo) -> None:
@@ -109,19 +120,19 @@ async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: Con
                     metrics.PROXY_HEADERS.labels("invalid").inc()
                     return
                 if parsed is not None:
-                    header, rest = parsed
+                    pp_header, rest = parsed
                     break
-            if header.command == "LOCAL":
+            if pp_header.command == "LOCAL":
                 # Load balancer health check: the connection is the balancer's own.
                 metrics.PROXY_HEADERS.labels("local").inc()
                 if not rest:
                     info.result = "health_check"
             else:
                 metrics.PROXY_HEADERS.labels("proxy").inc()
-                if header.source is not None:
-                    info.client = header.source
-            if header.aws_vpce_id:
-                info.extra["vpce"] = header.aws_vpce_id
+                if pp_header.source is not None:
+                    info.client = pp_header.source
+            if pp_header.aws_vpce_id:
+                info.extra["vpce"] = pp_header.aws_vpce_id
             if not proxy.admit_client(info):
                 info.result = "limit_per_ip"
                 return
@@ -176,7 +187,9 @@ async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: Con
             )
             await _send_quietly(stream, alert_record(desc))
             return
-        tls = TLSStream(stream, new_server_connection(ctx, alpn=route.alpn), initial_data=parser.buffered)
+        tls = TLSStream(
+            stream, new_server_connection(ctx, alpn=route.alpn), initial_data=parser.buffered
+        )
         try:
             await tls.do_handshake()
         except TLSHandshakeError as exc:
@@ -242,11 +255,14 @@ async def _answer_challenge(
             "validation attempt for %s with no pending challenge on this node (client %s): "
             "answered unrecognized_name. If you did not expect a validation, ignore this; "
             "otherwise check replicas share storage and the load balancer forwards TCP untouched",
-            name, info.client[0],
+            name,
+            info.client[0],
         )
         await _send_quietly(stream, alert_record(AlertDescription.UNRECOGNIZED_NAME))
         return
-    tls = TLSStream(stream, new_server_connection(ctx, alpn=(ACME_TLS_ALPN,)), initial_data=buffered)
+    tls = TLSStream(
+        stream, new_server_connection(ctx, alpn=(ACME_TLS_ALPN,)), initial_data=buffered
+    )
     try:
         await tls.do_handshake()
     except (TLSHandshakeError, trio.BrokenResourceError) as exc:

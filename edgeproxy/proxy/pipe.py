@@ -12,6 +12,7 @@ directions and moves forward whenever either side makes progress.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import trio
@@ -60,10 +61,8 @@ async def pipe(
                 result.to_upstream += len(data)
             else:
                 result.to_client += len(data)
-        try:
+        with contextlib.suppress(_BROKEN):
             await dst.send_eof()
-        except _BROKEN:
-            pass
 
     def _abort(reason: str) -> None:
         if result.reason == "done":

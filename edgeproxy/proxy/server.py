@@ -11,6 +11,7 @@ overload into an outage.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -60,7 +61,9 @@ class Settings:
         )
 
 
-async def open_listeners(addresses: Sequence[HostPort], *, reuse_port: bool = False) -> list[trio.SocketListener]:
+async def open_listeners(
+    addresses: Sequence[HostPort], *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
     listeners = []
     for hp in addresses:
         family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
@@ -217,10 +220,10 @@ class Proxy:
 
 def _abort(stream: trio.SocketStream) -> None:
     # RST rather than FIN: refusing fast must cost us no TIME_WAIT and the client no wait.
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
     stream.socket.close()
 
 

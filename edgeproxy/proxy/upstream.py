@@ -26,7 +26,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._suspect_until: dict[HostPort, float] = {}
 
-    async def connect(self, route: Route, timeout: float) -> tuple[trio.SocketStream, HostPort]:
+    async def connect(self, route: Route, per_attempt: float) -> tuple[trio.SocketStream, HostPort]:
         order = route.upstream_order()
         now = time.monotonic()
         if self._suspect_until:
@@ -35,10 +35,14 @@ class UpstreamPool:
         for hp in order:
             t0 = time.monotonic()
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_after(per_attempt):
                     stream = await trio.open_tcp_stream(hp.host, hp.port)
             except (OSError, trio.TooSlowError) as exc:
-                reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or type(exc).__name__)
+                reason = (
+                    "timeout"
+                    if isinstance(exc, trio.TooSlowError)
+                    else (exc.strerror or type(exc).__name__)
+                )
                 metrics.UPSTREAM_CONNECT_FAILURES.labels(route.label, str(hp)).inc()
                 self._suspect_until[hp] = time.monotonic() + SUSPECT_FOR
                 log.warning("route %s: upstream %s connect failed: %s", route.label, hp, reason)

@@ -16,6 +16,7 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
 
 from __future__ import annotations
 
+import builtins
 import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -55,7 +56,7 @@ class Storage(Protocol):
     async def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
 
-    async def list(self, prefix: str = "") -> list[StoredItem]:
+    async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
         """Items whose key starts with ``prefix`` (a folder-like prefix, e.g. ``certs/``)."""
 
     async def quarantine(self, key: str, reason: str) -> None:
@@ -73,7 +74,7 @@ class Storage(Protocol):
     async def lock_info(self, name: str) -> LockInfo | None:
         """Who holds ``name`` and until when (expired leases may still be listed)."""
 
-    async def list_locks(self) -> list[LockInfo]:
+    async def list_locks(self) -> builtins.list[LockInfo]:
         """All lease records, including expired ones not yet cleaned."""
 
     async def put_challenge(self, name: str, key_authorization: str, ttl: float) -> None:
@@ -85,7 +86,7 @@ class Storage(Protocol):
     async def delete_challenge(self, name: str) -> None:
         """Withdraw a challenge once validation finished."""
 
-    async def list_challenges(self) -> list[tuple[str, float]]:
+    async def list_challenges(self) -> builtins.list[tuple[str, float]]:
         """(name, expires_at) of every stored challenge, expired included."""
 
     async def aclose(self) -> None:

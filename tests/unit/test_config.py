@@ -78,7 +78,9 @@ def test_every_problem_is_listed_with_path_and_fix() -> None:
 
 def test_acme_needs_an_allow_check() -> None:
     with pytest.raises(ConfigError) as ei:
-        load_config_data({"tls": {"issuer": "acme"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]})
+        load_config_data(
+            {"tls": {"issuer": "acme"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]}
+        )
     assert "allow-check" in str(ei.value)
 
 

@@ -1,6 +1,12 @@
 import pytest
 
-from edgeproxy.names import InvalidName, name_matches, normalize_name, normalize_pattern, validate_hostname
+from edgeproxy.names import (
+    InvalidName,
+    name_matches,
+    normalize_name,
+    normalize_pattern,
+    validate_hostname,
+)
 
 
 @pytest.mark.parametrize(
@@ -17,9 +23,21 @@ def test_normalize(raw: str, norm: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "127.0.0.1", "[::1]", "::1", "localhost", "a..b", "-a.example", "a-.example",
-     "a" * 64 + ".example", ("a" * 60 + ".") * 5 + "com", "a_b.example", "example.123",
-     "sp ace.example"],
+    [
+        "",
+        "127.0.0.1",
+        "[::1]",
+        "::1",
+        "localhost",
+        "a..b",
+        "-a.example",
+        "a-.example",
+        "a" * 64 + ".example",
+        ("a" * 60 + ".") * 5 + "com",
+        "a_b.example",
+        "example.123",
+        "sp ace.example",
+    ],
 )
 def test_validate_refuses(bad: str) -> None:
     with pytest.raises(InvalidName):

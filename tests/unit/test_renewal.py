@@ -17,7 +17,9 @@ def test_no_ari_uses_backstop() -> None:
 
 
 def test_ari_window_picks_inside_it() -> None:
-    plan = plan_renewal(0, 90 * DAY, 10 * DAY, ari_start=40 * DAY, ari_end=50 * DAY, rand=lambda: 0.5)
+    plan = plan_renewal(
+        0, 90 * DAY, 10 * DAY, ari_start=40 * DAY, ari_end=50 * DAY, rand=lambda: 0.5
+    )
     assert (plan.at, plan.source) == (45 * DAY, "ari")
 
 
@@ -27,7 +29,9 @@ def test_ari_window_in_the_past_means_now() -> None:
 
 
 def test_ari_cannot_push_past_backstop() -> None:
-    plan = plan_renewal(0, 90 * DAY, 10 * DAY, ari_start=80 * DAY, ari_end=85 * DAY, rand=lambda: 0.5)
+    plan = plan_renewal(
+        0, 90 * DAY, 10 * DAY, ari_start=80 * DAY, ari_end=85 * DAY, rand=lambda: 0.5
+    )
     assert (plan.at, plan.source) == (60 * DAY, "backstop")
 
 

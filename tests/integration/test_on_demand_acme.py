@@ -1,0 +1,350 @@
+"""On-demand certificates from a real ACME CA (Debian's pebble), answered by the proxy itself.
+
+Pebble's ``tlsPort`` is the proxy's port, so every TLS-ALPN-01 validation goes through
+edgeproxy's data path exactly as a public CA's would. A ``FaultInjector`` (a recording HTTPS
+proxy between edgeproxy and pebble) counts ACME requests where a test needs to know them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography import x509
+
+from edgeproxy.certs.record import cert_key
+from tests.support.pebble import FaultInjector, Pebble
+from tests.support.ports import free_port
+from tests.support.proxy import RunningProxy, base_config, running_proxy
+from tests.support.upstreams import echo, http_handler, start_upstream
+
+BODY = b"served over a pebble certificate\n"
+
+
+def acme_config(
+    tmp_path: Path, port: int, directory: str, trust: Path, up: str, **over: Any
+) -> dict[str, Any]:
+    cfg = base_config(
+        tmp_path,
+        [{"sni": ["*"], "default": True, "upstreams": [up]}],
+        server={"listen": [f"127.0.0.1:{port}"]},
+        tls={"issuer": "acme", "default_sni": None, "maintenance_interval": 1.0},
+        acme={"directory": directory, "trust": str(trust), "email": "ops@example.test"},
+        on_demand={"allow": ["*.example.test"], "wait": 20},
+        storage={"lock_ttl": 5},
+    )
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+async def curl(p: RunningProxy, name: str, roots: Path, *extra: str) -> Any:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--cacert",
+                str(roots),
+                "--resolve",
+                f"{name}:{p.port}:127.0.0.1",
+                *extra,
+                f"https://{name}:{p.port}/",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def peer_cert(port: int, name: str, roots: Path) -> x509.Certificate:
+    ctx = ssl.create_default_context(cafile=str(roots))
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
+    await tls.do_handshake()
+    der = tls.getpeercert(binary_form=True)
+    await trio.aclose_forcefully(tls)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def handshake_fails(port: int, name: str) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
+    try:
+        with trio.fail_after(30):
+            await tls.do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError):
+        return True
+    finally:
+        await trio.aclose_forcefully(tls)
+    return False
+
+
+@pytest.fixture
+def roots_file(tmp_path: Path) -> Callable[[Pebble], Path]:
+    def write(pebble: Pebble) -> Path:
+        path = tmp_path / "pebble-roots.pem"
+        path.write_bytes(pebble.roots_pem())
+        return path
+
+    return write
+
+
+def new_orders(inj: FaultInjector) -> int:
+    return sum(1 for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz"))
+
+
+async def test_first_request_for_a_new_name_gets_a_pebble_certificate(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    # Bad nonces at 30% all along: the client must retry them and still issue.
+    port = free_port()
+    pebble = make_pebble(tls_port=port, env={"PEBBLE_WFE_NONCEREJECT": "30"})
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, http_handler(BODY))
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        res = await curl(p, "shop.example.test", roots)
+        assert res.returncode == 0, res.stderr.decode() + pebble.logs()[-2000:]
+        assert res.stdout == BODY
+        # Cached now: the second request needs no CA at all.
+        pebble.stop()
+        res = await curl(p, "shop.example.test", roots)
+        assert res.returncode == 0 and res.stdout == BODY
+        st = p.rt.certs.status("shop.example.test")
+        assert st is not None and st.state == "valid"
+
+
+async def test_twenty_concurrent_handshakes_make_one_order(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    inj = FaultInjector(pebble)
+    await nursery.start(inj.serve)
+    up = await start_upstream(nursery, http_handler(BODY))
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        results: list[Any] = []
+
+        async def one() -> None:
+            results.append(await curl(p, "crowd.example.test", roots))
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(one)
+        assert [r.returncode for r in results] == [0] * 20, [
+            r.stderr for r in results if r.returncode
+        ]
+        assert all(r.stdout == BODY for r in results)
+    assert new_orders(inj) == 1
+
+
+@pytest.mark.parametrize(
+    "sni", ["denied.other.test", "127.0.0.1", "bad_name.example.test", "a..example.test"]
+)
+async def test_refused_names_make_no_acme_request(
+    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], sni: str
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    inj = FaultInjector(pebble)
+    await nursery.start(inj.serve)
+    up = await start_upstream(nursery, http_handler(BODY))
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        res = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}", "-servername", sni],
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert res.returncode != 0
+        assert b"alert" in res.stderr or b"handshake failure" in res.stderr, res.stderr
+    assert inj.seen == []
+
+
+async def ask_server(nursery: trio.Nursery, allowed: set[str]) -> tuple[str, trio.CancelScope]:
+    """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    scope = trio.CancelScope()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        target = data.split(b" ", 2)[1].decode()
+        name = target.split("domain=", 1)[1] if "domain=" in target else ""
+        status = b"200 OK" if name in allowed else b"404 Not Found"
+        await stream.send_all(
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await stream.aclose()
+
+    async def serve() -> None:
+        with scope:
+            await trio.serve_listeners(handle, listeners)
+        for lst in listeners:
+            await lst.aclose()
+
+    nursery.start_soon(serve)
+    return f"http://127.0.0.1:{port}/allowed", scope
+
+
+async def test_ask_endpoint_down_refuses_new_names_but_serves_cached(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, http_handler(BODY))
+    url, scope = await ask_server(nursery, {"asked.customer.test", "later.customer.test"})
+    cfg = acme_config(
+        tmp_path,
+        port,
+        pebble.directory_url,
+        pebble.ca_bundle_path,
+        up.addr,
+        on_demand={"allow": [], "ask": url, "allow_cache_ttl": 0, "deny_cache_ttl": 0},
+    )
+    async with running_proxy(tmp_path, cfg) as p:
+        assert (await curl(p, "asked.customer.test", roots)).returncode == 0
+        assert await handshake_fails(p.port, "notasked.customer.test")  # the ask said 404
+        scope.cancel()  # the ask endpoint goes down
+        await trio.sleep(0.1)
+        assert await handshake_fails(p.port, "later.customer.test")
+        st = p.rt.certs.status("later.customer.test")
+        assert st is not None and st.last_error_type == "ask_unavailable"
+        res = await curl(p, "asked.customer.test", roots)
+        assert res.returncode == 0 and res.stdout == BODY
+
+
+async def test_ca_down_serves_cached_and_says_unreachable(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, http_handler(BODY))
+    cfg = acme_config(
+        tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr, on_demand={"wait": 5}
+    )
+    async with running_proxy(tmp_path, cfg) as p:
+        assert (await curl(p, "before.example.test", roots)).returncode == 0
+        pebble.stop()
+        with trio.fail_after(20):  # the wait bound is 5 s; generous slack, no timing claim
+            assert await handshake_fails(p.port, "after.example.test")
+        with trio.fail_after(30):
+            while (
+                st := p.rt.certs.status("after.example.test")
+            ) is None or st.last_error_type is None:
+                await trio.sleep(0.2)
+        assert st.last_error_type == "unreachable", st
+        assert st.hint and "unreachable" in st.hint
+        assert (await curl(p, "before.example.test", roots)).returncode == 0
+
+
+async def test_renewal_before_expiry_while_a_connection_streams(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port, validity=90)
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, echo)
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        first = await peer_cert(port, "renew.example.test", roots)
+        ctx = ssl.create_default_context(cafile=str(roots))
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, ctx, server_hostname="renew.example.test")
+        rounds = 0
+        renewed: x509.Certificate | None = None
+        with trio.fail_after(80):
+            while renewed is None:
+                msg = f"ping {rounds}\n".encode()
+                await stream.send_all(msg)
+                got = b""
+                while len(got) < len(msg):
+                    got += await stream.receive_some(65536)
+                assert got == msg
+                rounds += 1
+                await trio.sleep(0.5)
+                if rounds % 4 == 0:
+                    cert = await peer_cert(port, "renew.example.test", roots)
+                    if cert.serial_number != first.serial_number:
+                        renewed = cert
+        # Renewed before the old one expired, and the old connection kept working throughout.
+        assert renewed.not_valid_before_utc < first.not_valid_after_utc
+        await stream.send_all(b"still here\n")
+        assert await stream.receive_some(65536) == b"still here\n"
+        await stream.aclose()
+        st = p.rt.certs.status("renew.example.test")
+        assert st is not None and st.state == "valid"
+
+
+async def test_corrupt_record_and_stale_lock_are_recovered(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, http_handler(BODY))
+    state = tmp_path / "state"
+    # Stale files as other tools leave them: a torn record and a lock whose holder died.
+    (state / "data" / "certs").mkdir(parents=True)
+    (state / "data" / cert_key("torn.example.test")).write_bytes(b'{"name": "torn.exa')
+    (state / "locks").mkdir(parents=True)
+    (state / "locks" / "issue-torn.example.test.lock").write_text(
+        json.dumps({"owner": "dead-host:1:x", "expires_at": 1.0, "created_at": 0.5})
+    )
+    caplog.set_level(logging.INFO)
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        res = await curl(p, "torn.example.test", roots)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == BODY
+    assert list((state / "quarantine").iterdir()), "the torn record was not quarantined"
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "quarantined" in text
