@@ -123,11 +123,13 @@ def demo(listen: str, state_dir: Path, admin: str) -> None:
                 ca_path.write_bytes(await rt.issuer.ca_certificate_pem())
                 port = listen.rsplit(":", 1)[1]
                 host = listen.rsplit(":", 1)[0].strip("[]")
+                metrics_line = f"Metrics: http://{admin}/metrics. " if admin else ""
                 click.echo(
                     "\nedgeproxy demo is running. Try:\n\n"
-                    f"  curl --cacert {ca_path} --resolve {DEMO_HOST}:{port}:{host} https://{DEMO_HOST}:{port}/\n\n"
-                    f"Any name under *.edgeproxy.test gets its own certificate on first use. "
-                    f"Metrics: http://{admin}/metrics. Ctrl-C to stop.\n",
+                    f"  curl --cacert {ca_path} --resolve {DEMO_HOST}:{port}:{host} "
+                    f"https://{DEMO_HOST}:{port}/\n\n"
+                    "Any name under *.edgeproxy.test gets its own certificate on first use. "
+                    f"{metrics_line}Ctrl-C to stop.\n",
                 )
 
             await run_process(cfg, on_ready=ready)

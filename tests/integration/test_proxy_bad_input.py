@@ -180,3 +180,18 @@ async def test_upstream_never_answering_hits_idle_timeout(
             assert (await normal_client(p)).endswith(BODY)
         assert results == [b""]
         assert quiet.connections == 1
+
+
+async def test_dead_upstream_is_skipped_for_the_next(tmp_path: Path, nursery: trio.Nursery) -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    dead = sock.getsockname()[1]
+    sock.close()
+    up = await start_upstream(nursery, http_handler(BODY))
+    cfg = base_config(
+        tmp_path, [{"sni": ["*"], "default": True, "upstreams": [f"127.0.0.1:{dead}", up.addr]}]
+    )
+    async with running_proxy(tmp_path, cfg) as p:
+        for _ in range(4):
+            assert (await normal_client(p)).endswith(BODY)
+    assert up.connections == 4

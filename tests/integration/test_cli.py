@@ -1,0 +1,119 @@
+"""The command line as a newcomer meets it: demo, check, --help, --version."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.ports import free_port
+
+EP = [sys.executable, "-m", "edgeproxy"]
+
+
+def test_version_and_help_on_every_command() -> None:
+    out = subprocess.run([*EP, "--version"], capture_output=True, text=True, check=True)
+    assert re.search(r"edgeproxy, version \d+\.\d+", out.stdout)
+    for cmd in (
+        ["run"],
+        ["check"],
+        ["demo"],
+        ["certs", "list"],
+        ["certs", "status"],
+        ["certs", "issue"],
+        ["storage", "check"],
+        ["storage", "clean"],
+        ["doctor"],
+    ):
+        res = subprocess.run([*EP, *cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0, (cmd, res.stderr)
+        assert "Usage:" in res.stdout
+
+
+def test_check_valid_and_invalid(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[tls]\nissuer = "internal"\n[[routes]]\nsni = ["*"]\ndefault = true\nupstreams = ["127.0.0.1:8080"]\n'
+    )
+    res = subprocess.run([*EP, "check", "-c", str(good)], capture_output=True, text=True)
+    assert res.returncode == 0 and "OK" in res.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[server]\nlisten = ["nope"]\nproxy_protocol = "v9"\n[[routes]]\nupstreams = []\n'
+    )
+    res = subprocess.run([*EP, "check", "-c", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert (
+        "server.listen:" in res.stderr
+        and "server.proxy_protocol:" in res.stderr
+        and "routes[0]" in res.stderr
+    )
+    missing = subprocess.run(
+        [*EP, "check", "-c", str(tmp_path / "nope.toml")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_demo_prints_a_curl_command_that_works(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *EP,
+            "demo",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            "",
+            "--state-dir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.strip().startswith("curl "):
+                break
+        assert line.strip().startswith("curl "), "demo did not print a curl command"
+        res = subprocess.run(
+            shlex.split(line.strip()) + ["-sS", "--fail"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "Hello from the edgeproxy demo upstream" in res.stdout
+        assert oct((tmp_path / "demo").stat().st_mode & 0o777) == oct(0o700)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("cmd", [["certs", "list"], ["storage", "check"]])
+def test_inspection_commands_on_fresh_storage(tmp_path: Path, cmd: list[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[tls]\nissuer = "internal"\n[storage]\npath = "{tmp_path / "st"}"\n'
+        '[[routes]]\nsni = ["*"]\ndefault = true\nupstreams = ["127.0.0.1:8080"]\n'
+    )
+    (tmp_path / "st").mkdir(mode=0o700)
+    res = subprocess.run(
+        [*EP, *cmd, "-c", str(cfg)], capture_output=True, text=True, env={**os.environ}
+    )
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,160 @@
+"""The certificate manager's decisions, with real storage (FileStorage in tmp) and the real
+internal CA as issuer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from edgeproxy.certs.manager import CertificateManager
+from edgeproxy.certs.policy import OnDemandPolicy
+from edgeproxy.certs.record import CertRecord, cert_key
+from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.issuers.base import IssuedCertificate
+from edgeproxy.issuers.internal import InternalIssuer
+from edgeproxy.storage.file import FileStorage
+
+
+class CountingIssuer(InternalIssuer):
+    """The real internal CA, counting how often it is asked to issue."""
+
+    calls: int = 0
+
+    async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        self.calls += 1
+        await trio.sleep(0.05)  # let concurrent handshakes pile up on the single flight
+        return await super().issue(name, private_key, replacing=replacing)
+
+
+def make_manager(
+    tmp_path: Path, **kw: object
+) -> tuple[CertificateManager, FileStorage, CountingIssuer]:
+    storage = FileStorage(tmp_path / "state")
+    issuer = CountingIssuer(storage)
+    policy = OnDemandPolicy(allow=["*.example.test"])
+    mgr = CertificateManager(storage=storage, issuer=issuer, policy=policy, **kw)  # type: ignore[arg-type]
+    return mgr, storage, issuer
+
+
+async def test_single_flight_one_issuance_for_many_handshakes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer = make_manager(tmp_path)
+    await nursery.start(mgr.run)
+    contexts = []
+
+    async def ask() -> None:
+        contexts.append(await mgr.context_for("many.example.test"))
+
+    async with trio.open_nursery() as n:
+        for _ in range(30):
+            n.start_soon(ask)
+    assert issuer.calls == 1
+    assert len({id(c) for c in contexts}) == 1
+    rec = CertRecord.from_json((await storage.get(cert_key("many.example.test"))) or b"")
+    assert rec.name == "many.example.test"
+    st = mgr.status("many.example.test")
+    assert st is not None and st.state == "valid" and st.renewal_source == "backstop"
+
+
+async def test_denied_and_invalid_names_never_reach_the_issuer(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, _, issuer = make_manager(tmp_path)
+    await nursery.start(mgr.run)
+    for name, reason in (
+        ("x.other.test", "denied"),
+        ("1.2.3.4", "invalid_name"),
+        ("bad_.example.test", "invalid_name"),
+    ):
+        with pytest.raises(CertificateUnavailable) as ei:
+            await mgr.context_for(name)
+        assert ei.value.reason == reason
+    assert issuer.calls == 0
+    st = mgr.status("x.other.test")
+    assert st is not None and st.state == "denied" and st.hint and "allow" in st.hint
+
+
+async def test_stored_certificates_are_loaded_not_reissued(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer = make_manager(tmp_path)
+    await nursery.start(mgr.run)
+    await mgr.context_for("keep.example.test")
+    assert issuer.calls == 1
+    # A second process (fresh manager, same storage) loads it.
+    mgr2 = CertificateManager(storage=storage, issuer=issuer, policy=OnDemandPolicy(allow=[]))
+    await nursery.start(mgr2.run)
+    await mgr2.context_for("keep.example.test")  # policy allows nothing: must come from storage
+    assert issuer.calls == 1
+
+
+async def test_no_sni_uses_default_name(tmp_path: Path, nursery: trio.Nursery) -> None:
+    mgr, _, _ = make_manager(tmp_path, default_sni="default.example.test")
+    await nursery.start(mgr.run)
+    ctx = await mgr.context_for(None)
+    assert ctx is mgr.cached_context("default.example.test")
+    mgr2, _, _ = make_manager(tmp_path / "b")
+    await nursery.start(mgr2.run)
+    with pytest.raises(CertificateUnavailable) as ei:
+        await mgr2.context_for(None)
+    assert ei.value.reason == "no_sni"
+
+
+async def test_corrupt_record_is_quarantined_and_reissued(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer = make_manager(tmp_path)
+    await storage.put(cert_key("torn.example.test"), b'{"format": 1, "name": "to', secret=True)
+    await nursery.start(mgr.run)
+    await mgr.context_for("torn.example.test")
+    assert issuer.calls == 1
+    assert list((tmp_path / "state" / "quarantine").iterdir())
+
+
+async def test_renewal_by_another_process_is_picked_up(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer = make_manager(tmp_path)
+    await nursery.start(mgr.run)
+    first = await mgr.context_for("swap.example.test")
+    old = CertRecord.from_json((await storage.get(cert_key("swap.example.test"))) or b"")
+    # "Another replica" renews: force a fresh issuance through a second manager.
+    other = CertificateManager(storage=storage, issuer=issuer, policy=OnDemandPolicy(allow=["*"]))
+    await nursery.start(other.run)
+    new = await other.obtain("swap.example.test", old=old, force=True)
+    assert new is not None and new.serial != old.serial
+    await mgr.maintenance_once()
+    assert mgr.cached_context("swap.example.test") is not first
+
+
+async def test_issuer_failure_is_recorded_with_backoff(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from edgeproxy.issuers.base import IssuanceError
+
+    class FailingIssuer(CountingIssuer):
+        async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+            self.calls += 1
+            raise IssuanceError(
+                "urn:ietf:params:acme:error:connection", "could not connect to 127.0.0.1:443"
+            )
+
+    storage = FileStorage(tmp_path / "state")
+    issuer = FailingIssuer(storage)
+    mgr = CertificateManager(
+        storage=storage, issuer=issuer, policy=OnDemandPolicy(allow=["*.example.test"]), wait=5
+    )
+    await nursery.start(mgr.run)
+    with pytest.raises(CertificateUnavailable) as ei:
+        await mgr.context_for("fail.example.test")
+    assert ei.value.reason == "connection"
+    st = mgr.status("fail.example.test")
+    assert st is not None and st.state == "failing" and st.failures == 1
+    assert st.next_attempt is not None and st.hint and "load balancer" in st.hint
+    # In backoff: the next handshake fails fast without another attempt.
+    with pytest.raises(CertificateUnavailable):
+        await mgr.context_for("fail.example.test")
+    assert issuer.calls == 1

@@ -1,0 +1,113 @@
+"""The on-demand allow-check against a real HTTP ask endpoint on loopback."""
+
+from __future__ import annotations
+
+import trio
+
+from edgeproxy.certs.policy import OnDemandPolicy, TokenBucket
+
+
+async def ask_endpoint(
+    nursery: trio.Nursery, allowed: set[str], hits: list[str], delay: float = 0.0
+) -> str:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        name = data.split(b" ", 2)[1].decode().split("domain=", 1)[-1]
+        hits.append(name)
+        await trio.sleep(delay)
+        status = b"204 No Content" if name in allowed else b"403 Forbidden"
+        await stream.send_all(
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{port}/check"
+
+
+async def test_static_patterns_before_ask(nursery: trio.Nursery) -> None:
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, set(), hits)
+    p = OnDemandPolicy(allow=["*.example.test"], ask=url)
+    d = await p.check("Shop.Example.Test.")
+    assert (d.allowed, d.source) == (True, "static")
+    assert hits == []
+
+
+async def test_ask_allows_denies_and_caches(nursery: trio.Nursery) -> None:
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, {"yes.customer.test"}, hits)
+    p = OnDemandPolicy(ask=url)
+    assert (await p.check("yes.customer.test")).allowed
+    d = await p.check("no.customer.test")
+    assert not d.allowed and d.reason == "denied" and "403" in d.detail
+    # Both decisions are cached: no new requests.
+    assert (await p.check("yes.customer.test")).source == "cache"
+    assert not (await p.check("no.customer.test")).allowed
+    assert hits == ["yes.customer.test", "no.customer.test"]
+
+
+async def test_invalid_names_make_no_request(nursery: trio.Nursery) -> None:
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, set(), hits)
+    p = OnDemandPolicy(ask=url)
+    for bad in ("10.0.0.1", "a..b.test", "x" * 300, "under_score.test"):
+        d = await p.check(bad)
+        assert not d.allowed and d.reason == "invalid_name"
+    assert hits == []
+
+
+async def test_concurrent_checks_share_one_request(nursery: trio.Nursery) -> None:
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, {"c.customer.test"}, hits, delay=0.1)
+    p = OnDemandPolicy(ask=url)
+    results = []
+
+    async def one() -> None:
+        results.append((await p.check("c.customer.test")).allowed)
+
+    async with trio.open_nursery() as n:
+        for _ in range(10):
+            n.start_soon(one)
+    assert results == [True] * 10
+    assert hits == ["c.customer.test"]
+
+
+async def test_ask_down_or_slow_denies(nursery: trio.Nursery) -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    dead = sock.getsockname()[1]
+    sock.close()
+    p = OnDemandPolicy(ask=f"http://127.0.0.1:{dead}/check")
+    d = await p.check("a.customer.test")
+    assert not d.allowed and d.reason == "ask_unavailable"
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, {"slow.customer.test"}, hits, delay=5)
+    p = OnDemandPolicy(ask=url, ask_timeout=0.2)
+    d = await p.check("slow.customer.test")
+    assert not d.allowed and d.reason == "ask_unavailable"
+
+
+async def test_ask_rate_limit_protects_the_endpoint(nursery: trio.Nursery) -> None:
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, set(), hits)
+    p = OnDemandPolicy(ask=url, asks_per_second=1.0)  # burst of 2
+    reasons = [(await p.check(f"n{i}.customer.test")).reason for i in range(6)]
+    assert reasons.count("ask_rate_limited") >= 3
+    assert len(hits) <= 3
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    b = TokenBucket(1.0, 2.0, lambda: now[0])
+    assert [b.take(), b.take(), b.take()] == [True, True, False]
+    now[0] = 1.0
+    assert b.take() and not b.take()
