@@ -84,6 +84,7 @@ class Runtime:
     challenges: ChallengeResponder
     proxy: Proxy
     issuer: Issuer
+    admin_bound: tuple[str, int] | None = None
 
 
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:

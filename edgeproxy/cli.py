@@ -59,12 +59,17 @@ def run(config_path: Path) -> None:
 
         sys.exit(run_supervisor(cfg, config_path))
     from .app import run_process
+    from .workers import config_errors
 
     try:
         trio.run(lambda: run_process(cfg, config_path=config_path))
-    except ConfigError as exc:
-        for p in exc.problems:
-            click.echo(p, err=True)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        errors = config_errors(exc)
+        if not errors:
+            raise
+        for err in errors:
+            for p in err.problems:
+                click.echo(p, err=True)
         sys.exit(2)
 
 

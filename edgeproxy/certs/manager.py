@@ -26,8 +26,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from OpenSSL import SSL
 
 from .. import metrics
@@ -255,11 +257,14 @@ class CertificateManager:
                     replacing = None
                     if old is not None and old.issuer_id == self.issuer.id:
                         replacing = old.chain_pem.encode()
-                    key = generate_private_key(self.key_type)  # type: ignore[arg-type]
-                    issued = await self.issuer.issue(name, key, replacing=replacing)  # type: ignore[arg-type]
+                    key = cast(
+                        CertificateIssuerPrivateKeyTypes,
+                        generate_private_key(self.key_type),  # type: ignore[arg-type]
+                    )
+                    issued = await self.issuer.issue(name, key, replacing=replacing)
                     rec = CertRecord.build(
                         name, issued.issuer_id, issued.chain_pem, key, self.clock()
-                    )  # type: ignore[arg-type]
+                    )
                     await self.storage.put(cert_key(name), rec.to_json(), secret=True)
         except IssuanceError as exc:
             self._fail(name, exc.error_type, exc.detail, retry_after=exc.retry_after)

@@ -61,7 +61,7 @@ async def pipe(
                 result.to_upstream += len(data)
             else:
                 result.to_client += len(data)
-        with contextlib.suppress(_BROKEN):
+        with contextlib.suppress(*_BROKEN):
             await dst.send_eof()
 
     def _abort(reason: str) -> None:
