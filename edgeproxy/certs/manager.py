@@ -396,7 +396,10 @@ class CertificateManager:
             hint=hint,
             next_attempt=next_attempt,
         )
-        log.warning(
+        # Refusals are routine (scanners, random names): the status keeps them, logs stay quiet.
+        level = logging.DEBUG if state == "denied" else logging.WARNING
+        log.log(
+            level,
             "certificate for %s: %s: %s%s",
             name,
             error_type,

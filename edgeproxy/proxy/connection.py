@@ -21,6 +21,7 @@ import trio
 
 from .. import metrics
 from ..errors import CertificateUnavailable, UpstreamError
+from ..names import is_ip_literal
 from ..tls.contexts import new_server_connection
 from ..tls.stream import TLSHandshakeError, TLSStream
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
@@ -162,13 +163,18 @@ async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: Con
             return
         assert isinstance(hello, ClientHello)
         metrics.CLIENT_HELLOS.labels("ok").inc()
-        info.sni = hello.sni
+        sni = hello.sni
+        if sni is not None and is_ip_literal(sni):
+            # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
+            # them: answer as if no SNI was sent (default route and certificate).
+            sni = None
+        info.sni = sni
 
         if ACME_TLS_ALPN in hello.alpn_protocols:
             await _answer_challenge(proxy, stream, hello, parser.buffered, info)
             return
 
-        route = s.routes.match(hello.sni)
+        route = s.routes.match(sni)
         if route is None:
             info.result = "no_route"
             metrics.HANDSHAKES.labels("refused", "no_route").inc()
@@ -176,7 +182,7 @@ async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: Con
             return
         info.route = route.label
         try:
-            ctx = await proxy.certs.context_for(hello.sni)
+            ctx = await proxy.certs.context_for(sni)
         except CertificateUnavailable as exc:
             info.result = f"no_certificate:{exc.reason}"
             metrics.HANDSHAKES.labels("refused", exc.reason).inc()
