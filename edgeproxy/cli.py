@@ -344,6 +344,51 @@ def entrypoint() -> None:
         sys.exit(1)
 
 
+@main.command()
+@_config_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--port",
+    default=443,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="The port the CA connects to.",
+)
+@click.option(
+    "--nameserver", metavar="HOST:PORT", help="Resolve with this DNS server, not the system's."
+)
+@click.option(
+    "--connect-to",
+    metavar="ADDR",
+    help="Probe this address instead of NAME's (e.g. the load balancer before DNS is switched).",
+)
+def doctor(
+    config_path: Path,
+    name: str,
+    as_json: bool,
+    port: int,
+    nameserver: str | None,
+    connect_to: str | None,
+) -> None:
+    """Can the CA reach this deployment for custom domain NAME? Exit 0 only if so."""
+    from .doctor import doctor_command
+
+    cfg = _load(config_path)
+    sys.exit(
+        doctor_command(
+            cfg,
+            name,
+            as_json=as_json,
+            port=port,
+            nameserver=nameserver,
+            connect_to=connect_to,
+            echo=click.echo,
+            echo_err=lambda line: click.echo(line, err=True),
+        )
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
