@@ -44,12 +44,24 @@ def build_storage(cfg: Config) -> Storage:
             raise ConfigError(
                 [f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"]
             )
-        enc = (
-            os.environ.get(cfg.storage.encryption_key_env)
-            if cfg.storage.encryption_key_env
-            else None
-        )
-        return PostgresStorage(dsn, encryption_key=enc)
+        enc = None
+        if cfg.storage.encryption_key_env:
+            enc = os.environ.get(cfg.storage.encryption_key_env)
+            if not enc:
+                # Silently storing keys in clear when encryption was asked for is the worst
+                # outcome: refuse to start instead.
+                raise ConfigError(
+                    [
+                        f"storage.encryption_key_env: environment variable "
+                        f"{cfg.storage.encryption_key_env} is empty (set it to a key from "
+                        "`python -c 'from edgeproxy.storage.postgres import "
+                        "generate_encryption_key as g; print(g())'`)"
+                    ]
+                )
+        try:
+            return PostgresStorage(dsn, encryption_key=enc)
+        except ValueError as exc:
+            raise ConfigError([f"storage.encryption_key_env: {exc}"]) from None
     from .storage.file import FileStorage
 
     return FileStorage(cfg.storage.path)
@@ -134,6 +146,9 @@ async def run_process(
         ) from None
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.certs.run)
+        on_change = getattr(rt.storage, "on_change", None)
+        if on_change is not None:
+            on_change(rt.certs.on_storage_change)
         if cfg.admin.listen:
             from .admin.server import serve_admin
 

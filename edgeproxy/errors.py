@@ -47,7 +47,7 @@ class StorageError(EdgeproxyError):
 
 
 class CorruptRecord(StorageError):
-    """A stored record failed to parse; it has been quarantined."""
+    """A stored record failed to parse or decrypt (callers decide whether to quarantine it)."""
 
 
 class LockUnavailable(StorageError):

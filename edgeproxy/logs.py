@@ -52,3 +52,6 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     # httpx logs every request at INFO including URLs; ours are enough.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+    # psycopg's pool warns on every reconnect attempt during a database outage; our storage
+    # layer already reports the outage once per failed operation.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

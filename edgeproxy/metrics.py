@@ -78,17 +78,17 @@ CERTIFICATES = Gauge(
     "edgeproxy_certificates",
     "Managed certificates, by state.",
     ["state"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 CERTIFICATE_EARLIEST_EXPIRY = Gauge(
     "edgeproxy_certificate_earliest_expiry_timestamp_seconds",
     "Unix time of the earliest not_after among managed certificates.",
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 RENEWALS_DUE = Gauge(
     "edgeproxy_certificate_renewals_due",
     "Certificates whose renewal time has passed.",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 RENEWALS = Counter(
     "edgeproxy_certificate_renewals_total", "Renewal attempts, by outcome.", ["outcome"]
@@ -102,3 +102,16 @@ LOCK_WAIT_SECONDS = Histogram(
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60),
 )
 CONFIG_RELOADS = Counter("edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"])
+
+# Export every label value an alert rule selects on from startup, at 0: increase() needs a
+# sample before the first event, or the first failure after a restart goes unseen.
+for _outcome in ("valid", "failed"):
+    ACME_ORDERS.labels(_outcome)
+for _outcome in ("renewed", "failed"):
+    RENEWALS.labels(_outcome)
+for _limit in ("max_connections", "max_connections_per_ip", "accept_error"):
+    CONNECTIONS_REFUSED.labels(_limit)
+for _result in ("ok", "rejected"):
+    CONFIG_RELOADS.labels(_result)
+CONNECTIONS_CLOSED.labels("upstream_unreachable")
+STORAGE_ERRORS.labels("corrupt_record")

@@ -183,6 +183,7 @@ class AcmeClient:
         http: httpx.AsyncClient | None = None,
         timeout: float = 10.0,
         bad_nonce_retries: int = BAD_NONCE_RETRIES,
+        on_response: Callable[[str, int], None] | None = None,
     ) -> None:
         jws.algorithm(account_key)  # fail now on an unsupported key, not at first request
         self._directory_url = directory_url
@@ -200,6 +201,9 @@ class AcmeClient:
         self._nonces: deque[str] = deque(maxlen=NONCE_POOL_SIZE)
         self._rng = random.Random()
         self._bad_nonce_retries = bad_nonce_retries
+        # (endpoint, HTTP status) of every response: the caller's metrics hook; acme/ itself
+        # knows nothing of Prometheus. Status 0 means no response (transport error).
+        self._on_response = on_response
         self.stats: dict[str, int] = {}
         """Counters: ``http_requests``, ``http_requests.<endpoint>``, ``bad_nonce_retries``,
         ``transport_retries``, ``replaces_dropped``, ``profile_dropped``, ``polls``,
@@ -235,6 +239,10 @@ class AcmeClient:
 
     # --- transport ----------------------------------------------------------------------
 
+    def _report(self, endpoint: str, status: int) -> None:
+        if self._on_response is not None:
+            self._on_response(endpoint, status)
+
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
@@ -253,13 +261,17 @@ class AcmeClient:
         try:
             response = await self._http.request(method, url, content=content, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            self._report(endpoint, 0)
             raise AcmeTransportError(
                 f"{method} {url}: cannot connect: {exc!r}", request_sent=False
             ) from exc
         except httpx.TimeoutException as exc:
+            self._report(endpoint, 0)
             raise AcmeTransportError(f"{method} {url}: timed out: {exc!r}") from exc
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
+            self._report(endpoint, 0)
             raise AcmeTransportError(f"{method} {url}: {exc!r}") from exc
+        self._report(endpoint, response.status_code)
         nonce = response.headers.get("replay-nonce")
         if nonce:
             self._nonces.append(nonce)

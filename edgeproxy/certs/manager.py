@@ -150,6 +150,30 @@ class CertificateManager:
             )
         raise CertificateUnavailable(name, "unavailable")
 
+    def on_storage_change(self, key: str) -> None:
+        """Another process or replica changed ``key`` (PostgreSQL LISTEN/NOTIFY): if it is a
+        certificate we serve, load the new one now instead of at the next maintenance pass."""
+        if not (key.startswith("certs/") and key.endswith(".json")) or self._nursery is None:
+            return
+        name = key[len("certs/") : -len(".json")]
+        if name in self._cache:
+            self._nursery.start_soon(self._reload, name)
+
+    async def _reload(self, name: str) -> None:
+        try:
+            rec = await self._load(name)
+        except StorageError as exc:
+            log.warning("could not reload %s after a change notification: %s", name, exc)
+            self.invalidate(name)
+            return
+        if rec is None:
+            self.invalidate(name)
+            return
+        cached = self._cache.get(name)
+        if cached is None or cached.record.serial != rec.serial:
+            log.info("loaded new certificate for %s stored by another replica", name)
+            self._install(rec)
+
     def invalidate(self, name: str) -> None:
         """Forget the cached context (another replica stored a new certificate)."""
         self._cache.pop(name, None)
@@ -455,8 +479,8 @@ class CertificateManager:
                 if st is not None and st.next_attempt and st.next_attempt > now:
                     continue
                 await self._renew(rec)
-        if earliest is not None:
-            metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest)
+        # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
+        metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest if earliest is not None else 0)
         metrics.RENEWALS_DUE.set(due)
         counts: dict[str, int] = {}
         for st in self._status.values():

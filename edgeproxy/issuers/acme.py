@@ -99,7 +99,13 @@ class AcmeIssuer:
             if self._client is not None:
                 return self._client
             key, account_url = await self._load_or_create_account()
-            client = AcmeClient(self.directory, key, verify=self._verify, account_url=account_url)
+            client = AcmeClient(
+                self.directory,
+                key,
+                verify=self._verify,
+                account_url=account_url,
+                on_response=_count_acme_response,
+            )
             if account_url is None:
                 account = await client.find_account()
                 if account is None:
@@ -219,6 +225,10 @@ class AcmeIssuer:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _count_acme_response(endpoint: str, status: int) -> None:
+    metrics.ACME_REQUESTS.labels(endpoint, str(status) if status else "error").inc()
 
 
 def _b64url_decode(value: str) -> bytes:

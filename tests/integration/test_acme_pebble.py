@@ -43,7 +43,7 @@ from edgeproxy.acme import (
     decode_eab_hmac_key,
 )
 from edgeproxy.acme.ari import cert_id
-from edgeproxy.acme.client import AcmeClient
+from edgeproxy.acme.client import BAD_NONCE_RETRIES, AcmeClient
 from edgeproxy.acme.jws import AccountKey
 from edgeproxy.acme.messages import split_pem_chain
 from tests.support.pebble import (
@@ -202,8 +202,8 @@ async def test_bad_nonce_retries_are_bounded(
             await client.register()
 
     assert caught.value.status == 400
-    assert client.stats["bad_nonce_retries"] == 5
-    assert client.stats["http_requests.newAccount"] == 6
+    assert client.stats["bad_nonce_retries"] == BAD_NONCE_RETRIES
+    assert client.stats["http_requests.newAccount"] == BAD_NONCE_RETRIES + 1
 
 
 # --- 3. external account binding --------------------------------------------------------

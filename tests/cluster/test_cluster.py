@@ -1,0 +1,168 @@
+"""Three replicas behind HAProxy sharing PostgreSQL act as one (see conftest.py for the picture)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+from cryptography import x509
+
+from edgeproxy.wire.proxy_protocol import build_v2
+from tests.cluster.conftest import REPLICA_IPS, Cluster
+
+
+def curl(c: Cluster, name: str, *, source: str = "127.0.0.9") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "40",
+            "--interface",
+            source,
+            "--cacert",
+            str(c.roots),
+            "--resolve",
+            f"{name}:{c.hport}:127.0.0.1",
+            f"https://{name}:{c.hport}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def replica_cert(c: Cluster, ip: str, name: str) -> x509.Certificate:
+    """Handshake with one replica directly (sending the PROXY v2 header it expects)."""
+    ctx = ssl.create_default_context(cafile=str(c.roots))
+    with socket.create_connection((ip, c.rport), timeout=40) as s:
+        s.sendall(build_v2(("127.0.0.50", 40000), (ip, c.rport)))
+        with ctx.wrap_socket(s, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def validations(c: Cluster, name: str) -> int:
+    log = (c.pebble.workdir / "pebble.log").read_text(errors="replace")
+    return len(re.findall(rf'Pulled a task .*Value:"{re.escape(name)}"', log))
+
+
+def issued_lines(c: Cluster, name: str) -> int:
+    return sum(
+        c.log_path(ip).read_text(errors="replace").count(f"certificate issued for {name} ")
+        for ip in REPLICA_IPS
+    )
+
+
+def test_one_order_for_a_name_requested_through_all_replicas(cluster: Cluster) -> None:
+    name = "together.example.test"
+    with ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(lambda _: curl(cluster, name), range(9)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    assert all("hello from the cluster upstream" in r.stdout for r in results)
+    assert validations(cluster, name) == 1
+    assert issued_lines(cluster, name) == 1
+    serials = {replica_cert(cluster, ip, name).serial_number for ip in REPLICA_IPS}
+    assert len(serials) == 1
+
+
+def test_client_addresses_from_proxy_v2_in_every_replica_log(cluster: Cluster) -> None:
+    name = "addr.example.test"
+    for _ in range(6):
+        assert curl(cluster, name, source="127.0.0.77").returncode == 0
+    for ip in REPLICA_IPS:
+        lines = [
+            line
+            for line in cluster.log_path(ip).read_text().splitlines()
+            if "edgeproxy.access" in line
+        ]
+        assert any(f"127.0.0.77 sni={name}" in line for line in lines), ip
+
+
+def test_kill_the_lock_holder_mid_order(cluster: Cluster) -> None:
+    name = "orphan.example.test"
+    holder_pid = None
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(curl, cluster, name) for _ in range(3)]
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and holder_pid is None:
+                rows = conn.execute(
+                    "select owner from edgeproxy_locks where name = %s", (f"issue-{name}",)
+                ).fetchall()
+                if rows:
+                    holder_pid = int(rows[0][0].split(":")[1])
+                else:
+                    time.sleep(0.002)
+        assert holder_pid is not None, "no replica took the issuance lease"
+        victim = next(ip for ip, p in cluster.procs.items() if p.pid == holder_pid)
+        cluster.kill_replica(victim)
+        results = [f.result() for f in futures]
+    # Connections that were on the killed replica fail; the others complete after the lease
+    # (lock_ttl = 3 s) expires and a surviving replica takes over.
+    ok = [r for r in results if r.returncode == 0]
+    for _ in range(3):
+        r = curl(cluster, name)
+        if r.returncode == 0:
+            ok.append(r)
+    assert ok, [r.stderr for r in results]
+    cluster.start_replica(victim)
+    serials = {replica_cert(cluster, ip, name).serial_number for ip in REPLICA_IPS}
+    assert len(serials) == 1
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "select count(*) from edgeproxy_locks where name = %s and expires_at > extract(epoch from now())",
+            (f"issue-{name}",),
+        ).fetchall()
+    assert rows[0][0] == 0
+
+
+def test_renewal_by_one_replica_reaches_the_others(cluster: Cluster) -> None:
+    # Pebble issues 40-second certificates here: renewal is due at half the lifetime.
+    name = "renewal.example.test"
+    assert curl(cluster, name).returncode == 0
+    first = {ip: replica_cert(cluster, ip, name).serial_number for ip in REPLICA_IPS}
+    assert len(set(first.values())) == 1
+    old = next(iter(first.values()))
+    deadline = time.monotonic() + 60
+    seen_new: dict[str, float] = {}
+    while time.monotonic() < deadline and len(seen_new) < 3:
+        for ip in REPLICA_IPS:
+            if ip not in seen_new and replica_cert(cluster, ip, name).serial_number != old:
+                seen_new[ip] = time.monotonic()
+        time.sleep(0.1)
+    assert len(seen_new) == 3, seen_new
+    spread = max(seen_new.values()) - min(seen_new.values())
+    assert spread < 10, f"replicas picked up the renewal {spread:.1f}s apart"
+    assert validations(cluster, name) >= 2
+
+
+def test_postgres_restart_during_traffic(cluster: Cluster) -> None:
+    cached = "cached.example.test"
+    assert curl(cluster, cached).returncode == 0
+    for ip in REPLICA_IPS:  # every replica has served it once, so each has it cached
+        replica_cert(cluster, ip, cached)
+    cluster.pg.stop("fast")
+    try:
+        for _ in range(6):
+            r = curl(cluster, cached)
+            assert r.returncode == 0, r.stderr
+        assert curl(cluster, "during-outage.example.test").returncode != 0
+    finally:
+        cluster.pg.start()
+    deadline = time.monotonic() + 60
+    while True:
+        r = curl(cluster, "after-outage.example.test")
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.returncode == 0, r.stderr
+    Path(cluster.tmp / "done").write_text("ok")
