@@ -1,1 +1,19 @@
-"""storage package."""
+"""Durable storage for certificates, leases and challenge tokens (see ``base`` for the contract).
+
+Re-exports the public names so callers write ``from edgeproxy.storage import FileStorage``.
+"""
+
+from edgeproxy.storage.base import LockInfo, Storage, StoredItem, check_key
+from edgeproxy.storage.file import FileStorage
+from edgeproxy.storage.locks import LockLost, hold_lock, make_owner_id
+
+__all__ = [
+    "FileStorage",
+    "LockInfo",
+    "LockLost",
+    "Storage",
+    "StoredItem",
+    "check_key",
+    "hold_lock",
+    "make_owner_id",
+]

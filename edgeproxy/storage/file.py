@@ -1,0 +1,690 @@
+"""``FileStorage``: the ``Storage`` protocol on a local directory tree.
+
+Owns the on-disk layout under one root and nothing else; it knows nothing of ACME, TLS or what a
+value means (a certificate is just bytes).
+
+Theory of operation
+-------------------
+Layout (every folder 0700, created on demand, the root too)::
+
+    data/<key>                            values; a key's slashes are folders
+    locks/<name>.lock                     lease records, JSON {owner, expires_at, created_at}
+    locks/.guard                          flock target serialising lease/challenge updates
+    challenges/<name>.json                pending challenges, JSON {key_authorization, expires_at}
+    quarantine/<timestamp>-<key, / -> __>  values moved aside, plus ``.reason`` next to each
+
+In lock and challenge file names a ``/`` of the name is written ``%2F``: ``%`` can never occur in
+a valid name, so the mapping is reversible and the folders stay flat.
+
+*Atomic writes.* Every file is written as a temp file in the target's own folder (``O_EXCL``),
+written in full, fsynced, renamed over the target, and then the folder is fsynced. ``rename`` is
+atomic within a filesystem, so a reader opens either the old inode or the new one, never a
+half-written file, even when the writer is killed with SIGKILL or the machine loses power.
+
+*Temp files* are named ``.tmp-`` plus 16 random upper-case letters. Valid keys are lower case
+(``check_key``), so a temp name can never be mistaken for a key: ``get`` and ``list`` cannot see
+one, and ``clean`` cannot delete a real value by accident. A writer killed between create and
+rename leaves its temp file behind; ``check`` reports it and ``clean`` removes it once it is older
+than ``TEMP_GRACE`` (younger ones may belong to a writer still at work in another process).
+
+*Leases.* Deciding whether a lease is free and then replacing it is a read-modify-write, so two
+processes must never interleave one. All lease and challenge updates run under an exclusive
+``fcntl.flock`` on ``locks/.guard``. We chose flock over "rename the stale file aside first"
+because the rename trick has an ABA hole: A and B both read the same expired record, B renames it
+aside and creates a fresh lease, then A's rename moves B's *fresh* lease aside and A wins too.
+Repairing that needs a re-check and a put-back that reopens the window. flock has no such hole,
+and the kernel drops it when its holder dies, so the guard itself can never go stale. It also
+lets lease files be written with the same temp+rename as values: a lease created with ``O_EXCL``
+and filled afterwards is briefly empty, and a racer would read that as "unparseable, stale" and
+take it over. The cost: flock is only trustworthy on a local filesystem, which is this backend's
+scope anyway (replicas on several machines share ``PostgresStorage``). Critical sections last a
+read, a write and two fsyncs; waiting for the guard is bounded by ``GUARD_TIMEOUT`` so a stopped
+process cannot hang everyone else forever.
+
+*Threads.* Every public operation is one ``trio.to_thread.run_sync`` call, so the event loop never
+waits on the disk. The clock is read on the event-loop thread and passed in, so a test may use
+``trio.current_time`` as the storage clock. ``OSError`` becomes ``StorageError`` in ``_run`` only.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import stat
+import string
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeGuard, TypeVar
+
+import trio
+
+from edgeproxy.errors import StorageError
+from edgeproxy.storage.base import LockInfo, StoredItem, check_key
+
+__all__ = ["FileStorage"]
+
+_T = TypeVar("_T")
+
+_TMP_PREFIX = ".tmp-"
+_TMP_ALPHABET = string.ascii_uppercase
+_TMP_LEN = 16
+_LOCK_SUFFIX = ".lock"
+_CHALLENGE_SUFFIX = ".json"
+_REASON_SUFFIX = ".reason"
+_GUARD_NAME = ".guard"
+_SLASH = "%2F"
+
+_DIR_MODE = 0o700
+_SECRET_MODE = 0o600
+_PUBLIC_MODE = 0o644
+
+# A PEM private key anywhere in a file marks it as secret for ``check`` (storage records no
+# per-file flag; the mode *is* the record, so a wrong mode can only be spotted by content).
+_PEM_KEY_MARK = b"PRIVATE KEY-----"
+_SECRET_SNIFF_LIMIT = 1 << 20
+
+
+def _is_temp_name(name: str) -> bool:
+    suffix = name[len(_TMP_PREFIX) :]
+    return (
+        name.startswith(_TMP_PREFIX)
+        and len(suffix) == _TMP_LEN
+        and all(c in _TMP_ALPHABET for c in suffix)
+    )
+
+
+def _is_key(rel: str) -> bool:
+    try:
+        check_key(rel)
+    except ValueError:
+        return False
+    return True
+
+
+def _encode_name(name: str) -> str:
+    return check_key(name).replace("/", _SLASH)
+
+
+def _decode_name(filename: str, suffix: str) -> str | None:
+    if not filename.endswith(suffix):
+        return None
+    name = filename[: -len(suffix)].replace(_SLASH, "/")
+    return name if _is_key(name) else None
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    owner: str
+    expires_at: float
+    created_at: float
+
+    def to_json(self) -> bytes:
+        record = {"owner": self.owner, "expires_at": self.expires_at, "created_at": self.created_at}
+        return json.dumps(record, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _Lease | None:
+        """None for anything but a complete record: such a file is stale by definition."""
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        owner, expires_at, created_at = (
+            record.get("owner"),
+            record.get("expires_at"),
+            record.get("created_at"),
+        )
+        if not isinstance(owner, str) or not _is_number(expires_at) or not _is_number(created_at):
+            return None
+        return cls(owner, float(expires_at), float(created_at))
+
+
+@dataclass(frozen=True, slots=True)
+class _Challenge:
+    key_authorization: str
+    expires_at: float
+
+    def to_json(self) -> bytes:
+        record = {"key_authorization": self.key_authorization, "expires_at": self.expires_at}
+        return json.dumps(record, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _Challenge | None:
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        key_authorization, expires_at = record.get("key_authorization"), record.get("expires_at")
+        if not isinstance(key_authorization, str) or not _is_number(expires_at):
+            return None
+        return cls(key_authorization, float(expires_at))
+
+
+def _read_file(path: Path) -> bytes | None:
+    """Whole content of a regular file, or None when there is none at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        # NotADirectoryError: a parent is a file (key "a/b" while "a" holds a value).
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    """Remove a file; False if there was none (absence is never an error here)."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    return True
+
+
+def _utc_stamp(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+class FileStorage:
+    """``Storage`` on a local directory; see the module docstring for the layout and guarantees.
+
+    One instance per process is enough, but any number of instances and processes may share a
+    root: they coordinate through the filesystem only.
+    """
+
+    #: Temp files younger than this may belong to a live writer; ``clean`` leaves them alone.
+    TEMP_GRACE = 300.0
+    #: Longest wait for the lease guard before an operation fails with ``StorageError``.
+    GUARD_TIMEOUT = 10.0
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._root = Path(root)
+        self._clock = clock
+        self._data = self._root / "data"
+        self._locks = self._root / "locks"
+        self._challenges = self._root / "challenges"
+        self._quarantine = self._root / "quarantine"
+
+    def __repr__(self) -> str:
+        return f"FileStorage({str(self._root)!r})"
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def path_of(self, key: str) -> Path:
+        """Where the value for ``key`` lives (for tools and tests; not part of ``Storage``)."""
+        return self._data / check_key(key)
+
+    # -- the one place where OSError becomes StorageError ---------------------------------------
+
+    async def _run(self, op: str, fn: Callable[..., _T], *args: object) -> _T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except OSError as exc:
+            where = exc.filename if exc.filename is not None else self._root
+            detail = exc.strerror or str(exc)
+            raise StorageError(f"file storage: {op} failed at {where}: {detail}") from exc
+
+    # -- values ---------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._run("get", _read_file, self.path_of(key))
+
+    async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
+        path = self.path_of(key)
+        mode = _SECRET_MODE if secret else _PUBLIC_MODE
+        await self._run("put", self._write_atomic, path, bytes(value), mode)
+
+    async def delete(self, key: str) -> None:
+        await self._run("delete", self._delete_sync, self.path_of(key))
+
+    async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
+        return await self._run("list", self._list_sync, prefix)
+
+    async def quarantine(self, key: str, reason: str) -> None:
+        path = self.path_of(key)
+        await self._run("quarantine", self._quarantine_sync, key, path, reason, self._clock())
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        _check_ttl(ttl)
+        path = self._lock_path(name)
+        return await self._run("try_lock", self._try_lock_sync, path, owner, ttl, self._clock())
+
+    async def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
+        _check_ttl(ttl)
+        path = self._lock_path(name)
+        return await self._run("refresh_lock", self._refresh_sync, path, owner, ttl, self._clock())
+
+    async def unlock(self, name: str, owner: str) -> None:
+        await self._run("unlock", self._unlock_sync, self._lock_path(name), owner)
+
+    async def lock_info(self, name: str) -> LockInfo | None:
+        path = self._lock_path(name)
+        raw = await self._run("lock_info", _read_file, path)
+        lease = _Lease.parse(raw) if raw is not None else None
+        return None if lease is None else LockInfo(name, lease.owner, lease.expires_at)
+
+    async def list_locks(self) -> builtins.list[LockInfo]:
+        return await self._run("list_locks", self._list_locks_sync)
+
+    # -- challenges -----------------------------------------------------------------------------
+
+    async def put_challenge(self, name: str, key_authorization: str, ttl: float) -> None:
+        _check_ttl(ttl)
+        record = _Challenge(key_authorization, self._clock() + ttl).to_json()
+        path = self._challenge_path(name)
+        await self._run("put_challenge", self._put_challenge_sync, path, record)
+
+    async def get_challenge(self, name: str) -> str | None:
+        raw = await self._run("get_challenge", _read_file, self._challenge_path(name))
+        challenge = _Challenge.parse(raw) if raw is not None else None
+        if challenge is None or challenge.expires_at <= self._clock():
+            return None
+        return challenge.key_authorization
+
+    async def delete_challenge(self, name: str) -> None:
+        await self._run("delete_challenge", self._delete_challenge_sync, self._challenge_path(name))
+
+    async def list_challenges(self) -> builtins.list[tuple[str, float]]:
+        return await self._run("list_challenges", self._list_challenges_sync)
+
+    # -- maintenance (``edgeproxy storage check/clean``; not part of ``Storage``) ---------------
+
+    async def check(self) -> builtins.list[str]:
+        """Problems found, one line each; an empty list means healthy. Changes nothing."""
+        return await self._run("check", self._check_sync, self._clock())
+
+    async def clean(self, *, now: float | None = None) -> builtins.list[str]:
+        """Remove leftover temp files, expired leases and expired challenges; say what went.
+
+        Certificates are not pruned here: which ones are obsolete is the certificate manager's
+        call. ``now`` overrides the clock, e.g. to age out temp files in tests.
+        """
+        return await self._run("clean", self._clean_sync, self._clock() if now is None else now)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every operation opens and closes its own files."""
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def _lock_path(self, name: str) -> Path:
+        return self._locks / (_encode_name(name) + _LOCK_SUFFIX)
+
+    def _challenge_path(self, name: str) -> Path:
+        return self._challenges / (_encode_name(name) + _CHALLENGE_SUFFIX)
+
+    # -- blocking primitives (worker thread only) -----------------------------------------------
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` and missing parents up to and including the root, 0700 each."""
+        missing: builtins.list[Path] = []
+        probe = path
+        while not probe.is_dir():
+            missing.append(probe)
+            if probe == self._root or probe.parent == probe:
+                break
+            probe = probe.parent
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, _DIR_MODE)
+            except FileExistsError:
+                continue  # another writer created it first; it did the fsync
+            os.chmod(folder, _DIR_MODE)  # umask may have taken bits; we want exactly 0700
+            # The new entry must reach the disk too, or a crash can lose the whole subtree.
+            _fsync_dir(folder.parent)
+
+    def _create_temp(self, folder: Path, mode: int) -> tuple[int, Path]:
+        for _ in range(100):
+            suffix = "".join(secrets.choice(_TMP_ALPHABET) for _ in range(_TMP_LEN))
+            tmp = folder / (_TMP_PREFIX + suffix)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            except FileExistsError:
+                continue
+            return fd, tmp
+        raise FileExistsError(errno.EEXIST, "no free temp file name", str(folder))
+
+    def _write_atomic(self, path: Path, data: bytes, mode: int) -> None:
+        """temp (O_EXCL) -> write all -> fsync -> rename over ``path`` -> fsync the folder."""
+        folder = path.parent
+        try:
+            fd, tmp = self._create_temp(folder, mode)
+        except FileNotFoundError:
+            self._ensure_dir(folder)
+            fd, tmp = self._create_temp(folder, mode)
+        try:
+            try:
+                os.fchmod(fd, mode)  # the umask must not decide who may read a private key
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        _fsync_dir(folder)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Exclusive flock serialising lease/challenge updates across threads and processes."""
+        path = self._locks / _GUARD_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, _SECRET_MODE)
+        except FileNotFoundError:
+            self._ensure_dir(self._locks)
+            fd = os.open(path, flags, _SECRET_MODE)
+        try:
+            # Non-blocking attempts with backoff instead of a blocking flock: the wait stays
+            # bounded, and a worker thread is never parked forever behind a stopped process.
+            deadline = time.monotonic() + self.GUARD_TIMEOUT
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            errno.ETIMEDOUT, "lease guard stayed busy", str(path)
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    # -- values (worker thread) -----------------------------------------------------------------
+
+    def _delete_sync(self, path: Path) -> None:
+        if _unlink(path):
+            _fsync_dir(path.parent)
+
+    def _list_sync(self, prefix: str) -> builtins.list[StoredItem]:
+        # Walk only the deepest folder the prefix names: "certs/exa" needs data/certs alone.
+        start, _, _ = prefix.rpartition("/")
+        if start and not _is_key(start):
+            return []  # no valid key can start with this prefix
+        items: builtins.list[StoredItem] = []
+        stack = [(self._data / start if start else self._data, start)]
+        while stack:
+            folder, rel = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # absent, or removed while we walked
+            for entry in entries:
+                key = f"{rel}/{entry.name}" if rel else entry.name
+                if not _is_key(key):
+                    continue  # temp files and strays are never keys
+                if entry.is_dir(follow_symlinks=False):
+                    if key.startswith(prefix) or prefix.startswith(key + "/"):
+                        stack.append((Path(entry.path), key))
+                elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted since scandir
+                    items.append(StoredItem(key, st.st_mtime, st.st_size))
+        items.sort(key=lambda item: item.key)
+        return items
+
+    def _quarantine_sync(self, key: str, path: Path, reason: str, now: float) -> None:
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return
+        except (FileNotFoundError, NotADirectoryError):
+            return  # nothing there (perhaps another process quarantined it first)
+        self._ensure_dir(self._quarantine)
+        base = f"{_utc_stamp(now)}-{key.replace('/', '__')}"
+        # link + unlink rather than rename: link refuses to overwrite an earlier quarantine of
+        # the same key, and a crash in between leaves the value in place, to be retried.
+        for attempt in range(1000):
+            target = self._quarantine / (base if attempt == 0 else f"{base}-{attempt}")
+            try:
+                os.link(path, target)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return  # quarantined (or deleted) by someone else meanwhile
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, "no free quarantine name", str(self._quarantine))
+        _fsync_dir(self._quarantine)
+        if _unlink(path):
+            _fsync_dir(path.parent)
+        note = f"key: {key}\nquarantined_at: {_utc_stamp(now)}\nreason: {reason}\n"
+        self._write_atomic(target.with_name(target.name + _REASON_SUFFIX), note.encode(), 0o600)
+
+    # -- leases (worker thread) -----------------------------------------------------------------
+
+    def _try_lock_sync(self, path: Path, owner: str, ttl: float, now: float) -> bool:
+        with self._guard():
+            raw = _read_file(path)
+            current = _Lease.parse(raw) if raw is not None else None
+            if current is not None and current.expires_at > now and current.owner != owner:
+                return False
+            # Free, expired, unparseable (a stale or foreign partial file) or already ours: the
+            # guard makes this replace the only decision taken on this record right now.
+            created_at = current.created_at if current and current.owner == owner else now
+            lease = _Lease(owner, now + ttl, created_at)
+            self._write_atomic(path, lease.to_json(), _PUBLIC_MODE)
+            return True
+
+    def _refresh_sync(self, path: Path, owner: str, ttl: float, now: float) -> bool:
+        with self._guard():
+            raw = _read_file(path)
+            current = _Lease.parse(raw) if raw is not None else None
+            if current is None or current.owner != owner:
+                return False
+            # Still ours even if past expiry: nobody took it over, so extending it is safe.
+            lease = _Lease(owner, now + ttl, current.created_at)
+            self._write_atomic(path, lease.to_json(), _PUBLIC_MODE)
+            return True
+
+    def _unlock_sync(self, path: Path, owner: str) -> None:
+        with self._guard():
+            raw = _read_file(path)
+            current = _Lease.parse(raw) if raw is not None else None
+            if current is not None and current.owner == owner:
+                self._delete_sync(path)
+
+    def _lock_files(self) -> builtins.list[tuple[str, Path]]:
+        try:
+            entries = list(os.scandir(self._locks))
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            name = _decode_name(entry.name, _LOCK_SUFFIX)
+            if name is not None and entry.is_file(follow_symlinks=False):
+                found.append((name, Path(entry.path)))
+        return sorted(found)
+
+    def _list_locks_sync(self) -> builtins.list[LockInfo]:
+        infos = []
+        for name, path in self._lock_files():
+            raw = _read_file(path)
+            lease = _Lease.parse(raw) if raw is not None else None
+            if lease is not None:
+                infos.append(LockInfo(name, lease.owner, lease.expires_at))
+        return infos
+
+    # -- challenges (worker thread) -------------------------------------------------------------
+
+    def _put_challenge_sync(self, path: Path, record: bytes) -> None:
+        # Under the guard so ``clean`` cannot judge the old record expired and then unlink ours.
+        with self._guard():
+            self._write_atomic(path, record, _PUBLIC_MODE)
+
+    def _delete_challenge_sync(self, path: Path) -> None:
+        with self._guard():
+            self._delete_sync(path)
+
+    def _challenge_files(self) -> builtins.list[tuple[str, Path]]:
+        try:
+            entries = list(os.scandir(self._challenges))
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            name = _decode_name(entry.name, _CHALLENGE_SUFFIX)
+            if name is not None and entry.is_file(follow_symlinks=False):
+                found.append((name, Path(entry.path)))
+        return sorted(found)
+
+    def _list_challenges_sync(self) -> builtins.list[tuple[str, float]]:
+        result = []
+        for name, path in self._challenge_files():
+            raw = _read_file(path)
+            challenge = _Challenge.parse(raw) if raw is not None else None
+            if challenge is not None:
+                result.append((name, challenge.expires_at))
+        return result
+
+    # -- check / clean (worker thread) ----------------------------------------------------------
+
+    def _walk(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """Every folder and file under the root (root included), without following links."""
+        stack = [self._root]
+        while stack:
+            folder = stack.pop()
+            try:
+                yield folder, os.lstat(folder)
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                try:
+                    yield Path(entry.path), entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+
+    def _old_temp_files(self, now: float) -> builtins.list[tuple[Path, float]]:
+        return [
+            (path, now - st.st_mtime)
+            for path, st in self._walk()
+            if stat.S_ISREG(st.st_mode)
+            and _is_temp_name(path.name)
+            and now - st.st_mtime > self.TEMP_GRACE
+        ]
+
+    def _check_sync(self, now: float) -> builtins.list[str]:
+        if not self._root.is_dir():
+            return [f"storage root {self._root} does not exist or is not a folder"]
+        problems = [
+            f"leftover temp file {path} ({age:.0f}s old, from an interrupted write)"
+            for path, age in self._old_temp_files(now)
+        ]
+        for path, st in self._walk():
+            problems.extend(_permission_problems(path, st))
+        for name, path in self._lock_files():
+            raw = _read_file(path)
+            lease = _Lease.parse(raw) if raw is not None else None
+            if lease is None:
+                problems.append(f"unparseable lock file {path} (stale; clean removes it)")
+            elif lease.expires_at <= now:
+                problems.append(
+                    f"expired lock {name!r} held by {lease.owner!r}, "
+                    f"expired {now - lease.expires_at:.0f}s ago"
+                )
+        for name, path in self._challenge_files():
+            raw = _read_file(path)
+            challenge = _Challenge.parse(raw) if raw is not None else None
+            if challenge is None:
+                problems.append(f"unparseable challenge file {path} (clean removes it)")
+            elif challenge.expires_at <= now:
+                problems.append(f"expired challenge for {name!r}")
+        return problems
+
+    def _clean_sync(self, now: float) -> builtins.list[str]:
+        if not self._root.is_dir():
+            return []
+        removed = []
+        for path, _age in self._old_temp_files(now):
+            if _unlink(path):
+                removed.append(f"temp file {path}")
+        if not self._lock_files() and not self._challenge_files():
+            return removed  # nothing to judge; and do not create locks/ just for the guard
+        with self._guard():
+            # Re-read each record under the guard: a lease refreshed a moment ago must survive.
+            for name, path in self._lock_files():
+                raw = _read_file(path)
+                lease = _Lease.parse(raw) if raw is not None else None
+                if raw is not None and (lease is None or lease.expires_at <= now):
+                    self._delete_sync(path)
+                    removed.append(f"{'expired' if lease else 'unparseable'} lock {name!r}")
+            for name, path in self._challenge_files():
+                raw = _read_file(path)
+                challenge = _Challenge.parse(raw) if raw is not None else None
+                if raw is not None and (challenge is None or challenge.expires_at <= now):
+                    self._delete_sync(path)
+                    what = "expired" if challenge else "unparseable"
+                    removed.append(f"{what} challenge {name!r}")
+        return removed
+
+
+def _permission_problems(path: Path, st: os.stat_result) -> list[str]:
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        if mode & 0o077:
+            return [f"folder {path} has mode {mode:04o}; expected 0700 (chmod 700)"]
+        return []
+    if not stat.S_ISREG(st.st_mode):
+        return []
+    if mode & 0o022:
+        return [f"file {path} is writable by group/others (mode {mode:04o})"]
+    if mode & 0o044 and st.st_size <= _SECRET_SNIFF_LIMIT and _holds_private_key(path):
+        return [f"secret file {path} has mode {mode:04o}; expected 0600 (chmod 600)"]
+    return []
+
+
+def _holds_private_key(path: Path) -> bool:
+    raw = _read_file(path)
+    return raw is not None and _PEM_KEY_MARK in raw
+
+
+def _check_ttl(ttl: float) -> None:
+    if not ttl > 0:
+        raise ValueError(f"ttl must be positive, got {ttl!r}")

@@ -1,0 +1,217 @@
+"""Server ``SSL.Context`` builders with edgeproxy's TLS defaults, and key/chain helpers.
+
+Owns: protocol versions, cipher policy, session and buffer settings, ALPN selection, and turning
+PEM/``cryptography`` objects into a ready context. Must not know: where certificates come from,
+which name maps to which context (the certificate manager caches contexts), sockets, streams.
+
+Defaults: TLS 1.2 and 1.3 only; for TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305 (the AEAD
+suites), server preference; no renegotiation, no compression; stateless session tickets on and
+the server session cache off. ``SSL_MODE_RELEASE_BUFFERS`` lets an idle connection give its
+record buffers back, and clearing ``SSL_MODE_ENABLE_PARTIAL_WRITE`` makes one ``SSL_write``
+encrypt a whole buffer (``TLSStream`` writes to a memory BIO, which never blocks).
+
+ALPN is chosen per connection: ``new_server_connection(ctx, alpn=("h2", "http/1.1"))`` stores
+the route's list on the connection, and the context's callback picks the first entry of that
+list the client offered (server preference). No overlap means no ALPN, not a failed handshake:
+the upstream then speaks whatever the client speaks by default.
+
+Session ticket keys: shared keys across worker processes (nginx's ``ssl_session_ticket_key``)
+would need ``SSL_CTX_set_tlsext_ticket_keys`` or a ticket key callback. pyOpenSSL 26 exposes
+neither, and the OpenSSL binding it ships on (cryptography 50) binds neither ``SSL_CTX_ctrl``
+nor ``SSL_CTX_set_tlsext_ticket_key_evp_cb`` nor the session cache callbacks, and exports no C
+symbols to reach them another way. So there is no ``TicketKeys``: each context gets random
+ticket keys from OpenSSL, and a ticket resumes on the worker (and the context instance) that
+issued it. The certificate manager's context cache keeps that instance alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL
+
+from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
+
+__all__ = [
+    "ACME_TLS_ALPN",
+    "KeyType",
+    "build_acme_challenge_context",
+    "build_server_context",
+    "generate_private_key",
+    "load_pem_chain",
+    "new_server_connection",
+]
+
+ACME_TLS_ALPN: Final = "acme-tls/1"  # RFC 8737 section 6.2
+
+KeyType = Literal["ec256", "ec384", "rsa2048", "rsa4096"]
+
+# TLS 1.2: forward secret AEAD only, ECDSA before RSA, AES-128 before AES-256 before ChaCha20
+# (AES-NI makes AES cheapest; clients without it put ChaCha20 first in their own list, and
+# OpenSSL's PRIORITIZE_CHACHA is not exposed, so server preference keeps this order).
+_TLS12_CIPHERS: Final = b":".join(
+    [
+        b"ECDHE-ECDSA-AES128-GCM-SHA256",
+        b"ECDHE-RSA-AES128-GCM-SHA256",
+        b"ECDHE-ECDSA-AES256-GCM-SHA384",
+        b"ECDHE-RSA-AES256-GCM-SHA384",
+        b"ECDHE-ECDSA-CHACHA20-POLY1305",
+        b"ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+_TLS13_SUITES: Final = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+_OPTIONS: Final = (
+    SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_NO_COMPRESSION
+    | SSL.OP_SINGLE_ECDH_USE
+    | SSL.OP_SINGLE_DH_USE
+)
+# SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, 0x1): pyOpenSSL turns it on for every context and
+# does not export the constant.
+_MODE_ENABLE_PARTIAL_WRITE: Final = 0x1
+_SESSION_ID_CONTEXT: Final = b"edgeproxy"
+
+# The key types pyOpenSSL can hand to OpenSSL (PKey.from_cryptography_key).
+_SERVABLE_KEYS: Final = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+)
+
+_KEY_GENERATORS: Final[dict[str, Callable[[], PrivateKeyTypes]]] = {
+    "ec256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ec384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "rsa2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "rsa4096": lambda: rsa.generate_private_key(public_exponent=65537, key_size=4096),
+}
+
+
+def _select_route_alpn(
+    conn: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    # The connection's app data is the route's preference list (see new_server_connection).
+    allowed = conn.get_app_data()
+    if isinstance(allowed, tuple):
+        for proto in allowed:
+            if isinstance(proto, bytes) and proto in offered:
+                return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _select_acme_tls(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    if ACME_TLS_ALPN.encode() in offered:
+        return ACME_TLS_ALPN.encode()
+    # Raising makes OpenSSL answer no_application_protocol (RFC 7301 section 3.2) and
+    # pyOpenSSL re-raises this from the handshake call, where TLSStream passes it on.
+    raise TLSHandshakeError("no_application_protocol", "acme-tls/1 not offered")
+
+
+def _hardened_context() -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_cipher_list(_TLS12_CIPHERS)
+    ctx.set_tls13_ciphersuites(_TLS13_SUITES)
+    ctx.set_options(_OPTIONS)
+    # Stateless tickets carry the session, so nothing is kept server side; a cache would only
+    # help the worker that filled it.
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
+    return ctx
+
+
+def _install_identity(
+    ctx: SSL.Context, chain: Sequence[x509.Certificate], key: PrivateKeyTypes
+) -> None:
+    if not chain:
+        raise InvalidCertificate("no_certificate", "the chain is empty")
+    try:
+        ctx.use_certificate(chain[0])
+        for cert in chain[1:]:
+            ctx.add_extra_chain_cert(cert)
+    except SSL.Error as exc:
+        raise InvalidCertificate("rejected", describe_openssl(exc.args[0])) from exc
+    if not isinstance(key, _SERVABLE_KEYS):
+        raise InvalidCertificate("unsupported_key", f"{type(key).__name__} cannot sign for TLS")
+    if key.public_key() != chain[0].public_key():
+        # OpenSSL would say "key values mismatch" from use_privatekey; say it plainly.
+        raise InvalidCertificate("key_mismatch", "the private key does not belong to the leaf")
+    try:
+        ctx.use_privatekey(key)
+    except SSL.Error as exc:
+        raise InvalidCertificate("rejected", describe_openssl(exc.args[0])) from exc
+    try:
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise InvalidCertificate("key_mismatch", describe_openssl(exc.args[0])) from exc
+
+
+def build_server_context(chain: Sequence[x509.Certificate], key: PrivateKeyTypes) -> SSL.Context:
+    """A server context for ``chain`` (leaf first) and its private ``key``.
+
+    Raises ``InvalidCertificate`` when the chain is empty, OpenSSL refuses a certificate or the
+    key, or the key does not belong to the leaf.
+    """
+    ctx = _hardened_context()
+    _install_identity(ctx, chain, key)
+    ctx.set_alpn_select_callback(_select_route_alpn)
+    return ctx
+
+
+def build_acme_challenge_context(cert: x509.Certificate, key: PrivateKeyTypes) -> SSL.Context:
+    """A context that serves an RFC 8737 challenge certificate over ALPN ``acme-tls/1`` only.
+
+    A client that offers ALPN without ``acme-tls/1`` gets a no_application_protocol alert. (One
+    that offers no ALPN at all never reaches the callback; the proxy routes only ClientHellos
+    offering ``acme-tls/1`` here.)
+    """
+    ctx = _hardened_context()
+    _install_identity(ctx, [cert], key)
+    ctx.set_alpn_select_callback(_select_acme_tls)
+    return ctx
+
+
+def new_server_connection(ctx: SSL.Context, *, alpn: Sequence[str] = ()) -> SSL.Connection:
+    """A server-side memory-BIO connection on ``ctx`` that offers ``alpn`` in that order.
+
+    The result is what ``TLSStream`` expects. An empty ``alpn`` negotiates no protocol.
+    """
+    protos = tuple(p.encode("ascii") for p in alpn)
+    for proto in protos:
+        if not 0 < len(proto) < 256:
+            raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
+    conn = SSL.Connection(ctx, None)
+    conn.set_accept_state()
+    conn.set_app_data(protos)
+    return conn
+
+
+def load_pem_chain(data: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle, in file order (leaf first for a served chain)."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise InvalidCertificate("no_certificate", "no PEM CERTIFICATE block")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InvalidCertificate("bad_pem", str(exc)) from exc
+
+
+def generate_private_key(key_type: KeyType = "ec256") -> PrivateKeyTypes:
+    """A fresh private key: ``ec256`` (P-256, the default), ``ec384``, ``rsa2048``, ``rsa4096``."""
+    try:
+        make = _KEY_GENERATORS[key_type]
+    except KeyError:
+        raise ValueError(
+            f"unknown key type {key_type!r}; use one of {', '.join(_KEY_GENERATORS)}"
+        ) from None
+    return make()

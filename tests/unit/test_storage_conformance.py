@@ -1,0 +1,568 @@
+"""The ``Storage`` contract, checked against every backend.
+
+A backend joins by adding a param to ``backend``: a way to open any number of handles on one
+shared store (each with its own clock), and a ``spec`` string with which
+``tests/support/crash_writer.py`` opens the same store from a child process. ``postgres`` runs
+against a throwaway server (``tests/support/postgres.py``), a fresh database per test.
+
+Time is explicit: lease and challenge expiry run on a ``ManualClock`` that a test advances, and
+``hold_lock`` tests run trio on an autojump ``MockClock``, so no test waits on the wall clock.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from edgeproxy.errors import LockUnavailable
+from edgeproxy.storage import (
+    FileStorage,
+    LockInfo,
+    LockLost,
+    Storage,
+    StoredItem,
+    hold_lock,
+    make_owner_id,
+)
+from edgeproxy.storage.postgres import PostgresStorage
+from tests.support import postgres as pg
+from tests.support.crash_writer import Children
+
+# PostgreSQL fixtures, set up only for the postgres param (one server, a database per test).
+postgres_server = pg.postgres_server
+postgres_database = pg.postgres_database
+postgres_dsn = pg.postgres_dsn
+
+# Bound for waits on child processes (real seconds); a safety net, not a timing assertion.
+CHILD_DEADLINE = 60.0
+
+
+async def wait_to_be_cancelled(bound: float = 10.0) -> None:
+    """Park until cancelled, for at most ``bound`` *real* seconds.
+
+    Under ``mock_clock`` trio time stands still, so a trio timeout would never fire and a
+    broken implementation would hang the suite; this makes it fail the test instead.
+    """
+    await trio.to_thread.run_sync(time.sleep, bound, abandon_on_cancel=True)
+
+
+class ManualClock:
+    """Storage clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class StorageFactory:
+    """Opens handles on one shared store; every handle is closed at teardown."""
+
+    spec: str
+    open: Callable[[Callable[[], float]], Storage]
+    #: The file holding a key's value, for backends that keep values in files (else None).
+    path_of: Callable[[str], Path] | None = None
+    root: Path | None = None
+    _opened: list[Storage] = field(default_factory=list)
+
+    def __call__(self, *, clock: Callable[[], float] | None = None) -> Storage:
+        storage = self.open(clock if clock is not None else time.time)
+        self._opened.append(storage)
+        return storage
+
+    async def aclose(self) -> None:
+        for storage in self._opened:
+            await storage.aclose()
+
+
+def _file_backend(tmp_path: Path) -> StorageFactory:
+    root = tmp_path / "store"
+    return StorageFactory(
+        spec=f"file:{root}",
+        open=lambda clock: FileStorage(root, clock=clock),
+        path_of=FileStorage(root).path_of,
+        root=root,
+    )
+
+
+def _postgres_backend(dsn: str) -> StorageFactory:
+    # A fresh database per test; the child processes open it from the same DSN.
+    return StorageFactory(
+        spec=f"postgres:{dsn}",
+        open=lambda clock: PostgresStorage(dsn, clock=clock),
+    )
+
+
+@pytest.fixture(params=["file", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StorageFactory:
+    if request.param == "postgres":
+        # Looked up only for this param, so file-only runs never start a server.
+        return _postgres_backend(request.getfixturevalue("postgres_dsn"))
+    return _file_backend(tmp_path)
+
+
+@pytest.fixture
+async def storage_factory(backend: StorageFactory) -> AsyncIterator[StorageFactory]:
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+def storage(storage_factory: StorageFactory) -> Storage:
+    return storage_factory()
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    with Children() as running:
+        yield running
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+async def test_put_then_get_returns_the_value(storage: Storage) -> None:
+    assert await storage.get("certs/a.example/cert.pem") is None
+    await storage.put("certs/a.example/cert.pem", b"chain")
+    assert await storage.get("certs/a.example/cert.pem") == b"chain"
+
+
+async def test_put_overwrites_and_empty_values_are_values(storage: Storage) -> None:
+    await storage.put("k", b"one")
+    await storage.put("k", b"two")
+    assert await storage.get("k") == b"two"
+    await storage.put("k", b"")
+    assert await storage.get("k") == b""
+
+
+async def test_delete_removes_and_is_idempotent(storage: Storage) -> None:
+    await storage.put("acme/account.json", b"{}")
+    await storage.delete("acme/account.json")
+    assert await storage.get("acme/account.json") is None
+    await storage.delete("acme/account.json")
+    await storage.delete("never/there")
+
+
+async def test_list_filters_by_prefix_and_reports_sizes(storage: Storage) -> None:
+    values = {
+        "certs/a.example/cert.pem": b"aa",
+        "certs/a.example/key.pem": b"aaa",
+        "certs/ab.example/cert.pem": b"b",
+        "certs/b.example/cert.pem": b"bbbb",
+        "acme/account.json": b"{}",
+    }
+    for key, value in values.items():
+        await storage.put(key, value, secret=key.endswith("key.pem"))
+
+    def keys(items: list[StoredItem]) -> list[str]:
+        return [item.key for item in items]
+
+    everything = await storage.list()
+    assert keys(everything) == sorted(values)
+    assert {item.key: item.size for item in everything} == {k: len(v) for k, v in values.items()}
+    assert all(item.modified > 0 for item in everything)
+    assert keys(await storage.list("certs/")) == sorted(k for k in values if k.startswith("certs/"))
+    assert keys(await storage.list("certs/a")) == [
+        "certs/a.example/cert.pem",
+        "certs/a.example/key.pem",
+        "certs/ab.example/cert.pem",
+    ]
+    assert keys(await storage.list("certs/a.example/")) == [
+        "certs/a.example/cert.pem",
+        "certs/a.example/key.pem",
+    ]
+    assert await storage.list("nothing/") == []
+    assert await storage.list("Certs/") == []
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "../up", "a//b", "trailing/", "Upper", "."])
+async def test_invalid_keys_are_refused(storage: Storage, key: str) -> None:
+    with pytest.raises(ValueError):
+        await storage.put(key, b"x")
+    with pytest.raises(ValueError):
+        await storage.get(key)
+
+
+async def test_secret_values_are_0600_public_0644_folders_0700(
+    storage_factory: StorageFactory,
+) -> None:
+    if storage_factory.path_of is None or storage_factory.root is None:
+        pytest.skip("backend keeps no files")
+    storage = storage_factory()
+    # A strict umask must not decide the modes: they are set explicitly.
+    old_umask = os.umask(0o077)
+    try:
+        await storage.put("certs/a.example/key.pem", b"secret", secret=True)
+        await storage.put("certs/a.example/cert.pem", b"public")
+    finally:
+        os.umask(old_umask)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    key_file = storage_factory.path_of("certs/a.example/key.pem")
+    assert mode(key_file) == 0o600
+    assert mode(storage_factory.path_of("certs/a.example/cert.pem")) == 0o644
+    folder = key_file.parent
+    while folder != storage_factory.root.parent:
+        assert mode(folder) == 0o700, folder
+        folder = folder.parent
+    # Overwriting a secret keeps it secret.
+    await storage.put("certs/a.example/key.pem", b"secret 2", secret=True)
+    assert mode(key_file) == 0o600
+
+
+async def test_concurrent_puts_to_one_key_never_tear(storage: Storage) -> None:
+    size = 256 * 1024
+    values = [bytes([n]) * size for n in range(6)]
+    reads = 0
+    writers_done = trio.Event()
+
+    async def writer(value: bytes) -> None:
+        for _ in range(4):
+            await storage.put("busy/key", value)
+
+    async def writers() -> None:
+        async with trio.open_nursery() as nursery:
+            for value in values:
+                nursery.start_soon(writer, value)
+        writers_done.set()
+
+    async def reader() -> None:
+        nonlocal reads
+        while not writers_done.is_set():
+            seen = await storage.get("busy/key")
+            if seen is not None:
+                reads += 1
+                assert seen in values, f"torn read: {len(seen)} bytes, starts {seen[:4]!r}"
+
+    with trio.fail_after(CHILD_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writers)
+            nursery.start_soon(reader)
+    assert await storage.get("busy/key") in values
+    assert reads > 0
+
+
+async def test_quarantine_hides_the_value(storage: Storage) -> None:
+    await storage.put("certs/bad.example/cert.pem", b"not a certificate")
+    await storage.quarantine("certs/bad.example/cert.pem", "does not parse as PEM")
+    assert await storage.get("certs/bad.example/cert.pem") is None
+    assert await storage.list("certs/") == []
+    # Re-issuance must be able to store a fresh value under the same key.
+    await storage.put("certs/bad.example/cert.pem", b"fresh")
+    assert await storage.get("certs/bad.example/cert.pem") == b"fresh"
+    await storage.quarantine("certs/absent.example/cert.pem", "nothing there")  # not an error
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+async def test_lock_excludes_other_owners_until_expiry(storage_factory: StorageFactory) -> None:
+    clock = ManualClock()
+    a, b = storage_factory(clock=clock), storage_factory(clock=clock)
+    assert await a.try_lock("issue/x.example", "a", 10)
+    assert not await b.try_lock("issue/x.example", "b", 10)
+    assert await b.lock_info("issue/x.example") == LockInfo("issue/x.example", "a", clock.now + 10)
+    clock.advance(9.9)
+    assert not await b.try_lock("issue/x.example", "b", 10)
+    clock.advance(0.2)
+    assert await b.try_lock("issue/x.example", "b", 10)
+    info = await a.lock_info("issue/x.example")
+    assert info is not None and info.owner == "b"
+
+
+async def test_locks_with_different_names_are_independent(storage: Storage) -> None:
+    assert await storage.try_lock("x.example", "a", 10)
+    assert await storage.try_lock("y.example", "b", 10)
+    assert await storage.try_lock("x.example/sub", "c", 10)
+    assert {(i.name, i.owner) for i in await storage.list_locks()} == {
+        ("x.example", "a"),
+        ("y.example", "b"),
+        ("x.example/sub", "c"),
+    }
+
+
+async def test_same_owner_may_take_its_lock_again(storage_factory: StorageFactory) -> None:
+    clock = ManualClock()
+    storage = storage_factory(clock=clock)
+    assert await storage.try_lock("n", "a", 10)
+    clock.advance(5)
+    assert await storage.try_lock("n", "a", 10)
+    assert await storage.lock_info("n") == LockInfo("n", "a", clock.now + 10)
+
+
+async def test_refresh_extends_the_lease(storage_factory: StorageFactory) -> None:
+    clock = ManualClock()
+    a, b = storage_factory(clock=clock), storage_factory(clock=clock)
+    assert await a.try_lock("n", "a", 10)
+    clock.advance(8)
+    assert await a.refresh_lock("n", "a", 10)
+    clock.advance(8)  # 16s after taking it: past the first lease, inside the refreshed one
+    assert not await b.try_lock("n", "b", 10)
+
+
+async def test_refresh_after_takeover_fails_and_unlock_spares_the_new_holder(
+    storage_factory: StorageFactory,
+) -> None:
+    clock = ManualClock()
+    a, b = storage_factory(clock=clock), storage_factory(clock=clock)
+    assert await a.try_lock("n", "a", 10)
+    clock.advance(11)
+    assert await b.try_lock("n", "b", 10)
+    assert not await a.refresh_lock("n", "a", 10)
+    await a.unlock("n", "a")
+    info = await b.lock_info("n")
+    assert info is not None and info.owner == "b"
+    await b.unlock("n", "b")
+    assert await b.lock_info("n") is None
+    assert await a.try_lock("n", "a", 10)
+
+
+async def test_refresh_of_an_expired_lease_nobody_took_succeeds(
+    storage_factory: StorageFactory,
+) -> None:
+    clock = ManualClock()
+    storage = storage_factory(clock=clock)
+    assert await storage.try_lock("n", "a", 10)
+    clock.advance(30)
+    assert await storage.refresh_lock("n", "a", 10)
+    assert await storage.lock_info("n") == LockInfo("n", "a", clock.now + 10)
+
+
+async def test_refresh_and_unlock_of_a_lock_never_held(storage: Storage) -> None:
+    assert not await storage.refresh_lock("n", "a", 10)
+    await storage.unlock("n", "a")
+    assert await storage.lock_info("n") is None
+
+
+async def test_expired_leases_stay_listed_until_taken_or_cleaned(
+    storage_factory: StorageFactory,
+) -> None:
+    clock = ManualClock()
+    storage = storage_factory(clock=clock)
+    assert await storage.try_lock("old", "a", 1)
+    clock.advance(100)
+    assert await storage.list_locks() == [LockInfo("old", "a", clock.now - 99)]
+
+
+async def test_lock_contention_across_processes_loses_no_update(
+    storage_factory: StorageFactory, children: Children
+) -> None:
+    workers, iterations = 4, 20
+    args = (storage_factory.spec, "counter", "test/counter", str(iterations))
+    procs = [children.start("lock-counter", *args) for _ in range(workers)]
+    with trio.fail_after(CHILD_DEADLINE):
+        codes = [await trio.to_thread.run_sync(proc.wait) for proc in procs]
+    assert codes == [0] * workers
+    assert await storage_factory().get("test/counter") == str(workers * iterations).encode()
+
+
+async def test_racing_takeovers_of_a_stale_lock_have_one_winner(
+    storage_factory: StorageFactory, children: Children
+) -> None:
+    past = storage_factory(clock=ManualClock(1_000.0))  # leases it takes expired long ago
+    storage = storage_factory()
+    racers = [children.start("race", storage_factory.spec) for _ in range(4)]
+    owners = [await _read_line(proc) for proc in racers]
+    assert all(line.startswith("ready ") for line in owners)
+    owners = [line.removeprefix("ready ") for line in owners]
+    for round_ in range(15):
+        name = f"race/{round_}"
+        assert await past.try_lock(name, "crashed-holder", 1)
+        for proc in racers:
+            assert proc.stdin is not None
+            proc.stdin.write(name + "\n")
+            proc.stdin.flush()
+        answers = [await _read_line(proc) for proc in racers]
+        won = [line == f"{name} 1" for line in answers]
+        winners = [owner for owner, w in zip(owners, won, strict=True) if w]
+        assert len(winners) == 1, answers
+        info = await storage.lock_info(name)
+        assert info is not None and info.owner == winners[0]
+
+
+async def test_lease_of_a_killed_holder_frees_itself_at_expiry(
+    storage_factory: StorageFactory, children: Children
+) -> None:
+    holder = children.start("hold", storage_factory.spec, "issue/x.example", "30")
+    line = await _read_line(holder)
+    assert line.startswith("held ")
+    holder.kill()
+    await trio.to_thread.run_sync(holder.wait)
+    now = storage_factory()
+    assert not await now.try_lock("issue/x.example", "next", 30)
+    later = storage_factory(clock=lambda: time.time() + 31)
+    assert await later.try_lock("issue/x.example", "next", 30)
+
+
+async def _read_line(proc: subprocess.Popen[str]) -> str:
+    stdout = proc.stdout
+    assert stdout is not None
+    with trio.fail_after(CHILD_DEADLINE):
+        line: str = await trio.to_thread.run_sync(stdout.readline)
+    assert line, "child exited early"
+    return line.strip()
+
+
+# -- challenges --------------------------------------------------------------------------------
+
+
+async def test_challenge_is_visible_to_other_handles_until_expiry(
+    storage_factory: StorageFactory,
+) -> None:
+    clock = ManualClock()
+    a, b = storage_factory(clock=clock), storage_factory(clock=clock)
+    assert await b.get_challenge("a.example") is None
+    await a.put_challenge("a.example", "token.thumbprint", 60)
+    assert await b.get_challenge("a.example") == "token.thumbprint"
+    assert await b.list_challenges() == [("a.example", clock.now + 60)]
+    await a.put_challenge("a.example", "token2.thumbprint", 60)
+    assert await b.get_challenge("a.example") == "token2.thumbprint"
+    clock.advance(61)
+    assert await b.get_challenge("a.example") is None
+    assert await b.list_challenges() == [("a.example", clock.now - 1)]  # expired still listed
+
+
+async def test_challenge_delete(storage: Storage) -> None:
+    await storage.put_challenge("*.wild.example", "ka", 60)
+    await storage.put_challenge("b.example", "kb", 60)
+    await storage.delete_challenge("*.wild.example")
+    await storage.delete_challenge("never.example")
+    assert await storage.get_challenge("*.wild.example") is None
+    assert await storage.get_challenge("b.example") == "kb"
+    assert [name for name, _ in await storage.list_challenges()] == ["b.example"]
+
+
+# -- hold_lock ---------------------------------------------------------------------------------
+
+
+async def _wait_until_expiry_reaches(storage: Storage, name: str, at_least: float) -> None:
+    # trio time is frozen (mock_clock), so the bound is real time and the poll a checkpoint.
+    give_up = time.monotonic() + 10.0
+    while time.monotonic() < give_up:
+        info = await storage.lock_info(name)
+        if info is not None and info.expires_at >= at_least:
+            return
+        await trio.lowlevel.checkpoint()
+    pytest.fail(f"lease {name!r} was never refreshed to expire at {at_least}")
+
+
+async def test_hold_lock_heartbeat_keeps_the_lease_beyond_its_ttl(
+    storage_factory: StorageFactory, mock_clock: trio.testing.MockClock
+) -> None:
+    # Storage runs on trio time, which moves only when the test jumps it: half a ttl per step,
+    # eight steps. After each jump a refresh must be due (so the heartbeat beats at least
+    # twice per ttl) and must land before the test goes on; the lease never lapses meanwhile.
+    def now() -> float:
+        return 1_000_000.0 + trio.current_time()
+
+    ttl = 3.0
+    mine, other = storage_factory(clock=now), storage_factory(clock=now)
+    async with hold_lock(mine, "job", owner="me", ttl=ttl) as lease:
+        assert lease == LockInfo("job", "me", now() + ttl)
+        for _ in range(8):
+            mock_clock.jump(ttl / 2)
+            assert not await other.try_lock("job", "thief", ttl)
+            await _wait_until_expiry_reaches(other, "job", now() + ttl)
+            assert not await other.try_lock("job", "thief", ttl)
+    assert await other.lock_info("job") is None  # released at exit
+
+
+async def test_hold_lock_lost_to_takeover_cancels_the_body(
+    storage_factory: StorageFactory, mock_clock: trio.testing.MockClock
+) -> None:
+    # trio time stands still until the test jumps it, so the takeover surely happens before
+    # the heartbeat's next refresh.
+    wall = ManualClock()
+    mine, other = storage_factory(clock=wall), storage_factory(clock=wall)
+    lost_calls: list[None] = []
+    finished_body = False
+    with pytest.raises(LockLost, match="taken over"):
+        async with hold_lock(
+            mine, "job", owner="me", ttl=3.0, on_lost=lambda: lost_calls.append(None)
+        ):
+            wall.advance(10)
+            assert await other.try_lock("job", "thief", 3.0)
+            mock_clock.jump(1.0)  # the heartbeat is due
+            await wait_to_be_cancelled()
+            finished_body = True
+    assert not finished_body
+    assert lost_calls == [None]
+    info = await other.lock_info("job")
+    assert info is not None and info.owner == "thief"  # our exit did not unlock the thief
+
+
+async def test_hold_lock_gives_up_after_wait(
+    storage_factory: StorageFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage = storage_factory()
+    assert await storage.try_lock("job", "someone-else", 3600)
+    started = trio.current_time()
+    with pytest.raises(LockUnavailable, match="someone-else"):
+        async with hold_lock(storage, "job", owner="me", wait=5.0, poll=0.25):
+            pytest.fail("body ran without the lock")
+    assert trio.current_time() - started >= 5.0  # virtual time: it did wait, and gave up
+
+
+async def test_hold_lock_waits_for_the_holder_to_unlock(
+    storage_factory: StorageFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage = storage_factory()
+    assert await storage.try_lock("job", "first", 3600)
+
+    async def release_later() -> None:
+        await trio.sleep(2)
+        await storage.unlock("job", "first")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_later)
+        started = trio.current_time()
+        async with hold_lock(storage, "job", owner="second", wait=600.0) as lease:
+            assert lease.owner == "second"
+            assert trio.current_time() - started >= 2
+    assert await storage.lock_info("job") is None
+
+
+async def test_hold_lock_passes_body_errors_through_and_unlocks(
+    storage: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    class BodyError(Exception):
+        pass
+
+    with pytest.raises(BodyError):
+        async with hold_lock(storage, "job", owner="me"):
+            raise BodyError
+    assert await storage.lock_info("job") is None
+
+
+async def test_hold_lock_unlocks_when_cancelled_from_outside(
+    storage: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.move_on_after(100) as scope:
+        async with hold_lock(storage, "job", owner="me", ttl=30):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert await storage.lock_info("job") is None
+
+
+def test_owner_ids_name_host_and_process_and_differ() -> None:
+    first, second = make_owner_id(), make_owner_id()
+    host, pid, nonce = first.split(":")
+    assert host and nonce and pid == str(os.getpid())
+    assert first != second
