@@ -71,7 +71,7 @@ class ServerConfig(_Model):
     drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
     max_connections: Annotated[int, Field(ge=1)] = 20000
     max_connections_per_ip: Annotated[int, Field(ge=0)] = 0  # 0 = unlimited
-    max_handshakes: Annotated[int, Field(ge=1)] = 2000
+    max_handshakes: Annotated[int, Field(ge=1)] = 2000  # connections before TLS is up
 
     @field_validator("listen")
     @classmethod

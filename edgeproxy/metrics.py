@@ -109,7 +109,7 @@ for _outcome in ("valid", "failed"):
     ACME_ORDERS.labels(_outcome)
 for _outcome in ("renewed", "failed"):
     RENEWALS.labels(_outcome)
-for _limit in ("max_connections", "max_connections_per_ip", "accept_error"):
+for _limit in ("max_connections", "max_connections_per_ip", "max_handshakes", "accept_error"):
     CONNECTIONS_REFUSED.labels(_limit)
 for _result in ("ok", "rejected"):
     CONFIG_RELOADS.labels(_result)

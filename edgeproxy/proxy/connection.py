@@ -59,6 +59,7 @@ class ConnInfo:
     to_client: int = 0
     result: str = "ok"
     counted_ip: str | None = None  # the address charged against max_connections_per_ip
+    in_handshake: bool = True  # counted in Proxy.handshaking until the handshake phase ends
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -103,118 +104,134 @@ async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
 async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: ConnInfo) -> None:
     tls: TLSStream | None = None
     route: Route | None = None
-    with trio.move_on_after(s.handshake_timeout) as hs_scope:
-        rest = b""
-        if s.proxy_protocol != "off":
-            pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
-            while True:
-                data = await _receive(stream)
-                if not data:
-                    info.result = "eof_in_proxy_header"
-                    metrics.PROXY_HEADERS.labels("eof").inc()
-                    return
-                try:
-                    parsed = pp.feed(data)
-                except ProxyProtocolError as exc:
-                    info.result = "bad_proxy_header"
-                    info.extra["detail"] = exc.reason
-                    metrics.PROXY_HEADERS.labels("invalid").inc()
-                    return
-                if parsed is not None:
-                    pp_header, rest = parsed
-                    break
-            if pp_header.command == "LOCAL":
-                # Load balancer health check: the connection is the balancer's own.
-                metrics.PROXY_HEADERS.labels("local").inc()
-                if not rest:
-                    info.result = "health_check"
-            else:
-                metrics.PROXY_HEADERS.labels("proxy").inc()
-                if pp_header.source is not None:
-                    info.client = pp_header.source
-            if pp_header.aws_vpce_id:
-                info.extra["vpce"] = pp_header.aws_vpce_id
-            if not proxy.admit_client(info):
-                info.result = "limit_per_ip"
-                return
-
-        parser = ClientHelloParser()
-        hello: ClientHello | object = parser.feed(rest) if rest else NEED_DATA
-        try:
-            while hello is NEED_DATA:
-                data = await _receive(stream)
-                if not data:
-                    if info.result != "health_check":
-                        info.result = "eof_before_hello" if parser.buffered else "eof_silent"
-                        metrics.CLIENT_HELLOS.labels("eof").inc()
-                    return
-                hello = parser.feed(data)
-        except NotTLS as exc:
-            metrics.CLIENT_HELLOS.labels("http" if exc.looks_like_http else "not_tls").inc()
-            if exc.looks_like_http:
-                info.result = "plain_http"
-                await _send_quietly(stream, HTTP_ON_TLS_PORT)
-            else:
-                info.result = "not_tls"
-            return
-        except ClientHelloError as exc:
-            metrics.CLIENT_HELLOS.labels(exc.reason).inc()
-            info.result = f"bad_hello:{exc.reason}"
-            return
-        assert isinstance(hello, ClientHello)
-        metrics.CLIENT_HELLOS.labels("ok").inc()
-        sni = hello.sni
-        if sni is not None and is_ip_literal(sni):
-            # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
-            # them: answer as if no SNI was sent (default route and certificate).
-            sni = None
-        info.sni = sni
-
-        if ACME_TLS_ALPN in hello.alpn_protocols:
-            await _answer_challenge(proxy, stream, hello, parser.buffered, info)
-            return
-
-        route = s.routes.match(sni)
-        if route is None:
-            info.result = "no_route"
-            metrics.HANDSHAKES.labels("refused", "no_route").inc()
-            await _send_quietly(stream, alert_record(AlertDescription.UNRECOGNIZED_NAME))
-            return
-        info.route = route.label
-        try:
-            ctx = await proxy.certs.context_for(sni)
-        except CertificateUnavailable as exc:
-            info.result = f"no_certificate:{exc.reason}"
-            metrics.HANDSHAKES.labels("refused", exc.reason).inc()
-            desc = (
-                AlertDescription.UNRECOGNIZED_NAME
-                if exc.reason in _NAME_REASONS
-                else AlertDescription.INTERNAL_ERROR
-            )
-            await _send_quietly(stream, alert_record(desc))
-            return
-        tls = TLSStream(
-            stream, new_server_connection(ctx, alpn=route.alpn), initial_data=parser.buffered
-        )
-        try:
-            await tls.do_handshake()
-        except TLSHandshakeError as exc:
-            info.result = f"tls_error:{exc.reason}"
-            metrics.HANDSHAKES.labels("failed", exc.reason).inc()
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            info.result = "tls_error:peer_closed"
-            metrics.HANDSHAKES.labels("failed", "peer_closed").inc()
-            return
-        metrics.HANDSHAKES.labels("ok", "").inc()
-        metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
-        info.alpn = tls.selected_alpn
+    try:
+        with trio.move_on_after(s.handshake_timeout) as hs_scope:
+            tls, route = await _handshake(proxy, s, stream, info)
+    finally:
+        proxy.end_handshake(info)
     if hs_scope.cancelled_caught:
         info.result = "handshake_timeout"
         metrics.HANDSHAKES.labels("failed", "timeout").inc()
         return
-    assert tls is not None and route is not None
+    if tls is None or route is None:
+        return
+    await _forward(proxy, s, tls, route, info)
 
+
+async def _handshake(
+    proxy: Proxy, s: Settings, stream: trio.SocketStream, info: ConnInfo
+) -> tuple[TLSStream | None, Route | None]:
+    """PROXY header, ClientHello, decision, TLS handshake: (stream, route) or (None, None)."""
+    rest = b""
+    if s.proxy_protocol != "off":
+        pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
+        while True:
+            data = await _receive(stream)
+            if not data:
+                info.result = "eof_in_proxy_header"
+                metrics.PROXY_HEADERS.labels("eof").inc()
+                return None, None
+            try:
+                parsed = pp.feed(data)
+            except ProxyProtocolError as exc:
+                info.result = "bad_proxy_header"
+                info.extra["detail"] = exc.reason
+                metrics.PROXY_HEADERS.labels("invalid").inc()
+                return None, None
+            if parsed is not None:
+                pp_header, rest = parsed
+                break
+        if pp_header.command == "LOCAL":
+            # Load balancer health check: the connection is the balancer's own.
+            metrics.PROXY_HEADERS.labels("local").inc()
+            if not rest:
+                info.result = "health_check"
+        else:
+            metrics.PROXY_HEADERS.labels("proxy").inc()
+            if pp_header.source is not None:
+                info.client = pp_header.source
+        if pp_header.aws_vpce_id:
+            info.extra["vpce"] = pp_header.aws_vpce_id
+        if not proxy.admit_client(info):
+            info.result = "limit_per_ip"
+            return None, None
+
+    parser = ClientHelloParser()
+    hello: ClientHello | object = parser.feed(rest) if rest else NEED_DATA
+    try:
+        while hello is NEED_DATA:
+            data = await _receive(stream)
+            if not data:
+                if info.result != "health_check":
+                    info.result = "eof_before_hello" if parser.buffered else "eof_silent"
+                    metrics.CLIENT_HELLOS.labels("eof").inc()
+                return None, None
+            hello = parser.feed(data)
+    except NotTLS as exc:
+        metrics.CLIENT_HELLOS.labels("http" if exc.looks_like_http else "not_tls").inc()
+        if exc.looks_like_http:
+            info.result = "plain_http"
+            await _send_quietly(stream, HTTP_ON_TLS_PORT)
+        else:
+            info.result = "not_tls"
+        return None, None
+    except ClientHelloError as exc:
+        metrics.CLIENT_HELLOS.labels(exc.reason).inc()
+        info.result = f"bad_hello:{exc.reason}"
+        return None, None
+    assert isinstance(hello, ClientHello)
+    metrics.CLIENT_HELLOS.labels("ok").inc()
+    sni = hello.sni
+    if sni is not None and is_ip_literal(sni):
+        # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
+        # them: answer as if no SNI was sent (default route and certificate).
+        sni = None
+    info.sni = sni
+
+    if ACME_TLS_ALPN in hello.alpn_protocols:
+        await _answer_challenge(proxy, stream, hello, parser.buffered, info)
+        return None, None
+
+    route = s.routes.match(sni)
+    if route is None:
+        info.result = "no_route"
+        metrics.HANDSHAKES.labels("refused", "no_route").inc()
+        await _send_quietly(stream, alert_record(AlertDescription.UNRECOGNIZED_NAME))
+        return None, None
+    info.route = route.label
+    try:
+        ctx = await proxy.certs.context_for(sni)
+    except CertificateUnavailable as exc:
+        info.result = f"no_certificate:{exc.reason}"
+        metrics.HANDSHAKES.labels("refused", exc.reason).inc()
+        desc = (
+            AlertDescription.UNRECOGNIZED_NAME
+            if exc.reason in _NAME_REASONS
+            else AlertDescription.INTERNAL_ERROR
+        )
+        await _send_quietly(stream, alert_record(desc))
+        return None, None
+    tls = TLSStream(
+        stream, new_server_connection(ctx, alpn=route.alpn), initial_data=parser.buffered
+    )
+    try:
+        await tls.do_handshake()
+    except TLSHandshakeError as exc:
+        info.result = f"tls_error:{exc.reason}"
+        metrics.HANDSHAKES.labels("failed", exc.reason).inc()
+        return None, None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        info.result = "tls_error:peer_closed"
+        metrics.HANDSHAKES.labels("failed", "peer_closed").inc()
+        return None, None
+    metrics.HANDSHAKES.labels("ok", "").inc()
+    metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
+    info.alpn = tls.selected_alpn
+    return tls, route
+
+
+async def _forward(proxy: Proxy, s: Settings, tls: TLSStream, route: Route, info: ConnInfo) -> None:
+    """Connect the route's upstream and pipe both ways until both sides are done."""
     try:
         upstream, hp = await proxy.upstreams.connect(route, s.connect_timeout)
     except UpstreamError as exc:

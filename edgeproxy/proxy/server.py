@@ -95,6 +95,9 @@ class Proxy:
         self.challenges = challenges
         self.upstreams = UpstreamPool()
         self.active = 0
+        # Connections still before the end of their TLS handshake: the cheap ones for an
+        # attacker (slowloris, silent sockets) are capped separately from established ones.
+        self.handshaking = 0
         self.per_ip: dict[str, int] = {}
         self.draining = False
         self.bound: list[tuple[str, int]] = []
@@ -142,6 +145,10 @@ class Proxy:
                 metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
                 _abort(stream)
                 continue
+            if self.handshaking >= s.max_handshakes:
+                metrics.CONNECTIONS_REFUSED.labels("max_handshakes").inc()
+                _abort(stream)
+                continue
             if s.max_connections_per_ip and s.proxy_protocol == "off":
                 ip = _addr(stream.socket.getpeername())[0]
                 if self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
@@ -151,6 +158,7 @@ class Proxy:
                 self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
                 counted_ip = ip
             self.active += 1
+            self.handshaking += 1
             if self.active == 1:
                 self._idle = trio.Event()
             metrics.CONNECTIONS_ACTIVE.inc()
@@ -169,7 +177,14 @@ class Proxy:
         info.counted_ip = ip
         return True
 
+    def end_handshake(self, info: ConnInfo) -> None:
+        """The connection left its handshake phase (idempotent)."""
+        if info.in_handshake:
+            info.in_handshake = False
+            self.handshaking -= 1
+
     def connection_closed(self, info: ConnInfo) -> None:
+        self.end_handshake(info)
         self.active -= 1
         metrics.CONNECTIONS_ACTIVE.dec()
         ip = info.counted_ip
