@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -266,10 +267,12 @@ class CertificateManager:
         try:
             with trio.fail_after(self.issue_timeout):
                 t0 = time.monotonic()
+                # A fresh owner per attempt: a lease is re-entrant for its owner, so sharing
+                # one id across tasks would let one task extend or release another's lease.
                 async with hold_lock(
                     self.storage,
                     lock_name(name),
-                    owner=self.owner,
+                    owner=f"{self.owner}:{secrets.token_hex(4)}",
                     ttl=self.lock_ttl,
                     wait=self.issue_timeout,
                 ):
@@ -568,14 +571,16 @@ class CertificateManager:
         return state
 
     async def _renew(self, rec: CertRecord) -> None:
-        # Another process may be renewing right now: don't queue behind it, check next pass.
+        # Someone (here or elsewhere) may be renewing right now: don't queue behind them;
+        # the next pass sees their result.
+        if rec.name in self._inflight:
+            return
         try:
-            got = await self.storage.try_lock(lock_name(rec.name), self.owner, 1.0)
+            held = await self.storage.lock_info(lock_name(rec.name))
         except StorageError:
             return
-        if not got:
+        if held is not None and held.expires_at > self.clock():
             return
-        await self.storage.unlock(lock_name(rec.name), self.owner)
         log.info("renewing %s (not after %s)", rec.name, _iso(rec.not_after))
         await self.obtain(rec.name, old=rec)
 
