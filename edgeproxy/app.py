@@ -103,7 +103,9 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     storage = storage or build_storage(cfg)
     challenges = ChallengeResponder(storage)
     issuer = build_issuer(cfg, storage, challenges)
-    static = StaticCertificates.load([(c.cert, c.key) for c in cfg.certificates])
+    static = StaticCertificates.load(
+        [(c.cert, c.key) for c in cfg.certificates], session_tickets=cfg.tls.session_tickets
+    )
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
@@ -115,6 +117,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         max_orders_per_minute=cfg.on_demand.max_orders_per_minute,
         backoff_max=cfg.on_demand.backoff_max,
         renew_interval=cfg.tls.maintenance_interval,
+        session_tickets=cfg.tls.session_tickets,
         lock_ttl=cfg.storage.lock_ttl,
     )
     proxy = Proxy(Settings.from_config(cfg), certs, challenges)

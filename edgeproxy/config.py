@@ -135,6 +135,8 @@ class TLSConfig(_Model):
     issuer: Literal["acme", "internal"] = "acme"
     default_sni: str | None = None
     key_type: KeyType = "ec256"
+    # TLS session resumption (stateless tickets). Off only to measure full-handshake cost.
+    session_tickets: bool = True
     # How often each process checks stored certificates for renewal and ARI updates.
     maintenance_interval: Annotated[float, Field(gt=0, le=86400)] = 60.0
 

@@ -80,6 +80,7 @@ class CertificateManager:
         backoff_base: float = 30.0,
         backoff_max: float = 86400.0,
         owner: str | None = None,
+        session_tickets: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
@@ -95,6 +96,7 @@ class CertificateManager:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.owner = owner or make_owner_id()
+        self.session_tickets = session_tickets
         self.clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
@@ -349,7 +351,9 @@ class CertificateManager:
         if current is not None and current.record.serial == rec.serial:
             self._cache.move_to_end(rec.name)
         else:
-            ctx = build_server_context(rec.chain(), rec.private_key())
+            ctx = build_server_context(
+                rec.chain(), rec.private_key(), session_tickets=self.session_tickets
+            )
             self._cache[rec.name] = _Cached(ctx, rec)
             self._cache.move_to_end(rec.name)
             while len(self._cache) > self._cache_size:

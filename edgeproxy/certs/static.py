@@ -26,14 +26,16 @@ class StaticCertificates:
                     self._exact.setdefault(n, ctx)
 
     @classmethod
-    def load(cls, pairs: Sequence[tuple[str, str]]) -> StaticCertificates:
+    def load(
+        cls, pairs: Sequence[tuple[str, str]], *, session_tickets: bool = True
+    ) -> StaticCertificates:
         loaded = []
         problems = []
         for i, (cert_path, key_path) in enumerate(pairs):
             try:
                 chain = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
                 key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-                ctx = build_server_context(chain, key)
+                ctx = build_server_context(chain, key, session_tickets=session_tickets)
             except (OSError, ValueError, SSL.Error) as exc:
                 problems.append(f"certificates[{i}]: cannot load {cert_path} / {key_path}: {exc}")
                 continue

@@ -156,13 +156,20 @@ def _install_identity(
         raise InvalidCertificate("key_mismatch", describe_openssl(exc.args[0])) from exc
 
 
-def build_server_context(chain: Sequence[x509.Certificate], key: PrivateKeyTypes) -> SSL.Context:
+def build_server_context(
+    chain: Sequence[x509.Certificate], key: PrivateKeyTypes, *, session_tickets: bool = True
+) -> SSL.Context:
     """A server context for ``chain`` (leaf first) and its private ``key``.
+
+    ``session_tickets=False`` turns resumption off (OP_NO_TICKET with the session cache off):
+    every connection then pays a full handshake, as benchmarks of handshake cost need.
 
     Raises ``InvalidCertificate`` when the chain is empty, OpenSSL refuses a certificate or the
     key, or the key does not belong to the leaf.
     """
     ctx = _hardened_context()
+    if not session_tickets:
+        ctx.set_options(SSL.OP_NO_TICKET)
     _install_identity(ctx, chain, key)
     ctx.set_alpn_select_callback(_select_route_alpn)
     return ctx

@@ -221,3 +221,30 @@ async def test_headless_chromium(tmp_path: Path, nursery: trio.Nursery) -> None:
             cmd.insert(1, "--ignore-certificate-errors")
         res = await run(cmd, env=env, timeout=90)
         assert b"hello chromium" in res.stdout, res.stderr.decode(errors="replace")[-2000:]
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_session_resumption_follows_config(
+    tmp_path: Path, nursery: trio.Nursery, tickets: bool, version: ssl.TLSVersion
+) -> None:
+    up = await start_upstream(nursery, http_handler(BODY))
+    cfg = base_config(tmp_path, routes(up.addr), tls={"session_tickets": tickets})
+    async with running_proxy(tmp_path, cfg) as p:
+
+        def two_connections() -> bool:
+            import socket
+
+            ctx = ssl.create_default_context(cafile=str(p.ca_path))
+            ctx.minimum_version = ctx.maximum_version = version
+            name = "resume.example.test"
+            with ctx.wrap_socket(socket.create_connection(p.addr), server_hostname=name) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(65536)  # TLS 1.3 tickets arrive after the handshake
+                session = s.session
+            with ctx.wrap_socket(
+                socket.create_connection(p.addr), server_hostname=name, session=session
+            ) as s2:
+                return s2.session_reused
+
+        assert await trio.to_thread.run_sync(two_connections) is tickets
