@@ -141,7 +141,7 @@ def parse_renewal_info(body: bytes, retry_after_header: str | None, now: datetim
         raise ValueError("now must be timezone-aware")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: too deep
         raise AcmeProtocolError(f"renewalInfo response is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise AcmeProtocolError("renewalInfo response is not a JSON object")

@@ -197,7 +197,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not text:
         return None
     if text.isascii() and text.isdigit():
-        return float(int(text))
+        # Beyond 15 digits (30 million years) it is garbage, and int()/float() would raise.
+        return float(int(text)) if len(text) <= 15 else None
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -234,7 +235,10 @@ def parse_links(values: Iterable[str], base_url: str) -> list[tuple[str, str]]:
     links: list[tuple[str, str]] = []
     for value in values:
         for match in _LINK.finditer(value):
-            target = urljoin(base_url, match.group(1).strip())
+            try:
+                target = urljoin(base_url, match.group(1).strip())
+            except ValueError:  # e.g. an unbalanced "[" in the host: not a usable link
+                continue
             for name, raw in _LINK_PARAM.findall(match.group(2)):
                 if name.lower() == "rel":
                     for rel in raw.strip('"').split():
@@ -300,7 +304,7 @@ def problem_from_response(status: int, headers: Mapping[str, str], body: bytes) 
     doc: Any = None
     try:
         doc = json.loads(body) if body else None
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # nested past the stack limit
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "detail" in doc):
         return problem_from_json(doc, status=status, retry_after=retry_after)
@@ -316,7 +320,7 @@ def parse_json(body: bytes, what: str) -> JSON:
     """A JSON object from a response body, or ``AcmeProtocolError`` naming ``what``."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: too deep
         raise AcmeProtocolError(f"{what}: response is not JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise AcmeProtocolError(f"{what}: response is not a JSON object")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from ..tls.stream import TLSHandshakeError, TLSStream
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
-from .pipe import pipe
+from .pipe import pipe, send_all
 from .routes import Route
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: Con
         return
     if tls is None or route is None:
         return
-    await _forward(proxy, s, tls, route, info)
+    await _forward(proxy, s, stream, tls, route, info)
 
 
 async def _handshake(
@@ -230,7 +231,14 @@ async def _handshake(
     return tls, route
 
 
-async def _forward(proxy: Proxy, s: Settings, tls: TLSStream, route: Route, info: ConnInfo) -> None:
+async def _forward(
+    proxy: Proxy,
+    s: Settings,
+    stream: trio.SocketStream,
+    tls: TLSStream,
+    route: Route,
+    info: ConnInfo,
+) -> None:
     """Connect the route's upstream and pipe both ways until both sides are done."""
     try:
         upstream, hp = await proxy.upstreams.connect(route, s.connect_timeout)
@@ -241,21 +249,32 @@ async def _forward(proxy: Proxy, s: Settings, tls: TLSStream, route: Route, info
             await tls.aclose()
         return
     info.upstream = str(hp)
-    async with upstream:
+    # From here on the hot loop drives the sockets and the SSL object directly.
+    client = socket.socket(fileno=stream.socket.detach())
+    try:
+        client.setblocking(False)
         if route.send_proxy is not None:
             header = (build_v2 if route.send_proxy == "v2" else build_v1)(info.client, info.local)
             try:
-                await upstream.send_all(header)
-            except (trio.BrokenResourceError, OSError):
+                await send_all(upstream, header)
+            except OSError:
                 info.result = "upstream_reset"
                 return
-        result = await pipe(tls, upstream, idle_timeout=s.idle_timeout)
-    info.to_upstream = result.to_upstream
-    info.to_client = result.to_client
-    if result.reason != "done":
-        info.result = result.reason
-    with trio.move_on_after(1.0):
-        await tls.aclose()
+        result = await pipe(
+            tls.connection,
+            client,
+            upstream,
+            idle_timeout=s.idle_timeout,
+            pending=tls.take_delayed_output(),
+        )
+        info.to_upstream = result.to_upstream
+        info.to_client = result.to_client
+        if result.reason != "done":
+            info.result = result.reason
+    finally:
+        for sock in (client, upstream):
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
 
 async def _receive(stream: trio.SocketStream) -> bytes:

@@ -1,81 +1,292 @@
-"""The two-way plaintext pipe between the client's TLS stream and the upstream.
+"""The hot loop: plaintext between a TLS client socket and an upstream socket, both ways.
 
-Half-close is honoured in both directions: when one side ends its stream (TLS close_notify or
-TCP FIN), we end ours towards the other side and keep the opposite direction flowing until it
-ends too. That is what lets a client send a request, half-close, and still read the full answer.
+Theory of operation
+-------------------
+After the handshake (done by ``TLSStream`` over memory BIOs), the connection is driven here
+directly: raw non-blocking sockets, ``trio.lowlevel.wait_readable/wait_writable``, and the
+``SSL.Connection``. Profiles of the stream-stacked version showed trio's per-call machinery
+(checkpoints, conflict detectors, cancel-scope bookkeeping) costing more than OpenSSL itself
+on small exchanges.
 
-Buffers are bounded by construction: each direction holds at most one chunk in flight
-(``CHUNK`` bytes) and waits for the write to finish before reading again, so a slow reader
-back-pressures a fast writer instead of growing memory. One idle deadline covers both
-directions and moves forward whenever either side makes progress.
+Two modes. *Socket mode* (the normal one): as soon as both memory BIOs are empty, the SSL
+object is moved onto the client socket (``attach_socket``), so one ``SSL_read`` is one read
+syscall plus decryption and one ``SSL_write`` is encryption plus one write syscall, as in
+HAProxy or nginx. *Memory mode* is the start (bytes that arrived with the client's Finished
+may still sit in the incoming BIO) and the fallback when pyOpenSSL's internals are not
+reachable: ciphertext is moved between BIOs and the socket in Python. The client-to-upstream
+task switches modes at the first moment nothing is buffered and nobody is writing.
+
+Reads wait first, then read (unless OpenSSL already holds data): in a request/response
+exchange the next bytes are almost never there yet, so trying first would only add a failing
+call and, with pyOpenSSL, an exception. Writes try first: the socket buffer nearly always has
+room. The wait for readable data is also what keeps each loop fair to other tasks.
+
+Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
+write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
+keep forwarding what the client still sends. The pipe ends when both directions ended.
+
+Memory is bounded: each direction holds one chunk (``CHUNK``) in flight and reads again only
+after the write finished, so a slow reader back-pressures a fast writer. One idle deadline
+covers both directions; it is moved at most about once a second, because moving a trio
+deadline is a heap operation.
 """
 
 from __future__ import annotations
 
-import contextlib
+import socket
 from dataclasses import dataclass
 
 import trio
+from OpenSSL import SSL
+from trio.lowlevel import wait_readable, wait_writable
+
+from ..tls.stream import attach_socket, incoming_pending, outgoing_pending, release_idle_buffers
 
 CHUNK = 65536
+_SMALL = 16384  # reads above this may have grown OpenSSL's buffers
+_BROKEN = (SSL.Error, OSError)
 
 
 @dataclass(slots=True)
 class PipeResult:
     to_upstream: int = 0
     to_client: int = 0
-    reason: str = "done"  # done | idle_timeout | client_reset | upstream_reset
+    reason: str = "done"  # done | idle_timeout | client_reset | upstream_reset | client_tls_error
+
+
+async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    """Write everything; wait for writability only when the socket buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await wait_writable(sock)
+            continue
+        view = view[sent:]
+
+
+class _Client:
+    """The TLS side: one SSL object, two tasks, two modes (see the module docstring)."""
+
+    __slots__ = ("busy", "conn", "done", "sock", "socket_mode")
+
+    def __init__(self, conn: SSL.Connection, sock: socket.socket) -> None:
+        self.conn = conn
+        self.sock = sock
+        self.socket_mode = False
+        # Memory mode: one task at a time drains the outgoing BIO, in BIO (FIFO) order.
+        self.busy = False
+        self.done: trio.Event | None = None
+
+    def try_socket_mode(self) -> None:
+        conn = self.conn
+        if self.busy or conn.pending():
+            return
+        if attach_socket(conn, self.sock.fileno()):
+            self.socket_mode = True
+
+    async def write(self, data: bytes) -> None:
+        """Encrypt and send ``data`` (all of it, or raise)."""
+        conn = self.conn
+        if self.socket_mode:
+            while True:
+                try:
+                    # Partial writes are off on our contexts: all of data, or an error with
+                    # the record kept for the retry (which must pass the same bytes).
+                    conn.send(data)
+                    return
+                except SSL.WantWriteError:
+                    await wait_writable(self.sock)
+                except SSL.WantReadError:
+                    await wait_readable(self.sock)
+        conn.sendall(data)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Memory mode: send what OpenSSL wrote to the outgoing BIO."""
+        if self.socket_mode:
+            return
+        if self.busy:
+            # Another task is draining the BIO and will send our bytes too; wait for it so
+            # the caller keeps its back-pressure.
+            if self.done is None:
+                self.done = trio.Event()
+            await self.done.wait()
+            return
+        self.busy = True
+        conn = self.conn
+        try:
+            while True:
+                # Read exactly what is there: bio_read allocates its argument's size.
+                size = outgoing_pending(conn)
+                if size == 0:
+                    break
+                try:
+                    out = conn.bio_read(size if size > 0 else CHUNK)
+                except SSL.WantReadError:
+                    break
+                await send_all(self.sock, out)
+        finally:
+            self.busy = False
+            if self.done is not None:
+                self.done.set()
+                self.done = None
+
+    async def close_notify(self) -> None:
+        conn = self.conn
+        for _ in range(8):
+            try:
+                conn.shutdown()
+                break
+            except SSL.WantWriteError:
+                await wait_writable(self.sock)
+            except SSL.WantReadError:
+                break  # our close_notify is out; we do not wait for theirs
+        await self.flush()
 
 
 async def pipe(
-    client: trio.abc.HalfCloseableStream,
-    upstream: trio.abc.HalfCloseableStream,
+    conn: SSL.Connection,
+    client: socket.socket,
+    upstream: socket.socket,
     *,
     idle_timeout: float,
+    pending: bytes = b"",
 ) -> PipeResult:
+    """Forward until both directions ended, a side resets, or ``idle_timeout`` passes."""
     result = PipeResult()
     scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+    tls = _Client(conn, client)
+    slack = min(1.0, idle_timeout / 10)
+    internals = incoming_pending(conn) >= 0
 
-    async def forward(
-        src: trio.abc.HalfCloseableStream,
-        dst: trio.abc.HalfCloseableStream,
-        src_side: str,
-        dst_side: str,
-        to_upstream: bool,
-    ) -> None:
-        while True:
-            try:
-                data = await src.receive_some(CHUNK)
-            except _BROKEN:
-                _abort(f"{src_side}_reset")
-                return
-            if not data:
-                break
-            scope.deadline = trio.current_time() + idle_timeout
-            try:
-                await dst.send_all(data)
-            except _BROKEN:
-                _abort(f"{dst_side}_reset")
-                return
-            if to_upstream:
-                result.to_upstream += len(data)
-            else:
-                result.to_client += len(data)
-        with contextlib.suppress(*_BROKEN):
-            await dst.send_eof()
+    def touch() -> None:
+        t = trio.current_time()
+        if scope.deadline - t < idle_timeout - slack:
+            scope.deadline = t + idle_timeout
 
-    def _abort(reason: str) -> None:
+    def abort(reason: str) -> None:
         if result.reason == "done":
             result.reason = reason
         scope.cancel()
 
+    async def client_to_upstream() -> None:
+        grown = False
+        while True:
+            data: bytes | None = None
+            # Ask OpenSSL only when it may have something: otherwise the call could only
+            # raise WantReadError, and an exception per request is measurable here.
+            if tls.socket_mode:
+                if conn.pending():
+                    data = b""
+            elif not internals or conn.pending() or incoming_pending(conn):
+                data = b""
+            if data is not None:
+                try:
+                    data = conn.recv(CHUNK)
+                except SSL.WantReadError:
+                    data = None
+                except SSL.WantWriteError:
+                    await wait_writable(client)
+                    continue
+                except SSL.ZeroReturnError:
+                    break  # close_notify (or, in socket mode, a plain FIN)
+                except SSL.SysCallError as exc:
+                    if exc.args[0] == -1:
+                        break  # unexpected EOF: a ragged but ordinary end
+                    abort("client_reset")
+                    return
+                except SSL.Error:
+                    abort("client_tls_error")
+                    return
+            if data is None:
+                if internals and not tls.socket_mode:
+                    tls.try_socket_mode()
+                    if not tls.socket_mode and grown:
+                        # About to wait, maybe long: hand back buffers a burst grew.
+                        grown = not release_idle_buffers(conn)
+                await wait_readable(client)
+                if tls.socket_mode:
+                    try:
+                        data = conn.recv(CHUNK)
+                    except SSL.WantReadError:
+                        continue
+                    except SSL.WantWriteError:
+                        await wait_writable(client)
+                        continue
+                    except SSL.ZeroReturnError:
+                        break
+                    except SSL.SysCallError as exc:
+                        if exc.args[0] == -1:
+                            break
+                        abort("client_reset")
+                        return
+                    except SSL.Error:
+                        abort("client_tls_error")
+                        return
+                else:
+                    try:
+                        raw = client.recv(CHUNK)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        abort("client_reset")
+                        return
+                    if not raw:
+                        break  # FIN without close_notify
+                    grown = grown or len(raw) > _SMALL
+                    conn.bio_write(raw)
+                    continue
+            if not tls.socket_mode and outgoing_pending(conn):
+                await tls.flush()  # e.g. a KeyUpdate answer
+            touch()
+            try:
+                await send_all(upstream, data)
+            except OSError:
+                abort("upstream_reset")
+                return
+            result.to_upstream += len(data)
+        try:
+            upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    async def upstream_to_client() -> None:
+        while True:
+            await wait_readable(upstream)
+            try:
+                data = upstream.recv(CHUNK)
+            except BlockingIOError:
+                continue
+            except OSError:
+                abort("upstream_reset")
+                return
+            if not data:
+                break
+            touch()
+            try:
+                await tls.write(data)
+            except _BROKEN:
+                abort("client_reset")
+                return
+            result.to_client += len(data)
+        try:
+            await tls.close_notify()
+            client.shutdown(socket.SHUT_WR)
+        except _BROKEN:
+            pass
+
     with scope:
+        if pending:
+            # Ciphertext made before the takeover (TLS 1.3 session tickets) goes out first.
+            try:
+                await send_all(client, pending)
+            except OSError:
+                abort("client_reset")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(forward, client, upstream, "client", "upstream", True)
-            nursery.start_soon(forward, upstream, client, "upstream", "client", False)
+            nursery.start_soon(upstream_to_client)
+            await client_to_upstream()
     if scope.cancelled_caught and result.reason == "done":
         result.reason = "idle_timeout"
     return result
-
-
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)

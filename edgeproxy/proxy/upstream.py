@@ -3,14 +3,24 @@
 A failed connect marks the upstream as suspect for a short while so the next connections try
 healthy ones first (passive health checking); if every upstream is suspect they are all tried
 anyway, because a stale mark must never turn a recovered backend into an outage.
+
+Connections are raw non-blocking sockets (the hot loop in ``pipe.py`` drives them directly):
+a plain non-blocking connect, no happy-eyeballs machinery per connection. Hostnames are
+resolved through trio (a thread) and remembered for ``DNS_TTL`` seconds; IP literals skip
+resolution entirely.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
+import os
+import socket
 import time
 
 import trio
+from trio.lowlevel import wait_writable
 
 from .. import metrics
 from ..config import HostPort
@@ -20,29 +30,32 @@ from .routes import Route
 log = logging.getLogger("edgeproxy.upstream")
 
 SUSPECT_FOR = 5.0
+DNS_TTL = 30.0
+
+Address = tuple[int, tuple[str, int] | tuple[str, int, int, int]]
 
 
 class UpstreamPool:
     def __init__(self) -> None:
         self._suspect_until: dict[HostPort, float] = {}
+        self._resolved: dict[HostPort, tuple[float, list[Address]]] = {}
 
-    async def connect(self, route: Route, per_attempt: float) -> tuple[trio.SocketStream, HostPort]:
+    async def connect(self, route: Route, per_attempt: float) -> tuple[socket.socket, HostPort]:
         order = route.upstream_order()
-        now = time.monotonic()
         if self._suspect_until:
+            now = time.monotonic()
             order.sort(key=lambda hp: self._suspect_until.get(hp, 0.0) > now)
         errors = []
         for hp in order:
             t0 = time.monotonic()
             try:
                 with trio.fail_after(per_attempt):
-                    stream = await trio.open_tcp_stream(hp.host, hp.port)
+                    sock = await self._connect_one(hp)
             except (OSError, trio.TooSlowError) as exc:
-                reason = (
-                    "timeout"
-                    if isinstance(exc, trio.TooSlowError)
-                    else (exc.strerror or type(exc).__name__)
-                )
+                if isinstance(exc, trio.TooSlowError):
+                    reason = "timeout"
+                else:
+                    reason = exc.strerror or type(exc).__name__
                 metrics.UPSTREAM_CONNECT_FAILURES.labels(route.label, str(hp)).inc()
                 self._suspect_until[hp] = time.monotonic() + SUSPECT_FOR
                 log.warning("route %s: upstream %s connect failed: %s", route.label, hp, reason)
@@ -50,5 +63,54 @@ class UpstreamPool:
                 continue
             metrics.UPSTREAM_CONNECT_SECONDS.labels(route.label).observe(time.monotonic() - t0)
             self._suspect_until.pop(hp, None)
-            return stream, hp
+            return sock, hp
         raise UpstreamError(f"route {route.label}: no upstream reachable ({'; '.join(errors)})")
+
+    async def _addresses(self, hp: HostPort) -> list[Address]:
+        try:
+            ip = ipaddress.ip_address(hp.host)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 6:
+                return [(socket.AF_INET6, (hp.host, hp.port, 0, 0))]
+            return [(socket.AF_INET, (hp.host, hp.port))]
+        cached = self._resolved.get(hp)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        infos = await trio.socket.getaddrinfo(hp.host, hp.port, type=socket.SOCK_STREAM)
+        addrs: list[Address] = [(int(fam), sa) for fam, _, _, _, sa in infos]  # type: ignore[misc]
+        if not addrs:
+            raise OSError(errno.EHOSTUNREACH, f"{hp.host} resolved to nothing")
+        self._resolved[hp] = (time.monotonic() + DNS_TTL, addrs)
+        return addrs
+
+    async def _connect_one(self, hp: HostPort) -> socket.socket:
+        last: OSError | None = None
+        for family, addr in await self._addresses(hp):
+            try:
+                return await connect_raw(family, addr)
+            except OSError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+
+async def connect_raw(
+    family: int, addr: tuple[str, int] | tuple[str, int, int, int]
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(addr)
+        if err == errno.EINPROGRESS:
+            await wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        raise
+    return sock

@@ -2,9 +2,12 @@
 
 Owns: the byte shuffling between a transport ``trio.abc.Stream`` and OpenSSL, the locking that
 makes one TLS connection usable from a sending and a receiving task at once, close_notify and
-half-close, the mapping of OpenSSL failures to typed errors, and keeping an idle connection's
-OpenSSL buffers small. Must not know: sockets, certificates, routes, ALPN policy (the context
-decides), how the ClientHello was peeked (we only receive the bytes already read).
+half-close, the mapping of OpenSSL failures to typed errors, keeping an idle connection's
+OpenSSL buffers small, and the few low-level helpers for code that takes the ``Connection``
+over after the handshake (``proxy/pipe.py``: ``attach_socket``, ``release_idle_buffers``,
+``incoming_pending``, ``outgoing_pending``, ``TLSStream.take_delayed_output``). Must not know:
+certificates, routes, ALPN policy (the context decides), how the ClientHello was peeked (we
+only receive the bytes already read).
 
 Theory of operation
 ===================
@@ -33,9 +36,10 @@ says "want write": it grows instead.)
 4. loop until the op has finished and its output is sent.
 
 A write that reported "want read" must later be retried with the same bytes: ``_write_op``
-keeps its position across retries. Want-read during a write only happens while a handshake
-is in progress: renegotiation is refused (``OP_NO_RENEGOTIATION`` on our contexts), and TLS 1.3
-has none.
+keeps its position across retries. Want-read during a write only happens while a handshake is
+in progress: our server contexts refuse renegotiation (``OP_NO_RENEGOTIATION``; TLS 1.3 has
+none), but a client stream must cope with a server that starts one. (OpenSSL accepts
+application data interleaved with a renegotiation only inside ``SSL_read``.)
 
 Two more rules from trio: the caller-facing conflict detectors make concurrent ``send_all`` (or
 concurrent ``receive_some``) a ``BusyResourceError`` while ``send_all`` plus ``receive_some`` is
@@ -58,15 +62,19 @@ contexts clear ``SSL_MODE_ENABLE_PARTIAL_WRITE``) and one transport write per 25
 are taken with ``acquire_nowait`` when free: the transport call that follows is the checkpoint.
 
 Memory: a memory BIO keeps its largest-ever buffer (OpenSSL grows it by a third and never
-shrinks it), so one 64 KiB burst would pin ~170 KiB per connection forever. When both BIOs are
-empty at a moment the connection may go idle (before blocking on a transport read, after a
-``send_all``) and one of them has held more than ``_BIO_KEEP`` bytes, we swap in fresh BIOs.
-With ``SSL_MODE_RELEASE_BUFFERS`` (set by our contexts) OpenSSL also frees its record buffers,
-so an idle connection costs ~30 KiB of OpenSSL memory. pyOpenSSL has no public API for the
-three things this needs (BIO fill level, BIO swap, ``SSL_session_reused``); they are one cffi
-call each on the binding pyOpenSSL itself uses, fenced in ``_Internals`` below. If a future
-pyOpenSSL renames its private attributes we fall back to slower code with unbounded BIOs, warn
-once, and ``test_openssl_internals_reachable`` fails.
+shrinks it), so one 64 KiB burst each way would pin ~150 KiB per connection for its lifetime.
+So once a BIO has held more than ``_BIO_KEEP`` bytes we swap in fresh, empty BIOs (both must be
+empty) at the moments a connection is likely to go idle: after a transport read that returned
+less than a chunk (we drained the socket: the next read will wait), and after a ``send_all``
+shorter than a chunk (a proxied burst ends with a short read of the other side). Full 64 KiB
+chunks keep the buffers, because regrowing them costs ~8 us per chunk (OpenSSL's clearing
+realloc and fresh pages); a burst ending on an exact multiple of 64 KiB keeps them until the
+next short read or write. With ``SSL_MODE_RELEASE_BUFFERS`` (set by our contexts) OpenSSL also
+frees its record buffers: an idle server stream measures ~28 KiB (TLSStream and OpenSSL, after
+256 KiB each way). pyOpenSSL has no public API for what this needs (BIO fill level, BIO swap,
+``SSL_session_reused``); each is one cffi call on the binding pyOpenSSL itself uses, fenced in
+``_Internals`` below. If a future pyOpenSSL renames its private attributes we fall back to
+slower code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable`` fails.
 """
 
 from __future__ import annotations
@@ -91,7 +99,16 @@ from .errors import (
     reason_from_openssl,
 )
 
-__all__ = ["InvalidCertificate", "TLSHandshakeError", "TLSStream", "TLSStreamBroken"]
+__all__ = [
+    "InvalidCertificate",
+    "TLSHandshakeError",
+    "TLSStream",
+    "TLSStreamBroken",
+    "attach_socket",
+    "incoming_pending",
+    "outgoing_pending",
+    "release_idle_buffers",
+]
 
 _T = TypeVar("_T")
 _A = TypeVar("_A")
@@ -123,10 +140,7 @@ class _Internals:
 
     lib: Any = _lib
     ffi: Any = _ffi
-    available: bool = _lib is not None and all(
-        hasattr(_lib, name)
-        for name in _NEEDED
-    )
+    available: bool = _lib is not None and all(hasattr(_lib, name) for name in _NEEDED)
 
     @classmethod
     def usable_for(cls, conn: SSL.Connection) -> bool:
@@ -577,6 +591,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # ---- the trio Stream interface -------------------------------------------------------
 
+    def take_delayed_output(self) -> bytes:
+        """Hand over ciphertext held back for the first write (TLS 1.3 session tickets).
+
+        For code that takes over the connection after the handshake: send these bytes before
+        any other output, and never use this stream for I/O again.
+        """
+        data, self._delayed_outgoing = self._delayed_outgoing, b""
+        return data
+
     async def do_handshake(self) -> None:
         """Run the handshake if nobody has yet; wait for it if another task is running it.
 
@@ -735,3 +758,66 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self.transport_stream)
             raise
         await self.transport_stream.aclose()
+
+
+# ---- for code that drives the Connection itself after the handshake (proxy/pipe.py) -----------
+
+
+def release_idle_buffers(conn: SSL.Connection) -> bool:
+    """Give back the memory BIOs' grown buffers when both are empty (an idle connection).
+
+    For code that drives an ``SSL.Connection`` directly instead of through ``TLSStream``.
+    Returns False when nothing was done (pending bytes, or internals unavailable).
+    """
+    if not _Internals.usable_for(conn):
+        return False
+    if _Internals.incoming_pending(conn) or _Internals.outgoing_pending(conn):
+        return False
+    return _Internals.renew_bios(conn)
+
+
+def outgoing_pending(conn: SSL.Connection) -> int:
+    """Bytes OpenSSL has written to the outgoing memory BIO and nobody has sent yet.
+
+    -1 when unknown (pyOpenSSL internals unavailable): callers must then try ``bio_read``.
+    """
+    if _Internals.usable_for(conn):
+        return _Internals.outgoing_pending(conn)
+    return -1
+
+
+def attach_socket(conn: SSL.Connection, fd: int) -> bool:
+    """Move a connection from its (empty) memory BIOs onto socket ``fd`` (both directions).
+
+    After the handshake, OpenSSL reading and writing the socket itself saves a copy and two
+    Python calls per chunk. Only legal when both memory BIOs are empty (nothing would be lost)
+    and the internals are reachable; returns False (and changes nothing) otherwise. The
+    connection must not be used through ``TLSStream`` or ``bio_*`` afterwards.
+    """
+    lib = _Internals.lib
+    if not (
+        _Internals.usable_for(conn)
+        and hasattr(lib, "SSL_set_fd")
+        and hasattr(lib, "SSL_OP_IGNORE_UNEXPECTED_EOF")
+    ):
+        return False
+    if _Internals.incoming_pending(conn) or _Internals.outgoing_pending(conn):
+        return False
+    if not lib.SSL_set_fd(conn._ssl, fd):
+        return False
+    # A TCP FIN without close_notify is how much of the web ends a connection: read it as
+    # an end (ZeroReturnError), not as OpenSSL 3's "unexpected eof" error.
+    conn.set_options(lib.SSL_OP_IGNORE_UNEXPECTED_EOF)
+    # SSL_set_fd freed the memory BIOs: make pyOpenSSL's bio_* refuse instead of touching
+    # freed memory (they check for None), and stop _Internals from using them.
+    conn._into_ssl = None
+    conn._from_ssl = None
+    return True
+
+
+def incoming_pending(conn: SSL.Connection) -> int:
+    """Ciphertext bytes written into the incoming BIO that OpenSSL has not consumed yet
+    (-1 when unknown)."""
+    if _Internals.usable_for(conn):
+        return _Internals.incoming_pending(conn)
+    return -1
