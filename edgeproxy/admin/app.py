@@ -171,6 +171,7 @@ class AdminApp:
             raise ValueError("admin token is empty: set a real token or none at all")
         self.rt = rt
         self._token = token.encode() if token is not None else None
+        self._was_ready = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -240,19 +241,35 @@ class AdminApp:
         if not proxy.bound:
             return json_response(503, {"ready": False, "reason": "not_listening",
                                        "detail": "no proxy listener is bound yet"})
+        problem: tuple[str, str] | None = None
         try:
             with trio.move_on_after(READY_STORAGE_TIMEOUT) as scope:
                 await self.rt.storage.list(_STATUS_PREFIX)
         except StorageError as exc:
+            problem = ("storage_error", str(exc))
+        else:
+            if scope.cancelled_caught:
+                detail = f"storage did not answer within {READY_STORAGE_TIMEOUT:g}s"
+                problem = ("storage_timeout", detail)
+        if problem is None:
+            self._was_ready = True
             return json_response(
-                503, {"ready": False, "reason": "storage_error", "detail": str(exc)}
+                200, {"ready": True, "listeners": [list(a) for a in proxy.bound]}
             )
-        if scope.cancelled_caught:
-            detail = f"storage did not answer within {READY_STORAGE_TIMEOUT:g}s"
+        if self._was_ready:
+            # Storage is needed to start, not to serve: cached certificates keep working.
+            # Turning every replica unready during a database blip would take the whole
+            # edge out of the load balancer, an outage made by the health check itself.
             return json_response(
-                503, {"ready": False, "reason": "storage_timeout", "detail": detail}
+                200,
+                {
+                    "ready": True,
+                    "degraded": problem[0],
+                    "detail": problem[1] + " (serving cached certificates; new names wait)",
+                    "listeners": [list(a) for a in proxy.bound],
+                },
             )
-        return json_response(200, {"ready": True, "listeners": [list(a) for a in proxy.bound]})
+        return json_response(503, {"ready": False, "reason": problem[0], "detail": problem[1]})
 
     async def metrics(self, req: Request) -> Response:
         multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

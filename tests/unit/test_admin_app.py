@@ -197,6 +197,19 @@ async def test_not_ready_when_storage_fails(
     assert "list failed" in body["detail"]
 
 
+async def test_storage_failure_after_ready_degrades_but_stays_ready(
+    client: httpx.AsyncClient, storage: FileStorage
+) -> None:
+    assert (await client.get("/readyz")).status_code == 200
+    break_storage(storage)
+    r = await client.get("/readyz")
+    # Cached certificates still serve: pulling every replica out of the load balancer
+    # during a database blip would turn it into an outage.
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] is True and body["degraded"] == "storage_error"
+
+
 async def test_not_ready_when_storage_hangs(autojump_clock: trio.abc.Clock, rt: Runtime) -> None:
     rt.storage = StalledStorage()
     async with client_for(rt) as c:
