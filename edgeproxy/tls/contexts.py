@@ -114,6 +114,12 @@ def _select_acme_tls(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     raise TLSHandshakeError("no_application_protocol", "acme-tls/1 not offered")
 
 
+def _accept_server_name(conn: SSL.Connection) -> None:
+    # Returning normally is SSL_TLSEXT_ERR_OK: OpenSSL then records the name in the session, so
+    # a resumed TLS 1.2 connection still reports it (without a callback it reports None).
+    return None
+
+
 def _hardened_context() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -127,6 +133,7 @@ def _hardened_context() -> SSL.Context:
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
+    ctx.set_tlsext_servername_callback(_accept_server_name)
     return ctx
 
 

@@ -270,6 +270,7 @@ def test_tickets_resume_on_the_same_context(
     handshake(second_server, second)
     assert _session_reused(second_server)
     assert not _session_reused(first_server)
+    assert second_server.get_servername() == b"example.test"  # kept across TLS 1.2 resumption
 
 
 def test_tickets_from_another_context_are_not_accepted(ca: trustme.CA) -> None:

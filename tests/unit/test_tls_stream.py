@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
+import inspect
 import os
 import shutil
+import socket
 import ssl
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -27,27 +30,25 @@ import trio.testing
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from edgeproxy.tls import stream as stream_module
 from edgeproxy.tls.contexts import build_server_context, load_pem_chain, new_server_connection
 from edgeproxy.tls.errors import TLSStreamBroken, reason_from_openssl
-from edgeproxy.tls.stream import TLSHandshakeError, TLSStream
+from edgeproxy.tls.stream import (
+    TLSHandshakeError,
+    TLSStream,
+    attach_socket,
+    incoming_pending,
+    outgoing_pending,
+    release_idle_buffers,
+)
 
 HANG_GUARD = 20  # seconds; only stops a broken test from hanging, never asserted on
 
 # ---- fixtures and helpers --------------------------------------------------------------------
 
-
-@pytest.fixture(autouse=True)
-async def hang_guard(nursery: trio.Nursery) -> None:
-    """Fail instead of hanging: a locking or flushing bug in a stream shows up as a deadlock."""
-
-    async def watchdog() -> None:
-        await trio.sleep(HANG_GUARD)
-        raise AssertionError(f"test still running after {HANG_GUARD} s: deadlock?")
-
-    nursery.start_soon(watchdog)
 
 
 
@@ -520,6 +521,46 @@ async def test_tls12_client_renegotiation_is_refused(
     assert isinstance(info.value, trio.BrokenResourceError)  # what the proxy's pipe catches
 
 
+async def test_client_copes_with_server_initiated_renegotiation(ca: trustme.CA) -> None:
+    # Our server refuses renegotiation, but the engine must cope when a peer does it: then
+    # send_all needs to read, and two tasks can want the transport at once (the receive task
+    # met the HelloRequest; the send task's SSL_write waits for the new handshake).
+    leaf = ca.issue_cert("example.test")
+    lenient = SSL.Context(SSL.TLS_SERVER_METHOD)
+    lenient.set_max_proto_version(SSL.TLS1_2_VERSION)
+    lenient.use_certificate(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    lenient.use_privatekey(key)
+    server_t, client_t = trio.testing.memory_stream_pair()
+    server_conn = SSL.Connection(lenient, None)
+    server_conn.set_accept_state()
+    server = TLSStream(server_t, server_conn)
+    client = TLSStream(client_t, client_conn(client_ctx(ca)))
+    await handshake_both(server, client)
+    upload = os.urandom(2 * 1024 * 1024)
+
+    async def client_uploads() -> None:
+        for start in range(0, len(upload), 50_000):
+            await client.send_all(upload[start : start + 50_000])
+
+    async def server_side() -> None:
+        # Renegotiate from the receive path (OpenSSL accepts data interleaved with the new
+        # handshake only in SSL_read), then answer once everything arrived.
+        first = await receive_exactly(server, 500_000)
+        assert server_conn.renegotiate()
+        rest = await receive_exactly(server, len(upload) - len(first))
+        assert first + rest == upload
+        await server.send_all(b"done")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server_side)
+        nursery.start_soon(client_uploads)
+        assert await receive_exactly(client, 4) == b"done"
+    assert server_conn.total_renegotiations() == 1
+    assert not server_conn.renegotiate_pending()
+
+
 async def test_tampered_record_breaks_the_stream(ca: trustme.CA, server_ctx: SSL.Context) -> None:
     server_t, client_t = trio.testing.memory_stream_pair()
     server = TLSStream(server_t, new_server_connection(server_ctx))
@@ -617,9 +658,7 @@ async def test_receive_after_own_aclose_is_closed(ca: trustme.CA, server_ctx: SS
     assert not client.ragged_eof  # aclose sent close_notify
 
 
-async def test_connection_with_a_socket_is_refused(server_ctx: SSL.Context) -> None:
-    import socket
-
+def test_connection_with_a_socket_is_refused(server_ctx: SSL.Context) -> None:
     a, b = socket.socketpair()
     with a, b:
         conn = SSL.Connection(server_ctx, a)
@@ -630,7 +669,7 @@ async def test_connection_with_a_socket_is_refused(server_ctx: SSL.Context) -> N
 # ---- memory: idle connections give their buffers back ----------------------------------------
 
 
-async def test_openssl_internals_reachable(server_ctx: SSL.Context) -> None:
+def test_openssl_internals_reachable(server_ctx: SSL.Context) -> None:
     """If this fails, a pyOpenSSL upgrade moved what stream._Internals relies on."""
     assert stream_module._Internals.available
     assert stream_module._Internals.usable_for(new_server_connection(server_ctx))
@@ -710,6 +749,58 @@ async def test_idle_connection_stays_within_the_memory_budget(
     assert await _idle_server_bytes(server_ctx, cctx, 100) > 100 * 1024
 
 
+# ---- helpers for code that takes the Connection over (proxy/pipe.py) -------------------------
+
+
+async def test_attach_socket_hands_the_connection_to_the_socket(
+    ca: trustme.CA, server_ctx: SSL.Context
+) -> None:
+    server_sock, client_sock = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(server_sock), new_server_connection(server_ctx))
+    client = TLSStream(trio.SocketStream(client_sock), client_conn(client_ctx(ca)))
+    await handshake_both(server, client)
+    conn = server.connection
+    tickets = server.take_delayed_output()  # TLS 1.3 tickets, held back for the first write
+    assert tickets and server.take_delayed_output() == b""
+    assert (incoming_pending(conn), outgoing_pending(conn)) == (0, 0)
+
+    assert attach_socket(conn, server_sock.fileno())
+    assert (incoming_pending(conn), outgoing_pending(conn)) == (-1, -1)  # the BIOs are gone
+    assert not release_idle_buffers(conn)
+    with pytest.raises(TypeError):
+        conn.bio_read(1)  # refused, not a use-after-free
+    await server_sock.send(tickets)
+    conn.send(b"direct")  # OpenSSL writes the socket itself now
+    assert await receive_exactly(client, 6) == b"direct"
+    await client.send_all(b"reply")
+    await trio.lowlevel.wait_readable(server_sock)
+    assert conn.recv(100) == b"reply"
+    await client.transport_stream.send_eof()  # type: ignore[attr-defined]  # FIN, no close_notify
+    await trio.lowlevel.wait_readable(server_sock)
+    with pytest.raises(SSL.ZeroReturnError):
+        conn.recv(100)  # a plain FIN reads as the end, not as an error
+    server_sock.close()
+    client_sock.close()
+
+
+def test_attach_socket_refuses_while_bytes_are_buffered(server_ctx: SSL.Context) -> None:
+    conn = new_server_connection(server_ctx)
+    conn.bio_write(b"\x16\x03\x01")
+    a, b = socket.socketpair()
+    with a, b:
+        assert not attach_socket(conn, a.fileno())
+    assert incoming_pending(conn) == 3  # untouched
+    assert not release_idle_buffers(conn)
+
+
+def test_release_idle_buffers_swaps_empty_bios(server_ctx: SSL.Context) -> None:
+    conn = new_server_connection(server_ctx)
+    before = conn._into_ssl
+    assert release_idle_buffers(conn)
+    assert conn._into_ssl != before
+    assert (incoming_pending(conn), outgoing_pending(conn)) == (0, 0)
+
+
 # ---- error vocabulary ------------------------------------------------------------------------
 
 
@@ -733,11 +824,11 @@ async def test_idle_connection_stays_within_the_memory_budget(
         ("something new in OpenSSL 5", "protocol_error"),
     ],
 )
-async def test_openssl_reasons_become_tokens(reason: str, token: str) -> None:
+def test_openssl_reasons_become_tokens(reason: str, token: str) -> None:
     assert reason_from_openssl([("SSL routines", "", reason)]) == token
 
 
-async def test_first_recognised_entry_wins() -> None:
+def test_first_recognised_entry_wins() -> None:
     entries = [
         ("SSL routines", "", "odd"),
         ("SSL routines", "", "no shared cipher"),
@@ -957,10 +1048,13 @@ async def test_s_client_renegotiation_is_refused(server_ctx: SSL.Context, ca_fil
 
 async def test_s_client_tls12_ticket_resumption(server_ctx: SSL.Context, ca_file: str) -> None:
     async with serving(server_ctx) as server:
-        out = await s_client(server.port, "-tls1_2", "-CAfile", ca_file, "-reconnect")
+        out = await s_client(
+            server.port, "-tls1_2", "-servername", "example.test", "-CAfile", ca_file, "-reconnect"
+        )
         outcomes = [await server.outcome() for _ in range(6)]  # first + 5 reconnects
     assert out.count("Reused, TLSv1.2") == 5, out
     assert [o.reused for o in outcomes] == [False] + [True] * 5
+    assert {o.sni for o in outcomes} == {"example.test"}
 
 
 async def test_s_client_tls13_ticket_resumption(
@@ -1041,3 +1135,24 @@ async def test_half_close_over_tcp_server_first(
         await client.aclose()
     assert outcome.error is None
     assert (outcome.received, outcome.ragged) == (b"still talking", False)
+
+
+# ---- every async test above fails instead of hanging -----------------------------------------
+# A locking or flushing bug in a stream shows up as a deadlock. (pytest-trio ignores autouse
+# async fixtures, so a watchdog fixture cannot do this.)
+
+
+def _fail_instead_of_hanging(
+    test: Callable[..., Awaitable[None]],
+) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(test)  # keeps the signature (fixtures) and the parametrize marks
+    async def guarded(*args: object, **kwargs: object) -> None:
+        with trio.fail_after(HANG_GUARD):
+            await test(*args, **kwargs)
+
+    return guarded
+
+
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_test):
+        globals()[_name] = _fail_instead_of_hanging(_test)
