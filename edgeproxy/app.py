@@ -72,7 +72,7 @@ def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) 
         return InternalIssuer(storage)
     from .issuers.acme import AcmeIssuer
 
-    return AcmeIssuer.from_config(cfg.acme, storage, challenges)
+    return AcmeIssuer.from_config(cfg.acme, storage, challenges, lock_ttl=cfg.storage.lock_ttl)
 
 
 def build_policy(cfg: Config) -> OnDemandPolicy:

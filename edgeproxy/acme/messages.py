@@ -201,7 +201,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         return float(int(text)) if len(text) <= 15 else None
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: a day of 10**30
         return None
     if when.tzinfo is None:  # HTTP-dates are GMT by definition (RFC 9110 s5.6.7)
         when = when.replace(tzinfo=UTC)

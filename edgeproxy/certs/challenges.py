@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from ..errors import StorageError
+from ..names import InvalidName, validate_hostname
 from ..storage.base import Storage
 from ..tls.challenge_cert import build_challenge_certificate
 from ..tls.contexts import build_acme_challenge_context
@@ -50,6 +51,11 @@ class ChallengeResponder:
             log.warning("could not withdraw challenge for %s: %s", identifier, exc)
 
     async def context_for(self, name: str) -> SSL.Context | None:
+        try:
+            validate_hostname(name)
+        except InvalidName:
+            # We never order such a name, and storage could not even spell it as a key.
+            return None
         key_auth = self._local.get(name)
         if key_auth is None:
             try:

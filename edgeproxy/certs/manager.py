@@ -136,6 +136,12 @@ class CertificateManager:
         static = self.static.match(name)
         if static is not None:
             return static
+        try:
+            validate_hostname(name)
+        except InvalidName as exc:
+            # Refused before any task, status or storage key exists for it: an SNI is only
+            # printable ASCII, and "a+b" or "x/../y" would not even be a valid storage key.
+            raise CertificateUnavailable(name, "invalid_name", str(exc)) from None
         ev = self._start_acquire(name)
         with trio.move_on_after(self.wait):
             await ev.wait()

@@ -54,8 +54,10 @@ class AcmeIssuer:
         eab: tuple[str, bytes] | None = None,
         profile: str | None = None,
         preferred_chain: str | None = None,
+        lock_ttl: float = 30.0,
     ) -> None:
         self.directory = directory
+        self._lock_ttl = lock_ttl
         self._storage = storage
         self._solver = solver
         self._email = email
@@ -70,7 +72,9 @@ class AcmeIssuer:
         self._reported: dict[str, int] = {}
 
     @classmethod
-    def from_config(cls, cfg: AcmeConfig, storage: Storage, solver: ChallengeSolver) -> AcmeIssuer:
+    def from_config(
+        cls, cfg: AcmeConfig, storage: Storage, solver: ChallengeSolver, *, lock_ttl: float = 30.0
+    ) -> AcmeIssuer:
         import os
 
         eab = None
@@ -88,6 +92,7 @@ class AcmeIssuer:
             eab=eab,
             profile=cfg.profile,
             preferred_chain=cfg.preferred_chain,
+            lock_ttl=lock_ttl,
         )
 
     @property
@@ -121,7 +126,11 @@ class AcmeIssuer:
         loaded = await self._read_account(name)
         if loaded is not None:
             return loaded
-        async with hold_lock(self._storage, "acme-account", owner=make_owner_id(), ttl=60, wait=60):
+        # The lease is short (storage.lock_ttl, kept alive while held): a process killed while
+        # creating the account must not block every other one for long.
+        async with hold_lock(
+            self._storage, "acme-account", owner=make_owner_id(), ttl=self._lock_ttl, wait=60
+        ):
             loaded = await self._read_account(name)
             if loaded is not None:
                 return loaded

@@ -11,7 +11,6 @@ client cannot hold a connection slot longer than ``server.handshake_timeout``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import time
@@ -19,12 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
+from OpenSSL import SSL
+from trio.lowlevel import wait_readable
 
 from .. import metrics
 from ..errors import CertificateUnavailable, UpstreamError
 from ..names import is_ip_literal
 from ..tls.contexts import new_server_connection
-from ..tls.stream import TLSHandshakeError, TLSStream
+from ..tls.errors import TLSHandshakeError
+from ..tls.handshake import accept_tls
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
@@ -71,74 +73,75 @@ def _addr(sockaddr: object) -> tuple[str, int]:
 
 
 async def handle_connection(
-    proxy: Proxy, stream: trio.SocketStream, counted_ip: str | None
+    proxy: Proxy, sock: socket.socket, peer: tuple[str, int], counted_ip: str | None
 ) -> None:
     settings = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
     try:
-        peer = _addr(stream.socket.getpeername())
-        local = _addr(stream.socket.getsockname())
+        local = _addr(sock.getsockname())
     except OSError:
-        # Reset before we got to it (a scanner's SYN-RST): nothing to serve, nothing to log.
-        peer = local = ("unknown", 0)
+        local = ("unknown", 0)
     info = ConnInfo(time.monotonic(), peer, peer, local)
     info.counted_ip = counted_ip
     try:
-        if peer[0] == "unknown":
-            info.result = "reset_before_start"
-            return
-        await _serve(proxy, settings, stream, info)
+        await _serve(proxy, settings, sock, info)
     except Exception:
         info.result = "internal_error"
         log.exception("connection from %s: unexpected error", info.client[0])
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
         proxy.connection_closed(info)
 
 
-async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+async def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with trio.move_on_after(1.0):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await stream.send_all(data)
+        try:
+            await send_all(sock, data)
+        except OSError:
+            pass
 
 
-async def _serve(proxy: Proxy, s: Settings, stream: trio.SocketStream, info: ConnInfo) -> None:
-    tls: TLSStream | None = None
-    route: Route | None = None
+async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo) -> None:
+    done: tuple[SSL.Connection, Route, bytes] | None = None
     try:
         with trio.move_on_after(s.handshake_timeout) as hs_scope:
-            tls, route = await _handshake(proxy, s, stream, info)
+            done = await _handshake(proxy, s, sock, info)
     finally:
         proxy.end_handshake(info)
     if hs_scope.cancelled_caught:
         info.result = "handshake_timeout"
         metrics.HANDSHAKES.labels("failed", "timeout").inc()
         return
-    if tls is None or route is None:
+    if done is None:
         return
-    await _forward(proxy, s, stream, tls, route, info)
+    conn, route, pending = done
+    await _forward(proxy, s, sock, conn, route, pending, info)
 
 
 async def _handshake(
-    proxy: Proxy, s: Settings, stream: trio.SocketStream, info: ConnInfo
-) -> tuple[TLSStream | None, Route | None]:
-    """PROXY header, ClientHello, decision, TLS handshake: (stream, route) or (None, None)."""
+    proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo
+) -> tuple[SSL.Connection, Route, bytes] | None:
+    """PROXY header, ClientHello, decision, TLS handshake.
+
+    Returns (connection, route, ciphertext to send first) or None when the connection ends
+    here (its ``info.result`` says why).
+    """
     rest = b""
     if s.proxy_protocol != "off":
         pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
         while True:
-            data = await _receive(stream)
+            data = await _receive(sock)
             if not data:
                 info.result = "eof_in_proxy_header"
                 metrics.PROXY_HEADERS.labels("eof").inc()
-                return None, None
+                return None
             try:
                 parsed = pp.feed(data)
             except ProxyProtocolError as exc:
                 info.result = "bad_proxy_header"
                 info.extra["detail"] = exc.reason
                 metrics.PROXY_HEADERS.labels("invalid").inc()
-                return None, None
+                return None
             if parsed is not None:
                 pp_header, rest = parsed
                 break
@@ -155,31 +158,31 @@ async def _handshake(
             info.extra["vpce"] = pp_header.aws_vpce_id
         if not proxy.admit_client(info):
             info.result = "limit_per_ip"
-            return None, None
+            return None
 
     parser = ClientHelloParser()
     hello: ClientHello | object = parser.feed(rest) if rest else NEED_DATA
     try:
         while hello is NEED_DATA:
-            data = await _receive(stream)
+            data = await _receive(sock)
             if not data:
                 if info.result != "health_check":
                     info.result = "eof_before_hello" if parser.buffered else "eof_silent"
                     metrics.CLIENT_HELLOS.labels("eof").inc()
-                return None, None
+                return None
             hello = parser.feed(data)
     except NotTLS as exc:
         metrics.CLIENT_HELLOS.labels("http" if exc.looks_like_http else "not_tls").inc()
         if exc.looks_like_http:
             info.result = "plain_http"
-            await _send_quietly(stream, HTTP_ON_TLS_PORT)
+            await _send_quietly(sock, HTTP_ON_TLS_PORT)
         else:
             info.result = "not_tls"
-        return None, None
+        return None
     except ClientHelloError as exc:
         metrics.CLIENT_HELLOS.labels(exc.reason).inc()
         info.result = f"bad_hello:{exc.reason}"
-        return None, None
+        return None
     assert isinstance(hello, ClientHello)
     metrics.CLIENT_HELLOS.labels("ok").inc()
     sni = hello.sni
@@ -190,15 +193,15 @@ async def _handshake(
     info.sni = sni
 
     if ACME_TLS_ALPN in hello.alpn_protocols:
-        await _answer_challenge(proxy, stream, hello, parser.buffered, info)
-        return None, None
+        await _answer_challenge(proxy, sock, hello, parser.buffered, info)
+        return None
 
     route = s.routes.match(sni)
     if route is None:
         info.result = "no_route"
         metrics.HANDSHAKES.labels("refused", "no_route").inc()
-        await _send_quietly(stream, alert_record(AlertDescription.UNRECOGNIZED_NAME))
-        return None, None
+        await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
+        return None
     info.route = route.label
     try:
         ctx = await proxy.certs.context_for(sni)
@@ -210,33 +213,29 @@ async def _handshake(
             if exc.reason in _NAME_REASONS
             else AlertDescription.INTERNAL_ERROR
         )
-        await _send_quietly(stream, alert_record(desc))
-        return None, None
-    tls = TLSStream(
-        stream, new_server_connection(ctx, alpn=route.alpn), initial_data=parser.buffered
-    )
+        await _send_quietly(sock, alert_record(desc))
+        return None
+    conn = new_server_connection(ctx, alpn=route.alpn)
     try:
-        await tls.do_handshake()
+        pending = await accept_tls(conn, sock, parser.buffered)
     except TLSHandshakeError as exc:
         info.result = f"tls_error:{exc.reason}"
         metrics.HANDSHAKES.labels("failed", exc.reason).inc()
-        return None, None
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        info.result = "tls_error:peer_closed"
-        metrics.HANDSHAKES.labels("failed", "peer_closed").inc()
-        return None, None
+        return None
     metrics.HANDSHAKES.labels("ok", "").inc()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
-    info.alpn = tls.selected_alpn
-    return tls, route
+    alpn = conn.get_alpn_proto_negotiated()
+    info.alpn = alpn.decode("ascii", "replace") if alpn else None
+    return conn, route, pending
 
 
 async def _forward(
     proxy: Proxy,
     s: Settings,
-    stream: trio.SocketStream,
-    tls: TLSStream,
+    client: socket.socket,
+    conn: SSL.Connection,
     route: Route,
+    pending: bytes,
     info: ConnInfo,
 ) -> None:
     """Connect the route's upstream and pipe both ways until both sides are done."""
@@ -245,14 +244,10 @@ async def _forward(
     except UpstreamError as exc:
         info.result = "upstream_unreachable"
         log.error("%s (client %s, sni %s)", exc, info.client[0], info.sni)
-        with trio.move_on_after(1.0):
-            await tls.aclose()
+        await _close_notify(client, conn, pending)
         return
     info.upstream = str(hp)
-    # From here on the hot loop drives the sockets and the SSL object directly.
-    client = socket.socket(fileno=stream.socket.detach())
     try:
-        client.setblocking(False)
         if route.send_proxy is not None:
             header = (build_v2 if route.send_proxy == "v2" else build_v1)(info.client, info.local)
             try:
@@ -260,32 +255,45 @@ async def _forward(
             except OSError:
                 info.result = "upstream_reset"
                 return
-        result = await pipe(
-            tls.connection,
-            client,
-            upstream,
-            idle_timeout=s.idle_timeout,
-            pending=tls.take_delayed_output(),
-        )
+        result = await pipe(conn, client, upstream, idle_timeout=s.idle_timeout, pending=pending)
         info.to_upstream = result.to_upstream
         info.to_client = result.to_client
         if result.reason != "done":
             info.result = result.reason
     finally:
-        for sock in (client, upstream):
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
+        trio.lowlevel.notify_closing(upstream)
+        upstream.close()
 
 
-async def _receive(stream: trio.SocketStream) -> bytes:
+async def _close_notify(client: socket.socket, conn: SSL.Connection, pending: bytes) -> None:
+    """A clean TLS close (the client sees an orderly end, not a reset); best effort."""
     try:
-        return await stream.receive_some(_READ)
-    except (trio.BrokenResourceError, OSError):
-        return b""
+        conn.shutdown()
+    except SSL.Error:
+        pass
+    out = pending
+    try:
+        while True:
+            out += conn.bio_read(65536)
+    except SSL.Error:
+        pass
+    await _send_quietly(client, out)
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    """Wait for bytes, then read them (b"" at EOF or on a reset)."""
+    while True:
+        await wait_readable(sock)
+        try:
+            return sock.recv(_READ)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
 
 
 async def _answer_challenge(
-    proxy: Proxy, stream: trio.SocketStream, hello: ClientHello, buffered: bytes, info: ConnInfo
+    proxy: Proxy, sock: socket.socket, hello: ClientHello, buffered: bytes, info: ConnInfo
 ) -> None:
     info.alpn = ACME_TLS_ALPN
     name = hello.sni
@@ -300,18 +308,15 @@ async def _answer_challenge(
             name,
             info.client[0],
         )
-        await _send_quietly(stream, alert_record(AlertDescription.UNRECOGNIZED_NAME))
+        await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
         return
-    tls = TLSStream(
-        stream, new_server_connection(ctx, alpn=(ACME_TLS_ALPN,)), initial_data=buffered
-    )
+    conn = new_server_connection(ctx, alpn=(ACME_TLS_ALPN,))
     try:
-        await tls.do_handshake()
-    except (TLSHandshakeError, trio.BrokenResourceError) as exc:
-        info.result = f"acme_tls_error:{getattr(exc, 'reason', 'peer_closed')}"
+        pending = await accept_tls(conn, sock, buffered)
+    except TLSHandshakeError as exc:
+        info.result = f"acme_tls_error:{exc.reason}"
         return
     metrics.CHALLENGES_ANSWERED.inc()
     info.result = "acme_challenge_answered"
     log.info("answered TLS-ALPN-01 validation for %s from %s", name, info.client[0])
-    with trio.move_on_after(1.0):
-        await tls.aclose()
+    await _close_notify(sock, conn, pending)

@@ -273,6 +273,22 @@ def test_tickets_resume_on_the_same_context(
     assert second_server.get_servername() == b"example.test"  # kept across TLS 1.2 resumption
 
 
+@pytest.mark.parametrize("max_version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_session_tickets_can_be_turned_off(ca: trustme.CA, max_version: int) -> None:
+    # For handshake benchmarks: every connection pays the full handshake.
+    ctx = build_server_context(*chain_and_key(ca.issue_cert("example.test")), session_tickets=False)
+    cctx = client_context(ca, max_version=max_version)
+    first_server, first = new_server_connection(ctx), client_connection(ctx=cctx)
+    handshake(first_server, first)
+    exchange(first_server, first, b"x")
+    session = first.get_session()
+    assert session is not None
+    second_server, second = new_server_connection(ctx), client_connection(ctx=cctx)
+    second.set_session(session)
+    handshake(second_server, second)
+    assert not _session_reused(second_server)
+
+
 def test_tickets_from_another_context_are_not_accepted(ca: trustme.CA) -> None:
     # No shared ticket keys (see contexts.py): a second context, even for the same
     # certificate, falls back to a full handshake instead of failing.

@@ -1,0 +1,92 @@
+"""Server TLS handshake on a raw non-blocking socket, primed with the peeked ClientHello.
+
+The data path's twin of ``TLSStream.do_handshake`` for the hot path: no stream layers, no
+locks (one task owns the connection during its handshake), one ``SSL_do_handshake`` call per
+flight. Memory BIOs are kept: the peeked bytes must be fed to OpenSSL first, and the hot loop
+in ``proxy/pipe.py`` moves the connection onto the socket once both BIOs are empty.
+
+TLS 1.3 session tickets, which OpenSSL emits in the step that completes the handshake, are not
+sent here but returned, so they can share a segment with the first response (and never make a
+handshake wait on a client that is not reading yet).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from OpenSSL import SSL
+from trio.lowlevel import wait_readable, wait_writable
+
+from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_from_openssl
+
+_RECV = 65536
+
+
+def _take_output(conn: SSL.Connection) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunks.append(conn.bio_read(_RECV))
+        except SSL.WantReadError:
+            return b"".join(chunks)
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await wait_writable(sock)
+        except OSError as exc:
+            raise TLSHandshakeError(PEER_CLOSED, str(exc)) from None
+
+
+def _error(exc: SSL.Error) -> TLSHandshakeError:
+    if isinstance(exc, (SSL.ZeroReturnError, SSL.SysCallError)):
+        return TLSHandshakeError(PEER_CLOSED, str(exc))
+    entries = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    return TLSHandshakeError(reason_from_openssl(entries), describe_openssl(entries))
+
+
+async def accept_tls(conn: SSL.Connection, sock: socket.socket, initial: bytes) -> bytes:
+    """Complete the server handshake; return ciphertext to send before the first response.
+
+    ``conn`` is a fresh accept-state memory-BIO connection, ``initial`` the bytes already read
+    from ``sock`` (the ClientHello and anything after it). Raises ``TLSHandshakeError``; a
+    fatal alert OpenSSL produced is sent (best effort) before raising.
+    """
+    if initial:
+        conn.bio_write(initial)
+    while True:
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            done = False
+        except SSL.Error as exc:
+            alert = _take_output(conn)
+            if alert:
+                try:
+                    sock.send(alert)  # best effort: one try, never wait for a failing peer
+                except OSError:
+                    pass
+            raise _error(exc) from None
+        else:
+            done = True
+        out = _take_output(conn)
+        if done:
+            return out  # TLS 1.3: the session tickets
+        if out:
+            await _send_all(sock, out)
+        while True:
+            await wait_readable(sock)
+            try:
+                data = sock.recv(_RECV)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise TLSHandshakeError(PEER_CLOSED, str(exc)) from None
+            break
+        if not data:
+            raise TLSHandshakeError(PEER_CLOSED, "EOF during the handshake")
+        conn.bio_write(data)
