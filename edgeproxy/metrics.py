@@ -115,3 +115,11 @@ for _result in ("ok", "rejected"):
     CONFIG_RELOADS.labels(_result)
 CONNECTIONS_CLOSED.labels("upstream_unreachable")
 STORAGE_ERRORS.labels("corrupt_record")
+
+# Label children used on every connection, bound once: ``labels()`` takes a lock and builds a
+# key per call, which the per-connection path does not need to pay.
+CLIENT_HELLOS_OK = CLIENT_HELLOS.labels("ok")
+HANDSHAKES_OK = HANDSHAKES.labels("ok", "")
+BYTES_TO_UPSTREAM = BYTES.labels("to_upstream")
+BYTES_TO_CLIENT = BYTES.labels("to_client")
+CLOSED_OK = CONNECTIONS_CLOSED.labels("ok")

@@ -201,8 +201,11 @@ class AdminApp:
                 allowed = sorted({*route.methods, *(["HEAD"] if "GET" in route.methods else [])})
                 return json_response(
                     405,
-                    {"error": "method_not_allowed", "detail": f"{req.method} is not allowed here",
-                     "allowed": allowed},
+                    {
+                        "error": "method_not_allowed",
+                        "detail": f"{req.method} is not allowed here",
+                        "allowed": allowed,
+                    },
                     (b"allow", ", ".join(allowed).encode()),
                 )
             return await handler(self, dataclasses.replace(req, params=m.groupdict()))
@@ -236,11 +239,23 @@ class AdminApp:
     async def readyz(self, req: Request) -> Response:
         proxy = self.rt.proxy
         if proxy.draining:
-            return json_response(503, {"ready": False, "reason": "draining",
-                                       "detail": "the process is draining connections before exit"})
+            return json_response(
+                503,
+                {
+                    "ready": False,
+                    "reason": "draining",
+                    "detail": "the process is draining connections before exit",
+                },
+            )
         if not proxy.bound:
-            return json_response(503, {"ready": False, "reason": "not_listening",
-                                       "detail": "no proxy listener is bound yet"})
+            return json_response(
+                503,
+                {
+                    "ready": False,
+                    "reason": "not_listening",
+                    "detail": "no proxy listener is bound yet",
+                },
+            )
         problem: tuple[str, str] | None = None
         try:
             with trio.move_on_after(READY_STORAGE_TIMEOUT) as scope:
@@ -253,9 +268,7 @@ class AdminApp:
                 problem = ("storage_timeout", detail)
         if problem is None:
             self._was_ready = True
-            return json_response(
-                200, {"ready": True, "listeners": [list(a) for a in proxy.bound]}
-            )
+            return json_response(200, {"ready": True, "listeners": [list(a) for a in proxy.bound]})
         if self._was_ready:
             # Storage is needed to start, not to serve: cached certificates keep working.
             # Turning every replica unready during a database blip would take the whole
@@ -322,8 +335,12 @@ class AdminApp:
         if not decision.allowed:
             return json_response(
                 403,
-                {"error": "denied", "detail": decision.detail or decision.reason, "name": name,
-                 "decision": decision_to_dict(decision)},
+                {
+                    "error": "denied",
+                    "detail": decision.detail or decision.reason,
+                    "name": name,
+                    "decision": decision_to_dict(decision),
+                },
             )
         force = _truthy(req.query.get("force", [""])[-1])
         record = await certs.obtain(name, force=force)
@@ -335,10 +352,7 @@ class AdminApp:
 
     async def _stored_statuses(self, *, exclude: set[str]) -> list[DomainStatus]:
         items = await self.rt.storage.list(_STATUS_PREFIX)
-        names = [
-            n for it in items
-            if (n := _status_name(it.key)) is not None and n not in exclude
-        ]
+        names = [n for it in items if (n := _status_name(it.key)) is not None and n not in exclude]
         found: dict[str, DomainStatus] = {}
         limiter = trio.CapacityLimiter(STATUS_READ_CONCURRENCY)
 

@@ -71,10 +71,12 @@ async def serve_admin(
     token = admin.resolved_token()
     if token is None and not _is_loopback(where.host):
         # Config validation accepts token_env; an unset variable must not open the API to all.
-        raise ConfigError([
-            f"admin.token_env: environment variable {admin.token_env} is empty and admin "
-            f"listens on {admin.listen} (set the variable, or listen on 127.0.0.1)"
-        ])
+        raise ConfigError(
+            [
+                f"admin.token_env: environment variable {admin.token_env} is empty and admin "
+                f"listens on {admin.listen} (set the variable, or listen on 127.0.0.1)"
+            ]
+        )
     sock = _bind(where, reuse_port=reuse_port)
     try:
         bound = _addr(sock.getsockname())
@@ -97,10 +99,12 @@ def _bind(where: HostPort, *, reuse_port: bool = False) -> socket.socket:
         sock.bind((where.host, where.port))
     except OSError as exc:
         sock.close()
-        raise ConfigError([
-            f"admin.listen: cannot listen on {where} ({exc.strerror}) "
-            "(free the port or change it)"
-        ]) from None
+        raise ConfigError(
+            [
+                f"admin.listen: cannot listen on {where} ({exc.strerror}) "
+                "(free the port or change it)"
+            ]
+        ) from None
     return sock
 
 

@@ -184,7 +184,7 @@ async def _handshake(
         info.result = f"bad_hello:{exc.reason}"
         return None
     assert isinstance(hello, ClientHello)
-    metrics.CLIENT_HELLOS.labels("ok").inc()
+    metrics.CLIENT_HELLOS_OK.inc()
     sni = hello.sni
     if sni is not None and is_ip_literal(sni):
         # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
@@ -222,7 +222,7 @@ async def _handshake(
         info.result = f"tls_error:{exc.reason}"
         metrics.HANDSHAKES.labels("failed", exc.reason).inc()
         return None
-    metrics.HANDSHAKES.labels("ok", "").inc()
+    metrics.HANDSHAKES_OK.inc()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
     alpn = conn.get_alpn_proto_negotiated()
     info.alpn = alpn.decode("ascii", "replace") if alpn else None

@@ -218,9 +218,14 @@ class Proxy:
                 self.per_ip[ip] = n
         if self.active == 0:
             self._idle.set()
-        metrics.CONNECTIONS_CLOSED.labels(info.result.split(":", 1)[0]).inc()
-        metrics.BYTES.labels("to_upstream").inc(info.to_upstream)
-        metrics.BYTES.labels("to_client").inc(info.to_client)
+        if info.result == "ok":
+            metrics.CLOSED_OK.inc()
+        else:
+            metrics.CONNECTIONS_CLOSED.labels(info.result.split(":", 1)[0]).inc()
+        if info.to_upstream:
+            metrics.BYTES_TO_UPSTREAM.inc(info.to_upstream)
+        if info.to_client:
+            metrics.BYTES_TO_CLIENT.inc(info.to_client)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s sni=%s alpn=%s route=%s upstream=%s up=%d down=%d dur=%.3f result=%s",

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import trio
 from trio.lowlevel import wait_writable
@@ -39,6 +40,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._suspect_until: dict[HostPort, float] = {}
         self._resolved: dict[HostPort, tuple[float, list[Address]]] = {}
+        self._connect_seconds: dict[str, Any] = {}  # bound histogram children by route
 
     async def connect(self, route: Route, per_attempt: float) -> tuple[socket.socket, HostPort]:
         order = route.upstream_order()
@@ -61,7 +63,12 @@ class UpstreamPool:
                 log.warning("route %s: upstream %s connect failed: %s", route.label, hp, reason)
                 errors.append(f"{hp}: {reason}")
                 continue
-            metrics.UPSTREAM_CONNECT_SECONDS.labels(route.label).observe(time.monotonic() - t0)
+            hist = self._connect_seconds.get(route.label)
+            if hist is None:
+                hist = self._connect_seconds[route.label] = metrics.UPSTREAM_CONNECT_SECONDS.labels(
+                    route.label
+                )
+            hist.observe(time.monotonic() - t0)
             self._suspect_until.pop(hp, None)
             return sock, hp
         raise UpstreamError(f"route {route.label}: no upstream reachable ({'; '.join(errors)})")

@@ -18,11 +18,18 @@ from OpenSSL import SSL
 from trio.lowlevel import wait_readable, wait_writable
 
 from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_from_openssl
+from .stream import outgoing_pending
 
 _RECV = 65536
 
 
 def _take_output(conn: SSL.Connection) -> bytes:
+    size = outgoing_pending(conn)
+    if size == 0:
+        return b""
+    if size > 0:
+        # Exactly what is there: bio_read allocates its argument's size.
+        return conn.bio_read(size)
     chunks = []
     while True:
         try:
