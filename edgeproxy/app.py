@@ -118,6 +118,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         backoff_max=cfg.on_demand.backoff_max,
         renew_interval=cfg.tls.maintenance_interval,
         session_tickets=cfg.tls.session_tickets,
+        per_domain_metrics=cfg.admin.per_domain_metrics,
         lock_ttl=cfg.storage.lock_ttl,
     )
     proxy = Proxy(Settings.from_config(cfg), certs, challenges)

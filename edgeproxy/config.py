@@ -95,6 +95,8 @@ class AdminConfig(_Model):
     listen: str | None = "127.0.0.1:9901"
     token: str | None = None
     token_env: str | None = None
+    # One expiry series per domain: fine for tens of names, unbounded for a SaaS fleet.
+    per_domain_metrics: bool = False
 
     @field_validator("listen")
     @classmethod

@@ -85,6 +85,13 @@ CERTIFICATE_EARLIEST_EXPIRY = Gauge(
     "Unix time of the earliest not_after among managed certificates.",
     multiprocess_mode="livemin",
 )
+# Opt-in ([admin] per_domain_metrics): one series per managed name, for small fleets only.
+CERTIFICATE_EXPIRY = Gauge(
+    "edgeproxy_certificate_expiry_timestamp_seconds",
+    "Unix time of not_after per managed name (only with admin.per_domain_metrics = true).",
+    ["name"],
+    multiprocess_mode="livemax",
+)
 RENEWALS_DUE = Gauge(
     "edgeproxy_certificate_renewals_due",
     "Certificates whose renewal time has passed.",

@@ -81,6 +81,7 @@ class CertificateManager:
         backoff_max: float = 86400.0,
         owner: str | None = None,
         session_tickets: bool = True,
+        per_domain_metrics: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
@@ -97,6 +98,7 @@ class CertificateManager:
         self.backoff_max = backoff_max
         self.owner = owner or make_owner_id()
         self.session_tickets = session_tickets
+        self.per_domain_metrics = per_domain_metrics
         self.clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
@@ -361,6 +363,8 @@ class CertificateManager:
                 rec.chain(), rec.private_key(), session_tickets=self.session_tickets
             )
             self._cache[rec.name] = _Cached(ctx, rec)
+            if self.per_domain_metrics:
+                metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
             self._cache.move_to_end(rec.name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

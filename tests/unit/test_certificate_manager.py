@@ -158,3 +158,25 @@ async def test_issuer_failure_is_recorded_with_backoff(
     with pytest.raises(CertificateUnavailable):
         await mgr.context_for("fail.example.test")
     assert issuer.calls == 1
+
+
+async def test_per_domain_expiry_metric_is_opt_in(tmp_path: Path, nursery: trio.Nursery) -> None:
+    from prometheus_client import REGISTRY
+
+    mgr, _, _ = make_manager(tmp_path)
+    await nursery.start(mgr.run)
+    await mgr.context_for("quiet.example.test")
+    value = REGISTRY.get_sample_value(
+        "edgeproxy_certificate_expiry_timestamp_seconds", {"name": "quiet.example.test"}
+    )
+    assert value is None
+    (tmp_path / "b").mkdir()
+    mgr2, _, _ = make_manager(tmp_path / "b", per_domain_metrics=True)
+    await nursery.start(mgr2.run)
+    await mgr2.context_for("loud.example.test")
+    rec = mgr2.status("loud.example.test")
+    assert rec is not None
+    value = REGISTRY.get_sample_value(
+        "edgeproxy_certificate_expiry_timestamp_seconds", {"name": "loud.example.test"}
+    )
+    assert value == rec.not_after
