@@ -7,7 +7,6 @@ proxy between edgeproxy and pebble) counts ACME requests where a test needs to k
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import ssl
