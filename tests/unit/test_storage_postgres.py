@@ -71,7 +71,7 @@ def own_server() -> Iterator[PostgresServer]:
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     """Poll ``predicate`` (state changed by other threads and processes: no event to wait on)."""
     with trio.move_on_after(DEADLINE):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await trio.sleep(0.02)
         return
     pytest.fail(f"gave up waiting: {what}")
