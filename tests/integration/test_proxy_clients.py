@@ -248,3 +248,18 @@ async def test_session_resumption_follows_config(
                 return s2.session_reused
 
         assert await trio.to_thread.run_sync(two_connections) is tickets
+
+
+async def test_several_listeners_ipv4_and_ipv6(tmp_path: Path, nursery: trio.Nursery) -> None:
+    up = await start_upstream(nursery, http_handler(BODY))
+    cfg = base_config(tmp_path, routes(up.addr, ["http/1.1"]), server={"listen": ["127.0.0.1:0", "[::1]:0"]})
+    async with running_proxy(tmp_path, cfg) as p:
+        bound = p.rt.proxy.bound
+        assert [b[0] for b in bound] == ["127.0.0.1", "::1"]
+        for host, port in bound:
+            url_host = f"[{host}]" if ":" in host else host
+            res = await run(
+                ["curl", "-sS", "--fail", "--cacert", str(p.ca_path), "--resolve",
+                 f"v6.example.test:{port}:{url_host}", f"https://v6.example.test:{port}/"]
+            )
+            assert res.returncode == 0 and res.stdout == BODY, (host, res.stderr)
