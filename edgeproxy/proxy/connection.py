@@ -32,6 +32,7 @@ from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
 from .pipe import pipe, send_all
 from .routes import Route
+from .upstream import PendingConnect
 
 if TYPE_CHECKING:
     from .server import Proxy, Settings
@@ -102,7 +103,7 @@ async def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 
 async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo) -> None:
-    done: tuple[SSL.Connection, Route, bytes] | None = None
+    done: tuple[SSL.Connection, Route, bytes, PendingConnect] | None = None
     try:
         with trio.move_on_after(s.handshake_timeout) as hs_scope:
             done = await _handshake(proxy, s, sock, info)
@@ -114,13 +115,16 @@ async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo)
         return
     if done is None:
         return
-    conn, route, pending = done
-    await _forward(proxy, s, sock, conn, route, pending, info)
+    conn, route, pending, upstream = done
+    try:
+        await _forward(proxy, s, sock, conn, route, pending, upstream, info)
+    finally:
+        upstream.close()
 
 
 async def _handshake(
     proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo
-) -> tuple[SSL.Connection, Route, bytes] | None:
+) -> tuple[SSL.Connection, Route, bytes, PendingConnect] | None:
     """PROXY header, ClientHello, decision, TLS handshake.
 
     Returns (connection, route, ciphertext to send first) or None when the connection ends
@@ -216,17 +220,23 @@ async def _handshake(
         await _send_quietly(sock, alert_record(desc))
         return None
     conn = new_server_connection(ctx, alpn=route.alpn)
+    # The upstream's TCP handshake runs while the client's TLS handshake does.
+    upstream = proxy.upstreams.start(route)
     try:
         pending = await accept_tls(conn, sock, parser.buffered)
     except TLSHandshakeError as exc:
+        upstream.close()
         info.result = f"tls_error:{exc.reason}"
         metrics.HANDSHAKES.labels("failed", exc.reason).inc()
         return None
+    except BaseException:
+        upstream.close()  # cancelled by the handshake timeout, or worse
+        raise
     metrics.HANDSHAKES_OK.inc()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
     alpn = conn.get_alpn_proto_negotiated()
     info.alpn = alpn.decode("ascii", "replace") if alpn else None
-    return conn, route, pending
+    return conn, route, pending, upstream
 
 
 async def _forward(
@@ -236,11 +246,12 @@ async def _forward(
     conn: SSL.Connection,
     route: Route,
     pending: bytes,
+    started: PendingConnect,
     info: ConnInfo,
 ) -> None:
     """Connect the route's upstream and pipe both ways until both sides are done."""
     try:
-        upstream, hp = await proxy.upstreams.connect(route, s.connect_timeout)
+        upstream, hp = await proxy.upstreams.finish(route, started, s.connect_timeout)
     except UpstreamError as exc:
         info.result = "upstream_unreachable"
         log.error("%s (client %s, sni %s)", exc, info.client[0], info.sni)

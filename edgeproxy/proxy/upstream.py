@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -36,52 +37,154 @@ DNS_TTL = 30.0
 Address = tuple[int, tuple[str, int] | tuple[str, int, int, int]]
 
 
+@dataclass(slots=True)
+class PendingConnect:
+    """An upstream connection begun by ``UpstreamPool.start``; ``close`` it if unused."""
+
+    order: list[HostPort]
+    sock: socket.socket | None = None
+    early_error: tuple[HostPort, OSError] | None = None
+    started: float = 0.0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            _close(self.sock)
+            self.sock = None
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+def _literal_address(hp: HostPort) -> Address | None:
+    try:
+        ip = ipaddress.ip_address(hp.host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return (socket.AF_INET6, (hp.host, hp.port, 0, 0))
+    return (socket.AF_INET, (hp.host, hp.port))
+
+
+async def _wait_connected(sock: socket.socket, per_attempt: float) -> None:
+    try:
+        sock.getpeername()
+        return  # the TCP handshake finished while we were busy: no wait at all
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+    with trio.fail_after(per_attempt):
+        await wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 class UpstreamPool:
     def __init__(self) -> None:
         self._suspect_until: dict[HostPort, float] = {}
         self._resolved: dict[HostPort, tuple[float, list[Address]]] = {}
         self._connect_seconds: dict[str, Any] = {}  # bound histogram children by route
 
-    async def connect(self, route: Route, per_attempt: float) -> tuple[socket.socket, HostPort]:
+    def _order(self, route: Route) -> list[HostPort]:
         order = route.upstream_order()
         if self._suspect_until:
             now = time.monotonic()
             order.sort(key=lambda hp: self._suspect_until.get(hp, 0.0) > now)
-        errors = []
+        return order
+
+    def start(self, route: Route) -> PendingConnect:
+        """Begin connecting to the route's next upstream without waiting (no await).
+
+        The data path calls this before the client's TLS handshake, so the upstream's TCP
+        handshake runs meanwhile and is usually done when ``finish`` is called: no extra wait
+        and no latency. Only IP-literal upstreams start early (a hostname needs DNS first).
+        """
+        order = self._order(route)
+        pending = PendingConnect(order, None, None, time.monotonic())
+        hp = order[0]
+        addr = _literal_address(hp)
+        if addr is None:
+            return pending
+        sock = socket.socket(addr[0], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(addr[1])
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            pending.early_error = (hp, OSError(err, os.strerror(err)))
+            return pending
+        pending.sock = sock
+        return pending
+
+    async def finish(
+        self, route: Route, pending: PendingConnect, per_attempt: float
+    ) -> tuple[socket.socket, HostPort]:
+        """Complete what ``start`` began; on failure try the route's other upstreams."""
+        errors: list[str] = []
+        order = pending.order
+        if pending.sock is not None or pending.early_error is not None:
+            hp = order[0]
+            order = order[1:]
+            sock = pending.sock
+            pending.sock = None
+            try:
+                if pending.early_error is not None:
+                    raise pending.early_error[1]
+                assert sock is not None
+                await _wait_connected(sock, per_attempt)
+            except (OSError, trio.TooSlowError) as exc:
+                if sock is not None:
+                    _close(sock)
+                errors.append(self._failed(route, hp, exc))
+            else:
+                self._connected(route, hp, pending.started)
+                return sock, hp
         for hp in order:
             t0 = time.monotonic()
             try:
                 with trio.fail_after(per_attempt):
                     sock = await self._connect_one(hp)
             except (OSError, trio.TooSlowError) as exc:
-                if isinstance(exc, trio.TooSlowError):
-                    reason = "timeout"
-                else:
-                    reason = exc.strerror or type(exc).__name__
-                metrics.UPSTREAM_CONNECT_FAILURES.labels(route.label, str(hp)).inc()
-                self._suspect_until[hp] = time.monotonic() + SUSPECT_FOR
-                log.warning("route %s: upstream %s connect failed: %s", route.label, hp, reason)
-                errors.append(f"{hp}: {reason}")
+                errors.append(self._failed(route, hp, exc))
                 continue
-            hist = self._connect_seconds.get(route.label)
-            if hist is None:
-                hist = self._connect_seconds[route.label] = metrics.UPSTREAM_CONNECT_SECONDS.labels(
-                    route.label
-                )
-            hist.observe(time.monotonic() - t0)
-            self._suspect_until.pop(hp, None)
+            self._connected(route, hp, t0)
             return sock, hp
         raise UpstreamError(f"route {route.label}: no upstream reachable ({'; '.join(errors)})")
 
-    async def _addresses(self, hp: HostPort) -> list[Address]:
-        try:
-            ip = ipaddress.ip_address(hp.host)
-        except ValueError:
-            pass
+    async def connect(self, route: Route, per_attempt: float) -> tuple[socket.socket, HostPort]:
+        return await self.finish(route, PendingConnect(self._order(route)), per_attempt)
+
+    def _failed(self, route: Route, hp: HostPort, exc: BaseException) -> str:
+        if isinstance(exc, trio.TooSlowError):
+            reason = "timeout"
+        elif isinstance(exc, OSError):
+            reason = exc.strerror or type(exc).__name__
         else:
-            if ip.version == 6:
-                return [(socket.AF_INET6, (hp.host, hp.port, 0, 0))]
-            return [(socket.AF_INET, (hp.host, hp.port))]
+            reason = type(exc).__name__
+        metrics.UPSTREAM_CONNECT_FAILURES.labels(route.label, str(hp)).inc()
+        self._suspect_until[hp] = time.monotonic() + SUSPECT_FOR
+        log.warning("route %s: upstream %s connect failed: %s", route.label, hp, reason)
+        return f"{hp}: {reason}"
+
+    def _connected(self, route: Route, hp: HostPort, t0: float) -> None:
+        hist = self._connect_seconds.get(route.label)
+        if hist is None:
+            hist = self._connect_seconds[route.label] = metrics.UPSTREAM_CONNECT_SECONDS.labels(
+                route.label
+            )
+        hist.observe(time.monotonic() - t0)
+        if self._suspect_until:
+            self._suspect_until.pop(hp, None)
+
+    async def _addresses(self, hp: HostPort) -> list[Address]:
+        literal = _literal_address(hp)
+        if literal is not None:
+            return [literal]
         cached = self._resolved.get(hp)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
