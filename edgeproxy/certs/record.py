@@ -14,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
+from ..issuers.base import private_key_pem
+
 FORMAT_VERSION = 1
 
 
@@ -119,11 +121,7 @@ class CertRecord:
             name=name,
             issuer_id=issuer_id,
             chain_pem=chain_pem.decode(),
-            key_pem=key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ).decode(),
+            key_pem=private_key_pem(key),
             not_before=leaf.not_valid_before_utc.timestamp(),
             not_after=leaf.not_valid_after_utc.timestamp(),
             serial=format(leaf.serial_number, "x"),

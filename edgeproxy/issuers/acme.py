@@ -31,7 +31,7 @@ from ..config import AcmeConfig
 from ..errors import StorageError
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
-from .base import IssuanceError, IssuedCertificate, RenewalWindow
+from .base import IssuanceError, IssuedCertificate, RenewalWindow, private_key_pem
 
 log = logging.getLogger("edgeproxy.acme")
 
@@ -157,12 +157,7 @@ class AcmeIssuer:
         return key, d.get("url")
 
     async def _save_account(self, key: ec.EllipticCurvePrivateKey, url: str | None) -> None:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        record = {"directory": self.directory, "url": url, "key_pem": pem}
+        record = {"directory": self.directory, "url": url, "key_pem": private_key_pem(key)}
         await self._storage.put(
             account_key_name(self.directory), json.dumps(record).encode(), secret=True
         )

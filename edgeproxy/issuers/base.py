@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+
+def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> str:
+    """The one form in which edgeproxy stores private keys: unencrypted PKCS#8 PEM (storage
+    records are secret: 0600 files, or encrypted rows in PostgreSQL)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..errors import CorruptRecord
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
-from .base import IssuedCertificate, RenewalWindow
+from .base import IssuedCertificate, RenewalWindow, private_key_pem
 
 CA_KEY = "internal-ca/ca.json"
 ISSUER_ID = "internal"
@@ -93,13 +93,7 @@ class InternalIssuer:
                     ca = _new_ca(self._common_name)
                     record = {
                         "cert_pem": ca[0].public_bytes(serialization.Encoding.PEM).decode(),
-                        "key_pem": ca[1]
-                        .private_bytes(
-                            serialization.Encoding.PEM,
-                            serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption(),
-                        )
-                        .decode(),
+                        "key_pem": private_key_pem(ca[1]),
                     }
                     await self._storage.put(CA_KEY, json.dumps(record).encode(), secret=True)
         self._ca = ca
