@@ -24,17 +24,31 @@ from tests.support.upstreams import http_handler, start_upstream
 
 async def curl_times(port: int, name: str, roots: Path) -> tuple[float, float, float]:
     res = await trio.run_process(
-        ["curl", "-sS", "--fail", "-o", "/dev/null", "-w",
-         "%{time_connect} %{time_appconnect} %{time_starttransfer}", "--cacert", str(roots),
-         "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/"],
-        capture_stdout=True, check=True,
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_connect} %{time_appconnect} %{time_starttransfer}",
+            "--cacert",
+            str(roots),
+            "--resolve",
+            f"{name}:{port}:127.0.0.1",
+            f"https://{name}:{port}/",
+        ],
+        capture_stdout=True,
+        check=True,
     )
     connect, app, first = (float(x) for x in res.stdout.split())
     return connect, app, first
 
 
 async def test_on_demand_latency(
-    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble]  # noqa: F811
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],  # noqa: F811
 ) -> None:
     port = free_port()
     pebble = make_pebble(tls_port=port)
