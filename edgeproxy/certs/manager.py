@@ -53,6 +53,8 @@ ARI_CHECK_INTERVAL = 12 * 3600.0
 # leases and challenges): frequent enough that `storage check` stays clean, rare enough to be
 # free.
 CLEAN_INTERVAL = 600.0
+# Refused names remembered (in memory only) for the status API.
+DENIED_REMEMBERED = 1024
 
 
 @dataclass(slots=True)
@@ -104,6 +106,7 @@ class CertificateManager:
         self._cache_size = cache_size
         self._inflight: dict[str, trio.Event] = {}
         self._status: dict[str, DomainStatus] = {}
+        self._denied: OrderedDict[str, DomainStatus] = OrderedDict()
         self._seen_modified: dict[str, float] = {}
         self._orders = TokenBucket(
             max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic
@@ -150,7 +153,7 @@ class CertificateManager:
         hit = self._cache.get(name)
         if hit is not None:
             return hit.ctx
-        st = self._status.get(name)
+        st = self.status(name)
         if not ev.is_set():
             raise CertificateUnavailable(
                 name, "timeout", f"not issued within on_demand.wait={self.wait}s"
@@ -390,6 +393,7 @@ class CertificateManager:
     # ------------------------------------------------------------------ status
 
     def _set_status(self, name: str, **changes: object) -> DomainStatus:
+        self._denied.pop(name, None)
         st = self._status.get(name)
         if st is None:
             st = self._status[name] = DomainStatus(name=name, state="allowed")
@@ -425,6 +429,22 @@ class CertificateManager:
                 delay = max(delay, retry_after)
             next_attempt = self.clock() + delay
         hint = hint_for(error_type)
+        if state == "denied" and name not in self._status:
+            # Refused names come from anyone (scanners, floods of random names): they get a
+            # bounded in-memory record for the operator's "why?", never a storage write.
+            self._denied[name] = DomainStatus(
+                name=name,
+                state="denied",
+                last_error=detail,
+                last_error_type=error_type,
+                hint=hint,
+                updated_at=self.clock(),
+            )
+            self._denied.move_to_end(name)
+            while len(self._denied) > DENIED_REMEMBERED:
+                self._denied.popitem(last=False)
+            log.debug("certificate for %s refused: %s: %s", name, error_type, detail)
+            return
         # A cached certificate keeps being served while renewal fails: keep its state visible.
         if state == "failing" and name in self._cache:
             state = "renewing"
@@ -449,7 +469,7 @@ class CertificateManager:
         )
 
     def status(self, name: str) -> DomainStatus | None:
-        return self._status.get(name)
+        return self._status.get(name) or self._denied.get(name)
 
     def statuses(self) -> list[DomainStatus]:
         return sorted(self._status.values(), key=lambda s: s.name)
