@@ -107,7 +107,11 @@ class UpstreamPool:
         addr = _literal_address(hp)
         if addr is None:
             return pending
-        sock = socket.socket(addr[0], socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(addr[0], socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE under an fd storm: an upstream failure, no crash
+            pending.early_error = (hp, exc)
+            return pending
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
