@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import trio
 
 from . import metrics
@@ -75,9 +76,10 @@ def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) 
     return AcmeIssuer.from_config(cfg.acme, storage, challenges, lock_ttl=cfg.storage.lock_ttl)
 
 
-def build_policy(cfg: Config) -> OnDemandPolicy:
+def build_policy(cfg: Config, http: httpx.AsyncClient | None = None) -> OnDemandPolicy:
     od = cfg.on_demand
     return OnDemandPolicy(
+        http=http,
         allow=od.allow,
         ask=od.ask,
         ask_timeout=od.ask_timeout,
@@ -128,7 +130,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
 def apply_reload(rt: Runtime, new: Config) -> None:
     """Swap what can change without restarting: routes, limits, policy."""
     rt.proxy.reload(Settings.from_config(new))
-    rt.certs.policy = build_policy(new)
+    rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client)
     rt.cfg = new
 
 
