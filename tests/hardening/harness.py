@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from tests.support import tlsbuild as tb
+from tests.support.tomlw import toml_dumps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENTHELLOS = REPO_ROOT / "tests" / "fixtures" / "clienthellos"
@@ -56,31 +57,6 @@ START_TIMEOUT = 30.0
 
 
 # --- configuration ----------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def toml_dumps(cfg: Mapping[str, Any]) -> str:
-    """The config shapes edgeproxy uses: tables of scalars/lists, arrays of tables."""
-    lines: list[str] = []
-    for section, body in cfg.items():
-        tables = body if isinstance(body, list) else [body]
-        header = f"[[{section}]]" if isinstance(body, list) else f"[{section}]"
-        for table in tables:
-            lines.append(header)
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-            lines.append("")
-    return "\n".join(lines)
 
 
 def proxy_config(

@@ -1,0 +1,61 @@
+"""`edgeproxy certs issue|list|status` against a running deployment: the CLI orders through the
+deployment's storage and the running proxy answers the CA's TLS-ALPN-01 validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+from tests.integration.test_on_demand_acme import acme_config, peer_cert
+from tests.support.pebble import Pebble
+from tests.support.ports import free_port
+from tests.support.proxy import running_proxy
+from tests.support.tomlw import toml_dumps
+from tests.support.upstreams import http_handler, start_upstream
+
+EP = [sys.executable, "-m", "edgeproxy"]
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process([*EP, *args], capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def test_pre_issue_list_and_status(
+    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble]
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pebble.roots_pem())
+    up = await start_upstream(nursery, http_handler(b"ok\n"))
+    cfg = acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    config = tmp_path / "edgeproxy.toml"
+    config.write_text(toml_dumps(cfg))
+    async with running_proxy(tmp_path, cfg):
+        res = await cli("certs", "issue", "pre.example.test", "-c", str(config))
+        assert res.returncode == 0, res.stderr.decode()
+        assert b"pre.example.test: issued by" in res.stdout
+        # The running proxy loads it from storage: no second order, a pebble chain.
+        cert = await peer_cert(port, "pre.example.test", roots)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        assert san.value.get_values_for_type(x509.DNSName) == ["pre.example.test"]
+        assert "Pebble" in cert.issuer.rfc4514_string()
+        refused = await cli("certs", "issue", "nope.other.test", "-c", str(config))
+        assert refused.returncode == 1 and b"refused by the allow-check" in refused.stderr
+    listed = await cli("certs", "list", "-c", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr.decode()
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["pre.example.test"]["state"] == "valid"
+    status = await cli("certs", "status", "pre.example.test", "-c", str(config))
+    assert status.returncode == 0
+    text = status.stdout.decode()
+    assert "valid" in text and "backstop" in text
+    unknown = await cli("certs", "status", "never.example.test", "-c", str(config))
+    assert unknown.returncode == 1 and b"not managed" in unknown.stderr
