@@ -31,6 +31,7 @@ from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from tests.support.ports import free_port
 from tests.support.proxy import base_config, edgeproxy_subprocess
+from tests.support.tomlw import toml_dumps
 from tests.support.upstreams import http_handler, start_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,19 +108,6 @@ def test_every_alert_is_tested_both_firing_and_silent() -> None:
 # ---------------------------------------------------------------------- a real edgeproxy
 
 
-def toml_text(cfg: dict[str, Any]) -> str:
-    """``base_config``'s dict as TOML: tables of scalars and string lists, ``[[routes]]``.
-
-    JSON scalars and arrays of them are valid TOML values, which is all these configs hold.
-    """
-    lines: list[str] = []
-    for section, body in cfg.items():
-        tables = body if isinstance(body, list) else [body]
-        for table in tables:
-            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items() if v is not None]
-            lines.append("")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -148,7 +136,7 @@ async def prepare_edge(tmp_path: Path, upstream: str) -> tuple[Path, int, int, P
         tls={"maintenance_interval": 1.0},
     )
     config_path = tmp_path / "edgeproxy.toml"
-    config_path.write_text(toml_text(cfg))
+    config_path.write_text(toml_dumps(cfg))
     storage = FileStorage(cfg["storage"]["path"])
     try:
         ca_pem = await InternalIssuer(storage).ca_certificate_pem()

@@ -8,7 +8,6 @@ file for what it says, signals, and its exit code.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import ssl
@@ -28,6 +27,7 @@ from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from tests.support.ports import free_port
 from tests.support.proxy import base_config, edgeproxy_subprocess
+from tests.support.tomlw import toml_dumps
 from tests.support.upstreams import Handler, start_upstream
 
 NAME = "app.example.test"
@@ -56,19 +56,6 @@ def tagged_echo(tag: bytes) -> Handler:
     return handle
 
 
-def toml_text(cfg: dict[str, Any]) -> str:
-    """``base_config``'s dict as TOML: tables of scalars and string lists, ``[[routes]]``.
-
-    JSON scalars and arrays of them are valid TOML values, which is all these configs hold.
-    """
-    lines: list[str] = []
-    for section, body in cfg.items():
-        tables = body if isinstance(body, list) else [body]
-        for table in tables:
-            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items() if v is not None]
-            lines.append("")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -156,7 +143,7 @@ def start_edge(tmp_path: Path) -> Iterator[StartEdge]:
             port, admin_port = free_port(), free_port()
             cfg = edge_config(tmp_path, port, admin_port, upstream, **server)
             config_path = tmp_path / "edgeproxy.toml"
-            config_path.write_text(toml_text(cfg))
+            config_path.write_text(toml_dumps(cfg))
             # Make the internal CA now, so the clients can verify what the process serves.
             storage = FileStorage(cfg["storage"]["path"])
             try:
@@ -323,7 +310,7 @@ async def test_sighup_reroutes_new_connections_and_keeps_old_ones(
     async with line_client(edge) as old:
         assert await old.roundtrip() == b"A"
 
-        edge.rewrite_config(toml_text(edge.config(up_b.addr)))
+        edge.rewrite_config(toml_dumps(edge.config(up_b.addr)))
         edge.signal(signal.SIGHUP)
         await edge.wait_log("config reloaded from")
 
@@ -332,7 +319,7 @@ async def test_sighup_reroutes_new_connections_and_keeps_old_ones(
             assert await old.roundtrip() == b"A"  # a connection keeps the route it began with
 
             # A broken file (routes back to A, with an invalid drain_timeout) is refused whole.
-            edge.rewrite_config(toml_text(edge.config(up_a.addr, drain_timeout=-1)))
+            edge.rewrite_config(toml_dumps(edge.config(up_a.addr, drain_timeout=-1)))
             edge.signal(signal.SIGHUP)
             await edge.wait_log("reload rejected")
             assert "server.drain_timeout" in edge.log()
