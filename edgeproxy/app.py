@@ -120,6 +120,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         backoff_max=cfg.on_demand.backoff_max,
         renew_interval=cfg.tls.maintenance_interval,
         session_tickets=cfg.tls.session_tickets,
+        cache_size=cfg.tls.cache_size,
         per_domain_metrics=cfg.admin.per_domain_metrics,
         lock_ttl=cfg.storage.lock_ttl,
     )

@@ -180,3 +180,13 @@ async def test_per_domain_expiry_metric_is_opt_in(tmp_path: Path, nursery: trio.
         "edgeproxy_certificate_expiry_timestamp_seconds", {"name": "loud.example.test"}
     )
     assert value == rec.not_after
+
+
+async def test_cache_is_bounded_and_cold_names_load_from_storage(tmp_path: Path, nursery: trio.Nursery) -> None:
+    mgr, _, issuer = make_manager(tmp_path, cache_size=2)
+    await nursery.start(mgr.run)
+    for n in ("a", "b", "c"):
+        await mgr.context_for(f"{n}.example.test")
+    assert mgr.cached_context("a.example.test") is None  # evicted (LRU)
+    await mgr.context_for("a.example.test")  # back from storage
+    assert issuer.calls == 3  # never re-issued
