@@ -347,3 +347,37 @@ async def test_corrupt_record_and_stale_lock_are_recovered(
     assert list((state / "quarantine").iterdir()), "the torn record was not quarantined"
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "quarantined" in text
+
+
+async def test_ari_window_drives_renewal_with_replaces(
+    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], roots_file: Callable[[Pebble], Path]
+) -> None:
+    """The CA's renewalInfo (served by the fault injector, since pebble 2.4 has no ARI) says
+    "renew now": the next maintenance pass renews, sending `replaces` with the old CertID."""
+    from datetime import timedelta
+
+    from edgeproxy.acme.ari import cert_id
+
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    inj = FaultInjector(pebble, renewal_window=(timedelta(days=60), timedelta(days=61)), renewal_retry_after=60)
+    await nursery.start(inj.serve)
+    up = await start_upstream(nursery, http_handler(BODY))
+    async with running_proxy(tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)) as p:
+        first = await peer_cert(port, "ari.example.test", roots)
+        with trio.fail_after(20):  # the maintenance pass (1 s) fetches the far-away window first
+            while (st := p.rt.certs.status("ari.example.test")) is None or st.renewal_source != "ari":
+                await trio.sleep(0.1)
+        assert new_orders(inj) == 1
+        # The CA changes its mind: the window is now in the past. The next ARI fetch happens
+        # after Retry-After; make the process look again now.
+        inj.renewal_window = (timedelta(days=-2), timedelta(days=-1))
+        await p.rt.storage.delete("ari/ari.example.test.json")
+        with trio.fail_after(30):
+            while (await peer_cert(port, "ari.example.test", roots)).serial_number == first.serial_number:
+                await trio.sleep(0.2)
+    orders = [r for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz")]
+    assert len(orders) >= 2
+    assert orders[1].jws_payload is not None
+    assert orders[1].jws_payload.get("replaces") == cert_id(first)
