@@ -17,7 +17,7 @@ import trio
 
 from . import __version__
 from .config import Config, load_config
-from .errors import ConfigError, EdgeproxyError
+from .errors import ConfigError
 from .logs import setup_logging
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
@@ -334,14 +334,6 @@ async def _with_storage(cfg: Config, what: str, grace: float) -> list[str]:
         return await clean_storage(st, grace)
     finally:
         await st.aclose()
-
-
-def entrypoint() -> None:
-    try:
-        main()
-    except EdgeproxyError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
 
 
 @main.command()

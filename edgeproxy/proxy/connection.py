@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from .server import Proxy, Settings
 
 log = logging.getLogger("edgeproxy.conn")
-access_log = logging.getLogger("edgeproxy.access")
 
 ACME_TLS_ALPN = "acme-tls/1"
 _READ = 16384

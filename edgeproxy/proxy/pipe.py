@@ -9,9 +9,11 @@ directly: raw non-blocking sockets, ``trio.lowlevel.wait_readable/wait_writable`
 on small exchanges.
 
 Two modes. *Socket mode* (the normal one): as soon as both memory BIOs are empty, the SSL
-object is moved onto the client socket (``attach_socket``), so one ``SSL_read`` is one read
-syscall plus decryption and one ``SSL_write`` is encryption plus one write syscall, as in
-HAProxy or nginx. *Memory mode* is the start (bytes that arrived with the client's Finished
+object is moved onto the client socket (``attach_socket``), so reading and writing a record
+is one Python call into OpenSSL, which does the syscalls and the crypto itself, as in HAProxy
+or nginx. (Without read-ahead, which pyOpenSSL does not expose, OpenSSL reads a record in two
+small syscalls, header then body; still far cheaper than the Python round trips it saves.)
+*Memory mode* is the start (bytes that arrived with the client's Finished
 may still sit in the incoming BIO) and the fallback when pyOpenSSL's internals are not
 reachable: ciphertext is moved between BIOs and the socket in Python. The client-to-upstream
 task switches modes at the first moment nothing is buffered and nobody is writing.

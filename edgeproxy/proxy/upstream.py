@@ -160,9 +160,6 @@ class UpstreamPool:
             return sock, hp
         raise UpstreamError(f"route {route.label}: no upstream reachable ({'; '.join(errors)})")
 
-    async def connect(self, route: Route, per_attempt: float) -> tuple[socket.socket, HostPort]:
-        return await self.finish(route, PendingConnect(self._order(route)), per_attempt)
-
     def _failed(self, route: Route, hp: HostPort, exc: BaseException) -> str:
         if isinstance(exc, trio.TooSlowError):
             reason = "timeout"
