@@ -111,3 +111,16 @@ def test_token_bucket() -> None:
     assert [b.take(), b.take(), b.take()] == [True, True, False]
     now[0] = 1.0
     assert b.take() and not b.take()
+
+
+async def test_one_http_client_serves_every_ask(nursery: trio.Nursery) -> None:
+    # A client per ask reloads the CA bundle each time (~45 ms of CPU): a flood's DoS lever.
+    hits: list[str] = []
+    url = await ask_endpoint(nursery, {"a.customer.test", "b.customer.test"}, hits)
+    p = OnDemandPolicy(ask=url)
+    assert p.http_client is None
+    await p.check("a.customer.test")
+    first = p.http_client
+    await p.check("b.customer.test")
+    assert first is not None and p.http_client is first and not first.is_closed
+    assert hits == ["a.customer.test", "b.customer.test"]
