@@ -58,9 +58,10 @@ def run(config_path: Path) -> None:
         from .workers import run_supervisor
 
         sys.exit(run_supervisor(cfg, config_path))
-    from .app import run_process
+    from .app import run_process, tune_gc_for_serving
     from .workers import config_errors
 
+    tune_gc_for_serving()
     try:
         trio.run(lambda: run_process(cfg, config_path=config_path))
     except (ConfigError, BaseExceptionGroup) as exc:

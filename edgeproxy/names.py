@@ -37,6 +37,10 @@ def normalize_name(name: str) -> str:
 
 def is_ip_literal(name: str) -> bool:
     candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if ":" not in candidate and not candidate[-1:].isdigit():
+        # Every IPv6 literal has a colon and every IPv4 one ends in a digit: the common
+        # case (a hostname from SNI, once per connection) skips the parser.
+        return False
     try:
         ipaddress.ip_address(candidate)
     except ValueError:

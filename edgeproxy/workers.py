@@ -472,13 +472,14 @@ def worker_main(config_path: Path) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from .app import run_process
+    from .app import run_process, tune_gc_for_serving
     from .logs import setup_logging
 
     setup_logging(cfg.log.format, cfg.log.level)
     tag = _WorkerTag(index)
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
+    tune_gc_for_serving()
     try:
         trio.run(
             partial(

@@ -3,6 +3,14 @@
     accept -> PROXY header? -> peek ClientHello -> decide -+-> acme-tls/1: challenge cert, close
                                                            +-> terminate TLS -> upstream -> pipe
 
+The ClientHello is *peeked* (``MSG_PEEK``): when it arrived whole, it stays in the socket and
+OpenSSL reads it from there itself, so the handshake and the pipe run with OpenSSL on the
+socket from the first byte. A ClientHello that arrives in pieces (or after a PROXY header in
+a segment we had to read) is taken off the socket and fed to memory BIOs instead; the pipe
+moves such a connection onto the socket later. A refused connection has its peeked bytes
+read before the alert goes out: closing a socket with unread data sends a reset, which can
+destroy the alert before the client reads it.
+
 Everything the peer can do wrong ends here as a ``result`` token on the connection (counted and
 logged once, in the access line), never as an exception escaping the task. The handshake
 timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow or silent
@@ -26,7 +34,7 @@ from ..errors import CertificateUnavailable, UpstreamError
 from ..names import is_ip_literal
 from ..tls.contexts import new_server_connection
 from ..tls.errors import TLSHandshakeError
-from ..tls.handshake import accept_tls
+from ..tls.handshake import accept_tls, accept_tls_on_socket
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
@@ -53,7 +61,9 @@ class ConnInfo:
     started: float
     peer: tuple[str, int]
     client: tuple[str, int]
-    local: tuple[str, int]
+    # The address the client connected to (the PROXY header's destination, else ours);
+    # None until needed: a getsockname per connection is wasted when nothing uses it.
+    local: tuple[str, int] | None = None
     sni: str | None = None
     alpn: str | None = None
     route: str | None = None
@@ -76,11 +86,7 @@ async def handle_connection(
     proxy: Proxy, sock: socket.socket, peer: tuple[str, int], counted_ip: str | None
 ) -> None:
     settings = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
-    try:
-        local = _addr(sock.getsockname())
-    except OSError:
-        local = ("unknown", 0)
-    info = ConnInfo(time.monotonic(), peer, peer, local)
+    info = ConnInfo(time.monotonic(), peer, peer)
     info.counted_ip = counted_ip
     try:
         await _serve(proxy, settings, sock, info)
@@ -102,7 +108,7 @@ async def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 
 async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo) -> None:
-    done: tuple[SSL.Connection, Route, bytes, PendingConnect] | None = None
+    done: _Established | None = None
     try:
         with trio.move_on_after(s.handshake_timeout) as hs_scope:
             done = await _handshake(proxy, s, sock, info)
@@ -114,26 +120,37 @@ async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo)
         return
     if done is None:
         return
-    conn, route, pending, upstream = done
     try:
-        await _forward(proxy, s, sock, conn, route, pending, upstream, info)
+        await _forward(proxy, s, sock, done, info)
     finally:
-        upstream.close()
+        done.upstream.close()
+
+
+@dataclass(slots=True)
+class _Established:
+    conn: SSL.Connection
+    route: Route
+    upstream: PendingConnect
+    on_socket: bool  # OpenSSL reads and writes the client socket itself
+    pending: bytes = b""  # memory-BIO mode: ciphertext to send before the first response
 
 
 async def _handshake(
     proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo
-) -> tuple[SSL.Connection, Route, bytes, PendingConnect] | None:
+) -> _Established | None:
     """PROXY header, ClientHello, decision, TLS handshake.
 
-    Returns (connection, route, ciphertext to send first) or None when the connection ends
-    here (its ``info.result`` says why).
+    Returns the established connection, or None when the connection ends here (its
+    ``info.result`` says why).
     """
-    rest = b""
+    rest = b""  # bytes read off the socket past the PROXY header
     if s.proxy_protocol != "off":
         pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
+        # Peek first: the balancer usually sends the header and the ClientHello in one
+        # segment, and only the header should leave the socket.
+        data = await _peek(sock)
+        after: bytes | None = None
         while True:
-            data = await _receive(sock)
             if not data:
                 info.result = "eof_in_proxy_header"
                 metrics.PROXY_HEADERS.labels("eof").inc()
@@ -145,18 +162,29 @@ async def _handshake(
                 info.extra["detail"] = exc.reason
                 metrics.PROXY_HEADERS.labels("invalid").inc()
                 return None
-            if parsed is not None:
+            if after is None:  # ``data`` was peeked: take what the parser used
+                if parsed is not None:
+                    pp_header, after = parsed
+                    _consume(sock, len(data) - len(after))
+                    break
+                after = b""
+                _consume(sock, len(data))
+            elif parsed is not None:
                 pp_header, rest = parsed
+                after = rest
                 break
+            data = await _receive(sock)
         if pp_header.command == "LOCAL":
             # Load balancer health check: the connection is the balancer's own.
             metrics.PROXY_HEADERS.labels("local").inc()
-            if not rest:
+            if not after:
                 info.result = "health_check"
         else:
             metrics.PROXY_HEADERS.labels("proxy").inc()
             if pp_header.source is not None:
                 info.client = pp_header.source
+            if pp_header.destination is not None and pp_header.family in ("TCP4", "TCP6"):
+                info.local = pp_header.destination
         if pp_header.aws_vpce_id:
             info.extra["vpce"] = pp_header.aws_vpce_id
         if not proxy.admit_client(info):
@@ -164,8 +192,20 @@ async def _handshake(
             return None
 
     parser = ClientHelloParser()
-    hello: ClientHello | object = parser.feed(rest) if rest else NEED_DATA
+    hello: ClientHello | object = NEED_DATA
+    queued = 0  # bytes fed to the parser that were only peeked: still in the socket
     try:
+        if rest:
+            hello = parser.feed(rest)
+        else:
+            data = await _peek(sock)
+            queued = len(data)
+            if data:
+                hello = parser.feed(data)
+                if hello is NEED_DATA:
+                    # In pieces: take them off the socket and read the rest the usual way.
+                    _consume(sock, queued)
+                    queued = 0
         while hello is NEED_DATA:
             data = await _receive(sock)
             if not data:
@@ -175,6 +215,7 @@ async def _handshake(
                 return None
             hello = parser.feed(data)
     except NotTLS as exc:
+        _consume(sock, queued)
         metrics.CLIENT_HELLOS.labels("http" if exc.looks_like_http else "not_tls").inc()
         if exc.looks_like_http:
             info.result = "plain_http"
@@ -183,6 +224,7 @@ async def _handshake(
             info.result = "not_tls"
         return None
     except ClientHelloError as exc:
+        _consume(sock, queued)
         metrics.CLIENT_HELLOS.labels(exc.reason).inc()
         info.result = f"bad_hello:{exc.reason}"
         return None
@@ -196,11 +238,13 @@ async def _handshake(
     info.sni = sni
 
     if ACME_TLS_ALPN in hello.alpn_protocols:
+        _consume(sock, queued)
         await _answer_challenge(proxy, sock, hello, parser.buffered, info)
         return None
 
     route = s.routes.match(sni)
     if route is None:
+        _consume(sock, queued)
         info.result = "no_route"
         metrics.HANDSHAKES.labels("refused", "no_route").inc()
         await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
@@ -209,6 +253,7 @@ async def _handshake(
     try:
         ctx = await proxy.certs.context_for(sni)
     except CertificateUnavailable as exc:
+        _consume(sock, queued)
         info.result = f"no_certificate:{exc.reason}"
         metrics.HANDSHAKES.labels("refused", exc.reason).inc()
         desc = (
@@ -218,11 +263,16 @@ async def _handshake(
         )
         await _send_quietly(sock, alert_record(desc))
         return None
-    conn = new_server_connection(ctx, alpn=route.alpn)
+    on_socket = queued > 0
+    conn = new_server_connection(ctx, alpn=route.alpn, sock=sock if on_socket else None)
     # The upstream's TCP handshake runs while the client's TLS handshake does.
     upstream = proxy.upstreams.start(route)
+    pending = b""
     try:
-        pending = await accept_tls(conn, sock, parser.buffered)
+        if on_socket:
+            await accept_tls_on_socket(conn, sock)
+        else:
+            pending = await accept_tls(conn, sock, parser.buffered)
     except TLSHandshakeError as exc:
         upstream.close()
         info.result = f"tls_error:{exc.reason}"
@@ -233,39 +283,49 @@ async def _handshake(
         raise
     metrics.HANDSHAKES_OK.inc()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
-    alpn = conn.get_alpn_proto_negotiated()
-    info.alpn = alpn.decode("ascii", "replace") if alpn else None
-    return conn, route, pending, upstream
+    if route.alpn and hello.alpn_protocols:  # otherwise nothing can have been negotiated
+        alpn = conn.get_alpn_proto_negotiated()
+        info.alpn = alpn.decode("ascii", "replace") if alpn else None
+    return _Established(conn, route, upstream, on_socket, pending)
 
 
 async def _forward(
-    proxy: Proxy,
-    s: Settings,
-    client: socket.socket,
-    conn: SSL.Connection,
-    route: Route,
-    pending: bytes,
-    started: PendingConnect,
-    info: ConnInfo,
+    proxy: Proxy, s: Settings, client: socket.socket, est: _Established, info: ConnInfo
 ) -> None:
     """Connect the route's upstream and pipe both ways until both sides are done."""
+    route, conn = est.route, est.conn
     try:
-        upstream, hp = await proxy.upstreams.finish(route, started, s.connect_timeout)
+        upstream, hp = await proxy.upstreams.finish(route, est.upstream, s.connect_timeout)
     except UpstreamError as exc:
         info.result = "upstream_unreachable"
         log.error("%s (client %s, sni %s)", exc, info.client[0], info.sni)
-        await _close_notify(client, conn, pending)
+        if est.on_socket:
+            _close_notify_on_socket(conn)
+        else:
+            await _close_notify(client, conn, est.pending)
         return
     info.upstream = str(hp)
     try:
         if route.send_proxy is not None:
+            if info.local is None:
+                try:
+                    info.local = _addr(client.getsockname())
+                except OSError:
+                    info.local = ("unknown", 0)
             header = (build_v2 if route.send_proxy == "v2" else build_v1)(info.client, info.local)
             try:
                 await send_all(upstream, header)
             except OSError:
                 info.result = "upstream_reset"
                 return
-        result = await pipe(conn, client, upstream, idle_timeout=s.idle_timeout, pending=pending)
+        result = await pipe(
+            conn,
+            client,
+            upstream,
+            idle_timeout=s.idle_timeout,
+            pending=est.pending,
+            on_socket=est.on_socket,
+        )
         info.to_upstream = result.to_upstream
         info.to_client = result.to_client
         if result.reason != "done":
@@ -290,14 +350,54 @@ async def _close_notify(client: socket.socket, conn: SSL.Connection, pending: by
     await _send_quietly(client, out)
 
 
-async def _receive(sock: socket.socket) -> bytes:
-    """Wait for bytes, then read them (b"" at EOF or on a reset)."""
+def _close_notify_on_socket(conn: SSL.Connection) -> None:
+    """A clean TLS close when OpenSSL writes the socket itself; one try, no waiting."""
+    try:
+        conn.shutdown()
+    except SSL.Error:
+        pass
+
+
+async def _peek(sock: socket.socket) -> bytes:
+    """What the socket holds, left in place (``MSG_PEEK``); waits only if it holds nothing.
+
+    Never waits while bytes are queued: the socket stays readable until they are read, so
+    a wait would return at once, forever. Callers that need more than one segment read the
+    peeked bytes off (``_consume``) and continue with ``_receive``.
+    """
     while True:
-        await wait_readable(sock)
+        try:
+            return sock.recv(_READ, socket.MSG_PEEK)
+        except BlockingIOError:
+            await wait_readable(sock)
+        except OSError:
+            return b""
+
+
+def _consume(sock: socket.socket, count: int) -> None:
+    """Read off ``count`` bytes a peek showed are queued (a reset just ends it early)."""
+    while count > 0:
+        try:
+            got = len(sock.recv(min(count, 65536)))
+        except OSError:
+            return
+        if not got:
+            return
+        count -= got
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    """Read what is there, waiting only if nothing is (b"" at EOF or on a reset).
+
+    Tries before waiting: a client sends its PROXY header and ClientHello right after the TCP
+    handshake, so under load they have usually arrived by the time the connection's task
+    runs, and a failed ``recv`` costs far less than a round trip through the scheduler.
+    """
+    while True:
         try:
             return sock.recv(_READ)
         except BlockingIOError:
-            continue
+            await wait_readable(sock)
         except OSError:
             return b""
 

@@ -2,26 +2,30 @@
 
 Theory of operation
 -------------------
-After the handshake (done by ``TLSStream`` over memory BIOs), the connection is driven here
-directly: raw non-blocking sockets, ``trio.lowlevel.wait_readable/wait_writable``, and the
+After the handshake (``tls/handshake.py``), the connection is driven here directly: raw
+non-blocking sockets, ``trio.lowlevel.wait_readable/wait_writable``, and the
 ``SSL.Connection``. Profiles of the stream-stacked version showed trio's per-call machinery
 (checkpoints, conflict detectors, cancel-scope bookkeeping) costing more than OpenSSL itself
 on small exchanges.
 
-Two modes. *Socket mode* (the normal one): as soon as both memory BIOs are empty, the SSL
+Two modes. *Socket mode* (the normal one): the connection was made on the client socket
+(its ClientHello was only peeked), or, as soon as both memory BIOs are empty, the SSL
 object is moved onto the client socket (``attach_socket``), so reading and writing a record
 is one Python call into OpenSSL, which does the syscalls and the crypto itself, as in HAProxy
 or nginx. (Without read-ahead, which pyOpenSSL does not expose, OpenSSL reads a record in two
 small syscalls, header then body; still far cheaper than the Python round trips it saves.)
-*Memory mode* is the start (bytes that arrived with the client's Finished
-may still sit in the incoming BIO) and the fallback when pyOpenSSL's internals are not
-reachable: ciphertext is moved between BIOs and the socket in Python. The client-to-upstream
+*Memory mode* is the start for a connection whose ClientHello had to be read off the socket
+(bytes that arrived with the client's Finished may still sit in the incoming BIO) and the
+fallback when pyOpenSSL's internals are not reachable: ciphertext is moved between BIOs and
+the socket in Python. The client-to-upstream
 task switches modes at the first moment nothing is buffered and nobody is writing.
 
 Reads wait first, then read (unless OpenSSL already holds data): in a request/response
 exchange the next bytes are almost never there yet, so trying first would only add a failing
-call and, with pyOpenSSL, an exception. Writes try first: the socket buffer nearly always has
-room. The wait for readable data is also what keeps each loop fair to other tasks.
+call and, with pyOpenSSL, an exception. The exception is the first read: a client sends its
+request right behind its Finished, so it has usually arrived when the pipe starts. Writes try
+first: the socket buffer nearly always has room. The wait for readable data is also what
+keeps each loop fair to other tasks.
 
 Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
 write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
@@ -73,10 +77,10 @@ class _Client:
 
     __slots__ = ("busy", "conn", "done", "sock", "socket_mode")
 
-    def __init__(self, conn: SSL.Connection, sock: socket.socket) -> None:
+    def __init__(self, conn: SSL.Connection, sock: socket.socket, socket_mode: bool) -> None:
         self.conn = conn
         self.sock = sock
-        self.socket_mode = False
+        self.socket_mode = socket_mode
         # Memory mode: one task at a time drains the outgoing BIO, in BIO (FIFO) order.
         self.busy = False
         self.done: trio.Event | None = None
@@ -155,13 +159,18 @@ async def pipe(
     *,
     idle_timeout: float,
     pending: bytes = b"",
+    on_socket: bool = False,
 ) -> PipeResult:
-    """Forward until both directions ended, a side resets, or ``idle_timeout`` passes."""
+    """Forward until both directions ended, a side resets, or ``idle_timeout`` passes.
+
+    ``on_socket``: ``conn`` was made with ``client`` as its transport (no memory BIOs), so
+    the pipe starts in socket mode.
+    """
     result = PipeResult()
     scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-    tls = _Client(conn, client)
+    tls = _Client(conn, client, on_socket)
     slack = min(1.0, idle_timeout / 10)
-    internals = incoming_pending(conn) >= 0
+    internals = not on_socket and incoming_pending(conn) >= 0
 
     def touch() -> None:
         t = trio.current_time()
@@ -175,12 +184,14 @@ async def pipe(
 
     async def client_to_upstream() -> None:
         grown = False
+        first = True
         while True:
             data: bytes | None = None
             # Ask OpenSSL only when it may have something: otherwise the call could only
             # raise WantReadError, and an exception per request is measurable here.
             if tls.socket_mode:
-                if conn.pending():
+                if first or conn.pending():
+                    first = False
                     data = b""
             elif not internals or conn.pending() or incoming_pending(conn):
                 data = b""

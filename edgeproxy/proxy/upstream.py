@@ -13,6 +13,7 @@ resolution entirely.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -57,7 +58,9 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def _literal_address(hp: HostPort) -> Address | None:
+    # Cached: parsing the address costs more than the rest of starting a connect in Python.
     try:
         ip = ipaddress.ip_address(hp.host)
     except ValueError:

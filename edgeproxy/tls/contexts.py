@@ -26,6 +26,7 @@ issued it. The certificate manager's context cache keeps that instance alive.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import Final, Literal
 
@@ -195,16 +196,24 @@ def build_acme_challenge_context(cert: x509.Certificate, key: PrivateKeyTypes) -
     return ctx
 
 
-def new_server_connection(ctx: SSL.Context, *, alpn: Sequence[str] = ()) -> SSL.Connection:
-    """A server-side memory-BIO connection on ``ctx`` that offers ``alpn`` in that order.
+def new_server_connection(
+    ctx: SSL.Context, *, alpn: Sequence[str] = (), sock: socket.socket | None = None
+) -> SSL.Connection:
+    """A server-side connection on ``ctx`` that offers ``alpn`` in that order.
 
-    The result is what ``TLSStream`` expects. An empty ``alpn`` negotiates no protocol.
+    Without ``sock``: memory BIOs, what ``TLSStream`` expects. With ``sock`` (a connected
+    non-blocking socket whose unread bytes start with the ClientHello): OpenSSL reads and
+    writes the socket itself, and a TCP FIN without close_notify reads as an orderly end
+    (``ZeroReturnError``) rather than OpenSSL 3's "unexpected eof" error. An empty ``alpn``
+    negotiates no protocol.
     """
     protos = tuple(p.encode("ascii") for p in alpn)
     for proto in protos:
         if not 0 < len(proto) < 256:
             raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
-    conn = SSL.Connection(ctx, None)
+    conn = SSL.Connection(ctx, sock)
+    if sock is not None:
+        conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
     conn.set_accept_state()
     conn.set_app_data(protos)
     return conn

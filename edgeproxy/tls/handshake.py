@@ -1,9 +1,15 @@
-"""Server TLS handshake on a raw non-blocking socket, primed with the peeked ClientHello.
+"""Server TLS handshake on a raw non-blocking socket, for the data path.
 
 The data path's twin of ``TLSStream.do_handshake`` for the hot path: no stream layers, no
 locks (one task owns the connection during its handshake), one ``SSL_do_handshake`` call per
-flight. Memory BIOs are kept: the peeked bytes must be fed to OpenSSL first, and the hot loop
-in ``proxy/pipe.py`` moves the connection onto the socket once both BIOs are empty.
+flight. Two forms:
+
+- ``accept_tls_on_socket``: the usual one. The ClientHello was only peeked (``MSG_PEEK``), so
+  it is still in the socket and OpenSSL reads it, and everything after it, from the socket
+  itself, and writes its flights there too: no ciphertext passes through Python.
+- ``accept_tls``: memory BIOs primed with bytes already taken off the socket (a ClientHello
+  that arrived in pieces, or after a PROXY header in the same segment); the hot loop in
+  ``proxy/pipe.py`` moves the connection onto the socket once both BIOs are empty.
 
 TLS 1.3 session tickets, which OpenSSL emits in the step that completes the handshake, are not
 sent here but returned, so they can share a segment with the first response (and never make a
@@ -97,3 +103,21 @@ async def accept_tls(conn: SSL.Connection, sock: socket.socket, initial: bytes) 
         if not data:
             raise TLSHandshakeError(PEER_CLOSED, "EOF during the handshake")
         conn.bio_write(data)
+
+
+async def accept_tls_on_socket(conn: SSL.Connection, sock: socket.socket) -> None:
+    """Complete the server handshake of a connection made with ``sock`` as its transport.
+
+    OpenSSL sends its own flights, alerts and (TLS 1.3) session tickets. Raises
+    ``TLSHandshakeError``.
+    """
+    while True:
+        try:
+            conn.do_handshake()
+            return
+        except SSL.WantReadError:
+            await wait_readable(sock)
+        except SSL.WantWriteError:
+            await wait_writable(sock)
+        except SSL.Error as exc:
+            raise _error(exc) from None

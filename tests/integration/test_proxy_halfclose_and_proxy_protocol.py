@@ -166,6 +166,8 @@ listen stats
     assert parsed is not None
     header, _ = parsed
     assert header.source is not None and header.source[0] == "127.0.0.9"
+    # The destination is where the client connected (HAProxy's frontend), not edgeproxy's port.
+    assert header.destination == ("127.0.0.1", hport)
     # The health checks (PROXY LOCAL) kept the server UP.
     be_line = next(line for line in csv.stdout.decode().splitlines() if line.startswith("be,ep,"))
     assert ",UP" in be_line, be_line
