@@ -38,7 +38,7 @@ from ..tls.handshake import accept_tls, accept_tls_on_socket
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
-from .pipe import pipe, send_all
+from .pipe import PipeResult, pipe, send_all
 from .routes import Route
 from .upstream import PendingConnect
 
@@ -85,11 +85,37 @@ def _addr(sockaddr: object) -> tuple[str, int]:
 async def handle_connection(
     proxy: Proxy, sock: socket.socket, peer: tuple[str, int], counted_ip: str | None
 ) -> None:
-    settings = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
+    s = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
     info = ConnInfo(time.monotonic(), peer, peer)
     info.counted_ip = counted_ip
+    # One cancel scope for the whole connection: the handshake deadline first (PROXY header,
+    # ClientHello and TLS handshake together), then the idle timeout, which the pipe moves
+    # along on activity and uses to end early. A scope per phase costs measurably.
+    scope = trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout)
+    flow = PipeResult()
+    est: _Established | None = None
     try:
-        await _serve(proxy, settings, sock, info)
+        with scope:
+            try:
+                est = await _handshake(proxy, s, sock, info)
+            finally:
+                proxy.end_handshake(info)
+            if est is not None:
+                scope.deadline = trio.current_time() + s.idle_timeout
+                try:
+                    await _forward(proxy, s, sock, est, info, scope, flow)
+                finally:
+                    est.upstream.close()
+        if scope.cancelled_caught:
+            if est is None:
+                info.result = "handshake_timeout"
+                metrics.HANDSHAKES.labels("failed", "timeout").inc()
+            elif flow.reason == "done":
+                flow.reason = "idle_timeout"
+        if flow.reason != "done":
+            info.result = flow.reason
+        info.to_upstream = flow.to_upstream
+        info.to_client = flow.to_client
     except Exception:
         info.result = "internal_error"
         log.exception("connection from %s: unexpected error", info.client[0])
@@ -105,25 +131,6 @@ async def _send_quietly(sock: socket.socket, data: bytes) -> None:
             await send_all(sock, data)
         except OSError:
             pass
-
-
-async def _serve(proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo) -> None:
-    done: _Established | None = None
-    try:
-        with trio.move_on_after(s.handshake_timeout) as hs_scope:
-            done = await _handshake(proxy, s, sock, info)
-    finally:
-        proxy.end_handshake(info)
-    if hs_scope.cancelled_caught:
-        info.result = "handshake_timeout"
-        metrics.HANDSHAKES.labels("failed", "timeout").inc()
-        return
-    if done is None:
-        return
-    try:
-        await _forward(proxy, s, sock, done, info)
-    finally:
-        done.upstream.close()
 
 
 @dataclass(slots=True)
@@ -290,9 +297,19 @@ async def _handshake(
 
 
 async def _forward(
-    proxy: Proxy, s: Settings, client: socket.socket, est: _Established, info: ConnInfo
+    proxy: Proxy,
+    s: Settings,
+    client: socket.socket,
+    est: _Established,
+    info: ConnInfo,
+    scope: trio.CancelScope,
+    flow: PipeResult,
 ) -> None:
-    """Connect the route's upstream and pipe both ways until both sides are done."""
+    """Connect the route's upstream and pipe both ways until both sides are done.
+
+    ``scope`` and ``flow`` are the connection's (see ``pipe``): the caller reads the byte
+    counts and the pipe's verdict from ``flow`` after its ``with scope`` block.
+    """
     route, conn = est.route, est.conn
     try:
         upstream, hp = await proxy.upstreams.finish(route, est.upstream, s.connect_timeout)
@@ -318,18 +335,16 @@ async def _forward(
             except OSError:
                 info.result = "upstream_reset"
                 return
-        result = await pipe(
+        await pipe(
             conn,
             client,
             upstream,
             idle_timeout=s.idle_timeout,
             pending=est.pending,
             on_socket=est.on_socket,
+            scope=scope,
+            result=flow,
         )
-        info.to_upstream = result.to_upstream
-        info.to_client = result.to_client
-        if result.reason != "done":
-            info.result = result.reason
     finally:
         trio.lowlevel.notify_closing(upstream)
         upstream.close()

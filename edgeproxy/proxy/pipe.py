@@ -39,6 +39,7 @@ deadline is a heap operation.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 
@@ -160,14 +161,25 @@ async def pipe(
     idle_timeout: float,
     pending: bytes = b"",
     on_socket: bool = False,
+    scope: trio.CancelScope | None = None,
+    result: PipeResult | None = None,
 ) -> PipeResult:
     """Forward until both directions ended, a side resets, or ``idle_timeout`` passes.
 
     ``on_socket``: ``conn`` was made with ``client`` as its transport (no memory BIOs), so
     the pipe starts in socket mode.
+
+    ``scope``: the caller's cancel scope, already entered, with its deadline already set for
+    the idle timeout. The pipe moves that deadline on activity and cancels the scope to end
+    early, so the caller must read ``result`` (pass one in) after its own ``with`` block,
+    and treat a cancelled scope whose reason is still "done" as the idle timeout. Without
+    it the pipe makes and enters a scope of its own. (The data path shares one scope
+    between the handshake and the pipe: each scope costs measurably per connection.)
     """
-    result = PipeResult()
-    scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+    result = PipeResult() if result is None else result
+    own_scope = scope is None
+    if scope is None:
+        scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
     tls = _Client(conn, client, on_socket)
     slack = min(1.0, idle_timeout / 10)
     internals = not on_socket and incoming_pending(conn) >= 0
@@ -290,7 +302,7 @@ async def pipe(
         except _BROKEN:
             pass
 
-    with scope:
+    with scope if own_scope else contextlib.nullcontext():
         if pending:
             # Ciphertext made before the takeover (TLS 1.3 session tickets) goes out first.
             try:

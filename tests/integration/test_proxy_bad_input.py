@@ -14,12 +14,19 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import REGISTRY
 
 from tests.support.proxy import RunningProxy, base_config, running_proxy
 from tests.support.upstreams import http_handler, silent, start_upstream
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "clienthellos"
 BODY = b"normal client served\n"
+
+
+def closed(reason: str) -> float:
+    """Connections closed so far for ``reason`` (the verdict the access log also carries)."""
+    value = REGISTRY.get_sample_value("edgeproxy_connections_closed_total", {"reason": reason})
+    return value or 0.0
 
 
 async def normal_client(p: RunningProxy, name: str = "normal.example.test") -> bytes:
@@ -103,10 +110,13 @@ async def test_oversized_hello_is_refused_early(proxy: RunningProxy) -> None:
 
 
 async def test_silent_client_is_closed_at_the_handshake_timeout(proxy: RunningProxy) -> None:
+    before = closed("handshake_timeout")
     s = await trio.open_tcp_stream(proxy.host, proxy.port)
     assert (await normal_client(proxy)).endswith(BODY)
     # handshake_timeout is 1.5 s: the proxy must hang up on its own (bounded wait here).
     assert await read_until_closed(s, limit=10) == b""
+    await trio.sleep(0.1)  # the proxy counts after its close
+    assert closed("handshake_timeout") == before + 1
 
 
 async def test_one_byte_per_second_client_is_cut_off(proxy: RunningProxy) -> None:
@@ -169,6 +179,7 @@ async def test_upstream_never_answering_hits_idle_timeout(
         ],
         server={"idle_timeout": 1.0},
     )
+    before = closed("idle_timeout")
     async with running_proxy(tmp_path, cfg) as p:
         async with trio.open_nursery() as n:
             results: list[bytes] = []
@@ -180,6 +191,8 @@ async def test_upstream_never_answering_hits_idle_timeout(
             assert (await normal_client(p)).endswith(BODY)
         assert results == [b""]
         assert quiet.connections == 1
+        await trio.sleep(0.1)  # the proxy counts after its close
+        assert closed("idle_timeout") == before + 1
 
 
 async def test_dead_upstream_is_skipped_for_the_next(tmp_path: Path, nursery: trio.Nursery) -> None:
