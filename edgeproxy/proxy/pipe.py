@@ -22,10 +22,11 @@ task switches modes at the first moment nothing is buffered and nobody is writin
 
 Reads wait first, then read (unless OpenSSL already holds data): in a request/response
 exchange the next bytes are almost never there yet, so trying first would only add a failing
-call and, with pyOpenSSL, an exception. The exception is the first read: a client sends its
-request right behind its Finished, so it has usually arrived when the pipe starts. Writes try
-first: the socket buffer nearly always has room. The wait for readable data is also what
-keeps each loop fair to other tasks.
+call and, with pyOpenSSL, an exception. Two exceptions: the first read (a client sends its
+request right behind its Finished, so it has usually arrived when the pipe starts), and one
+extra upstream read after each upstream chunk, until one finds nothing (an upstream's FIN
+usually follows its last answer at once). Writes try first: the socket buffer nearly always
+has room. The wait for readable data is also what keeps each loop fair to other tasks.
 
 Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
 write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
@@ -278,15 +279,35 @@ async def pipe(
             pass
 
     async def upstream_to_client() -> None:
+        # After a chunk read on wake-up, read once more before waiting again: an upstream
+        # that closes after its answer (Connection: close) has usually sent its FIN with it,
+        # and a bulk body has the next chunk queued. One such read per wake-up keeps the
+        # loop fair; the first one that finds nothing (a keep-alive upstream waiting for the
+        # next request) turns them off for the connection, so idle pauses cost one failed
+        # call, not one per response.
+        speculate = True
+        eager = False
         while True:
-            await wait_readable(upstream)
-            try:
-                data = upstream.recv(CHUNK)
-            except BlockingIOError:
-                continue
-            except OSError:
-                abort("upstream_reset")
-                return
+            data: bytes | None = None
+            if eager:
+                eager = False
+                try:
+                    data = upstream.recv(CHUNK)
+                except BlockingIOError:
+                    speculate = False
+                except OSError:
+                    abort("upstream_reset")
+                    return
+            if data is None:
+                await wait_readable(upstream)
+                try:
+                    data = upstream.recv(CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    abort("upstream_reset")
+                    return
+                eager = speculate
             if not data:
                 break
             touch()
