@@ -11,9 +11,10 @@ flight. Two forms:
   that arrived in pieces, or after a PROXY header in the same segment); the hot loop in
   ``proxy/pipe.py`` moves the connection onto the socket once both BIOs are empty.
 
-TLS 1.3 session tickets, which OpenSSL emits in the step that completes the handshake, are not
-sent here but returned, so they can share a segment with the first response (and never make a
-handshake wait on a client that is not reading yet).
+On the memory-BIO path, TLS 1.3 session tickets, which OpenSSL emits in the step that
+completes the handshake, are not sent but returned, so they can share a segment with the first
+response (and never make a handshake wait on a client that is not reading yet). On the socket
+path OpenSSL writes them itself, at once: a fresh socket's send buffer always has room.
 """
 
 from __future__ import annotations

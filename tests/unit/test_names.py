@@ -2,6 +2,7 @@ import pytest
 
 from edgeproxy.names import (
     InvalidName,
+    is_ip_literal,
     name_matches,
     normalize_name,
     normalize_pattern,
@@ -62,3 +63,22 @@ def test_validate_accepts_and_normalises() -> None:
 )
 def test_matching(pattern: str, name: str, ok: bool) -> None:
     assert name_matches(normalize_pattern(pattern), name) is ok
+
+
+@pytest.mark.parametrize(
+    ("name", "literal"),
+    [
+        ("192.0.2.1", True),
+        ("::1", True),
+        ("[2001:db8::1]", True),
+        ("fe80::1%eth0", True),
+        ("shop.customer.com", False),
+        ("host1", False),  # ends in a digit, yet no address: the parser decides
+        ("1.2.3.4.example", False),
+        ("999.1.1.1", False),
+        ("", False),
+    ],
+)
+def test_ip_literals_and_hostnames(name: str, literal: bool) -> None:
+    # SNI goes through this on every connection; hostnames skip the address parser.
+    assert is_ip_literal(name) is literal
