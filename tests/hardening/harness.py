@@ -462,6 +462,27 @@ async def _connect(port: int, source: str | None = None) -> trio.socket.SocketTy
     return sock
 
 
+async def _connect_counted(
+    port: int, outcome: Outcome, source: str | None = None
+) -> trio.socket.SocketType | None:
+    """``_connect``, counted in ``outcome``; None when there is no socket to use.
+
+    A reset before ``connect`` returns is the proxy accepting and refusing at once: opened
+    and reset, not a failed connect.
+    """
+    try:
+        sock = await _connect(port, source)
+    except ConnectionResetError:
+        outcome.opened += 1
+        outcome.reset += 1
+        return None
+    except OSError:
+        outcome.connect_failed += 1
+        return None
+    outcome.opened += 1
+    return sock
+
+
 async def _until_closed(sock: trio.socket.SocketType, outcome: Outcome) -> None:
     """Read until the proxy ends the connection; record how and what it sent first."""
     first = b""
@@ -495,14 +516,9 @@ async def open_idle(
 
     async def one() -> None:
         async with limiter:
-            try:
-                socks.append(await _connect(port, source))
-            except ConnectionResetError:
-                outcome.reset += 1
-            except OSError:
-                outcome.connect_failed += 1
-                return
-            outcome.opened += 1
+            sock = await _connect_counted(port, outcome, source)
+            if sock is not None:
+                socks.append(sock)
 
     async with trio.open_nursery() as nursery:
         for _ in range(n):
@@ -551,16 +567,9 @@ async def slowloris(
 
     async def one() -> None:
         nonlocal sent_max
-        try:
-            sock = await _connect(port)
-        except ConnectionResetError:
-            outcome.opened += 1
-            outcome.reset += 1
+        sock = await _connect_counted(port, outcome)
+        if sock is None:
             return
-        except OSError:
-            outcome.connect_failed += 1
-            return
-        outcome.opened += 1
         sent = 0
         with sock:
             async with trio.open_nursery() as nursery:
@@ -604,16 +613,9 @@ async def send_and_watch(
 
     async def one(payload: bytes) -> None:
         async with limiter:
-            try:
-                sock = await _connect(port, source)
-            except ConnectionResetError:
-                outcome.opened += 1
-                outcome.reset += 1
+            sock = await _connect_counted(port, outcome, source)
+            if sock is None:
                 return
-            except OSError:
-                outcome.connect_failed += 1
-                return
-            outcome.opened += 1
             with sock:
                 try:
                     await sock.send(payload)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 import trustme
@@ -93,9 +94,17 @@ def assert_served(normal: NormalClient) -> None:
     assert not normal.result.errors, normal.result.errors[:5]
 
 
-async def start_ca(tmp_path: Path) -> tuple[Path, Path]:
+async def start_proxy_config(
+    tmp_path: Path, echo_upstream: str, **server: Any
+) -> tuple[Path, Path, int, dict[str, Any]]:
+    """(state, CA PEM, listen port, config) for the usual target: the internal CA exists
+    before the proxy starts, so the bystander can verify from its first connection, and an
+    admin port serves the metrics the tests diff. ``server`` overrides ``[server]``."""
     state = tmp_path / "state"
-    return state, await make_internal_ca(state)
+    ca = await make_internal_ca(state)
+    port = free_port()
+    cfg = proxy_config(state, port, echo_upstream, admin_port=free_port(), server=server)
+    return state, ca, port, cfg
 
 
 # --- silence --------------------------------------------------------------------------------
@@ -104,14 +113,8 @@ async def start_ca(tmp_path: Path) -> tuple[Path, Path]:
 async def test_idle_connections_are_closed_by_the_handshake_timeout(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state,
-        port,
-        echo_upstream,
-        admin_port=free_port(),
-        server={"handshake_timeout": 3, "max_handshakes": 3000},
+    state, ca, port, cfg = await start_proxy_config(
+        tmp_path, echo_upstream, handshake_timeout=3, max_handshakes=3000
     )
     async with edgeproxy_process(tmp_path, cfg) as ep:
         timeouts = await ep.metric(CLOSED, reason="handshake_timeout")
@@ -128,16 +131,10 @@ async def test_idle_connections_are_closed_by_the_handshake_timeout(
 async def test_idle_connections_beyond_max_handshakes_are_refused_fast(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
     # A long handshake timeout: the 500 held connections stay until long after the burst, so
     # "refused fast" is an order of events (refusals while the slots are still held).
-    cfg = proxy_config(
-        state,
-        port,
-        echo_upstream,
-        admin_port=free_port(),
-        server={"handshake_timeout": 8, "max_handshakes": 500},
+    state, ca, port, cfg = await start_proxy_config(
+        tmp_path, echo_upstream, handshake_timeout=8, max_handshakes=500
     )
     async with edgeproxy_process(tmp_path, cfg) as ep:
         refused = await ep.metric(REFUSED, limit="max_handshakes")
@@ -169,11 +166,7 @@ async def test_idle_connections_beyond_max_handshakes_are_refused_fast(
 async def test_slowloris_hellos_are_cut_off_at_the_handshake_timeout(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state, port, echo_upstream, admin_port=free_port(), server={"handshake_timeout": 4}
-    )
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream, handshake_timeout=4)
     hello = (CLIENTHELLOS / "curl-http1.1.bin").read_bytes()
     async with edgeproxy_process(tmp_path, cfg) as ep:
         timeouts = await ep.metric(CLOSED, reason="handshake_timeout")
@@ -192,9 +185,7 @@ async def test_slowloris_hellos_are_cut_off_at_the_handshake_timeout(
 
 
 async def test_random_bytes_flood(tmp_path: Path, echo_upstream: str) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(state, port, echo_upstream, admin_port=free_port())
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream)
     async with edgeproxy_process(tmp_path, cfg) as ep:
         not_tls = await ep.metric(HELLOS, result="not_tls")
         async with NormalClient(port, NORMAL, ca) as normal:
@@ -213,9 +204,7 @@ async def test_hostile_sni_never_takes_the_process_down(tmp_path: Path, echo_ups
     # Regression: an SNI that is printable but not a hostname ("a+b.example.test") reached
     # the certificate manager, whose status write raised ValueError (not a storage key) in
     # its nursery and killed the whole process with one ClientHello.
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(state, port, echo_upstream, admin_port=free_port())
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream)
     async with edgeproxy_process(tmp_path, cfg) as ep:
         async with NormalClient(port, NORMAL, ca) as normal:
             hellos = [hello_record(name) for name in HOSTILE_NAMES for _ in range(3)]
@@ -240,9 +229,7 @@ async def test_hostile_sni_never_takes_the_process_down(tmp_path: Path, echo_ups
 
 
 async def test_acme_tls_hellos_without_a_challenge(tmp_path: Path, echo_upstream: str) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(state, port, echo_upstream, admin_port=free_port())
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream)
     async with edgeproxy_process(tmp_path, cfg) as ep:
         before = await ep.metric(NO_CHALLENGE)
         names = random_names(2000, "example.test")
@@ -322,9 +309,7 @@ async def test_random_name_flood_makes_no_acme_request_and_spares_the_ask_endpoi
 async def test_random_name_flood_does_not_grow_state_per_name(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(state, port, echo_upstream, admin_port=free_port())
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream)
     async with edgeproxy_process(tmp_path, cfg) as ep:
         outcome = await send_and_watch(
             port, (hello_record(n) for n in random_names(1000, "not-allowed.test")), limit=60
@@ -343,11 +328,7 @@ async def test_random_name_flood_does_not_grow_state_per_name(
 async def test_max_connections_refuses_new_while_established_keep_working(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state, port, echo_upstream, admin_port=free_port(), server={"max_connections": 50}
-    )
+    state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream, max_connections=50)
     ctx = client_context(ca)
     async with edgeproxy_process(tmp_path, cfg) as ep:
         refused = await ep.metric(REFUSED, limit="max_connections")
@@ -380,10 +361,8 @@ async def test_max_connections_refuses_new_while_established_keep_working(
 async def test_max_connections_per_ip_without_proxy_protocol(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state, port, echo_upstream, admin_port=free_port(), server={"max_connections_per_ip": 20}
+    state, ca, port, cfg = await start_proxy_config(
+        tmp_path, echo_upstream, max_connections_per_ip=20
     )
     ctx = client_context(ca)
     async with edgeproxy_process(tmp_path, cfg) as ep:
@@ -408,14 +387,8 @@ async def test_max_connections_per_ip_without_proxy_protocol(
 async def test_max_connections_per_ip_counts_the_proxy_v2_client_address(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state,
-        port,
-        echo_upstream,
-        admin_port=free_port(),
-        server={"max_connections_per_ip": 20, "proxy_protocol": "v2"},
+    state, ca, port, cfg = await start_proxy_config(
+        tmp_path, echo_upstream, max_connections_per_ip=20, proxy_protocol="v2"
     )
     ctx = client_context(ca)
     local = ("127.0.0.1", port)
@@ -454,14 +427,8 @@ async def test_max_connections_per_ip_counts_the_proxy_v2_client_address(
 async def test_emfile_in_accept_pauses_and_keeps_accepting(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    state, ca = await start_ca(tmp_path)
-    port = free_port()
-    cfg = proxy_config(
-        state,
-        port,
-        echo_upstream,
-        admin_port=free_port(),
-        server={"handshake_timeout": 3, "max_handshakes": 5000},
+    state, ca, port, cfg = await start_proxy_config(
+        tmp_path, echo_upstream, handshake_timeout=3, max_handshakes=5000
     )
     # 160 descriptors: ~12 at rest, so a burst of 400 idle connections runs accept() into
     # EMFILE until handshake timeouts free descriptors again, round after round.

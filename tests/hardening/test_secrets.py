@@ -44,7 +44,7 @@ from tests.hardening.harness import (
     receive_exactly,
     toml_dumps,
 )
-from tests.support.pebble import Pebble
+from tests.support.pebble import Pebble, pebble_for_proxy
 from tests.support.ports import free_port
 
 TOKEN = "hardening-admin-token-7f3c"
@@ -100,10 +100,8 @@ async def test_internal_issuance_leaves_keys_0600_in_0700_folders(
 async def test_acme_issuance_debug_logs_hold_no_secret_and_keys_are_private(
     tmp_path: Path, echo_upstream: str, make_pebble: Callable[..., Pebble], log_format: str
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port)
     roots = tmp_path / "roots.pem"
-    roots.write_bytes(pebble.roots_pem())
+    port, pebble = pebble_for_proxy(make_pebble, roots)
     state = tmp_path / "state"
     cfg = proxy_config(
         state,

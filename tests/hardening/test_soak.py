@@ -42,7 +42,7 @@ from tests.hardening.harness import (
     unexpected_log_lines,
     wait_until,
 )
-from tests.support.pebble import Pebble
+from tests.support.pebble import Pebble, pebble_for_proxy
 from tests.support.ports import free_port
 
 SOAK_SECONDS = float(os.environ.get("EDGEPROXY_SOAK_SECONDS", "75"))
@@ -198,10 +198,8 @@ async def name_churn(
 async def test_soak_rss_stays_flat_and_fds_come_back(
     tmp_path: Path, echo_upstream: str, make_pebble: Callable[..., Pebble]
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port)
     roots = tmp_path / "roots.pem"
-    roots.write_bytes(pebble.roots_pem())
+    port, pebble = pebble_for_proxy(make_pebble, roots)
     cfg = proxy_config(
         tmp_path / "state",
         port,

@@ -59,6 +59,7 @@ __all__ = [
     "Reply",
     "TlsAlpnResponder",
     "pebble_available",
+    "pebble_for_proxy",
     "reject_first_replaces",
     "start_pebble",
 ]
@@ -160,6 +161,16 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool
         except OSError:
             time.sleep(0.02)
     return False
+
+
+def pebble_for_proxy(make_pebble: Callable[..., Pebble], roots: Path) -> tuple[int, Pebble]:
+    """(port, pebble) for an issuing proxy: pebble validates tls-alpn-01 against ``port``, the
+    port the proxy must listen on, and its roots go to ``roots`` so a client can verify the
+    chain the proxy serves."""
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots.write_bytes(pebble.roots_pem())
+    return port, pebble
 
 
 def start_pebble(
