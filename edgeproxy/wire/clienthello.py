@@ -233,10 +233,16 @@ class ClientHelloParser:
     def feed(self, data: bytes) -> ClientHello | Literal[NeedData.NEED_DATA]:
         if self._error is not None:
             raise self._error
-        self._buf += data
         if self._result is not None:
+            self._buf += data
             return self._result
         try:
+            if not self._buf:
+                result = self._whole_first_record(data)
+                if result is not None:
+                    self._result = result
+                    return result
+            self._buf += data
             result = self._advance()
         except ClientHelloError as exc:
             self._error = exc
@@ -245,6 +251,34 @@ class ClientHelloParser:
             return NEED_DATA
         self._result = result
         return result
+
+    def _whole_first_record(self, data: bytes) -> ClientHello | None:
+        """The usual first read: one record carrying exactly the whole hello; None otherwise.
+
+        Checks what ``_advance`` would check on such a record, in one go, and skips the
+        record assembly; anything else (several records, a short read, a mistake) falls
+        through to ``_advance``, which finds and names any error. Leaves the parser as
+        ``_advance`` would.
+        """
+        if len(data) < _RECORD_HEADER_LEN + _HANDSHAKE_HEADER_LEN or data[0] != _CONTENT_HANDSHAKE:
+            return None
+        length = (data[3] << 8) | data[4]
+        end = _RECORD_HEADER_LEN + length
+        if (
+            data[1] != 3
+            or data[5] != _HANDSHAKE_CLIENT_HELLO
+            or len(data) < end
+            or length > _MAX_FRAGMENT
+            or end > self._max_size
+            or length < _HANDSHAKE_HEADER_LEN + _MIN_BODY_LEN
+            or int.from_bytes(data[6:9], "big") != length - _HANDSHAKE_HEADER_LEN
+        ):
+            return None
+        self._buf += data
+        self._is_tls = True
+        self._pos = end
+        self._hs_len = length
+        return _parse_body(data[_RECORD_HEADER_LEN + _HANDSHAKE_HEADER_LEN : end], raw=data[:end])
 
     # The steps below raise on the first problem; feed() remembers the error.
 
