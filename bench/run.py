@@ -1,12 +1,13 @@
 """Side-by-side load benchmark: edgeproxy vs HAProxy, nginx stream and hitch (and Caddy for (e)).
 
-    python -m bench.run            # everything, 3 repetitions (about half an hour)
+    python -m bench.run            # everything, 3 repetitions (about 20 minutes)
     python -m bench.run --smoke    # edgeproxy + HAProxy, ~1 s per workload (CI)
 
 Assembles one run: checks the tools, raises the descriptor limit, makes the certificate,
-starts the origin, then for each repetition and each terminator in rotation starts the
-terminator fresh with tickets off for (a), and fresh again with tickets on for (d), (a2), (b),
-(c); finally (e). Everything is on loopback and stopped on the way out, whatever happens.
+starts the origin, then for each repetition starts every terminator fresh with tickets off
+for (a), and fresh again with tickets on for (d), (a2), (b), (c); finally (e). Within a
+repetition the terminators of a workload are measured in short slices taken in turn (see
+``Runner.throughput``). Everything is on loopback and stopped on the way out, whatever happens.
 Results go to ``--out`` (default ``bench/results/``, git-ignored) as Markdown, JSON and PNG.
 bench/README.md explains the workloads and the figures.
 """
@@ -14,6 +15,7 @@ bench/README.md explains the workloads and the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -45,7 +47,7 @@ from bench.terminators import (
     snapshot_edgeproxy,
     start_origin,
 )
-from bench.workloads import WORKLOADS, measure_idle, run_throughput
+from bench.workloads import WORKLOADS, ThroughputResult, combine, measure_idle, run_throughput
 
 THROUGHPUT_KEYS: Final = ("a", "a2", "b", "c")
 ALL_WORKLOADS: Final = (*THROUGHPUT_KEYS, "d", "e")
@@ -65,6 +67,7 @@ class Plan:
     workloads: tuple[str, ...]
     reps: int
     duration: int
+    slices: int
     warmup: int
     idle: int
     settle: float
@@ -86,7 +89,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     parser.add_argument("--terminators", type=_csv, help="default: all four")
     parser.add_argument("--workloads", type=_csv, help=f"subset of {','.join(ALL_WORKLOADS)}")
     parser.add_argument("--reps", type=int, help="repetitions of the rotation (default 3)")
-    parser.add_argument("--duration", type=int, help="seconds per measured wrk run (default 10)")
+    parser.add_argument(
+        "--duration", type=int, help="measured seconds per terminator and workload (default 10)"
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        help="wrk runs that make up --duration, taken in turn with the other terminators' "
+        "(default 5)",
+    )
     parser.add_argument("--warmup", type=int, help="untimed wrk seconds before each (default 1)")
     parser.add_argument("--idle", type=int, help="idle TLS connections for (d) (default 10000)")
     parser.add_argument("--names", type=int, help="new names per system for (e) (default 20)")
@@ -111,11 +122,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     bad = [w for w in workloads if w not in ALL_WORKLOADS]
     if bad:
         parser.error(f"unknown workloads {bad}; choose from {', '.join(ALL_WORKLOADS)}")
+    if args.slices is not None and args.slices < 1:
+        parser.error("--slices must be at least 1")
     plan = Plan(
         terminators=tuple(terminators),
         workloads=tuple(w for w in ALL_WORKLOADS if w in workloads),
         reps=args.reps or (1 if smoke else 3),
         duration=args.duration or (1 if smoke else 10),
+        slices=args.slices or (1 if smoke else 5),
         warmup=args.warmup if args.warmup is not None else (0 if smoke else 1),
         idle=args.idle or (200 if smoke else 10000),
         settle=0.5 if smoke else 2.0,
@@ -187,6 +201,7 @@ class Runner:
         self.origin = origin
         self.load_cpu = load_cpu
         self.rec = Recorder()
+        self.probes: dict[str, TlsProbe] = {}
 
     @property
     def pki(self) -> BenchPki:
@@ -212,91 +227,122 @@ class Runner:
             _log(f"  WARNING {name}: expected {want}, probe saw {probe}")
         return probe
 
-    def _throughput(
-        self, term: Terminator, server: Server, rep: int, key: str, probe: TlsProbe
-    ) -> None:
-        name = term.name
-        workload = WORKLOADS[key]
-        if self.plan.warmup:
-            run_throughput(
-                server, workload, name=self.pki.name, duration=self.plan.warmup, cpu=self.load_cpu
-            )
-        result = run_throughput(
-            server, workload, name=self.pki.name, duration=self.plan.duration, cpu=self.load_cpu
-        )
-        # Only meaningful where every request is a handshake (a window of one second).
-        reuse = term.session_reuse_pct(self.stage, server) if workload.close else None
-        row = {
-            "rep": rep,
-            "terminator": name,
-            "workload": key,
-            "probe_ok": probe_ok(probe, tickets=workload.tickets),
-            "tls": f"{probe.protocol} {probe.cipher} {probe.group}",
-            "server_reuse_pct": reuse,
-            **result.as_dict(),
-        }
-        self.rec.throughput.append(row)
-        errors = sum(row["errors"].values())
-        _log(
-            f"  {name:<12} {key:<2} {row['rps']:>9.1f} req/s {row['mbps']:>8.2f} MB/s "
-            f"p99 {row['p99_ms']:>8.2f} ms  cpu {row['proxy_cpu_s']:>6.2f} s  "
-            f"{row['requests_per_cpu_s'] or 0:>9.1f} req/cpu-s  errors {errors}"
-            + (f"  server-side reuse {reuse:.0f}%" if reuse is not None else "")
-        )
+    def throughput(self, key: str, servers: list[tuple[Terminator, Server]], rep: int) -> None:
+        """One workload on every terminator of the round, in short slices taken in turn.
 
-    def handshake_phase(self, rep: int, term: Terminator) -> None:
-        """(a): a fresh start with tickets off."""
+        This is a shared VM: its speed drifts by 15-25 % over tens of seconds, and one 10 s
+        run per terminator let that drift land on one side of a ratio. Taking the measured
+        time as ``plan.slices`` wrk runs per terminator, interleaved (the order rotating per
+        slice), puts every terminator through the same stretches of machine time; its
+        figures are the sums over its slices (latency percentiles: the median slice's).
+        """
+        workload = WORKLOADS[key]
+        plan = self.plan
+        n = max(1, plan.slices)
+        seconds = max(1, round(plan.duration / n))
+        if plan.warmup:
+            for _term, server in servers:
+                run_throughput(
+                    server, workload, name=self.pki.name, duration=plan.warmup, cpu=self.load_cpu
+                )
+        slices: dict[str, list[ThroughputResult]] = {term.name: [] for term, _ in servers}
+        reuses: dict[str, float | None] = {}
+        for i in range(n):
+            turn = servers[i % len(servers) :] + servers[: i % len(servers)]
+            for term, server in turn:
+                slices[term.name].append(
+                    run_throughput(
+                        server, workload, name=self.pki.name, duration=seconds, cpu=self.load_cpu
+                    )
+                )
+                if i == n - 1 and workload.close:
+                    # Only meaningful where every request is a handshake, and read at once:
+                    # the server counts over the last second.
+                    reuses[term.name] = term.session_reuse_pct(self.stage, server)
+        for term, _server in servers:
+            name = term.name
+            probe = self.probes[name]
+            result = combine(slices[name])
+            reuse = reuses.get(name)
+            row = {
+                "rep": rep,
+                "terminator": name,
+                "workload": key,
+                "probe_ok": probe_ok(probe, tickets=workload.tickets),
+                "tls": f"{probe.protocol} {probe.cipher} {probe.group}",
+                "server_reuse_pct": reuse,
+                "slices": n,
+                **result.as_dict(),
+            }
+            self.rec.throughput.append(row)
+            errors = sum(row["errors"].values())
+            _log(
+                f"  {name:<12} {key:<2} {row['rps']:>9.1f} req/s {row['mbps']:>8.2f} MB/s "
+                f"p99 {row['p99_ms']:>8.2f} ms  cpu {row['proxy_cpu_s']:>6.2f} s  "
+                f"{row['requests_per_cpu_s'] or 0:>9.1f} req/cpu-s  errors {errors}"
+                + (f"  server-side reuse {reuse:.0f}%" if reuse is not None else "")
+            )
+
+    @contextlib.contextmanager
+    def started(
+        self, terms: list[Terminator], rep: int, *, tickets: bool
+    ) -> Iterator[list[tuple[Terminator, Server]]]:
+        """Every terminator started fresh, probed, and stopped again on the way out."""
+        servers: list[tuple[Terminator, Server]] = []
+        try:
+            for term in terms:
+                server = term.start(self.sup, self.stage, tickets=tickets)
+                servers.append((term, server))
+                self.probes[term.name] = self._probe(server, term.name, rep, tickets=tickets)
+            yield servers
+        finally:
+            for _term, server in reversed(servers):
+                self.sup.stop(server)
+
+    def handshake_phase(self, rep: int, terms: list[Terminator]) -> None:
+        """(a): fresh starts with tickets off."""
         if "a" not in self.plan.workloads:
             return
-        server = term.start(self.sup, self.stage, tickets=False)
-        with self.sup.running(server):
-            probe = self._probe(server, term.name, rep, tickets=False)
-            self._throughput(term, server, rep, "a", probe)
+        with self.started(terms, rep, tickets=False) as servers:
+            self.throughput("a", servers, rep)
 
-    def tickets_phase(self, rep: int, term: Terminator) -> None:
-        """(d), (a2), (b), (c): a fresh start with tickets on."""
-        name = term.name
+    def tickets_phase(self, rep: int, terms: list[Terminator]) -> None:
+        """(d), (a2), (b), (c): fresh starts with tickets on."""
         wanted = self.plan.workloads
         rest = [k for k in ("a2", "b", "c") if k in wanted]
         if not rest and "d" not in wanted:
             return
-        server = term.start(self.sup, self.stage, tickets=True)
-        with self.sup.running(server):
-            probe = self._probe(server, name, rep, tickets=True)
+        with self.started(terms, rep, tickets=True) as servers:
             if "d" in wanted:
-                # First, on the fresh process: earlier traffic would have grown heaps that
+                # First, on the fresh processes: earlier traffic would have grown heaps that
                 # idle connections then fill for free, hiding their cost.
-                idle = measure_idle(
-                    server,
-                    self.origin,
-                    self.pki,
-                    count=self.plan.idle,
-                    cpu=self.load_cpu,
-                    settle=self.plan.settle,
-                )
-                self.rec.idle.append({"rep": rep, "terminator": name, **idle.as_dict()})
-                _log(
-                    f"  {name:<12} d  {idle.opened}/{idle.requested} idle, origin sees "
-                    f"{idle.origin_connections}, {idle.kib_per_connection or 0:.2f} KiB/conn"
-                )
-                time.sleep(self.plan.settle)  # let the closed connections drain
+                for term, server in servers:
+                    idle = measure_idle(
+                        server,
+                        self.origin,
+                        self.pki,
+                        count=self.plan.idle,
+                        cpu=self.load_cpu,
+                        settle=self.plan.settle,
+                    )
+                    self.rec.idle.append({"rep": rep, "terminator": term.name, **idle.as_dict()})
+                    _log(
+                        f"  {term.name:<12} d  {idle.opened}/{idle.requested} idle, origin sees "
+                        f"{idle.origin_connections}, {idle.kib_per_connection or 0:.2f} KiB/conn"
+                    )
+                    time.sleep(self.plan.settle)  # let the closed connections drain
             for key in rest:
-                self._throughput(term, server, rep, key, probe)
+                self.throughput(key, servers, rep)
 
     def run(self) -> None:
         names = list(self.plan.terminators)
         for rep in range(self.plan.reps):
-            # Rotate who goes first so drift on a shared machine is spread over everyone.
+            # Rotate who starts first so no terminator always has the same place.
             order = names[rep % len(names) :] + names[: rep % len(names)]
             _log(f"round {rep + 1}/{self.plan.reps}: {', '.join(order)}")
             terms = [TERMINATORS[name]() for name in order]
-            # Every terminator's (a) run back to back, then every terminator's other runs:
-            # the runs a ratio compares sit closer in time, so slow drift on a shared machine
-            # moves both sides of it alike.
-            for term in terms:
-                self.handshake_phase(rep, term)
-            for term in terms:
-                self.tickets_phase(rep, term)
+            self.handshake_phase(rep, terms)
+            self.tickets_phase(rep, terms)
 
 
 def _version(argv: list[str]) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import re
 import selectors
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -29,6 +31,7 @@ __all__ = [
     "IdleResult",
     "ThroughputResult",
     "Workload",
+    "combine",
     "measure_idle",
     "run_throughput",
 ]
@@ -89,6 +92,30 @@ class ThroughputResult:
 
 def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def combine(slices: Sequence[ThroughputResult]) -> ThroughputResult:
+    """One terminator's slices of a workload as one result: counts, seconds and CPU seconds
+    summed, so requests per CPU-second is over all of them; latency percentiles are the
+    median slice's (percentiles of different runs do not add), the maximum is the maximum."""
+    if not slices:
+        raise ValueError("no slices to combine")
+    wrks = [r.wrk for r in slices]
+    errors: dict[str, int] = {}
+    for w in wrks:
+        for k, v in w.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    wrk = WrkResult(
+        requests=sum(w.requests for w in wrks),
+        bytes=sum(w.bytes for w in wrks),
+        duration_s=sum(w.duration_s for w in wrks),
+        p50_ms=statistics.median(w.p50_ms for w in wrks),
+        p99_ms=statistics.median(w.p99_ms for w in wrks),
+        max_ms=max(w.max_ms for w in wrks),
+        errors=errors,
+        client_cpu_s=sum(w.client_cpu_s for w in wrks),
+    )
+    return ThroughputResult(wrk, sum(r.cpu_s for r in slices))
 
 
 def run_throughput(
