@@ -63,7 +63,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, NoReturn
 
 from edgeproxy.errors import PeerError
 
@@ -144,8 +144,10 @@ def is_grease(value: int) -> bool:
     return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
 
 
-def _is_grease_alpn(name: bytes) -> bool:
-    return len(name) == 2 and is_grease(int.from_bytes(name, "big"))
+# Every GREASE value (RFC 8701 s2), as integers and as 2-byte ALPN names: one set lookup
+# per value on the per-connection path instead of a function call.
+_GREASE: Final = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+_GREASE_ALPN: Final = frozenset(v.to_bytes(2, "big") for v in _GREASE)
 
 
 # --- results and errors -------------------------------------------------------------------
@@ -443,64 +445,99 @@ def _vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: s
     return vec_end
 
 
+def _bad_vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: str) -> NoReturn:
+    """Raise the error ``_vector`` names for a vector the fast checks found out of bounds."""
+    _vector(data, pos, end, len_size, reason, what)
+    raise AssertionError(f"{what} at offset {pos} is within bounds")  # pragma: no cover
+
+
+def _raise_if_duplicate(types: list[int]) -> None:
+    """RFC 8446 s4.2: at most one extension of each type. Names the first repeat in order."""
+    if len(set(types)) != len(types):
+        seen: set[int] = set()
+        for ext_type in types:
+            if ext_type in seen:
+                raise _malformed("duplicate_extension", f"extension {ext_type} appears twice")
+            seen.add(ext_type)
+
+
+_PARSED_EXTENSIONS: Final = frozenset({_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS})
+
+
 def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
-    """One pass over the ClientHello body (RFC 8446 s4.1.2, RFC 5246 s7.4.1.2)."""
-    end = len(body)
-    legacy_version = int.from_bytes(body[0:2], "big")
-    if legacy_version >> 8 != 3:
-        raise _malformed("bad_legacy_version", f"legacy_version 0x{legacy_version:04x}")
+    """One pass over the ClientHello body (RFC 8446 s4.1.2, RFC 5246 s7.4.1.2).
+
+    Runs once per connection, so the bounds checks are inline and the error messages are
+    built (by ``_vector``) only on the error path. Duplicate extensions are looked for when
+    something else fails and once at the end, which names the same first error a check at
+    every extension would.
+    """
+    end = len(body)  # at least _MIN_BODY_LEN: the handshake header check saw to that
+    if body[0] != 3:
+        legacy = (body[0] << 8) | body[1]
+        raise _malformed("bad_legacy_version", f"legacy_version 0x{legacy:04x}")
+    legacy_version = 0x300 | body[1]
     pos = 2 + 32  # legacy_version, random
 
-    sid_end = _vector(body, pos, end, 1, "bad_session_id", "legacy_session_id")
-    if sid_end - pos - 1 > 32:
-        raise _malformed("bad_session_id", f"legacy_session_id of {sid_end - pos - 1} bytes")
-    pos = sid_end
+    nxt = pos + 1 + body[pos]
+    if nxt > end:
+        _bad_vector(body, pos, end, 1, "bad_session_id", "legacy_session_id")
+    if nxt - pos - 1 > 32:
+        raise _malformed("bad_session_id", f"legacy_session_id of {nxt - pos - 1} bytes")
+    pos = nxt
 
-    cs_end = _vector(body, pos, end, 2, "bad_cipher_suites", "cipher_suites")
-    cs_len = cs_end - pos - 2
+    if end - pos < 2 or (nxt := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
+        _bad_vector(body, pos, end, 2, "bad_cipher_suites", "cipher_suites")
+    cs_len = nxt - pos - 2
     if cs_len < 2 or cs_len % 2:
         raise _malformed("bad_cipher_suites", f"cipher_suites vector of {cs_len} bytes")
     cipher_suites = struct.unpack_from(f">{cs_len // 2}H", body, pos + 2)
-    pos = cs_end
+    pos = nxt
 
-    cm_end = _vector(body, pos, end, 1, "bad_compression_methods", "compression_methods")
-    if cm_end - pos - 1 < 1:
+    if pos >= end or (nxt := pos + 1 + body[pos]) > end:
+        _bad_vector(body, pos, end, 1, "bad_compression_methods", "compression_methods")
+    if nxt - pos - 1 < 1:
         raise _malformed("bad_compression_methods", "empty compression_methods")
-    pos = cm_end
+    pos = nxt
 
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] | None = None
     types: list[int] = []
     if pos < end:  # a TLS 1.2 hello may omit the extensions block entirely
-        ext_end = _vector(body, pos, end, 2, "bad_extensions", "extensions")
+        if end - pos < 2 or (ext_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
+            _bad_vector(body, pos, end, 2, "bad_extensions", "extensions")
         if ext_end != end:
             raise _malformed("trailing_data", f"{end - ext_end} bytes after the extensions")
         pos += 2
-        seen: set[int] = set()
+        unpack = _EXT_HEADER.unpack_from
+        append = types.append
         while pos < ext_end:
             if ext_end - pos < 4:
+                _raise_if_duplicate(types)
                 raise _malformed("bad_extensions", f"truncated extension header at offset {pos}")
-            ext_type, ext_len = _EXT_HEADER.unpack_from(body, pos)
-            data_start = pos + 4
-            data_end = data_start + ext_len
-            if data_end > ext_end:
+            ext_type, ext_len = unpack(body, pos)
+            start = pos + 4
+            pos = start + ext_len
+            if pos > ext_end:
+                _raise_if_duplicate(types)
                 raise _malformed(
                     "bad_extensions",
-                    f"extension {ext_type} announces {ext_len} bytes, {ext_end - data_start} left",
+                    f"extension {ext_type} announces {ext_len} bytes, {ext_end - start} left",
                 )
-            if ext_type in seen:
-                # RFC 8446 s4.2: at most one extension of each type.
-                raise _malformed("duplicate_extension", f"extension {ext_type} appears twice")
-            seen.add(ext_type)
-            types.append(ext_type)
-            if ext_type == _EXT_SERVER_NAME:
-                sni = _parse_server_name(body, data_start, data_end)
-            elif ext_type == _EXT_ALPN:
-                alpn = _parse_alpn(body, data_start, data_end)
-            elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                versions = _parse_supported_versions(body, data_start, data_end)
-            pos = data_end
+            append(ext_type)
+            if ext_type in _PARSED_EXTENSIONS:
+                try:
+                    if ext_type == _EXT_SERVER_NAME:
+                        sni = _parse_server_name(body, start, pos)
+                    elif ext_type == _EXT_ALPN:
+                        alpn = _parse_alpn(body, start, pos)
+                    else:
+                        versions = _parse_supported_versions(body, start, pos)
+                except ClientHelloError:
+                    _raise_if_duplicate(types)
+                    raise
+        _raise_if_duplicate(types)
 
     return ClientHello(
         sni=sni,
@@ -515,14 +552,16 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
 
 def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
     """RFC 6066 s3: the first (and only) host_name entry; other name types are skipped."""
-    list_end = _vector(body, pos, end, 2, "bad_server_name", "server_name list")
+    if end - pos < 2 or (list_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
+        _bad_vector(body, pos, end, 2, "bad_server_name", "server_name list")
     if list_end != end or list_end - pos == 2:
         raise _malformed("bad_server_name", "server_name list length does not fill the extension")
     pos += 2
     host: bytes | None = None
     while pos < end:
         name_type = body[pos]
-        name_end = _vector(body, pos + 1, end, 2, "bad_server_name", "server_name entry")
+        if end - pos < 3 or (name_end := pos + 3 + ((body[pos + 1] << 8) | body[pos + 2])) > end:
+            _bad_vector(body, pos + 1, end, 2, "bad_server_name", "server_name entry")
         if name_type == _SNI_HOST_NAME:
             if host is not None:
                 raise _malformed("bad_server_name", "more than one host_name entry")
@@ -542,17 +581,20 @@ def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
 
 def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
     """RFC 7301 s3.1 ProtocolNameList, in client order, GREASE names dropped."""
-    list_end = _vector(body, pos, end, 2, "bad_alpn", "ALPN list")
+    if end - pos < 2 or (list_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
+        _bad_vector(body, pos, end, 2, "bad_alpn", "ALPN list")
     if list_end != end or list_end - pos == 2:
         raise _malformed("bad_alpn", "ALPN list length does not fill the extension")
     pos += 2
     names: list[str] = []
     while pos < end:
-        name_end = _vector(body, pos, end, 1, "bad_alpn", "ALPN protocol name")
+        name_end = pos + 1 + body[pos]  # pos < end here
+        if name_end > end:
+            _bad_vector(body, pos, end, 1, "bad_alpn", "ALPN protocol name")
         name = body[pos + 1 : name_end]
         if not name:
             raise _malformed("bad_alpn", "empty ALPN protocol name")
-        if not _is_grease_alpn(name):
+        if name not in _GREASE_ALPN:
             names.append(name.decode("latin-1"))
         pos = name_end
     return tuple(names)
@@ -564,5 +606,7 @@ def _parse_supported_versions(body: bytes, pos: int, end: int) -> tuple[int, ...
     list_len = list_end - pos - 1
     if list_end != end or list_len < 2 or list_len % 2:
         raise _malformed("bad_supported_versions", f"supported_versions list of {list_len} bytes")
-    values = struct.unpack_from(f">{list_len // 2}H", body, pos + 1)
-    return tuple(v for v in values if not is_grease(v))
+    values: tuple[int, ...] = struct.unpack_from(f">{list_len // 2}H", body, pos + 1)
+    if _GREASE.isdisjoint(values):
+        return values
+    return tuple(v for v in values if v not in _GREASE)

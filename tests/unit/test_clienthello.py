@@ -192,6 +192,20 @@ def test_grease_does_not_confuse_versions_alpn_or_extensions() -> None:
     assert hello.sni == "grease.example"
 
 
+def test_grease_tables_hold_exactly_the_rfc_8701_values() -> None:
+    # The parser drops GREASE by set lookup; the sets must match the definition everywhere.
+    from edgeproxy.wire.clienthello import _GREASE, _GREASE_ALPN, is_grease
+
+    assert {v for v in range(1 << 16) if is_grease(v)} == _GREASE
+    assert {int.from_bytes(name, "big") for name in _GREASE_ALPN} == _GREASE
+    assert all(len(name) == 2 for name in _GREASE_ALPN)
+    # A GREASE-looking ALPN name of another length is a real (if odd) protocol name.
+    message = tb.client_hello("x.example", [bytes([0x3A, 0x3A, 0x3A]), "h2"])
+    hello = parse_client_hello(tb.to_records(message))
+    assert hello is not None
+    assert hello.alpn_protocols == (":::", "h2")
+
+
 def test_only_grease_versions_leave_no_supported_version() -> None:
     body = tb.client_hello_body(extensions=[tb.supported_versions(tb.GREASE[0], tb.GREASE[4])])
     hello = parse_client_hello(tb.to_records(tb.handshake_message(body)))
