@@ -22,18 +22,22 @@ task switches modes at the first moment nothing is buffered and nobody is writin
 
 Reads wait first, then read (unless OpenSSL already holds data): in a request/response
 exchange the next bytes are almost never there yet, so trying first would only add a failing
-call and, with pyOpenSSL, an exception. Two exceptions: the first read (a client sends its
-request right behind its Finished, so it has usually arrived when the pipe starts), and one
-extra upstream read after each upstream chunk, until one finds nothing (an upstream's FIN
-usually follows its last answer at once). Writes try first: the socket buffer nearly always
-has room. The wait for readable data is also what keeps each loop fair to other tasks.
+call and, with pyOpenSSL, an exception. The exceptions: the first read (a client sends its
+request right behind its Finished, so it has usually arrived when the pipe starts), and on
+the upstream side, more reads after a wake-up while reads fill the buffer (a bulk body), or
+one more after a short read until one finds nothing (an upstream's FIN usually follows its
+last answer at once); see ``upstream_to_client``. Writes try first: the socket buffer nearly
+always has room. The wait for readable data is also what keeps each loop fair to other tasks.
 
 Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
 write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
 keep forwarding what the client still sends. The pipe ends when both directions ended.
 
-Memory is bounded: each direction holds one chunk (``CHUNK``) in flight and reads again only
-after the write finished, so a slow reader back-pressures a fast writer. One idle deadline
+Memory is bounded: each direction holds one chunk in flight and reads again only after the
+write finished, so a slow reader back-pressures a fast writer. A chunk is ``CHUNK`` bytes,
+except upstream reads while the client takes everything at once: they grow to ``MAX_READ``
+(fewer, bigger chunks: each one costs a round of Python calls) and drop back to ``CHUNK`` as
+soon as a write has to wait. One idle deadline
 covers both directions; it is moved at most about once a second, because moving a trio
 deadline is a heap operation.
 """
@@ -51,6 +55,8 @@ from trio.lowlevel import wait_readable, wait_writable
 from ..tls.stream import attach_socket, incoming_pending, outgoing_pending, release_idle_buffers
 
 CHUNK = 65536
+MAX_READ = 262144  # upstream reads grow to this while the client keeps up
+_READS_PER_WAKE = 8  # at most this many upstream reads between two waits (fairness)
 _SMALL = 16384  # reads above this may have grown OpenSSL's buffers
 _BROKEN = (SSL.Error, OSError)
 
@@ -77,7 +83,7 @@ async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
 class _Client:
     """The TLS side: one SSL object, two tasks, two modes (see the module docstring)."""
 
-    __slots__ = ("busy", "conn", "done", "sock", "socket_mode")
+    __slots__ = ("blocked", "busy", "conn", "done", "sock", "socket_mode")
 
     def __init__(self, conn: SSL.Connection, sock: socket.socket, socket_mode: bool) -> None:
         self.conn = conn
@@ -86,6 +92,7 @@ class _Client:
         # Memory mode: one task at a time drains the outgoing BIO, in BIO (FIFO) order.
         self.busy = False
         self.done: trio.Event | None = None
+        self.blocked = 0  # socket-mode writes that had to wait for the client
 
     def try_socket_mode(self) -> None:
         conn = self.conn
@@ -105,6 +112,7 @@ class _Client:
                     conn.send(data)
                     return
                 except SSL.WantWriteError:
+                    self.blocked += 1
                     await wait_writable(self.sock)
                 except SSL.WantReadError:
                     await wait_readable(self.sock)
@@ -279,44 +287,61 @@ async def pipe(
             pass
 
     async def upstream_to_client() -> None:
-        # After a chunk read on wake-up, read once more before waiting again: an upstream
-        # that closes after its answer (Connection: close) has usually sent its FIN with it,
-        # and a bulk body has the next chunk queued. One such read per wake-up keeps the
-        # loop fair; the first one that finds nothing (a keep-alive upstream waiting for the
-        # next request) turns them off for the connection, so idle pauses cost one failed
-        # call, not one per response.
+        # Reading: after a wake-up, keep reading while reads fill the buffer (a bulk body
+        # has more queued), up to _READS_PER_WAKE reads, which keeps the loop fair. After a
+        # short read, one more try (an upstream that closes after its answer has usually
+        # sent its FIN with it), until the first such try finds nothing (a keep-alive
+        # upstream waiting for the next request): then short reads go straight back to
+        # waiting, so idle pauses cost one failed call per connection, not one per answer.
+        # Read size: from CHUNK, doubled after each full read the client took without the
+        # write having to wait, up to MAX_READ, and back to CHUNK as soon as a write waits.
+        # Each chunk costs a round of Python calls, so a fast bulk transfer wants few, big
+        # ones, while a slow client holds at most one big chunk, once.
         speculate = True
-        eager = False
+        size = CHUNK
+        budget = 0
+        probe = False
         while True:
             data: bytes | None = None
-            if eager:
-                eager = False
+            if budget:
+                budget -= 1
                 try:
-                    data = upstream.recv(CHUNK)
+                    data = upstream.recv(size)
                 except BlockingIOError:
-                    speculate = False
+                    if probe:
+                        speculate = False
+                    budget = 0
                 except OSError:
                     abort("upstream_reset")
                     return
             if data is None:
                 await wait_readable(upstream)
                 try:
-                    data = upstream.recv(CHUNK)
+                    data = upstream.recv(size)
                 except BlockingIOError:
                     continue
                 except OSError:
                     abort("upstream_reset")
                     return
-                eager = speculate
+                budget = _READS_PER_WAKE
             if not data:
                 break
+            full = len(data) == size
+            probe = not full
+            if probe and not speculate:
+                budget = 0
             touch()
+            blocked = tls.blocked
             try:
                 await tls.write(data)
             except _BROKEN:
                 abort("client_reset")
                 return
             result.to_client += len(data)
+            if tls.blocked != blocked:
+                size = CHUNK
+            elif full and size < MAX_READ and tls.socket_mode:
+                size *= 2
         try:
             await tls.close_notify()
             client.shutdown(socket.SHUT_WR)
