@@ -356,7 +356,7 @@ async def pipe(
             except OSError:
                 abort("client_reset")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(upstream_to_client)
+            nursery.start_soon(upstream_to_client, name="edgeproxy.pipe.upstream_to_client")
             await client_to_upstream()
     if scope.cancelled_caught and result.reason == "done":
         result.reason = "idle_timeout"

@@ -184,7 +184,10 @@ class Proxy:
             if self.active == 1:
                 self._idle = trio.Event()
             metrics.CONNECTIONS_ACTIVE.inc()
-            conn_nursery.start_soon(handle_connection, self, sock, peer, counted_ip)
+            # A name given saves trio formatting one per task.
+            conn_nursery.start_soon(
+                handle_connection, self, sock, peer, counted_ip, name="edgeproxy.connection"
+            )
 
     def admit_client(self, info: ConnInfo) -> bool:
         """Per-IP limit for addresses learnt from the PROXY header."""
