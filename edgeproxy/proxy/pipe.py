@@ -52,7 +52,14 @@ import trio
 from OpenSSL import SSL
 from trio.lowlevel import wait_readable, wait_writable
 
-from ..tls.stream import attach_socket, incoming_pending, outgoing_pending, release_idle_buffers
+from ..tls.stream import (
+    attach_socket,
+    incoming_pending,
+    outgoing_pending,
+    read_plaintext,
+    release_idle_buffers,
+    write_plaintext,
+)
 
 CHUNK = 65536
 MAX_READ = 262144  # upstream reads grow to this while the client keeps up
@@ -109,7 +116,7 @@ class _Client:
                 try:
                     # Partial writes are off on our contexts: all of data, or an error with
                     # the record kept for the retry (which must pass the same bytes).
-                    conn.send(data)
+                    write_plaintext(conn, data)
                     return
                 except SSL.WantWriteError:
                     self.blocked += 1
@@ -218,7 +225,7 @@ async def pipe(
                 data = b""
             if data is not None:
                 try:
-                    data = conn.recv(CHUNK)
+                    data = read_plaintext(conn, CHUNK)
                 except SSL.WantReadError:
                     data = None
                 except SSL.WantWriteError:
@@ -243,7 +250,7 @@ async def pipe(
                 await wait_readable(client)
                 if tls.socket_mode:
                     try:
-                        data = conn.recv(CHUNK)
+                        data = read_plaintext(conn, CHUNK)
                     except SSL.WantReadError:
                         continue
                     except SSL.WantWriteError:

@@ -107,7 +107,9 @@ __all__ = [
     "attach_socket",
     "incoming_pending",
     "outgoing_pending",
+    "read_plaintext",
     "release_idle_buffers",
+    "write_plaintext",
 ]
 
 _T = TypeVar("_T")
@@ -127,7 +129,15 @@ except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
     _ffi = _lib = None
 
 
-_NEEDED: Final = ("BIO_get_mem_data", "BIO_new", "BIO_s_mem", "SSL_set_bio", "SSL_session_reused")
+_NEEDED: Final = (
+    "BIO_get_mem_data",
+    "BIO_new",
+    "BIO_s_mem",
+    "SSL_set_bio",
+    "SSL_session_reused",
+    "SSL_read",
+    "SSL_write",
+)
 
 
 class _Internals:
@@ -181,6 +191,12 @@ class _Internals:
     @classmethod
     def session_reused(cls, conn: SSL.Connection) -> bool:
         return bool(cls.lib.SSL_session_reused(conn._ssl))
+
+    # ``Connection._raise_ssl_error`` is how pyOpenSSL turns a failed call into its
+    # exceptions; calling it for failures keeps read_plaintext/write_plaintext's errors
+    # exactly those of ``recv``/``send``.
+    plaintext_calls: bool = available and hasattr(SSL.Connection, "_raise_ssl_error")
+    no_zero: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 
 
 if not _Internals.available:  # pragma: no cover - depends on the installed pyOpenSSL
@@ -784,6 +800,39 @@ def outgoing_pending(conn: SSL.Connection) -> int:
     if _Internals.usable_for(conn):
         return _Internals.outgoing_pending(conn)
     return -1
+
+
+def read_plaintext(conn: SSL.Connection, size: int) -> bytes:
+    """``conn.recv(size)``, with the same results and exceptions, in fewer Python steps.
+
+    The pipe reads a record per call; pyOpenSSL's ``recv`` spends more Python on each call
+    than the call itself (flag checks, and its error mapping even on success), about a
+    tenth of the Python work of a keep-alive request. Successes are handled here; failures
+    go through pyOpenSSL's own mapping.
+    """
+    if not _Internals.plaintext_calls:
+        return conn.recv(size)
+    buf = _Internals.no_zero("char[]", size)
+    n = _Internals.lib.SSL_read(conn._ssl, buf, size)
+    if n > 0:
+        return _Internals.ffi.buffer(buf, n)[:]  # type: ignore[no-any-return]
+    conn._raise_ssl_error(conn._ssl, n)
+    return b""
+
+
+def write_plaintext(conn: SSL.Connection, data: bytes) -> int:
+    """``conn.send(data)``, with the same results and exceptions (see ``read_plaintext``).
+
+    After WantWriteError the retry must pass the same ``data`` object, as with ``send``.
+    """
+    if not _Internals.plaintext_calls:
+        return conn.send(data)
+    ffi = _Internals.ffi
+    with ffi.from_buffer(data) as ptr:
+        n = _Internals.lib.SSL_write(conn._ssl, ptr, len(data))
+    if n <= 0:
+        conn._raise_ssl_error(conn._ssl, n)
+    return int(n)
 
 
 def attach_socket(conn: SSL.Connection, fd: int) -> bool:

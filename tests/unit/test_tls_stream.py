@@ -673,6 +673,56 @@ def test_openssl_internals_reachable(server_ctx: SSL.Context) -> None:
     """If this fails, a pyOpenSSL upgrade moved what stream._Internals relies on."""
     assert stream_module._Internals.available
     assert stream_module._Internals.usable_for(new_server_connection(server_ctx))
+    assert stream_module._Internals.plaintext_calls
+
+
+def _pump(a: SSL.Connection, b: SSL.Connection) -> None:
+    """Move every pending ciphertext byte between two memory-BIO connections, both ways."""
+    moved = True
+    while moved:
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            try:
+                data = src.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            dst.bio_write(data)
+            moved = True
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_plaintext_calls_match_recv_and_send(
+    ca: trustme.CA, server_ctx: SSL.Context, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    # The pipe's read_plaintext/write_plaintext bypass pyOpenSSL's recv/send on success;
+    # data and every exception the pipe tells apart must be the same (fast=False: the
+    # fallback used when pyOpenSSL's internals are not reachable).
+    monkeypatch.setattr(stream_module._Internals, "plaintext_calls", fast)
+    server = new_server_connection(server_ctx)
+    client = client_conn(client_ctx(ca))
+    for _ in range(10):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        _pump(client, server)
+    with pytest.raises(SSL.WantReadError):
+        stream_module.read_plaintext(server, 65536)  # nothing sent yet
+    client.sendall(b"request")
+    _pump(client, server)
+    assert stream_module.read_plaintext(server, 65536) == b"request"
+    body = bytes(range(256)) * 300  # several records
+    assert stream_module.write_plaintext(server, body) == len(body)
+    _pump(client, server)
+    got = b""
+    while len(got) < len(body):
+        got += client.recv(65536)
+    assert got == body
+    client.shutdown()  # close_notify
+    _pump(client, server)
+    with pytest.raises(SSL.ZeroReturnError):
+        stream_module.read_plaintext(server, 65536)
 
 
 def _malloc_in_use() -> int | None:
