@@ -1,6 +1,6 @@
 """Side-by-side load benchmark: edgeproxy vs HAProxy, nginx stream and hitch (and Caddy for (e)).
 
-    python -m bench.run            # everything, 3 repetitions (about 20 minutes)
+    python -m bench.run            # everything, 3 repetitions (about 15 minutes)
     python -m bench.run --smoke    # edgeproxy + HAProxy, ~1 s per workload (CI)
 
 Assembles one run: checks the tools, raises the descriptor limit, makes the certificate,
