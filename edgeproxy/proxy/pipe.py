@@ -37,9 +37,8 @@ Memory is bounded: each direction holds one chunk in flight and reads again only
 write finished, so a slow reader back-pressures a fast writer. A chunk is ``CHUNK`` bytes,
 except upstream reads while the client takes everything at once: they grow to ``MAX_READ``
 (fewer, bigger chunks: each one costs a round of Python calls) and drop back to ``CHUNK`` as
-soon as a write has to wait. One idle deadline
-covers both directions; it is moved at most about once a second, because moving a trio
-deadline is a heap operation.
+soon as a write has to wait. One idle deadline covers both directions; it is moved at most
+about once a second, because moving a trio deadline is a heap operation.
 """
 
 from __future__ import annotations
@@ -303,11 +302,12 @@ async def pipe(
         # Read size: from CHUNK, doubled after each full read the client took without the
         # write having to wait, up to MAX_READ, and back to CHUNK as soon as a write waits.
         # Each chunk costs a round of Python calls, so a fast bulk transfer wants few, big
-        # ones, while a slow client holds at most one big chunk, once.
+        # ones; a client that cannot keep up holds one chunk of at most MAX_READ when its
+        # first write waits, and CHUNK-sized ones after that until it keeps up again.
         speculate = True
         size = CHUNK
-        budget = 0
-        probe = False
+        budget = 0  # reads left before the next wait
+        probe = False  # the last read came up short: the next one is a guess
         while True:
             data: bytes | None = None
             if budget:

@@ -75,6 +75,8 @@ frees its record buffers: an idle server stream measures ~28 KiB (TLSStream and 
 ``SSL_session_reused``); each is one cffi call on the binding pyOpenSSL itself uses, fenced in
 ``_Internals`` below. If a future pyOpenSSL renames its private attributes we fall back to
 slower code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable`` fails.
+The data path's plaintext reads and writes (``read_plaintext``, ``write_plaintext``) use the
+same fence: one ``SSL_read``/``SSL_write`` on success, pyOpenSSL's error mapping on failure.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ _NEEDED: Final = (
 
 
 class _Internals:
-    """The three OpenSSL calls pyOpenSSL does not expose, behind one feature check.
+    """OpenSSL calls pyOpenSSL does not expose (or wraps at a cost the data path notices),
+    behind one feature check.
 
     ``Connection._ssl`` / ``_into_ssl`` / ``_from_ssl`` are pyOpenSSL's SSL* and memory BIO*
     pointers (stable names since pyOpenSSL 0.13); ``lib`` is cryptography's OpenSSL binding,
