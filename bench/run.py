@@ -57,6 +57,10 @@ APT_PACKAGES: Final = "haproxy nginx libnginx-mod-stream hitch caddy wrk pebble"
 FD_HEADROOM: Final = 100
 
 
+# A terminator started for a phase: its server, and what the probe saw right after the start.
+Started = tuple[Terminator, Server, TlsProbe]
+
+
 class SetupError(RuntimeError):
     """Something the benchmark needs is missing; the message says how to install it."""
 
@@ -95,8 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     parser.add_argument(
         "--slices",
         type=int,
-        help="wrk runs that make up --duration, taken in turn with the other terminators' "
-        "(default 5)",
+        help="wrk runs that make up --duration (each rounded to whole seconds), taken in turn "
+        "with the other terminators' (default 5)",
     )
     parser.add_argument("--warmup", type=int, help="untimed wrk seconds before each (default 1)")
     parser.add_argument("--idle", type=int, help="idle TLS connections for (d) (default 10000)")
@@ -201,7 +205,6 @@ class Runner:
         self.origin = origin
         self.load_cpu = load_cpu
         self.rec = Recorder()
-        self.probes: dict[str, TlsProbe] = {}
 
     @property
     def pki(self) -> BenchPki:
@@ -227,7 +230,7 @@ class Runner:
             _log(f"  WARNING {name}: expected {want}, probe saw {probe}")
         return probe
 
-    def throughput(self, key: str, servers: list[tuple[Terminator, Server]], rep: int) -> None:
+    def throughput(self, key: str, servers: list[Started], rep: int) -> None:
         """One workload on every terminator of the round, in short slices taken in turn.
 
         This is a shared VM: its speed drifts by 15-25 % over tens of seconds, and one 10 s
@@ -241,15 +244,15 @@ class Runner:
         n = max(1, plan.slices)
         seconds = max(1, round(plan.duration / n))
         if plan.warmup:
-            for _term, server in servers:
+            for _term, server, _probe in servers:
                 run_throughput(
                     server, workload, name=self.pki.name, duration=plan.warmup, cpu=self.load_cpu
                 )
-        slices: dict[str, list[ThroughputResult]] = {term.name: [] for term, _ in servers}
+        slices: dict[str, list[ThroughputResult]] = {term.name: [] for term, _, _ in servers}
         reuses: dict[str, float | None] = {}
         for i in range(n):
             turn = servers[i % len(servers) :] + servers[: i % len(servers)]
-            for term, server in turn:
+            for term, server, _probe in turn:
                 slices[term.name].append(
                     run_throughput(
                         server, workload, name=self.pki.name, duration=seconds, cpu=self.load_cpu
@@ -259,9 +262,8 @@ class Runner:
                     # Only meaningful where every request is a handshake, and read at once:
                     # the server counts over the last second.
                     reuses[term.name] = term.session_reuse_pct(self.stage, server)
-        for term, _server in servers:
+        for term, _server, probe in servers:
             name = term.name
-            probe = self.probes[name]
             result = combine(slices[name])
             reuse = reuses.get(name)
             row = {
@@ -286,17 +288,18 @@ class Runner:
     @contextlib.contextmanager
     def started(
         self, terms: list[Terminator], rep: int, *, tickets: bool
-    ) -> Iterator[list[tuple[Terminator, Server]]]:
+    ) -> Iterator[list[Started]]:
         """Every terminator started fresh, probed, and stopped again on the way out."""
-        servers: list[tuple[Terminator, Server]] = []
+        servers: list[Started] = []
+        stop: list[Server] = []
         try:
             for term in terms:
                 server = term.start(self.sup, self.stage, tickets=tickets)
-                servers.append((term, server))
-                self.probes[term.name] = self._probe(server, term.name, rep, tickets=tickets)
+                stop.append(server)
+                servers.append((term, server, self._probe(server, term.name, rep, tickets=tickets)))
             yield servers
         finally:
-            for _term, server in reversed(servers):
+            for server in reversed(stop):
                 self.sup.stop(server)
 
     def handshake_phase(self, rep: int, terms: list[Terminator]) -> None:
@@ -316,7 +319,7 @@ class Runner:
             if "d" in wanted:
                 # First, on the fresh processes: earlier traffic would have grown heaps that
                 # idle connections then fill for free, hiding their cost.
-                for term, server in servers:
+                for term, server, _probe in servers:
                     idle = measure_idle(
                         server,
                         self.origin,
