@@ -43,6 +43,14 @@ def _client(stream: trio.SocketStream) -> TLSStream:
     return TLSStream(stream, cconn)
 
 
+def _upstream_pair() -> tuple[socket.socket, socket.socket]:
+    """(the pipe's upstream socket, the test's end of it), both non-blocking."""
+    up_proxy, up_app = socket.socketpair()
+    up_proxy.setblocking(False)
+    up_app.setblocking(False)
+    return up_proxy, up_app
+
+
 async def tls_pair(ca: trustme.CA) -> tuple[TLSStream, TLSStream, trio.SocketStream]:
     """(client TLSStream, server TLSStream after handshake, server SocketStream)."""
     a, b = trio.socket.socketpair()
@@ -66,9 +74,7 @@ async def start_socket_mode_pipe(
     async with trio.open_nursery() as n:
         n.start_soon(client.do_handshake)
         n.start_soon(accept_tls_on_socket, conn, b)
-    up_proxy, up_app = socket.socketpair()
-    up_proxy.setblocking(False)
-    up_app.setblocking(False)
+    up_proxy, up_app = _upstream_pair()
     results: list[PipeResult] = []
 
     async def run() -> None:
@@ -92,9 +98,7 @@ async def start(
 async def start_pipe(
     nursery: trio.Nursery, server: TLSStream, server_stream: trio.SocketStream, idle: float = 10
 ) -> tuple[trio.SocketStream, list[PipeResult]]:
-    up_proxy, up_app = socket.socketpair()
-    up_proxy.setblocking(False)
-    up_app.setblocking(False)
+    up_proxy, up_app = _upstream_pair()
     raw = socket.socket(fileno=server_stream.socket.detach())
     raw.setblocking(False)
     results: list[PipeResult] = []
