@@ -78,7 +78,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmokeRun]:
         pytest.skip(f"the benchmark needs {', '.join(missing)} (tests/run installs them)")
     results = tmp_path_factory.mktemp("bench") / "results"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(results)],
+        # Two slices per workload: the interleaved measurement runs as in a full run.
+        [sys.executable, "-m", "bench.run", "--smoke", "--slices", "2", "--out", str(results)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -127,6 +128,14 @@ def test_every_workload_was_measured_against_both_terminators(smoke: SmokeRun) -
             assert row["ratio_to_haproxy"] == 1.0
         else:
             assert row["ratio_to_haproxy"] is not None and row["ratio_to_haproxy"] > 0
+
+
+def test_each_row_adds_up_its_slices(smoke: SmokeRun) -> None:
+    # --slices 2 of a 1 s smoke duration: two 1 s wrk runs per terminator and workload.
+    for row in smoke.document()["throughput"]:
+        where = f"{row['terminator']} {row['workload']}"
+        assert row["slices"] == 2, where
+        assert 1.8 < row["duration_s"] < 3.0, where
 
 
 def test_handshake_rows_ran_with_tickets_as_labelled(smoke: SmokeRun) -> None:
