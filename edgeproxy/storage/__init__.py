@@ -3,12 +3,13 @@
 Re-exports the public names so callers write ``from edgeproxy.storage import FileStorage``.
 """
 
-from edgeproxy.storage.base import LockInfo, Storage, StoredItem, check_key
+from edgeproxy.storage.base import HostnameEntry, LockInfo, Storage, StoredItem, check_key
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.storage.locks import LockLost, hold_lock, make_owner_id
 
 __all__ = [
     "FileStorage",
+    "HostnameEntry",
     "LockInfo",
     "LockLost",
     "Storage",

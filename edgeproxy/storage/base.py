@@ -12,6 +12,11 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
   the holder keeps it alive with ``refresh_lock``; an abandoned lock frees itself at expiry.
 * Challenge tokens are visible to every process sharing the storage, so whichever process or
   replica the CA reaches can answer.
+* The hostname registry holds one ``HostnameEntry`` per customer hostname. Listing pages by
+  hostname (``after`` is the last name of the previous page), so a cursor stays valid however
+  many entries are added or removed meanwhile. ``hostname_changes`` is a cheap change feed:
+  given the marker of the previous call it names the entries changed since, or None when the
+  caller must reload everything (first call, or the backend lost track).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_hostname_key(hostname: str) -> str:
+    """A registry key is one storage key segment (the caller normalised the hostname)."""
+    if "/" in hostname:
+        raise ValueError(f"invalid hostname key {hostname!r}")
+    return check_key(hostname)
+
+
 @dataclass(frozen=True, slots=True)
 class LockInfo:
     name: str
@@ -43,6 +55,21 @@ class StoredItem:
     key: str
     modified: float  # unix time
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostnameEntry:
+    """A registered customer hostname (see ``edgeproxy.hostnames``)."""
+
+    hostname: str  # normalised (``names.validate_hostname``)
+    upstream: str | None  # "host:port" overriding the SNI routes, or None
+    metadata: str  # a JSON object's text, as stored
+    created_at: float  # unix time
+    removed_at: float | None = None  # set by a removal; the entry is purged after the grace
+
+    @property
+    def live(self) -> bool:
+        return self.removed_at is None
 
 
 @runtime_checkable
@@ -88,6 +115,32 @@ class Storage(Protocol):
 
     async def list_challenges(self) -> builtins.list[tuple[str, float]]:
         """(name, expires_at) of every stored challenge, expired included."""
+
+    # -- hostname registry --------------------------------------------------------------------
+
+    async def add_hostname(self, entry: HostnameEntry) -> tuple[HostnameEntry, bool]:
+        """Register ``entry``; a live entry of that name wins: (it, False). A removed one is
+        replaced (re-added): (entry, True)."""
+
+    async def get_hostname(self, hostname: str) -> HostnameEntry | None:
+        """The entry, live or removed (until purged), or None."""
+
+    async def update_hostname(self, entry: HostnameEntry) -> bool:
+        """Store ``entry``'s upstream and metadata if a live entry of that name exists."""
+
+    async def remove_hostname(self, hostname: str, at: float) -> HostnameEntry | None:
+        """Mark the live entry removed at ``at``; the entry as it was, or None if none lived."""
+
+    async def purge_hostname(self, hostname: str, removed_before: float) -> bool:
+        """Delete the entry if it was removed at or before ``removed_before``."""
+
+    async def list_hostnames(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> builtins.list[HostnameEntry]:
+        """Up to ``limit`` entries (removed ones too) with hostname > ``after``, by hostname."""
+
+    async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
+        """(new marker, hostnames changed after marker ``since``); None: reload everything."""
 
     async def aclose(self) -> None:
         """Release connections and background resources."""

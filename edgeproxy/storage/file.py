@@ -12,6 +12,9 @@ Layout (every folder 0700, created on demand, the root too)::
     locks/.guard                          flock target serialising lease/challenge updates
     challenges/<name>.json                pending challenges, JSON {key_authorization, expires_at}
     quarantine/<timestamp>-<key, / -> __>  values moved aside, plus ``.reason`` next to each
+    hostnames/<hostname>.json             registry entries, JSON (see ``HostnameEntry``)
+    hostnames/.journal                    names of changed entries, one a line, appended
+    hostnames/.guard                      flock target serialising registry updates
 
 In lock and challenge file names a ``/`` of the name is written ``%2F``: ``%`` can never occur in
 a valid name, so the mapping is reversible and the folders stay flat.
@@ -41,6 +44,14 @@ scope anyway (replicas on several machines share ``PostgresStorage``). Critical 
 read, a write and two fsyncs; waiting for the guard is bounded by ``GUARD_TIMEOUT`` so a stopped
 process cannot hang everyone else forever.
 
+*Hostname registry.* One file per entry, so a change rewrites one small file. Paging sorts the
+folder's names (a ``scandir``, no file is opened) and reads only the page's files; the sorted
+list is cached until the journal changes. Every registry update appends the hostname to
+``.journal`` under the registry guard, so the journal's (inode, size) is a change marker that
+other processes poll with one ``stat``, and the bytes since their last marker say which entries
+to re-read. Past ``JOURNAL_MAX`` bytes the journal is replaced by an empty one (a new inode):
+readers holding the old marker are told to reload everything.
+
 *Threads.* Every public operation is one ``trio.to_thread.run_sync`` call, so the event loop never
 waits on the disk. The clock is read on the event-loop thread and passed in, so a test may use
 ``trio.current_time`` as the storage clock. ``OSError`` becomes ``StorageError`` in ``_run`` only.
@@ -48,6 +59,7 @@ waits on the disk. The clock is read on the event-loop thread and passed in, so 
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import errno
@@ -67,7 +79,13 @@ from typing import TypeGuard, TypeVar
 import trio
 
 from edgeproxy.errors import StorageError
-from edgeproxy.storage.base import LockInfo, StoredItem, check_key
+from edgeproxy.storage.base import (
+    HostnameEntry,
+    LockInfo,
+    StoredItem,
+    check_hostname_key,
+    check_key,
+)
 
 __all__ = ["FileStorage"]
 
@@ -80,6 +98,8 @@ _LOCK_SUFFIX = ".lock"
 _CHALLENGE_SUFFIX = ".json"
 _REASON_SUFFIX = ".reason"
 _GUARD_NAME = ".guard"
+_JOURNAL_NAME = ".journal"
+_ENTRY_SUFFIX = ".json"
 _SLASH = "%2F"
 
 _DIR_MODE = 0o700
@@ -176,6 +196,44 @@ class _Challenge:
         return cls(key_authorization, float(expires_at))
 
 
+def _entry_json(entry: HostnameEntry) -> bytes:
+    record = {
+        "hostname": entry.hostname,
+        "upstream": entry.upstream,
+        "metadata": entry.metadata,
+        "created_at": entry.created_at,
+        "removed_at": entry.removed_at,
+    }
+    return json.dumps(record).encode()
+
+
+def _parse_entry(raw: bytes | None) -> HostnameEntry | None:
+    """None for a missing or unreadable record (a torn write cannot happen: temp + rename)."""
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        hostname, upstream, metadata = record["hostname"], record["upstream"], record["metadata"]
+        created_at, removed_at = record["created_at"], record["removed_at"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if not (
+        isinstance(hostname, str)
+        and (upstream is None or isinstance(upstream, str))
+        and isinstance(metadata, str)
+        and _is_number(created_at)
+        and (removed_at is None or _is_number(removed_at))
+    ):
+        return None
+    return HostnameEntry(
+        hostname,
+        upstream,
+        metadata,
+        float(created_at),
+        None if removed_at is None else float(removed_at),
+    )
+
+
 def _read_file(path: Path) -> bytes | None:
     """Whole content of a regular file, or None when there is none at ``path``."""
     try:
@@ -226,6 +284,8 @@ class FileStorage:
     TEMP_GRACE = 300.0
     #: Longest wait for the lease guard before an operation fails with ``StorageError``.
     GUARD_TIMEOUT = 10.0
+    #: Journal size beyond which it is replaced by an empty one (readers then reload all).
+    JOURNAL_MAX = 1 << 20
 
     def __init__(
         self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
@@ -236,6 +296,9 @@ class FileStorage:
         self._locks = self._root / "locks"
         self._challenges = self._root / "challenges"
         self._quarantine = self._root / "quarantine"
+        self._hostnames = self._root / "hostnames"
+        # (journal marker, sorted hostnames): the listing is reused until the journal moves.
+        self._listing: tuple[str, builtins.list[str]] | None = None
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self._root)!r})"
@@ -323,6 +386,36 @@ class FileStorage:
     async def list_challenges(self) -> builtins.list[tuple[str, float]]:
         return await self._run("list_challenges", self._list_challenges_sync)
 
+    # -- hostname registry ----------------------------------------------------------------------
+
+    async def add_hostname(self, entry: HostnameEntry) -> tuple[HostnameEntry, bool]:
+        return await self._run("add_hostname", self._add_hostname_sync, entry)
+
+    async def get_hostname(self, hostname: str) -> HostnameEntry | None:
+        raw = await self._run("get_hostname", _read_file, self._entry_path(hostname))
+        return _parse_entry(raw)
+
+    async def update_hostname(self, entry: HostnameEntry) -> bool:
+        return await self._run("update_hostname", self._update_hostname_sync, entry)
+
+    async def remove_hostname(self, hostname: str, at: float) -> HostnameEntry | None:
+        path = self._entry_path(hostname)
+        return await self._run("remove_hostname", self._remove_hostname_sync, path, at)
+
+    async def purge_hostname(self, hostname: str, removed_before: float) -> bool:
+        path = self._entry_path(hostname)
+        return await self._run("purge_hostname", self._purge_hostname_sync, path, removed_before)
+
+    async def list_hostnames(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> builtins.list[HostnameEntry]:
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        return await self._run("list_hostnames", self._list_hostnames_sync, after, limit)
+
+    async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
+        return await self._run("hostname_changes", self._hostname_changes_sync, since)
+
     # -- maintenance (``edgeproxy storage check/clean``; not part of ``Storage``) ---------------
 
     async def check(self) -> builtins.list[str]:
@@ -347,6 +440,9 @@ class FileStorage:
 
     def _challenge_path(self, name: str) -> Path:
         return self._challenges / (_encode_name(name) + _CHALLENGE_SUFFIX)
+
+    def _entry_path(self, hostname: str) -> Path:
+        return self._hostnames / (check_hostname_key(hostname) + _ENTRY_SUFFIX)
 
     # -- blocking primitives (worker thread only) -----------------------------------------------
 
@@ -403,14 +499,16 @@ class FileStorage:
         _fsync_dir(folder)
 
     @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Exclusive flock serialising lease/challenge updates across threads and processes."""
-        path = self._locks / _GUARD_NAME
+    def _guard(self, folder: Path | None = None) -> Iterator[None]:
+        """Exclusive flock serialising lease/challenge updates (or, with ``folder``, that
+        folder's updates) across threads and processes."""
+        folder = self._locks if folder is None else folder
+        path = folder / _GUARD_NAME
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, _SECRET_MODE)
         except FileNotFoundError:
-            self._ensure_dir(self._locks)
+            self._ensure_dir(folder)
             fd = os.open(path, flags, _SECRET_MODE)
         try:
             # Non-blocking attempts with backoff instead of a blocking flock: the wait stays
@@ -579,6 +677,126 @@ class FileStorage:
             if challenge is not None:
                 result.append((name, challenge.expires_at))
         return result
+
+    # -- hostname registry (worker thread) ------------------------------------------------------
+
+    def _add_hostname_sync(self, entry: HostnameEntry) -> tuple[HostnameEntry, bool]:
+        path = self._entry_path(entry.hostname)
+        with self._guard(self._hostnames):
+            current = _parse_entry(_read_file(path))
+            if current is not None and current.live:
+                return current, False
+            self._write_atomic(path, _entry_json(entry), _PUBLIC_MODE)
+            self._journal(entry.hostname)
+        return entry, True
+
+    def _update_hostname_sync(self, entry: HostnameEntry) -> bool:
+        path = self._entry_path(entry.hostname)
+        with self._guard(self._hostnames):
+            current = _parse_entry(_read_file(path))
+            if current is None or not current.live:
+                return False
+            updated = HostnameEntry(
+                current.hostname, entry.upstream, entry.metadata, current.created_at
+            )
+            self._write_atomic(path, _entry_json(updated), _PUBLIC_MODE)
+            self._journal(entry.hostname)
+        return True
+
+    def _remove_hostname_sync(self, path: Path, at: float) -> HostnameEntry | None:
+        with self._guard(self._hostnames):
+            current = _parse_entry(_read_file(path))
+            if current is None or not current.live:
+                return None
+            removed = HostnameEntry(
+                current.hostname, current.upstream, current.metadata, current.created_at, at
+            )
+            self._write_atomic(path, _entry_json(removed), _PUBLIC_MODE)
+            self._journal(current.hostname)
+        return current
+
+    def _purge_hostname_sync(self, path: Path, removed_before: float) -> bool:
+        with self._guard(self._hostnames):
+            current = _parse_entry(_read_file(path))
+            if current is None or current.removed_at is None or current.removed_at > removed_before:
+                return False
+            self._delete_sync(path)
+            self._journal(current.hostname)
+        return True
+
+    def _journal(self, hostname: str) -> None:
+        """Append ``hostname`` to the change journal (caller holds the registry guard)."""
+        path = self._hostnames / _JOURNAL_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _PUBLIC_MODE)
+        try:
+            # One write of one short line: readers only ever consume whole lines anyway.
+            os.write(fd, hostname.encode() + b"\n")
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > self.JOURNAL_MAX:
+            self._write_atomic(path, b"", _PUBLIC_MODE)
+
+    def _journal_marker(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self._hostnames / _JOURNAL_NAME)
+        except FileNotFoundError:
+            return 0, 0
+        return st.st_ino, st.st_size
+
+    def _hostname_changes_sync(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
+        ino, size = self._journal_marker()
+        marker = f"{ino}:{size}"
+        if since is None:
+            return marker, None
+        old_ino, _, old_off = since.partition(":")
+        if not (old_ino.isdigit() and old_off.isdigit()):
+            return marker, None
+        if int(old_ino) == 0 and ino != 0:
+            old_ino, old_off = str(ino), "0"  # the journal's first write came after the marker
+        if int(old_ino) != ino:
+            return marker, None  # replaced: the journal cannot say what changed before
+        offset = int(old_off)
+        if offset > size:
+            return marker, None
+        if offset == size:
+            return since, []
+        with open(self._hostnames / _JOURNAL_NAME, "rb") as f:
+            f.seek(offset)
+            chunk = f.read(size - offset)
+        whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        names = dict.fromkeys(chunk[:whole].decode("ascii", "replace").split())
+        return f"{ino}:{offset + whole}", builtins.list(names)
+
+    def _sorted_hostnames(self) -> builtins.list[str]:
+        ino, size = self._journal_marker()
+        marker = f"{ino}:{size}"  # read before listing: a change meanwhile only re-lists later
+        cached = self._listing
+        if cached is not None and cached[0] == marker:
+            return cached[1]
+        try:
+            entries = os.listdir(self._hostnames)
+        except FileNotFoundError:
+            entries = []
+        names = sorted(
+            e[: -len(_ENTRY_SUFFIX)]
+            for e in entries
+            if e.endswith(_ENTRY_SUFFIX) and not e.startswith(".")
+        )
+        self._listing = (marker, names)
+        return names
+
+    def _list_hostnames_sync(self, after: str | None, limit: int) -> builtins.list[HostnameEntry]:
+        names = self._sorted_hostnames()
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        found: builtins.list[HostnameEntry] = []
+        for name in names[start:]:
+            if len(found) >= limit:
+                break
+            entry = _parse_entry(_read_file(self._hostnames / (name + _ENTRY_SUFFIX)))
+            if entry is not None:  # purged since the listing
+                found.append(entry)
+        return found
 
     # -- check / clean (worker thread) ----------------------------------------------------------
 

@@ -57,6 +57,14 @@ last one it saw (our own writes included: the table does not say who wrote a row
 callback only drops a cache entry). Removals missed that way are not replayed: a deleted
 certificate stays cached until evicted, which is harmless since it is still valid.
 
+*Hostname registry.* One row per hostname; listing is keyset paging on the primary key
+(``hostname > after ORDER BY hostname LIMIT n``), so every page costs one index range scan
+however deep it is. Each change bumps the row's ``rev`` and sends ``hostnames/<name>`` on the
+change channel in the same statement. ``hostname_changes`` returns the rows whose ``rev`` is
+newer than the caller's marker. Sequence values are handed out before commit, so a slow writer
+can commit a smaller ``rev`` after a reader moved past it: the notification, sent at commit,
+names that entry anyway, and the registry mirror resynchronises in full now and then.
+
 *Outages.* Waiting for a connection is bounded by ``timeout`` (also libpq's connect timeout), so
 with the database down an operation fails within seconds with a ``StorageError`` naming the
 cause. The pool verifies each connection as it lends it and replaces broken ones, and gives up a
@@ -89,7 +97,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from edgeproxy.errors import CorruptRecord, StorageError
-from edgeproxy.storage.base import LockInfo, StoredItem, check_key
+from edgeproxy.storage.base import (
+    HostnameEntry,
+    LockInfo,
+    StoredItem,
+    check_hostname_key,
+    check_key,
+)
 
 __all__ = ["MIGRATIONS", "PostgresStorage", "generate_encryption_key"]
 
@@ -132,6 +146,20 @@ MIGRATIONS: tuple[str, ...] = (
         reason     text NOT NULL,
         at         double precision NOT NULL
     );
+    """,
+    # 2: the hostname registry. The primary key's index serves keyset paging by hostname;
+    # ``rev`` (advanced by every change) feeds ``hostname_changes``.
+    """
+    CREATE SEQUENCE edgeproxy_hostnames_rev;
+    CREATE TABLE edgeproxy_hostnames (
+        hostname    text COLLATE "C" PRIMARY KEY,
+        upstream    text,
+        metadata    text NOT NULL,
+        created_at  double precision NOT NULL,
+        removed_at  double precision,
+        rev         bigint NOT NULL DEFAULT nextval('edgeproxy_hostnames_rev')
+    );
+    CREATE INDEX edgeproxy_hostnames_rev_idx ON edgeproxy_hostnames (rev);
     """,
 )
 
@@ -501,6 +529,40 @@ class PostgresStorage:
     async def list_challenges(self) -> builtins.list[tuple[str, float]]:
         return await self._run("list_challenges", self._list_challenges_sync)
 
+    # -- hostname registry ----------------------------------------------------------------------
+
+    async def add_hostname(self, entry: HostnameEntry) -> tuple[HostnameEntry, bool]:
+        check_hostname_key(entry.hostname)
+        return await self._run("add_hostname", self._add_hostname_sync, entry)
+
+    async def get_hostname(self, hostname: str) -> HostnameEntry | None:
+        check_hostname_key(hostname)
+        return await self._run("get_hostname", self._get_hostname_sync, hostname)
+
+    async def update_hostname(self, entry: HostnameEntry) -> bool:
+        check_hostname_key(entry.hostname)
+        return await self._run("update_hostname", self._update_hostname_sync, entry)
+
+    async def remove_hostname(self, hostname: str, at: float) -> HostnameEntry | None:
+        check_hostname_key(hostname)
+        return await self._run("remove_hostname", self._remove_hostname_sync, hostname, at)
+
+    async def purge_hostname(self, hostname: str, removed_before: float) -> bool:
+        check_hostname_key(hostname)
+        return await self._run(
+            "purge_hostname", self._purge_hostname_sync, hostname, removed_before
+        )
+
+    async def list_hostnames(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> builtins.list[HostnameEntry]:
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        return await self._run("list_hostnames", self._list_hostnames_sync, after, limit)
+
+    async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
+        return await self._run("hostname_changes", self._hostname_changes_sync, since)
+
     # -- change notifications -------------------------------------------------------------------
 
     def on_change(self, callback: Callable[[str], None]) -> None:
@@ -736,6 +798,130 @@ class PostgresStorage:
         ).fetchall()
         return [(name, float(expires_at)) for name, expires_at in rows]
 
+    # hostname registry: every changing statement returns the row and notifies in one go.
+    _ENTRY_COLUMNS = "hostname, upstream, metadata, created_at, removed_at"
+
+    def _changed(
+        self, conn: psycopg.Connection[Any], change: str, params: dict[str, object]
+    ) -> HostnameEntry | None:
+        """Run ``change`` (a data-modifying statement returning ``_ENTRY_COLUMNS``) and notify
+        ``hostnames/<name>`` when it touched a row; the returned entry."""
+        row = conn.execute(
+            f"""
+            WITH ch AS ({change})
+            SELECT ch.*, pg_notify(%(channel)s, %(instance)s || ' 0 hostnames/' || ch.hostname)
+            FROM ch
+            """,
+            {**params, "channel": self.CHANNEL, "instance": self._instance},
+        ).fetchone()
+        return None if row is None else _entry(row[:5])
+
+    def _add_hostname_sync(
+        self, conn: psycopg.Connection[Any], entry: HostnameEntry
+    ) -> tuple[HostnameEntry, bool]:
+        cols = self._ENTRY_COLUMNS
+        added = self._changed(
+            conn,
+            f"""
+            INSERT INTO edgeproxy_hostnames AS h ({cols})
+            VALUES (%(hostname)s, %(upstream)s, %(metadata)s, %(created_at)s, NULL)
+            ON CONFLICT (hostname) DO UPDATE SET
+                upstream = EXCLUDED.upstream, metadata = EXCLUDED.metadata,
+                created_at = EXCLUDED.created_at, removed_at = NULL,
+                rev = nextval('edgeproxy_hostnames_rev')
+            WHERE h.removed_at IS NOT NULL
+            RETURNING {cols}
+            """,
+            _entry_params(entry),
+        )
+        if added is not None:
+            return added, True
+        current = self._get_hostname_sync(conn, entry.hostname)
+        if current is None or not current.live:
+            # Purged or removed between the two statements: a rare race, simply try again.
+            return self._add_hostname_sync(conn, entry)
+        return current, False
+
+    def _get_hostname_sync(
+        self, conn: psycopg.Connection[Any], hostname: str
+    ) -> HostnameEntry | None:
+        row = conn.execute(
+            f"SELECT {self._ENTRY_COLUMNS} FROM edgeproxy_hostnames WHERE hostname = %s",
+            (hostname,),
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def _update_hostname_sync(self, conn: psycopg.Connection[Any], entry: HostnameEntry) -> bool:
+        updated = self._changed(
+            conn,
+            f"""
+            UPDATE edgeproxy_hostnames
+            SET upstream = %(upstream)s, metadata = %(metadata)s,
+                rev = nextval('edgeproxy_hostnames_rev')
+            WHERE hostname = %(hostname)s AND removed_at IS NULL
+            RETURNING {self._ENTRY_COLUMNS}
+            """,
+            _entry_params(entry),
+        )
+        return updated is not None
+
+    def _remove_hostname_sync(
+        self, conn: psycopg.Connection[Any], hostname: str, at: float
+    ) -> HostnameEntry | None:
+        removed = self._changed(
+            conn,
+            f"""
+            UPDATE edgeproxy_hostnames
+            SET removed_at = %(at)s, rev = nextval('edgeproxy_hostnames_rev')
+            WHERE hostname = %(hostname)s AND removed_at IS NULL
+            RETURNING {self._ENTRY_COLUMNS}
+            """,
+            {"hostname": hostname, "at": at},
+        )
+        if removed is None:
+            return None
+        return HostnameEntry(
+            removed.hostname, removed.upstream, removed.metadata, removed.created_at
+        )
+
+    def _purge_hostname_sync(
+        self, conn: psycopg.Connection[Any], hostname: str, removed_before: float
+    ) -> bool:
+        purged = self._changed(
+            conn,
+            f"""
+            DELETE FROM edgeproxy_hostnames
+            WHERE hostname = %(hostname)s AND removed_at <= %(before)s
+            RETURNING {self._ENTRY_COLUMNS}
+            """,
+            {"hostname": hostname, "before": removed_before},
+        )
+        return purged is not None
+
+    def _list_hostnames_sync(
+        self, conn: psycopg.Connection[Any], after: str | None, limit: int
+    ) -> builtins.list[HostnameEntry]:
+        rows = conn.execute(
+            f"SELECT {self._ENTRY_COLUMNS} FROM edgeproxy_hostnames "
+            "WHERE %(after)s::text IS NULL OR hostname > %(after)s "
+            "ORDER BY hostname LIMIT %(limit)s",
+            {"after": after, "limit": limit},
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def _hostname_changes_sync(
+        self, conn: psycopg.Connection[Any], since: str | None
+    ) -> tuple[str, builtins.list[str] | None]:
+        row = conn.execute("SELECT last_value, is_called FROM edgeproxy_hostnames_rev").fetchone()
+        newest = int(row[0]) if row and row[1] else 0
+        marker = str(newest)
+        if since is None or not since.isdigit():
+            return marker, None
+        rows = conn.execute(
+            "SELECT hostname FROM edgeproxy_hostnames WHERE rev > %s ORDER BY rev", (int(since),)
+        ).fetchall()
+        return marker, [name for (name,) in rows]
+
     def _check_sync(self, conn: psycopg.Connection[Any], now: float) -> builtins.list[str]:
         problems: builtins.list[str] = []
         version = self._schema_version_sync(conn)
@@ -895,6 +1081,26 @@ def _catch_up(
         "SELECT key FROM edgeproxy_values WHERE rev > %s ORDER BY rev", (since,)
     ).fetchall()
     return max(newest, since), [key for (key,) in rows if key.startswith(tuple(prefixes))]
+
+
+def _entry_params(entry: HostnameEntry) -> dict[str, object]:
+    return {
+        "hostname": entry.hostname,
+        "upstream": entry.upstream,
+        "metadata": entry.metadata,
+        "created_at": entry.created_at,
+    }
+
+
+def _entry(row: Sequence[Any]) -> HostnameEntry:
+    hostname, upstream, metadata, created_at, removed_at = row
+    return HostnameEntry(
+        str(hostname),
+        None if upstream is None else str(upstream),
+        str(metadata),
+        float(created_at),
+        None if removed_at is None else float(removed_at),
+    )
 
 
 def _check_ttl(ttl: float) -> None:

@@ -27,6 +27,7 @@ import trio.testing
 from edgeproxy.errors import LockUnavailable
 from edgeproxy.storage import (
     FileStorage,
+    HostnameEntry,
     LockInfo,
     LockLost,
     Storage,
@@ -566,3 +567,106 @@ def test_owner_ids_name_host_and_process_and_differ() -> None:
     host, pid, nonce = first.split(":")
     assert host and nonce and pid == str(os.getpid())
     assert first != second
+
+
+# -- hostname registry -------------------------------------------------------------------------
+
+
+def _entry(name: str, *, upstream: str | None = None, at: float = 1000.0) -> HostnameEntry:
+    return HostnameEntry(name, upstream, '{"customer": "' + name + '"}', at)
+
+
+async def test_hostname_add_is_idempotent_and_readd_after_removal_replaces(
+    storage: Storage,
+) -> None:
+    assert await storage.get_hostname("a.example.com") is None
+    first, created = await storage.add_hostname(_entry("a.example.com", upstream="10.0.0.1:80"))
+    assert created and first.live
+    again, created = await storage.add_hostname(_entry("a.example.com", at=2000.0))
+    assert not created
+    assert again == first  # the live entry wins, its fields untouched
+    assert await storage.get_hostname("a.example.com") == first
+
+    previous = await storage.remove_hostname("a.example.com", 3000.0)
+    assert previous == first
+    gone = await storage.get_hostname("a.example.com")
+    assert gone is not None and gone.removed_at == 3000.0 and not gone.live
+    assert await storage.remove_hostname("a.example.com", 3500.0) is None  # already removed
+    assert not await storage.update_hostname(_entry("a.example.com", upstream="10.0.0.9:80"))
+
+    back, created = await storage.add_hostname(_entry("a.example.com", at=4000.0))
+    assert created and back.live and back.created_at == 4000.0 and back.upstream is None
+    assert await storage.get_hostname("a.example.com") == back
+
+
+async def test_hostname_update_changes_only_upstream_and_metadata(storage: Storage) -> None:
+    await storage.add_hostname(_entry("b.example.com"))
+    changed = HostnameEntry("b.example.com", "10.1.1.1:8080", '{"plan": "pro"}', 99999.0)
+    assert await storage.update_hostname(changed)
+    stored = await storage.get_hostname("b.example.com")
+    assert stored == HostnameEntry("b.example.com", "10.1.1.1:8080", '{"plan": "pro"}', 1000.0)
+    assert not await storage.update_hostname(_entry("unknown.example.com"))
+    assert await storage.get_hostname("unknown.example.com") is None
+
+
+async def test_hostname_purge_only_after_removal_and_grace(storage: Storage) -> None:
+    await storage.add_hostname(_entry("c.example.com"))
+    assert not await storage.purge_hostname("c.example.com", removed_before=10**12)  # live
+    await storage.remove_hostname("c.example.com", 5000.0)
+    assert not await storage.purge_hostname("c.example.com", removed_before=4999.0)
+    assert await storage.get_hostname("c.example.com") is not None
+    assert await storage.purge_hostname("c.example.com", removed_before=5000.0)
+    assert await storage.get_hostname("c.example.com") is None
+    assert not await storage.purge_hostname("c.example.com", removed_before=5000.0)
+
+
+async def test_hostname_paging_is_stable_while_entries_come_and_go(storage: Storage) -> None:
+    names = [f"h{i:03d}.example.com" for i in range(0, 250, 2)]  # 125 names, gaps between
+    for n in names:
+        await storage.add_hostname(_entry(n))
+    await storage.remove_hostname(names[3], 1.0)  # removed entries are listed too
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        page = await storage.list_hostnames(after=after, limit=40)
+        if not page:
+            break
+        seen.extend(e.hostname for e in page)
+        after = page[-1].hostname
+        # Churn between pages: a name behind the cursor appears, one ahead disappears.
+        await storage.add_hostname(_entry("a-before.example.com"))
+        if len(seen) == 40:
+            await storage.remove_hostname(names[100], 2.0)
+            await storage.purge_hostname(names[100], removed_before=2.0)
+    expected = [n for n in names if n != names[100]]
+    assert seen == expected
+    assert [e.hostname for e in await storage.list_hostnames(limit=1)] == ["a-before.example.com"]
+
+
+async def test_invalid_limit_and_hostname_keys_are_refused(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        await storage.list_hostnames(limit=0)
+    with pytest.raises(ValueError):
+        await storage.get_hostname("../evil")
+    with pytest.raises(ValueError):
+        await storage.add_hostname(_entry("a/b.example.com"))
+
+
+async def test_hostname_changes_name_what_another_handle_changed(
+    storage_factory: StorageFactory,
+) -> None:
+    writer, reader = storage_factory(), storage_factory()
+    marker, names = await reader.hostname_changes(None)
+    assert names is None  # first call: load everything
+    marker, names = await reader.hostname_changes(marker)
+    assert names == []
+    await writer.add_hostname(_entry("d.example.com"))
+    await writer.add_hostname(_entry("e.example.com"))
+    await writer.remove_hostname("d.example.com", 7.0)
+    marker, names = await reader.hostname_changes(marker)
+    assert names is not None and set(names) == {"d.example.com", "e.example.com"}
+    marker, names = await reader.hostname_changes(marker)
+    assert names == []
+    await writer.update_hostname(_entry("e.example.com", upstream="10.0.0.2:1"))
+    _, names = await reader.hostname_changes(marker)
+    assert names == ["e.example.com"]

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from edgeproxy.errors import StorageError
-from edgeproxy.storage import FileStorage, LockLost, Storage, hold_lock
+from edgeproxy.storage import FileStorage, HostnameEntry, LockLost, Storage, hold_lock
 from tests.support.crash_writer import Children, is_complete_value
 from tests.unit.test_storage_conformance import wait_to_be_cancelled
 
@@ -385,3 +385,34 @@ async def test_check_reports_loose_permissions(storage: FileStorage, root: Path)
 
 async def test_check_reports_a_missing_root(storage: FileStorage, root: Path) -> None:
     assert await storage.check() == [f"storage root {root} does not exist or is not a folder"]
+
+
+async def test_hostname_page_reads_only_its_own_files_among_many(
+    storage: FileStorage, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.add_hostname(HostnameEntry("a.example.com", None, "{}", 1.0))
+    folder = root / "hostnames"
+    # Written directly (the page's cost is under test, not adding); a page must read its own
+    # files only, whatever the count (5,000 keep the test quick; 100,000 behave the same).
+    for i in range(5_000):
+        name = f"h{i:06d}.example.com"
+        record = {"hostname": name, "upstream": None, "metadata": "{}", "created_at": 1.0,
+                  "removed_at": None}  # fmt: skip
+        (folder / f"{name}.json").write_text(json.dumps(record))
+    await storage.add_hostname(HostnameEntry("z.example.com", None, "{}", 1.0))  # moves journal
+
+    import edgeproxy.storage.file as file_module
+
+    real_read = file_module._read_file
+    reads: list[Path] = []
+
+    def counting_read(path: Path) -> bytes | None:
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(file_module, "_read_file", counting_read)
+    page = await storage.list_hostnames(after="h001999.example.com", limit=100)
+    assert [e.hostname for e in page] == [f"h{i:06d}.example.com" for i in range(2_000, 2_100)]
+    assert len(reads) == 100
+    last = await storage.list_hostnames(after="h004999.example.com", limit=100)
+    assert [e.hostname for e in last] == ["z.example.com"]

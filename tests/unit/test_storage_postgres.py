@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from edgeproxy.errors import CorruptRecord, StorageError
-from edgeproxy.storage import LockInfo, Storage
+from edgeproxy.storage import HostnameEntry, LockInfo, Storage
 from edgeproxy.storage.postgres import MIGRATIONS, PostgresStorage, generate_encryption_key
 from tests.support import postgres as pg
 from tests.support.ports import free_port
@@ -528,3 +528,39 @@ async def test_a_failing_migration_leaves_nothing_half_done(
         )
         == "0"
     )
+
+
+async def test_hostname_paging_over_100000_entries_uses_the_index(
+    open_storage: Opener, postgres_database: PostgresDatabase
+) -> None:
+    storage = open_storage()
+    await storage.migrate()
+    postgres_database.sql(
+        "INSERT INTO edgeproxy_hostnames (hostname, upstream, metadata, created_at) "
+        "SELECT 'h' || lpad(i::text, 6, '0') || '.example.com', NULL, '{}', 1 "
+        "FROM generate_series(1, 100000) AS i; ANALYZE edgeproxy_hostnames"
+    )
+    plan = postgres_database.sql(
+        "EXPLAIN SELECT hostname FROM edgeproxy_hostnames "
+        "WHERE hostname > 'h050000.example.com' ORDER BY hostname LIMIT 1000"
+    )
+    assert "Index" in plan and "Sort" not in plan, plan
+    count, after, previous = 0, None, ""
+    while page := await storage.list_hostnames(after=after, limit=5000):
+        assert page[0].hostname > previous
+        count += len(page)
+        after = previous = page[-1].hostname
+    assert count == 100000
+
+
+async def test_hostname_changes_are_announced_on_the_change_channel(
+    open_storage: Opener,
+) -> None:
+    writer, listener = open_storage(), open_storage()
+    heard: list[str] = []
+    listener.on_change(heard.append)
+    await wait_until(lambda: listener.listening, "listener subscribed")
+    await writer.add_hostname(HostnameEntry("n.example.com", None, "{}", 1.0))
+    await writer.remove_hostname("n.example.com", 2.0)
+    await wait_until(lambda: len(heard) >= 2, "two notifications")
+    assert heard == ["hostnames/n.example.com", "hostnames/n.example.com"]
