@@ -95,6 +95,9 @@ class AdminConfig(_Model):
     listen: str | None = "127.0.0.1:9901"
     token: str | None = None
     token_env: str | None = None
+    # Read-only: GET /metrics and /readyz (what Prometheus and probes need), nothing else.
+    metrics_token: str | None = None
+    metrics_token_env: str | None = None
     # One expiry series per domain: fine for tens of names, unbounded for a SaaS fleet.
     per_domain_metrics: bool = False
 
@@ -107,11 +110,27 @@ class AdminConfig(_Model):
 
     @model_validator(mode="after")
     def _non_loopback_needs_token(self) -> AdminConfig:
-        off_loopback = self.listen and not _is_loopback(parse_hostport(self.listen, what="").host)
+        host = parse_hostport(self.listen, what="").host if self.listen else "localhost"
+        off_loopback = not is_loopback_host(host)
         if off_loopback and not (self.token or self.token_env):
             raise ValueError(
                 f"admin listens on {self.listen} which is not loopback: set admin.token "
                 "(or admin.token_env) or listen on 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_token_needs_admin_token(self) -> AdminConfig:
+        has_metrics = bool(self.metrics_token or self.metrics_token_env)
+        if has_metrics and not (self.token or self.token_env):
+            raise ValueError(
+                "admin.metrics_token (or metrics_token_env) is set without admin.token: "
+                "without an admin token every endpoint is open, so set admin.token "
+                "(or token_env) as well"
+            )
+        if self.metrics_token and self.metrics_token == self.token:
+            raise ValueError(
+                "admin.metrics_token equals admin.token: give Prometheus a different secret"
             )
         return self
 
@@ -120,8 +139,14 @@ class AdminConfig(_Model):
             return os.environ.get(self.token_env) or self.token
         return self.token
 
+    def resolved_metrics_token(self) -> str | None:
+        if self.metrics_token_env:
+            return os.environ.get(self.metrics_token_env) or self.metrics_token
+        return self.metrics_token
 
-def _is_loopback(host: str) -> bool:
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address without brackets) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

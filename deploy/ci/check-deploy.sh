@@ -276,7 +276,7 @@ ok "exit code 0 after ${took}s (drain_timeout ${drain_timeout}s)"
 pm rm "$DEMO" >/dev/null; pm volume rm "$DEMO" >/dev/null
 
 # ------------------------------------------------------------------------------ run mode
-step "run mode like the cluster: CMD run, PROXY v2, admin token, the Deployment's probes"
+step "run mode like the cluster: CMD run, PROXY v2, admin and metrics tokens, the Deployment's probes"
 mkdir -p "$WORK/upstream"
 echo "hello from the upstream" > "$WORK/upstream/index.html"
 python3 -m http.server "$P_UP" --bind 127.0.0.1 --directory "$WORK/upstream" \
@@ -290,6 +290,7 @@ drain_timeout = 5.0
 [admin]
 listen = "127.0.0.1:$P_ADMIN2"
 token_env = "EDGEPROXY_ADMIN_TOKEN"
+metrics_token_env = "EDGEPROXY_METRICS_TOKEN"
 [tls]
 issuer = "internal"
 default_sni = "edge.edgeproxy.test"
@@ -306,10 +307,12 @@ default = true
 upstreams = ["127.0.0.1:$P_UP"]
 EOF
 token=ci-$RANDOM$RANDOM
+metrics_token=ci-metrics-$RANDOM$RANDOM
 pm volume create "$RUNC" >/dev/null
 pm run -d --name "$RUNC" --network host "${RO[@]}" "${LIMITS[@]}" \
   -v "$RUNC:/var/lib/edgeproxy" -v "$WORK/run.toml:/etc/edgeproxy/edgeproxy.toml:ro" \
-  -e "EDGEPROXY_ADMIN_TOKEN=$token" -e "EDGEPROXY_HEALTH_URL=http://127.0.0.1:$P_ADMIN2/healthz" \
+  -e "EDGEPROXY_ADMIN_TOKEN=$token" -e "EDGEPROXY_METRICS_TOKEN=$metrics_token" \
+  -e "EDGEPROXY_HEALTH_URL=http://127.0.0.1:$P_ADMIN2/healthz" \
   "$IMAGE" >/dev/null || fail "podman run with the default CMD (run)"
 wait_for_log "$RUNC" "edgeproxy listening on" "run start"
 
@@ -325,7 +328,7 @@ for _ in $(seq 1 50); do
 done
 [ "$ready" = 1 ] || fail "the Deployment's readinessProbe never passed against CMD run"
 ok "readinessProbe passes with the token from the environment"
-if pm exec -e EDGEPROXY_ADMIN_TOKEN=wrong "$RUNC" "${probe_argv[@]}" >/dev/null 2>&1; then
+if pm exec -e EDGEPROXY_METRICS_TOKEN=wrong "$RUNC" "${probe_argv[@]}" >/dev/null 2>&1; then
   fail "the readinessProbe passed with a wrong token: /readyz is not protected"
 fi
 ok "readinessProbe fails with a wrong token"
@@ -350,8 +353,11 @@ pm logs "$RUNC" 2>&1 | grep -q '203\.0\.113\.7' \
   || fail "the access log does not show the client address from the PROXY v2 header"
 ok "PROXY v2 client address reaches the access log; TLS verifies against the state volume's CA"
 python3 deploy/ci/smoke.py health-check --port "$P_TLS2" || fail "PROXY v2 LOCAL health check"
-metrics=$(curl -sS --fail --max-time 10 -H "Authorization: Bearer $token" \
-  "http://127.0.0.1:$P_ADMIN2/metrics") || fail "GET /metrics with the admin token"
+metrics=$(curl -sS --fail --max-time 10 -H "Authorization: Bearer $metrics_token" \
+  "http://127.0.0.1:$P_ADMIN2/metrics") || fail "GET /metrics with the metrics token"
+code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 \
+  -H "Authorization: Bearer $metrics_token" "http://127.0.0.1:$P_ADMIN2/v1/domains")
+[ "$code" = 403 ] || fail "the metrics token read /v1/domains (HTTP $code, want 403)"
 grep -q 'edgeproxy_proxy_protocol_headers_total{result="local"} 1.0' <<<"$metrics" \
   || fail "the PROXY v2 LOCAL health check was not counted as one (metrics: $(grep proxy_protocol <<<"$metrics"))"
 ok "an NLB-style PROXY v2 LOCAL health check is accepted and counted as a health check"

@@ -383,6 +383,7 @@ def secrets_referenced_not_shipped(d: Deployed) -> Iterator[str]:
         ("storage", "dsn_env"),
         ("storage", "encryption_key_env"),
         ("admin", "token_env"),
+        ("admin", "metrics_token_env"),
         ("acme", "eab_hmac_key_env"),
     ]
     env = d.env_names()
@@ -392,7 +393,10 @@ def secrets_referenced_not_shipped(d: Deployed) -> Iterator[str]:
             yield f"{section}.{key} names ${var}, which the container does not set"
         elif var and d.env_secret(var) is None:
             yield f"${var} ({section}.{key}) must come from a Secret (secretKeyRef)"
-    for section, key in (("storage", "dsn"), ("admin", "token"), ("acme", "eab_hmac_key")):
+    inline = (
+        ("storage", "dsn"), ("admin", "token"), ("admin", "metrics_token"), ("acme", "eab_hmac_key")
+    )
+    for section, key in inline:
         if d.config.get(section, {}).get(key):
             yield f"{section}.{key} puts a secret in the ConfigMap: use {section}.{key}_env"
     for s in d.m.all("Secret"):
@@ -465,7 +469,8 @@ def _rule_jobs(rule_doc: Doc) -> set[str]:
 
 @invariant
 def monitoring_lines_up(d: Deployed) -> Iterator[str]:
-    """The ServiceMonitor scrapes the admin Service, with the token, as the job the rules use."""
+    """The ServiceMonitor scrapes the admin Service, with the read-only metrics token (never the
+    admin token, which can order certificates), as the job the rules use."""
     monitor = d.m.one("ServiceMonitor")
     selector = _dig(monitor, "spec", "selector", "matchLabels") or {}
     services = [
@@ -494,13 +499,20 @@ def monitoring_lines_up(d: Deployed) -> Iterator[str]:
         elif d.container_port(port.get("targetPort", port["port"])) != admin_port:
             yield f"ServiceMonitor endpoint {ep.get('port')!r} does not reach the admin port"
         creds = _dig(ep, "authorization", "credentials")
-        token_var = d.config.get("admin", {}).get("token_env")
-        expected = d.env_secret(token_var) if token_var else None
-        if expected and (not creds or (creds.get("name"), creds.get("key")) != expected):
+        sent = (creds.get("name"), creds.get("key")) if creds else None
+        admin_cfg = d.config.get("admin", {})
+        admin_var, metrics_var = admin_cfg.get("token_env"), admin_cfg.get("metrics_token_env")
+        admin_secret = d.env_secret(admin_var) if admin_var else None
+        expected = d.env_secret(metrics_var) if metrics_var else None
+        if admin_secret and not metrics_var:
+            yield "admin.metrics_token_env is unset: Prometheus would need the admin token"
+        elif expected and sent != expected:
             yield (
-                f"ServiceMonitor must send the admin token (Secret {expected[0]}, "
+                f"ServiceMonitor must send the metrics token (Secret {expected[0]}, "
                 f"key {expected[1]})"
             )
+        if admin_secret and sent == admin_secret:
+            yield "ServiceMonitor sends the admin token: give it the read-only metrics token"
     job_label = _dig(monitor, "spec", "jobLabel")
     job = service["metadata"].get("labels", {}).get(job_label) if job_label else _name(service)
     rules = d.m.all("PrometheusRule")

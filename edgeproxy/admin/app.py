@@ -7,12 +7,29 @@ unit test can drive it with a hand-made runtime and the real ``edgeproxy.app.Run
 
 Every answer is built whole before the first byte is sent, so a failing handler still becomes a
 clean 500 with a JSON body: the client never sees a traceback or a half-sent response.
+
+Trust boundaries, checked in this order for every request:
+
+1. *DNS rebinding.* Without an admin token only loopback may reach the API, but a web page can
+   make its own hostname resolve to 127.0.0.1 and then talk to us as "same origin". Its
+   requests still carry that hostname in ``Host``, so a tokenless admin answers only requests
+   whose ``Host`` is a loopback name or address (``_loopback_host``).
+2. *Tokens.* ``admin.token`` grants everything; ``admin.metrics_token`` grants the read-only
+   monitoring routes (``/metrics``, ``/readyz``, ``/healthz``) and is refused elsewhere (403), so
+   Prometheus never holds a secret that can order certificates.
+3. *Cross-site requests.* A browser sends a "simple" cross-site POST (form or ``text/plain``
+   body) without asking first, and the tokenless loopback admin cannot tell it apart from
+   curl. State-changing requests (anything but GET/HEAD/OPTIONS) are refused when their
+   ``Origin`` is not ours or ``Sec-Fetch-Site`` says another site, and they must carry either
+   a JSON content type or the ``Edgeproxy-Request`` header: both force a browser to ask first
+   with a CORS preflight, which this API never grants (``_cross_site_refusal``).
 """
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
+import enum
 import hmac
 import json
 import logging
@@ -30,6 +47,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..certs.policy import Decision
 from ..certs.record import iso, status_key
 from ..certs.status import DomainStatus
+from ..config import is_loopback_host
 from ..errors import StorageError
 from ..names import InvalidName, normalize_name
 from ..storage.base import StoredItem
@@ -51,6 +69,10 @@ _STATUS_PREFIX = "status/"
 _STATUS_SUFFIX = ".json"
 _TIMESTAMP_FIELDS = ("not_after", "renew_at", "next_attempt", "updated_at")
 _JSON = "application/json"
+#: The header operators and scripts send with state-changing requests (any non-empty value).
+CUSTOM_HEADER = "Edgeproxy-Request"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_SAME_SITE_FETCH = frozenset({b"same-origin", b"none"})
 
 
 # ---------------------------------------------------------------------- what the app needs
@@ -155,22 +177,36 @@ def decision_to_dict(d: Decision) -> dict[str, object]:
 Handler = Callable[["AdminApp", Request], Awaitable[Response]]
 
 
+class Access(enum.IntEnum):
+    """What a request's credentials grant; a route names the least it needs."""
+
+    NONE = 0
+    METRICS = 1  # admin.metrics_token: read-only monitoring
+    ADMIN = 2  # admin.token, or no token configured
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     pattern: re.Pattern[str]
     methods: Mapping[str, Handler]
-    needs_auth: bool = True
+    needs: Access = Access.ADMIN
 
 
 class AdminApp:
     """The ASGI callable; build it with ``make_admin_app``."""
 
-    def __init__(self, rt: AdminRuntime, *, token: str | None) -> None:
-        if token == "":
+    def __init__(
+        self, rt: AdminRuntime, *, token: str | None, metrics_token: str | None = None
+    ) -> None:
+        if token == "" or metrics_token == "":
             # An empty secret would make every "Bearer " header valid: refuse it loudly.
             raise ValueError("admin token is empty: set a real token or none at all")
+        if metrics_token is not None and (token is None or metrics_token == token):
+            # Without a distinct admin token the metrics token would guard nothing.
+            raise ValueError("the metrics token needs an admin token different from it")
         self.rt = rt
         self._token = token.encode() if token is not None else None
+        self._metrics_token = metrics_token.encode() if metrics_token is not None else None
         self._was_ready = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -189,12 +225,15 @@ class AdminApp:
         await _send(send, response, head=method == "HEAD")
 
     async def handle(self, req: Request) -> Response:
+        if self._token is None and not _loopback_host(req):
+            return _foreign_host(req)
+        access = self._access(req)
         for route in ROUTES:
             m = route.pattern.fullmatch(req.path)
             if m is None:
                 continue
-            if route.needs_auth and not self._authorized(req):
-                return self._unauthorized()
+            if access < route.needs:
+                return self._unauthorized() if access is Access.NONE else _forbidden(req)
             method = "GET" if req.method == "HEAD" else req.method
             handler = route.methods.get(method)
             if handler is None:
@@ -208,20 +247,31 @@ class AdminApp:
                     },
                     (b"allow", ", ".join(allowed).encode()),
                 )
+            refusal = _cross_site_refusal(req)
+            if refusal is not None:
+                return refusal
             return await handler(self, dataclasses.replace(req, params=m.groupdict()))
-        if not self._authorized(req):
-            # Unknown paths answer 401 too without a token, so probing cannot map the API.
-            return self._unauthorized()
+        if access is not Access.ADMIN:
+            # Unknown paths answer 401/403 too without the admin token, so probing cannot map
+            # the API.
+            return self._unauthorized() if access is Access.NONE else _forbidden(req)
         return error_response(404, "not_found", f"no admin endpoint at {req.path}")
 
-    def _authorized(self, req: Request) -> bool:
+    def _access(self, req: Request) -> Access:
         if self._token is None:
-            return True
+            return Access.ADMIN
         scheme, _, credentials = req.headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return Access.NONE
+        presented = credentials.strip()
         # Constant time: the comparison must not reveal how much of a guessed token was right.
-        return hmac.compare_digest(credentials.strip(), self._token)
+        if hmac.compare_digest(presented, self._token):
+            return Access.ADMIN
+        if self._metrics_token is not None and hmac.compare_digest(
+            presented, self._metrics_token
+        ):
+            return Access.METRICS
+        return Access.NONE
 
     @staticmethod
     def _unauthorized() -> Response:
@@ -387,21 +437,103 @@ class AdminApp:
         return st if st.name == name else None
 
 
-def make_admin_app(rt: AdminRuntime, *, token: str | None) -> ASGIApp:
-    """The admin ASGI app for ``rt``; with ``token`` set, all but ``/healthz`` need it."""
-    return AdminApp(rt, token=token)
+def make_admin_app(
+    rt: AdminRuntime, *, token: str | None, metrics_token: str | None = None
+) -> ASGIApp:
+    """The admin ASGI app for ``rt``; with ``token`` set, all but ``/healthz`` need it.
+
+    ``metrics_token`` (only with ``token``) grants ``/metrics`` and ``/readyz`` and nothing else.
+    """
+    return AdminApp(rt, token=token, metrics_token=metrics_token)
 
 
 _NAME = r"(?P<name>[^/]+)"
 
 ROUTES: tuple[Route, ...] = (
-    Route(re.compile(r"/healthz"), {"GET": AdminApp.healthz}, needs_auth=False),
-    Route(re.compile(r"/readyz"), {"GET": AdminApp.readyz}),
-    Route(re.compile(r"/metrics"), {"GET": AdminApp.metrics}),
+    Route(re.compile(r"/healthz"), {"GET": AdminApp.healthz}, needs=Access.NONE),
+    Route(re.compile(r"/readyz"), {"GET": AdminApp.readyz}, needs=Access.METRICS),
+    Route(re.compile(r"/metrics"), {"GET": AdminApp.metrics}, needs=Access.METRICS),
     Route(re.compile(r"/v1/domains"), {"GET": AdminApp.list_domains}),
     Route(re.compile(rf"/v1/domains/{_NAME}"), {"GET": AdminApp.get_domain}),
     Route(re.compile(rf"/v1/domains/{_NAME}/issue"), {"POST": AdminApp.issue}),
 )
+
+
+# ---------------------------------------------------------------------- trust boundaries
+
+
+def _loopback_host(req: Request) -> bool:
+    """Whether ``Host`` names this machine's loopback (or is absent: no browser omits it)."""
+    raw = req.headers.get(b"host")
+    if raw is None:
+        return True
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return is_loopback_host(host.removesuffix("."))
+
+
+def _foreign_host(req: Request) -> Response:
+    host = req.headers.get(b"host", b"").decode("latin-1")
+    return error_response(
+        403,
+        "foreign_host",
+        f"Host {host!r} is not a loopback name: without an admin token this API only answers "
+        "requests addressed to localhost, 127.0.0.1 or [::1] (a web page using DNS rebinding "
+        "sends its own name). Use http://127.0.0.1:PORT, or set admin.token.",
+    )
+
+
+def _cross_site_refusal(req: Request) -> Response | None:
+    """Why a state-changing request may come from a web page, or None when it cannot."""
+    if req.method in _SAFE_METHODS:
+        return None
+    origin = req.headers.get(b"origin")
+    if origin is not None and not _own_origin(origin, req.headers.get(b"host")):
+        return _cross_site(f"its Origin {origin.decode('latin-1')!r} is not this admin API")
+    fetch_site = req.headers.get(b"sec-fetch-site")
+    if fetch_site is not None and fetch_site.strip().lower() not in _SAME_SITE_FETCH:
+        return _cross_site(f"Sec-Fetch-Site says {fetch_site.decode('latin-1')!r}")
+    if not (req.headers.get(CUSTOM_HEADER.lower().encode(), b"").strip() or _json_body(req)):
+        return _cross_site(
+            f"it has neither a JSON Content-Type nor the {CUSTOM_HEADER} header, "
+            "so a web page could have sent it"
+        )
+    return None
+
+
+def _own_origin(origin: bytes, host: bytes | None) -> bool:
+    # The API may sit behind a TLS-terminating proxy, so both schemes name our own origin.
+    if host is None:
+        return False
+    o, h = origin.strip().lower(), host.strip().lower()
+    return o in (b"http://" + h, b"https://" + h)
+
+
+def _json_body(req: Request) -> bool:
+    mime = req.headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+    return mime == _JSON.encode() or (mime.startswith(b"application/") and mime.endswith(b"+json"))
+
+
+def _cross_site(why: str) -> Response:
+    return error_response(
+        403,
+        "cross_site_request",
+        f"refused: {why}. Send state-changing requests from a script or the CLI with the "
+        f"header '{CUSTOM_HEADER}: 1' (or a JSON body with 'Content-Type: application/json') "
+        "and without an Origin of another site.",
+    )
+
+
+def _forbidden(req: Request) -> Response:
+    return error_response(
+        403,
+        "forbidden",
+        f"the metrics token grants only GET /metrics, /readyz and /healthz, not "
+        f"{req.method} {req.path}: send the admin token",
+    )
 
 
 # ---------------------------------------------------------------------- helpers

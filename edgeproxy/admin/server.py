@@ -19,7 +19,6 @@ is the backstop so shutdown can never hang on a stuck request.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -31,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from ..config import Config, HostPort, parse_hostport
+from ..config import AdminConfig, Config, HostPort, is_loopback_host, parse_hostport
 from ..errors import ConfigError
 from .app import AdminRuntime, ASGIApp, make_admin_app
 
@@ -69,7 +68,7 @@ async def serve_admin(
         raise ValueError("serve_admin called with admin.listen unset")
     where = parse_hostport(admin.listen, what="the admin address")
     token = admin.resolved_token()
-    if token is None and not _is_loopback(where.host):
+    if token is None and not is_loopback_host(where.host):
         # Config validation accepts token_env; an unset variable must not open the API to all.
         raise ConfigError(
             [
@@ -77,14 +76,34 @@ async def serve_admin(
                 f"listens on {admin.listen} (set the variable, or listen on 127.0.0.1)"
             ]
         )
+    metrics_token = _metrics_token(admin, token)
     sock = _bind(where, reuse_port=reuse_port)
     try:
         bound = _addr(sock.getsockname())
         config = _hypercorn_config(os.dup(sock.fileno()))
-        app = make_admin_app(rt, token=token)
+        app = make_admin_app(rt, token=token, metrics_token=metrics_token)
         await _serve_until_cancelled(app, config, bound, rt, task_status)
     finally:
         sock.close()
+
+
+def _metrics_token(admin: AdminConfig, token: str | None) -> str | None:
+    """The read-only token, refused when it would grant more than metrics (or nothing)."""
+    metrics_token = admin.resolved_metrics_token()
+    if metrics_token is None:
+        return None
+    if token is None:
+        # Only reachable with an unset token_env on loopback: every endpoint is open anyway.
+        log.warning("admin.metrics_token is ignored: no admin token is set, nothing is guarded")
+        return None
+    if metrics_token == token:
+        raise ConfigError(
+            [
+                "admin.metrics_token_env: the metrics token equals the admin token "
+                "(give Prometheus a different secret)"
+            ]
+        )
+    return metrics_token
 
 
 def _bind(where: HostPort, *, reuse_port: bool = False) -> socket.socket:
@@ -159,12 +178,3 @@ def _addr(sockname: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, i
 def _show(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -180,9 +180,19 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
         _monitor_selects("edge"),
         "selects the load balancer Service",
     ),
-    "scrape without the admin token": (
+    "scrape without a token": (
         lambda docs: _one(docs, "ServiceMonitor")["spec"]["endpoints"][0].pop("authorization"),
-        "must send the admin token",
+        "must send the metrics token",
+    ),
+    "scrape with the admin token": (
+        lambda docs: _one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"][
+            "credentials"
+        ].update(key="admin-token"),
+        "sends the admin token",
+    ),
+    "no metrics token configured": (
+        _edit_config('metrics_token_env = "EDGEPROXY_METRICS_TOKEN"\n', ""),
+        "Prometheus would need the admin token",
     ),
     "alert rules on another job": (_rules_job, 'selects job="edge"'),
     "listening on 443 as non-root": (

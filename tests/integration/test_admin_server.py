@@ -7,9 +7,11 @@ issues a certificate on request, and drains after SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,18 @@ class NoCerts:
         raise AssertionError("nothing is allowed, so nothing is issued")
 
 
+class RecordingCerts(NoCerts):
+    """Allows ``*.example.net`` and records what it was asked to issue."""
+
+    def __init__(self) -> None:
+        self.policy = OnDemandPolicy(allow=["*.example.net"])
+        self.obtained: list[tuple[str, bool]] = []
+
+    async def obtain(self, name: str, *, force: bool = False) -> object:
+        self.obtained.append((name, force))
+        return object()
+
+
 @dataclass
 class HandmadeRuntime:
     cfg: Config
@@ -190,6 +204,83 @@ async def test_token_from_environment(
         auth = {"Authorization": f"Bearer {TOKEN}"}
         r = await c.get(url(admin.addr, "/v1/domains"), headers=auth)
     assert (r.status_code, r.json()) == (200, [])
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """``curl`` as an operator runs it: status code and body."""
+    res = subprocess.run(
+        ["curl", "-sS", "--noproxy", "*", "--max-time", "20", "-w", "\n%{http_code}", *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    body, _, code = res.stdout.rpartition("\n")
+    return int(code), body
+
+
+async def test_cross_site_and_rebinding_requests_are_refused_over_tcp(
+    tmp_path: Path, start_admin: Callable[[HandmadeRuntime], Awaitable[RunningAdmin]]
+) -> None:
+    certs = RecordingCerts()
+    rt = HandmadeRuntime(config_with_admin(tmp_path, listen="127.0.0.1:0"), certs=certs)
+    rt.storage.release.set()
+    admin = await start_admin(rt)
+    issue = url(admin.addr, "/v1/domains/shop.example.net/issue?force=1")
+    # The review's probe: what a page on evil.example can send without a CORS preflight.
+    attack = ["-X", "POST", "-H", "Origin: https://evil.example",
+              "-H", "Content-Type: text/plain", "--data", "x", issue]
+    code, body = await trio.to_thread.run_sync(lambda: curl(*attack))
+    assert code == 403 and json.loads(body)["error"] == "cross_site_request"
+    # A page that rebound its own name to 127.0.0.1 is "same origin"; its Host still says who.
+    rebound = f"evil.example:{admin.addr[1]}"
+    rebinding = ["-X", "POST", "-H", f"Host: {rebound}", "-H", f"Origin: http://{rebound}",
+                 "-H", "Edgeproxy-Request: 1", issue]
+    code, body = await trio.to_thread.run_sync(lambda: curl(*rebinding))
+    assert code == 403 and json.loads(body)["error"] == "foreign_host"
+    assert certs.obtained == []
+    # What the README documents for operators.
+    code, body = await trio.to_thread.run_sync(
+        lambda: curl("-X", "POST", "-H", "Edgeproxy-Request: 1", issue)
+    )
+    assert code == 200, body
+    assert certs.obtained == [("shop.example.net", True)]
+
+
+async def test_metrics_token_over_tcp(
+    tmp_path: Path,
+    start_admin: Callable[[HandmadeRuntime], Awaitable[RunningAdmin]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEPROXY_TEST_METRICS_TOKEN", "prometheus-only")
+    cfg = config_with_admin(
+        tmp_path, listen="127.0.0.1:0", token=TOKEN, metrics_token_env="EDGEPROXY_TEST_METRICS_TOKEN"
+    )
+    rt = HandmadeRuntime(cfg, certs=RecordingCerts())
+    rt.storage.release.set()
+    admin = await start_admin(rt)
+    scrape = {"Authorization": "Bearer prometheus-only"}
+    async with http() as c:
+        metrics = await c.get(url(admin.addr, "/metrics"), headers=scrape)
+        ready = await c.get(url(admin.addr, "/readyz"), headers=scrape)
+        domains = await c.get(url(admin.addr, "/v1/domains"), headers=scrape)
+        issue = await c.post(
+            url(admin.addr, "/v1/domains/shop.example.net/issue"),
+            headers={**scrape, "Edgeproxy-Request": "1"},
+        )
+        full = await c.get(url(admin.addr, "/v1/domains"), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (metrics.status_code, ready.status_code) == (200, 200)
+    assert ACCEPTED in metrics.text
+    assert (domains.status_code, issue.status_code) == (403, 403)
+    assert full.status_code == 200
+
+
+async def test_metrics_token_equal_to_the_admin_token_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEPROXY_TEST_METRICS_TOKEN", TOKEN)
+    cfg = config_with_admin(
+        tmp_path, listen="127.0.0.1:0", token=TOKEN, metrics_token_env="EDGEPROXY_TEST_METRICS_TOKEN"
+    )
+    with pytest.raises(ConfigError, match=r"admin\.metrics_token_env"):
+        await serve_admin(HandmadeRuntime(cfg))
 
 
 async def test_in_flight_request_finishes_when_cancelled(
@@ -307,7 +398,8 @@ async def test_whole_process_admin_api(tmp_path: Path, nursery: trio.Nursery) ->
                     break
                 await trio.sleep(0.01)
 
-        issued = await c.post(url(admin, "/v1/domains/WWW.edgeproxy.test./issue"), headers=auth)
+        scripted = {**auth, "Edgeproxy-Request": "1"}
+        issued = await c.post(url(admin, "/v1/domains/WWW.edgeproxy.test./issue"), headers=scripted)
         assert issued.status_code == 200, issued.text
         assert (issued.json()["name"], issued.json()["state"]) == ("www.edgeproxy.test", "valid")
         assert issued.json()["not_after_iso"].startswith("20")
@@ -317,7 +409,7 @@ async def test_whole_process_admin_api(tmp_path: Path, nursery: trio.Nursery) ->
         listed = await c.get(url(admin, "/v1/domains"), headers=auth)
         assert "www.edgeproxy.test" in [d["name"] for d in listed.json()]
 
-        denied = await c.post(url(admin, "/v1/domains/shop.example.com/issue"), headers=auth)
+        denied = await c.post(url(admin, "/v1/domains/shop.example.com/issue"), headers=scripted)
         assert denied.status_code == 403
         assert denied.json()["decision"]["allowed"] is False
         unknown = await c.get(url(admin, "/v1/domains/shop.example.com"), headers=auth)

@@ -101,9 +101,16 @@ def rt(storage: FileStorage) -> Runtime:
     return Runtime(storage, RecordingCerts(policy))
 
 
-def client_for(rt: Runtime, token: str | None = None) -> httpx.AsyncClient:
-    app = make_admin_app(rt, token=token)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin")
+ADMIN_URL = "http://127.0.0.1:9901"
+#: What scripts and the CLI send with state-changing requests (README, admin endpoints).
+SCRIPTED = {"Edgeproxy-Request": "1"}
+
+
+def client_for(
+    rt: Runtime, token: str | None = None, metrics_token: str | None = None
+) -> httpx.AsyncClient:
+    app = make_admin_app(rt, token=token, metrics_token=metrics_token)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ADMIN_URL)
 
 
 @pytest.fixture
@@ -338,14 +345,14 @@ async def test_invalid_domain_name_is_400(client: httpx.AsyncClient) -> None:
 
 
 async def test_issue_allowed_name(client: httpx.AsyncClient, rt: Runtime) -> None:
-    r = await client.post("/v1/domains/Shop.Example.NET/issue")
+    r = await client.post("/v1/domains/Shop.Example.NET/issue", headers=SCRIPTED)
     assert r.status_code == 200
     assert (r.json()["name"], r.json()["state"]) == ("shop.example.net", "valid")
     assert rt.certs.obtained == [("shop.example.net", False)]
 
 
 async def test_issue_with_force(client: httpx.AsyncClient, rt: Runtime) -> None:
-    r = await client.post("/v1/domains/shop.example.net/issue?force=true")
+    r = await client.post("/v1/domains/shop.example.net/issue?force=true", headers=SCRIPTED)
     assert r.status_code == 200
     assert rt.certs.obtained == [("shop.example.net", True)]
 
@@ -353,7 +360,7 @@ async def test_issue_with_force(client: httpx.AsyncClient, rt: Runtime) -> None:
 async def test_issue_denied_name_never_reaches_the_issuer(
     client: httpx.AsyncClient, rt: Runtime
 ) -> None:
-    r = await client.post("/v1/domains/evil.example.com/issue")
+    r = await client.post("/v1/domains/evil.example.com/issue", headers=SCRIPTED)
     assert r.status_code == 403
     body = r.json()
     assert body["error"] == "denied"
@@ -366,7 +373,7 @@ async def test_issue_denied_name_never_reaches_the_issuer(
 
 async def test_issue_failure_is_502_with_the_status(client: httpx.AsyncClient, rt: Runtime) -> None:
     rt.certs.issuance_fails = True
-    r = await client.post("/v1/domains/shop.example.net/issue")
+    r = await client.post("/v1/domains/shop.example.net/issue", headers=SCRIPTED)
     assert r.status_code == 502
     body = r.json()
     assert (body["state"], body["last_error_type"]) == ("failing", "urn:ietf:params:acme:error:caa")
@@ -469,3 +476,200 @@ async def test_lifespan_startup_and_shutdown(rt: Runtime) -> None:
     assert [(await from_app_recv.receive())["type"] for _ in range(2)] == [
         "lifespan.startup.complete", "lifespan.shutdown.complete",
     ]
+
+
+# ---------------------------------------------------------------------- cross-site requests
+
+
+ATTACK = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+
+
+async def test_the_cross_site_form_post_is_refused_and_issues_nothing(
+    client: httpx.AsyncClient, rt: Runtime
+) -> None:
+    # What a page on https://evil.example sends with fetch(..., {mode: "no-cors"}) or a form:
+    # a "simple" request, which the browser sends without asking first.
+    r = await client.post(
+        "/v1/domains/shop.example.net/issue?force=1", headers=ATTACK, content=b"x"
+    )
+    assert r.status_code == 403
+    body = r.json()
+    assert body["error"] == "cross_site_request"
+    assert "evil.example" in body["detail"] and "Edgeproxy-Request: 1" in body["detail"]
+    assert rt.certs.obtained == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Origin": "https://evil.example", **SCRIPTED}, id="foreign-origin+header"),
+        pytest.param(
+            {"Origin": "https://evil.example", "Content-Type": "application/json"},
+            id="foreign-origin+json",
+        ),
+        pytest.param({"Origin": "null", **SCRIPTED}, id="opaque-origin"),
+        pytest.param({"Origin": "http://127.0.0.1:9902", **SCRIPTED}, id="other-port"),
+        pytest.param({"Sec-Fetch-Site": "cross-site", **SCRIPTED}, id="fetch-cross-site"),
+        pytest.param({"Sec-Fetch-Site": "same-site", **SCRIPTED}, id="fetch-same-site"),
+        pytest.param({}, id="nothing"),
+        pytest.param({"Content-Type": "text/plain"}, id="text-plain"),
+        pytest.param(
+            {"Content-Type": "application/x-www-form-urlencoded"}, id="form-urlencoded"
+        ),
+        pytest.param({"Content-Type": "multipart/form-data; boundary=x"}, id="multipart"),
+        pytest.param({"Edgeproxy-Request": ""}, id="empty-header"),
+    ],
+)
+async def test_state_changing_requests_a_page_could_send_are_refused(
+    client: httpx.AsyncClient, rt: Runtime, headers: dict[str, str]
+) -> None:
+    r = await client.post("/v1/domains/shop.example.net/issue", headers=headers)
+    assert r.status_code == 403
+    assert r.json()["error"] == "cross_site_request"
+    assert rt.certs.obtained == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(SCRIPTED, id="custom-header"),
+        pytest.param({"Content-Type": "application/json"}, id="json"),
+        pytest.param({"Content-Type": "Application/JSON; charset=utf-8"}, id="json-params"),
+        pytest.param({"Origin": ADMIN_URL, **SCRIPTED}, id="own-origin"),
+        pytest.param(
+            {"Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"},
+            id="fetch-same-origin",
+        ),
+        pytest.param({"Sec-Fetch-Site": "none", **SCRIPTED}, id="fetch-none"),
+    ],
+)
+async def test_scripted_state_changing_requests_pass(
+    client: httpx.AsyncClient, rt: Runtime, headers: dict[str, str]
+) -> None:
+    r = await client.post("/v1/domains/shop.example.net/issue", headers=headers)
+    assert r.status_code == 200, r.text
+    assert rt.certs.obtained == [("shop.example.net", False)]
+
+
+async def test_reads_need_no_custom_header(client: httpx.AsyncClient) -> None:
+    # A cross-site page cannot read the answer (no CORS headers): GETs stay plain for curl.
+    r = await client.get("/v1/domains", headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 200
+
+
+async def test_the_token_does_not_lift_the_cross_site_rule(
+    authed: httpx.AsyncClient, rt: Runtime
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}", **ATTACK}
+    r = await authed.post("/v1/domains/shop.example.net/issue", headers=headers)
+    assert r.status_code == 403
+    assert rt.certs.obtained == []
+
+
+# ---------------------------------------------------------------------- DNS rebinding
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example:9901", "evil.example", "attacker.127.0.0.1.nip.io:9901", "10.0.0.1:9901",
+     "localhost.evil.example", "[2001:db8::1]:9901", "127.0.0.1.evil.example"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/domains"), ("GET", "/metrics"), ("POST", "/v1/domains/shop.example.net/issue")],
+)
+async def test_tokenless_admin_refuses_a_rebound_host(
+    client: httpx.AsyncClient, rt: Runtime, host: str, method: str, path: str
+) -> None:
+    # After rebinding, the page is "same origin" with us: only its Host header gives it away.
+    headers = {"Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin",
+               **SCRIPTED}
+    r = await client.request(method, path, headers=headers)
+    assert r.status_code == 403
+    body = r.json()
+    assert body["error"] == "foreign_host"
+    assert "127.0.0.1" in body["detail"] and "admin.token" in body["detail"]
+    assert rt.certs.obtained == []
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:9901", "127.0.0.1", "localhost:9901", "LOCALHOST", "[::1]:9901",
+             "127.0.0.2:9901"],
+)
+async def test_tokenless_admin_answers_loopback_hosts(
+    client: httpx.AsyncClient, rt: Runtime, host: str
+) -> None:
+    headers = {"Host": host, "Origin": f"http://{host}", **SCRIPTED}
+    r = await client.post("/v1/domains/shop.example.net/issue", headers=headers)
+    assert r.status_code == 200, r.text
+
+
+async def test_with_a_token_any_host_is_fine(authed: httpx.AsyncClient) -> None:
+    # Behind a Service or an ingress the Host is a cluster name; the token guards it.
+    headers = {"Host": "edgeproxy-admin.edgeproxy.svc:9901", "Authorization": f"Bearer {TOKEN}"}
+    assert (await authed.get("/v1/domains", headers=headers)).status_code == 200
+
+
+# ---------------------------------------------------------------------- metrics token
+
+METRICS_TOKEN = "read-only-metrics-token"
+
+
+@pytest.fixture
+async def monitored(rt: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(rt, TOKEN, METRICS_TOKEN) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/readyz", "/healthz"])
+async def test_metrics_token_grants_monitoring(monitored: httpx.AsyncClient, path: str) -> None:
+    r = await monitored.get(path, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/domains"), ("GET", "/v1/domains/a.example.net"),
+     ("POST", "/v1/domains/a.example.net/issue"), ("GET", "/no/such/path")],
+)
+async def test_metrics_token_is_refused_elsewhere(
+    monitored: httpx.AsyncClient, rt: Runtime, method: str, path: str
+) -> None:
+    headers = {"Authorization": f"Bearer {METRICS_TOKEN}", **SCRIPTED}
+    r = await monitored.request(method, path, headers=headers)
+    assert r.status_code == 403
+    assert r.json()["error"] == "forbidden"
+    assert "admin token" in r.json()["detail"]
+    assert rt.certs.obtained == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/metrics"), ("GET", "/readyz"), ("GET", "/v1/domains"),
+     ("POST", "/v1/domains/a.example.net/issue")],
+)
+async def test_admin_token_still_grants_everything(
+    monitored: httpx.AsyncClient, method: str, path: str
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}", **SCRIPTED}
+    r = await monitored.request(method, path, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {METRICS_TOKEN}x", f"Bearer {METRICS_TOKEN[:-1]}",
+                      f"Basic {METRICS_TOKEN}", METRICS_TOKEN],
+)
+async def test_a_wrong_metrics_token_is_401(monitored: httpx.AsyncClient, authorization: str) -> None:
+    r = await monitored.get("/metrics", headers={"Authorization": authorization})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("token", "metrics_token"), [(None, METRICS_TOKEN), (TOKEN, TOKEN), (TOKEN, "")]
+)
+def test_a_metrics_token_that_would_guard_nothing_is_refused(
+    rt: Runtime, token: str | None, metrics_token: str
+) -> None:
+    with pytest.raises(ValueError, match="token"):
+        make_admin_app(rt, token=token, metrics_token=metrics_token)

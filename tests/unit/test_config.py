@@ -92,6 +92,27 @@ def test_admin_off_loopback_needs_token() -> None:
     load_config_data({**base, "admin": {"listen": "0.0.0.0:9901", "token": "s3cret"}})
 
 
+@pytest.mark.parametrize(
+    ("admin", "problem"),
+    [
+        ({"metrics_token": "m"}, "without admin.token"),
+        ({"metrics_token_env": "EDGEPROXY_METRICS_TOKEN"}, "without admin.token"),
+        ({"token": "same", "metrics_token": "same"}, "equals admin.token"),
+    ],
+)
+def test_metrics_token_that_would_guard_nothing_is_refused(
+    admin: dict[str, str], problem: str
+) -> None:
+    base = {"tls": {"issuer": "internal"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]}
+    with pytest.raises(ConfigError) as ei:
+        load_config_data({**base, "admin": admin})
+    assert problem in str(ei.value)
+    cfg = load_config_data(
+        {**base, "admin": {"token": "admin-secret", "metrics_token_env": "EDGEPROXY_M"}}
+    )
+    assert cfg.admin.metrics_token_env == "EDGEPROXY_M"
+
+
 def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[server\n")
