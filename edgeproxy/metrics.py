@@ -23,6 +23,11 @@ CONNECTIONS_REFUSED = Counter(
     "Connections refused at accept because a limit was reached.",
     ["limit"],
 )
+CONNECTIONS_SHED = Counter(
+    "edgeproxy_connections_shed_total",
+    "Connections closed before their ClientHello to make room under overload, by reason.",
+    ["reason"],
+)
 PROXY_HEADERS = Counter(
     "edgeproxy_proxy_protocol_headers_total", "PROXY protocol headers read, by result.", ["result"]
 )
@@ -120,6 +125,8 @@ for _limit in ("max_connections", "max_connections_per_ip", "max_handshakes", "a
     CONNECTIONS_REFUSED.labels(_limit)
 for _result in ("ok", "rejected"):
     CONFIG_RELOADS.labels(_result)
+for _shed in ("max_handshakes", "hello_timeout_scaled"):
+    CONNECTIONS_SHED.labels(_shed)
 CONNECTIONS_CLOSED.labels("upstream_unreachable")
 STORAGE_ERRORS.labels("corrupt_record")
 

@@ -74,6 +74,12 @@ class ConnInfo:
     counted_ip: str | None = None  # the address charged against max_connections_per_ip
     in_handshake: bool = True  # counted in Proxy.handshaking until the handshake phase ends
     extra: dict[str, str] = field(default_factory=dict)
+    conn_id: int = 0  # key in Proxy.pre_hello
+    # The connection's one cancel scope: the handshake deadline first (PROXY header,
+    # ClientHello and TLS handshake together), then the idle timeout, which the pipe moves
+    # along on activity and uses to end early. A scope per phase costs measurably.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    shed: str | None = None  # why the overload shedding closed it, if it did
 
 
 def _addr(sockaddr: object) -> tuple[str, int]:
@@ -82,16 +88,9 @@ def _addr(sockaddr: object) -> tuple[str, int]:
     return ("unknown", 0)
 
 
-async def handle_connection(
-    proxy: Proxy, sock: socket.socket, peer: tuple[str, int], counted_ip: str | None
-) -> None:
+async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -> None:
     s = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
-    info = ConnInfo(time.monotonic(), peer, peer)
-    info.counted_ip = counted_ip
-    # One cancel scope for the whole connection: the handshake deadline first (PROXY header,
-    # ClientHello and TLS handshake together), then the idle timeout, which the pipe moves
-    # along on activity and uses to end early. A scope per phase costs measurably.
-    scope = trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout)
+    scope = info.scope  # made at accept, with the handshake deadline (see ConnInfo)
     flow = PipeResult()
     est: _Established | None = None
     try:
@@ -107,7 +106,9 @@ async def handle_connection(
                 finally:
                     est.upstream.close()
         if scope.cancelled_caught:
-            if est is None:
+            if info.shed is not None:
+                info.result = f"shed:{info.shed}"
+            elif est is None:
                 info.result = "handshake_timeout"
                 metrics.HANDSHAKES.labels("failed", "timeout").inc()
             elif flow.reason == "done":
@@ -124,8 +125,19 @@ async def handle_connection(
         # every task of this connection has ended here. Closing the (never duplicated) fd
         # drops it from trio's epoll set anyway; the call would cost an exception object and
         # an epoll_ctl per socket per connection.
+        if info.shed is not None:
+            set_reset_on_close(sock)
         sock.close()
         proxy.connection_closed(info)
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Make ``close`` send RST, not FIN: a refused or shed connection must cost us no
+    TIME_WAIT and the client no wait."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
 
 
 async def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -239,6 +251,7 @@ async def _handshake(
         info.result = f"bad_hello:{exc.reason}"
         return None
     assert isinstance(hello, ClientHello)
+    proxy.hello_received(info)
     metrics.CLIENT_HELLOS_OK.inc()
     sni = hello.sni
     if sni is not None and is_ip_literal(sni):

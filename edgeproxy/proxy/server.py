@@ -1,8 +1,18 @@
-"""Listeners, admission limits and draining for the data path.
+"""Listeners, admission limits, overload shedding and draining for the data path.
 
 ``Proxy`` holds the live ``Settings`` (swapped whole on reload: each connection keeps the
 snapshot it started with), accepts on every listener, refuses fast at the connection limits,
 and on drain stops accepting while existing connections finish, up to a deadline.
+
+Shed, don't refuse: at ``max_handshakes`` a newcomer is not turned away; the oldest connection
+that has not yet sent a complete ClientHello is closed (reset) to make room. Silent sockets
+are what an attacker holds cheaply and what a real client never leaves for long, so refusing
+newcomers would serve the attacker. As the handshake slots fill past half, the time a
+connection may stay silent shrinks linearly from ``handshake_timeout`` to one second (Envoy's
+overload manager scales its timers the same way). Connections with a complete hello (perhaps
+waiting for a certificate) and established ones are never shed: if every slot holds one,
+the newcomer is refused as before. The pre-hello connections sit in an ``OrderedDict`` keyed
+by connection id, oldest first, so admitting, shedding and leaving are all O(1).
 
 Accept errors that mean "out of file descriptors or memory" are logged and retried after a
 short pause, as trio's ``serve_listeners`` does: a proxy that dies under an fd storm turns an
@@ -12,9 +22,11 @@ overload into an outage.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import socket
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +37,7 @@ from .. import metrics
 from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
 from ..config import Config, HostPort
-from .connection import ConnInfo, handle_connection
+from .connection import ConnInfo, handle_connection, set_reset_on_close
 from .routes import RouteTable
 from .upstream import UpstreamPool
 
@@ -33,6 +45,25 @@ log = logging.getLogger("edgeproxy.proxy")
 access_log = logging.getLogger("edgeproxy.access")
 
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+# Pre-ClientHello timeout scaling: full ``handshake_timeout`` up to this share of
+# ``max_handshakes`` in use, then down linearly to ``_HELLO_TIMEOUT_FLOOR`` when all are.
+_SCALE_FROM = 0.5
+# A real client sends its ClientHello right after the TCP handshake; a second is many round
+# trips even on a poor mobile path.
+_HELLO_TIMEOUT_FLOOR = 1.0
+_SWEEP_INTERVAL = 0.25  # how often the scaled timeout is applied
+_SHED_LOG_INTERVAL = 10.0  # at most one summary line per this many seconds
+
+
+def scaled_hello_timeout(handshake_timeout: float, in_use: int, limit: int) -> float:
+    """How long a connection may stay before its ClientHello at this occupancy."""
+    floor = min(_HELLO_TIMEOUT_FLOOR, handshake_timeout)
+    pressure = in_use / limit if limit > 0 else 1.0
+    if pressure <= _SCALE_FROM:
+        return handshake_timeout
+    share = min(1.0, (pressure - _SCALE_FROM) / (1.0 - _SCALE_FROM))
+    return handshake_timeout - (handshake_timeout - floor) * share
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +132,10 @@ class Proxy:
         # Connections still before the end of their TLS handshake: the cheap ones for an
         # attacker (slowloris, silent sockets) are capped separately from established ones.
         self.handshaking = 0
+        # The subset of those before a complete ClientHello, oldest first: the sheddable ones.
+        self.pre_hello: OrderedDict[int, ConnInfo] = OrderedDict()
+        self._ids = itertools.count()
+        self._shed_since_log: Counter[str] = Counter()
         self.per_ip: dict[str, int] = {}
         self.draining = False
         self.bound: list[tuple[str, int]] = []
@@ -125,6 +160,7 @@ class Proxy:
                 async with trio.open_nursery() as accept_nursery:
                     for lst in listeners:
                         accept_nursery.start_soon(self._accept_loop, lst, conn_nursery)
+                    accept_nursery.start_soon(self._sweep)
                     task_status.started(self.bound)
             for lst in listeners:
                 trio.lowlevel.notify_closing(lst)
@@ -160,7 +196,7 @@ class Proxy:
                 metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
                 _abort(sock)
                 continue
-            if self.handshaking >= s.max_handshakes:
+            if self.handshaking >= s.max_handshakes and not self._shed_oldest("max_handshakes"):
                 metrics.CONNECTIONS_REFUSED.labels("max_handshakes").inc()
                 _abort(sock)
                 continue
@@ -184,10 +220,71 @@ class Proxy:
             if self.active == 1:
                 self._idle = trio.Event()
             metrics.CONNECTIONS_ACTIVE.inc()
+            # The connection's one cancel scope is made here, not in its task: a connection
+            # accepted but not yet started must be sheddable too.
+            info = ConnInfo(
+                time.monotonic(),
+                peer,
+                peer,
+                counted_ip=counted_ip,
+                conn_id=next(self._ids),
+                scope=trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout),
+            )
+            self.pre_hello[info.conn_id] = info
             # A name given saves trio formatting one per task.
             conn_nursery.start_soon(
-                handle_connection, self, sock, peer, counted_ip, name="edgeproxy.connection"
+                handle_connection, self, sock, info, name="edgeproxy.connection"
             )
+
+    def _shed_oldest(self, reason: str) -> bool:
+        """Close the oldest connection still before its ClientHello; False if there is none.
+
+        Its handshake slot is freed at once (its task runs later, when the cancellation
+        reaches it, and resets the socket).
+        """
+        if not self.pre_hello:
+            return False
+        _, info = self.pre_hello.popitem(last=False)
+        info.shed = reason
+        info.scope.cancel()
+        self.end_handshake(info)
+        metrics.CONNECTIONS_SHED.labels(reason).inc()
+        self._shed_since_log[reason] += 1
+        return True
+
+    async def _sweep(self) -> None:
+        """Apply the scaled pre-ClientHello timeout; log a summary of what was shed."""
+        next_log = trio.current_time()  # the first shed is reported at once
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            s = self.settings
+            while self.pre_hello:
+                allowed = scaled_hello_timeout(
+                    s.handshake_timeout, self.handshaking, s.max_handshakes
+                )
+                if allowed >= s.handshake_timeout:
+                    break  # no pressure: the connection's own deadline applies
+                oldest = next(iter(self.pre_hello.values()))
+                if time.monotonic() - oldest.started < allowed:
+                    break  # oldest first: nothing younger is due either
+                self._shed_oldest("hello_timeout_scaled")
+            if self._shed_since_log and trio.current_time() >= next_log:
+                next_log = trio.current_time() + _SHED_LOG_INTERVAL
+                counts = ", ".join(f"{n} for {r}" for r, n in sorted(self._shed_since_log.items()))
+                log.warning(
+                    "overload: shed %d connections that had sent no ClientHello (%s); "
+                    "%d of max_handshakes=%d in use; next summary in %.0fs at the earliest",
+                    sum(self._shed_since_log.values()),
+                    counts,
+                    self.handshaking,
+                    s.max_handshakes,
+                    _SHED_LOG_INTERVAL,
+                )
+                self._shed_since_log.clear()
+
+    def hello_received(self, info: ConnInfo) -> None:
+        """The connection sent a complete ClientHello: from now on it is never shed."""
+        self.pre_hello.pop(info.conn_id, None)
 
     def admit_client(self, info: ConnInfo) -> bool:
         """Per-IP limit for addresses learnt from the PROXY header."""
@@ -207,6 +304,7 @@ class Proxy:
         if info.in_handshake:
             info.in_handshake = False
             self.handshaking -= 1
+            self.pre_hello.pop(info.conn_id, None)
 
     def connection_closed(self, info: ConnInfo) -> None:
         self.end_handshake(info)
@@ -264,11 +362,7 @@ class Proxy:
 
 
 def _abort(sock: socket.socket) -> None:
-    # RST rather than FIN: refusing fast must cost us no TIME_WAIT and the client no wait.
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
+    set_reset_on_close(sock)
     sock.close()
 
 

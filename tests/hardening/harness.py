@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import resource
+import selectors
 import signal
 import socket
 import ssl
@@ -291,6 +292,22 @@ def _normal_client_main(argv: Sequence[str]) -> None:
     print(json.dumps({"seconds": result.seconds, "errors": result.errors}), flush=True)
 
 
+async def _start_child(mode: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    """``python -m tests.hardening.harness MODE ARGS``, once it has printed ``ready``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hardening.harness", mode, *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await trio.to_thread.run_sync(proc.stdout.readline)
+    if line.strip() != b"ready":
+        stop_process(proc)
+        raise RuntimeError(f"{mode} did not start: {line!r}")
+    return proc
+
+
 class NormalClient:
     """A bystander in its own process: ``async with NormalClient(...) as c: ...; c.result``.
 
@@ -333,17 +350,7 @@ class NormalClient:
         return await wait_until(lambda: self.ok >= target, limit)
 
     async def __aenter__(self) -> NormalClient:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hardening.harness", "normal-client", *self.args],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert self._proc.stdout is not None
-        line = await trio.to_thread.run_sync(self._proc.stdout.readline)
-        if line.strip() != b"ready":
-            stop_process(self._proc)
-            raise RuntimeError(f"normal client did not start: {line!r}")
+        self._proc = await _start_child("normal-client", self.args)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -720,9 +727,91 @@ def raise_nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def _silent_holder_main(argv: Sequence[str]) -> None:
+    """Child process: hold ``n`` connections that never send a byte, re-opening each one the
+    proxy ends, until stdin closes. Prints ``ready`` once ``n`` are open, then a JSON summary.
+
+    Plain non-blocking sockets on epoll: tens of thousands of connections a second cost
+    this process little, so it is the proxy that is measured, not the attacker.
+    """
+    port, n = int(argv[0]), int(argv[1])
+    raise_nofile_limit()
+    sel = selectors.DefaultSelector()
+    stop = threading.Event()
+    counts = {"opened": 0, "ended_by_proxy": 0, "connect_failed": 0}
+
+    def on_stdin_closed() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    def open_one() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+            sock.close()
+            counts["connect_failed"] += 1
+            return
+        sel.register(sock, selectors.EVENT_READ)
+        counts["opened"] += 1
+
+    threading.Thread(target=on_stdin_closed, daemon=True).start()
+    ready = False
+    while not stop.is_set():
+        # Top up in slices, so closed ones are noticed (and re-opened) while opening.
+        for _ in range(min(1000, n - len(sel.get_map()))):
+            open_one()
+        if not ready and len(sel.get_map()) >= n:
+            print("ready", flush=True)
+            ready = True
+        for key, _ in sel.select(timeout=0.05):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                if sock.recv(1):
+                    continue  # the proxy never speaks first; if it did, keep holding
+                counts["ended_by_proxy"] += 1
+            except BlockingIOError:
+                continue
+            except ConnectionRefusedError:
+                counts["connect_failed"] += 1
+            except OSError:
+                counts["ended_by_proxy"] += 1  # reset
+            sel.unregister(sock)
+            sock.close()
+    counts["held_at_end"] = len(sel.get_map())
+    print(json.dumps(counts), flush=True)
+
+
+class SilentHolder:
+    """``async with SilentHolder(port, n) as h:`` keeps ``n`` silent connections open (in its
+    own process); ``h.counts`` has what happened to them once the block ends."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.args = [str(port), str(n)]
+        self.counts: dict[str, int] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> SilentHolder:
+        self._proc = await _start_child("silent-holder", self.args)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.close()
+            with trio.move_on_after(60):
+                out = await trio.to_thread.run_sync(proc.stdout.read)
+                self.counts = json.loads(out.strip().splitlines()[-1])
+        finally:
+            stop_process(proc)
+
+
 def main(argv: Sequence[str]) -> None:
     if argv[:1] == ["normal-client"]:
         _normal_client_main(argv[1:])
+    elif argv[:1] == ["silent-holder"]:
+        _silent_holder_main(argv[1:])
     elif argv[:1] == ["echo-upstream"]:
 
         async def run() -> None:
@@ -732,7 +821,9 @@ def main(argv: Sequence[str]) -> None:
 
         trio.run(run)
     else:
-        raise SystemExit("usage: python -m tests.hardening.harness normal-client|echo-upstream")
+        raise SystemExit(
+            "usage: python -m tests.hardening.harness normal-client|silent-holder|echo-upstream"
+        )
 
 
 if __name__ == "__main__":
