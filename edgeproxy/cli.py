@@ -241,6 +241,8 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
     ):
         click.echo(f"{label:16} {_fmt_ts(r.get(key))}")
     click.echo(f"{'renewal source':16} {r.get('renewal_source') or '-'}")
+    if r.get("renewal_reason"):
+        click.echo(f"{'renewal reason':16} {r['renewal_reason']}")
     if r.get("ari_window"):
         a, b = r["ari_window"]
         click.echo(f"{'ARI window':16} {_fmt_ts(a)} .. {_fmt_ts(b)}")

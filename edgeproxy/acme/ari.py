@@ -1,12 +1,13 @@
 """ACME Renewal Information (ARI, RFC 9773): the pure decisions, no I/O.
 
-This module owns three things: naming a certificate the way an ARI server expects (the
-CertID, RFC 9773 s4.1), turning a RenewalInfo response into a checked value (s4.2, with the
-Retry-After polling hint of s4.3), and picking the moment to renew inside the suggested window
-(s4.2). Callers fetch the resource and schedule the work; this module never touches the
-network or the clock: ``now`` and the random source are arguments, so every case is a unit
-test with plain values. Reading the Retry-After header itself is
-``messages.parse_retry_after``'s job; this module only applies ARI's limits to the result.
+This module owns four things: naming a certificate the way an ARI server expects (the CertID,
+RFC 9773 s4.1), turning a RenewalInfo response into a checked value (s4.2, with the Retry-After
+polling hint of s4.3), picking the moment to renew inside the suggested window (s4.2), and
+the pace of asking again after a failed request (s4.3.3). Callers fetch the resource and
+schedule the work; this module never touches the network or the clock: ``now`` and the random
+source are arguments, so every case is a unit test with plain values. Reading the Retry-After
+header itself is ``messages.parse_retry_after``'s job; this module only applies ARI's limits to
+the result.
 
 It must not know about httpx, the directory, storage or the certificate manager. The client
 (``acme/client.py``) fetches ``GET {renewalInfo}/{cert_id}`` and calls ``parse_renewal_info``;
@@ -35,6 +36,8 @@ __all__ = [
     "RenewalInfo",
     "cert_id",
     "choose_renewal_time",
+    "error_retry_delay",
+    "is_long_term_error",
     "parse_renewal_info",
 ]
 
@@ -45,6 +48,11 @@ RETRY_AFTER_MAX = 86400.0
 # RFC 9773 s4.3 treats a missing or unreadable Retry-After as a long-term error and polls
 # again after six hours; the window itself is still usable, so we keep it and use that pace.
 RETRY_AFTER_DEFAULT = 6 * 3600.0
+# RFC 9773 s4.3.3: after a long-term error (the CA does not know the CertID, or has no ARI
+# for it) ask again after six hours; short-term errors back off exponentially from one
+# minute up to the same six hours.
+LONG_TERM_ERROR_RETRY = 6 * 3600.0
+SHORT_TERM_ERROR_FIRST = 60.0
 
 # RFC 3339 date-time (s5.6). fromisoformat alone would also take date-only and naive values,
 # which RFC 9773 does not allow and which would silently mean "local time".
@@ -189,3 +197,30 @@ def choose_renewal_time(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"rand() must return a value in [0, 1], got {fraction!r}")
     return lower + (info.end - lower) * fraction
+
+
+def is_long_term_error(status: int) -> bool:
+    """Is a renewalInfo failure with this HTTP status a long-term one (RFC 9773 s4.3.3)?
+
+    ``status`` is the HTTP status of the CA's answer, 0 when none came (transport failure).
+    A 4xx other than 429 says the CA will not have a window for this CertID any time soon
+    (404 "Certificate not found" from a CA that does not know RFC 9773 CertIDs, 400
+    malformed, 403); 429, 5xx and no answer at all are short-term.
+    """
+    return 400 <= status < 500 and status != 429
+
+
+def error_retry_delay(long_term: bool, failures: int, retry_after: float | None = None) -> float:
+    """Seconds until the next renewalInfo request after ``failures`` consecutive failures.
+
+    Long-term: six hours. Short-term: 60 s doubling per failure (``failures`` >= 1), capped
+    at six hours. A Retry-After from the CA lengthens either, within ARI's [1 min, 1 day].
+    """
+    if long_term:
+        delay = LONG_TERM_ERROR_RETRY
+    else:
+        exponent = min(max(failures, 1) - 1, 16)
+        delay = min(SHORT_TERM_ERROR_FIRST * 2.0**exponent, LONG_TERM_ERROR_RETRY)
+    if retry_after is not None:
+        delay = max(delay, min(max(retry_after, RETRY_AFTER_MIN), RETRY_AFTER_MAX))
+    return delay

@@ -55,15 +55,12 @@ from edgeproxy import __version__
 from edgeproxy.acme import ari, jws
 from edgeproxy.acme.errors import (
     AccountDoesNotExist,
-    AcmeProblem,
+    AcmeError,
     AcmeProtocolError,
     AcmeTimeout,
     AcmeTransportError,
-    AlreadyReplaced,
     BadNonce,
     ChallengeUnavailable,
-    Conflict,
-    Malformed,
     OrderInvalid,
     OrderNotReady,
 )
@@ -151,16 +148,16 @@ def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext | bool:
     return verify
 
 
-def _rejects_replaces(problem: AcmeProblem) -> bool:
-    """Does this newOrder failure blame the ``replaces`` field (RFC 9773 s5)?
+def _may_blame_replaces(error: AcmeError) -> bool:
+    """Could this newOrder failure be the CA refusing ``replaces`` (RFC 9773 s5)?
 
-    ``alreadyReplaced`` says so by type. CAs that predate that type answer ``conflict`` or
-    ``malformed`` and only the detail text says which field offended; this is the one place
-    the client reads problem text, because the alternative is failing every renewal.
+    Any answer from the CA counts, whatever its type, status or text: CAs that predate
+    ``alreadyReplaced`` say ``conflict``, ``malformed`` or 404 "Certificate not found for
+    certID ...", and no reading of problem text can know every wording. Retrying once without
+    the field costs one request; not retrying fails every renewal at such a CA (the
+    certificate then expires). Only a request that never reached the CA is excluded.
     """
-    if isinstance(problem, AlreadyReplaced):
-        return True
-    return isinstance(problem, Conflict | Malformed) and "replaces" in problem.detail.lower()
+    return not (isinstance(error, AcmeTransportError) and not error.request_sent)
 
 
 class AcmeClient:
@@ -455,9 +452,9 @@ class AcmeClient:
         """Create an order (RFC 8555 s7.4).
 
         ``profile`` is sent only if the directory advertises it; ``replaces`` (an ARI CertID,
-        RFC 9773 s5) only if the CA offers ARI. When the CA refuses the ``replaces`` value
-        (already replaced, or unknown to it), the order is retried once without it: a
-        renewal must not fail because the old certificate's bookkeeping did.
+        RFC 9773 s5) only if the CA offers ARI. When a newOrder carrying ``replaces`` fails in
+        any way the CA answered (any problem type, status or text), the order is retried once
+        without it: a renewal must not fail because the old certificate's bookkeeping did.
         """
         directory = await self.directory()
         if profile is not None and profile not in directory.profiles:
@@ -474,14 +471,14 @@ class AcmeClient:
         payload = new_order_payload(identifiers, profile=profile, replaces=replaces)
         try:
             response = await self._post(directory.new_order, payload, "newOrder")
-        except AcmeProblem as problem:
-            if replaces is None or not _rejects_replaces(problem):
+        except AcmeError as error:
+            if replaces is None or not _may_blame_replaces(error):
                 raise
             log.warning(
-                "CA refused replaces=%s for %s (%s); ordering without it",
+                "newOrder with replaces=%s for %s failed (%s); ordering once more without it",
                 replaces,
                 ", ".join(identifiers),
-                problem,
+                error,
             )
             self._count("replaces_dropped")
             payload = new_order_payload(identifiers, profile=profile)

@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from OpenSSL import SSL
 
 from .. import metrics
+from ..acme import ari
 from ..errors import CertificateUnavailable, LockUnavailable, StorageError
-from ..issuers.base import IssuanceError, Issuer
+from ..issuers.base import IssuanceError, Issuer, RenewalInfoError
 from ..names import InvalidName, validate_hostname
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
@@ -295,7 +296,7 @@ class CertificateManager:
                         self._install(current)
                         return current
                     replacing = None
-                    if old is not None and old.issuer_id == self.issuer.id:
+                    if old is not None and await self._replaces_allowed(old):
                         replacing = old.chain_pem.encode()
                     key = cast(
                         CertificateIssuerPrivateKeyTypes,
@@ -387,6 +388,9 @@ class CertificateManager:
                 renew_at=(st.renew_at if st and st.not_after == rec.not_after else plan.at),
                 renewal_source=(
                     st.renewal_source if st and st.not_after == rec.not_after else plan.source
+                ),
+                renewal_reason=(
+                    st.renewal_reason if st and st.not_after == rec.not_after else None
                 ),
             )
 
@@ -538,8 +542,8 @@ class CertificateManager:
             log.info("storage sweep: %s", item)
 
     async def _plan(self, rec: CertRecord, now: float) -> RenewalPlan:
-        ari = await self._ari_state(rec, now)
-        window = (ari.start, ari.end) if ari else None
+        ari_state = await self._ari_state(rec, now)
+        window = ari_state.window if ari_state else None
         # Seeded by serial and window: every pass and every replica picks the same random
         # moment for this certificate, so the schedule neither drifts nor disagrees.
         rand = random.Random(f"{rec.serial}/{window}").random
@@ -551,16 +555,19 @@ class CertificateManager:
             ari_end=window[1] if window else None,
             rand=rand,
         )
+        reason = self._renewal_reason(rec, plan, ari_state)
         st = self._status.get(rec.name)
-        if st is None or (st.renew_at, st.renewal_source, st.ari_window) != (
+        if st is None or (st.renew_at, st.renewal_source, st.ari_window, st.renewal_reason) != (
             plan.at,
             plan.source,
             window,
+            reason,
         ):
             self._set_status(
                 rec.name,
                 renew_at=plan.at,
                 renewal_source=plan.source,
+                renewal_reason=reason,
                 ari_window=window,
                 not_after=rec.not_after,
                 issuer=rec.issuer_id,
@@ -568,41 +575,105 @@ class CertificateManager:
             )
         return plan
 
+    def _renewal_reason(
+        self, rec: CertRecord, plan: RenewalPlan, ari_state: AriState | None
+    ) -> str:
+        """The operator's "why this renewal time?", in words for the status."""
+        if plan.source == "expiring":
+            return "in the last 5% of its lifetime: renewing now whatever ARI says"
+        if plan.source == "ari":
+            extra = (
+                f" ({ari_state.explanation_url})" if ari_state and ari_state.explanation_url else ""
+            )
+            return f"a random time inside the CA's ARI window{extra}"
+        if rec.issuer_id != self.issuer.id:
+            return f"issued by {rec.issuer_id}, not the current issuer: no ARI, backstop"
+        if ari_state is None:
+            return "the issuer offers no ARI (RFC 9773): backstop"
+        if ari_state.error is not None:
+            if ari_state.long_term:
+                what = "the CA has no ARI for this certificate (renewal sends no replaces)"
+            else:
+                what = f"ARI request failed {ari_state.failures} time(s) in a row"
+            return (
+                f"backstop: {what}: {ari_state.error}; next ARI check {_iso(ari_state.next_check)}"
+            )
+        return "backstop: the CA's ARI window lies past the backstop"
+
+    async def _stored_ari(self, rec: CertRecord) -> AriState | None:
+        """The stored ARI state for exactly this certificate (a renewed one starts afresh)."""
+        raw = await self.storage.get(ari_key(rec.name))
+        if raw is None:
+            return None
+        try:
+            state = AriState.from_json(raw)
+        except RecordError:
+            return None
+        return state if state.serial == rec.serial else None
+
     async def _ari_state(self, rec: CertRecord, now: float) -> AriState | None:
         if rec.issuer_id != self.issuer.id:
             return None
-        key = ari_key(rec.name)
-        state: AriState | None = None
-        raw = await self.storage.get(key)
-        if raw is not None:
-            try:
-                state = AriState.from_json(raw)
-            except RecordError:
-                state = None
-            if state is not None and state.serial != rec.serial:
-                state = None
+        state = await self._stored_ari(rec)
         if state is not None and state.next_check > now:
             return state
         try:
             window = await self.issuer.renewal_window(rec.chain_pem.encode())
         except IssuanceError as exc:
-            log.info("ARI check for %s failed: %s", rec.name, exc)
-            return state
-        if window is None:
-            return None
-        retry = window.retry_after if window.retry_after is not None else ARI_CHECK_INTERVAL
-        state = AriState(
-            serial=rec.serial,
-            start=window.start.timestamp(),
-            end=window.end.timestamp(),
-            explanation_url=window.explanation_url,
-            next_check=now + retry,
-        )
+            # RFC 9773 s4.3.3: a long-term error (the CA does not know this CertID) is asked
+            # about again after six hours, short-term ones with backoff; never every pass.
+            typed = exc if isinstance(exc, RenewalInfoError) else None
+            long_term = typed is not None and typed.long_term
+            status = typed.status if typed is not None else 0
+            failures = (state.failures if state is not None and state.error else 0) + 1
+            delay = ari.error_retry_delay(long_term, failures, exc.retry_after)
+            log.info(
+                "ARI check for %s failed (%s, next in %.0fs): %s",
+                rec.name,
+                "long-term" if long_term else "short-term",
+                delay,
+                exc,
+            )
+            # A short-term failure keeps the last window (the CA has not withdrawn it); a
+            # long-term one means there is none for this certificate.
+            keep = state is not None and not long_term
+            state = AriState(
+                serial=rec.serial,
+                start=state.start if keep and state is not None else None,
+                end=state.end if keep and state is not None else None,
+                explanation_url=state.explanation_url if keep and state is not None else None,
+                next_check=now + delay,
+                error=f"{exc}" + (f" (HTTP {status})" if status else ""),
+                long_term=long_term,
+                failures=failures,
+            )
+        else:
+            if window is None:
+                return None
+            retry = window.retry_after if window.retry_after is not None else ARI_CHECK_INTERVAL
+            state = AriState(
+                serial=rec.serial,
+                start=window.start.timestamp(),
+                end=window.end.timestamp(),
+                explanation_url=window.explanation_url,
+                next_check=now + retry,
+            )
         try:
-            await self.storage.put(key, state.to_json())
+            await self.storage.put(ari_key(rec.name), state.to_json())
         except StorageError as exc:
             log.debug("could not store ARI state for %s: %s", rec.name, exc)
         return state
+
+    async def _replaces_allowed(self, old: CertRecord) -> bool:
+        """May a renewal of ``old`` name it in ``replaces``? Not when the CA said it has no
+        ARI for it: such a CA would refuse the order (it is retried without, but why ask)."""
+        if old.issuer_id != self.issuer.id:
+            return False
+        try:
+            state = await self._stored_ari(old)
+        except StorageError:
+            return True  # the client drops replaces by itself if the CA objects
+        return state is None or not state.long_term
 
     async def _renew(self, rec: CertRecord) -> None:
         # Someone (here or elsewhere) may be renewing right now: don't queue behind them;

@@ -39,11 +39,28 @@ def lock_name(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AriState:
+    """What the CA said about renewing one certificate (RFC 9773), and when to ask again.
+
+    ``start``/``end`` are the suggested window, None when the last request gave none; then
+    ``error`` says why. ``long_term`` marks an answer meaning the CA has no ARI for this
+    certificate (e.g. 404 for its CertID): renewal goes by the backstop and sends no
+    ``replaces``. ``failures`` counts consecutive failed requests (short-term backoff).
+    """
+
     serial: str  # the certificate this window is for
-    start: float
-    end: float
+    start: float | None
+    end: float | None
     explanation_url: str | None
     next_check: float
+    error: str | None = None
+    long_term: bool = False
+    failures: int = 0
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        if self.start is None or self.end is None:
+            return None
+        return self.start, self.end
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

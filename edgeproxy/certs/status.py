@@ -8,7 +8,7 @@ token), never from message text.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing"]
@@ -64,6 +64,7 @@ class DomainStatus:
     not_after: float | None = None
     renew_at: float | None = None
     renewal_source: str | None = None  # "ari" | "backstop" | "expiring"
+    renewal_reason: str | None = None  # why that source (e.g. the CA's ARI error)
     ari_window: tuple[float, float] | None = None
     next_attempt: float | None = None
     failures: int = 0
@@ -82,4 +83,9 @@ class DomainStatus:
         d = json.loads(raw)
         if d.get("ari_window") is not None:
             d["ari_window"] = tuple(d["ari_window"])
-        return cls(**d)
+        # Records written by a newer or older version (rolling upgrades share storage): keep
+        # the fields this version knows.
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in fields(DomainStatus))

@@ -31,7 +31,13 @@ from ..config import AcmeConfig
 from ..errors import StorageError
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
-from .base import IssuanceError, IssuedCertificate, RenewalWindow, private_key_pem
+from .base import (
+    IssuanceError,
+    IssuedCertificate,
+    RenewalInfoError,
+    RenewalWindow,
+    private_key_pem,
+)
 
 log = logging.getLogger("edgeproxy.acme")
 
@@ -203,11 +209,26 @@ class AcmeIssuer:
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
         try:
             client = await self._get_client()
-            info = await client.renewal_info(x509.load_pem_x509_certificates(chain_pem)[0])
         except AcmeTransportError as exc:
             raise IssuanceError("unreachable", str(exc)) from None
         except AcmeError as exc:
             raise IssuanceError("acme", str(exc)) from None
+        try:
+            info = await client.renewal_info(x509.load_pem_x509_certificates(chain_pem)[0])
+        except AcmeProblem as exc:
+            raise RenewalInfoError(
+                exc.type,
+                exc.detail,
+                long_term=ari.is_long_term_error(exc.status),
+                status=exc.status,
+                retry_after=exc.retry_after,
+            ) from None
+        except AcmeTransportError as exc:
+            raise RenewalInfoError("unreachable", str(exc), long_term=False) from None
+        except AcmeError as exc:
+            # The CA's answer cannot be read, or the certificate cannot be named as a CertID
+            # (no Authority Key Identifier): asking again soon would get the same.
+            raise RenewalInfoError("acme", str(exc), long_term=True) from None
         if info is None:
             return None
         return RenewalWindow(

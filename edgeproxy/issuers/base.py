@@ -60,7 +60,11 @@ class Issuer(Protocol):
         """
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
-        """The CA's suggested renewal window, or None when the CA offers no ARI."""
+        """The CA's suggested renewal window, or None when the CA offers no ARI at all.
+
+        Raises ``RenewalInfoError`` when the CA offers ARI but gave no window for this
+        certificate (``long_term`` says whether asking again soon could help).
+        """
 
 
 class IssuanceError(Exception):
@@ -75,3 +79,27 @@ class IssuanceError(Exception):
         self.error_type = error_type
         self.detail = detail
         self.retry_after = retry_after
+
+
+class RenewalInfoError(IssuanceError):
+    """The CA's renewal window could not be had for one certificate (RFC 9773 s4.3.3).
+
+    ``long_term`` is True when the CA answered that it has none (a 4xx such as 404 "not
+    found" from a CA that does not recognise the CertID): the caller renews by its own
+    schedule, without ``replaces``, and asks again only after the long-term interval.
+    False for short-term trouble (no answer, 429, 5xx): ask again with backoff. ``status``
+    is the HTTP status (0: no answer).
+    """
+
+    def __init__(
+        self,
+        error_type: str,
+        detail: str,
+        *,
+        long_term: bool,
+        status: int = 0,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(error_type, detail, retry_after=retry_after)
+        self.long_term = long_term
+        self.status = status

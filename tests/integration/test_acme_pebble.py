@@ -448,11 +448,31 @@ def _new_orders(injector: FaultInjector) -> list[InjectedRequest]:
     return [r for r in injector.seen if r.jws_payload and "identifiers" in r.jws_payload]
 
 
-async def test_already_replaced_409_is_retried_without_replaces(
-    alpn_responder: TlsAlpnResponder, make_pebble: MakePebble, nursery: trio.Nursery
+# Whatever the CA says to a newOrder carrying `replaces` (issue 16: a CA that does not know
+# RFC 9773 CertIDs answers 404 malformed without naming the field), the order is retried once
+# without it.
+@pytest.mark.parametrize(
+    ("status", "type_", "detail"),
+    [
+        (409, "urn:ietf:params:acme:error:alreadyReplaced", "already replaced"),
+        (404, "urn:ietf:params:acme:error:malformed", "Certificate not found for certID X.Y"),
+        (400, "urn:ietf:params:acme:error:unauthorized", "not your certificate"),
+        (500, "urn:ietf:params:acme:error:serverInternal", "oops"),
+        (403, "about:blank", "Forbidden"),
+    ],
+)
+async def test_any_refusal_of_replaces_is_retried_once_without_it(
+    alpn_responder: TlsAlpnResponder,
+    make_pebble: MakePebble,
+    nursery: trio.Nursery,
+    status: int,
+    type_: str,
+    detail: str,
 ) -> None:
     pebble = make_pebble(tls_port=alpn_responder.port, env=QUIET)
-    injector = await _injector(nursery, pebble, rules=[reject_first_replaces()])
+    injector = await _injector(
+        nursery, pebble, rules=[reject_first_replaces(type_, status, detail)]
+    )
     names = ["renew.edgeproxy.test"]
 
     async with _client(injector.directory_url, pebble) as client:

@@ -19,7 +19,7 @@ import trio
 from cryptography import x509
 
 from edgeproxy.certs.record import cert_key
-from tests.support.pebble import FaultInjector, Pebble
+from tests.support.pebble import FaultInjector, InjectedRequest, Pebble, Reply
 from tests.support.ports import free_port
 from tests.support.proxy import RunningProxy, base_config, running_proxy
 from tests.support.upstreams import echo, http_handler, start_upstream
@@ -353,7 +353,10 @@ async def test_corrupt_record_and_stale_lock_are_recovered(
 
 
 async def test_ari_window_drives_renewal_with_replaces(
-    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], roots_file: Callable[[Pebble], Path]
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
 ) -> None:
     """The CA's renewalInfo (served by the fault injector, since pebble 2.4 has no ARI) says
     "renew now": the next maintenance pass renews, sending `replaces` with the old CertID."""
@@ -364,13 +367,19 @@ async def test_ari_window_drives_renewal_with_replaces(
     port = free_port()
     pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
     roots = roots_file(pebble)
-    inj = FaultInjector(pebble, renewal_window=(timedelta(days=60), timedelta(days=61)), renewal_retry_after=60)
+    inj = FaultInjector(
+        pebble, renewal_window=(timedelta(days=60), timedelta(days=61)), renewal_retry_after=60
+    )
     await nursery.start(inj.serve)
     up = await start_upstream(nursery, http_handler(BODY))
-    async with running_proxy(tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)) as p:
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
         first = await peer_cert(port, "ari.example.test", roots)
         with trio.fail_after(20):  # the maintenance pass (1 s) fetches the far-away window first
-            while (st := p.rt.certs.status("ari.example.test")) is None or st.renewal_source != "ari":
+            while (
+                st := p.rt.certs.status("ari.example.test")
+            ) is None or st.renewal_source != "ari":
                 await trio.sleep(0.1)
         assert new_orders(inj) == 1
         # The CA changes its mind: the window is now in the past. The next ARI fetch happens
@@ -378,9 +387,75 @@ async def test_ari_window_drives_renewal_with_replaces(
         inj.renewal_window = (timedelta(days=-2), timedelta(days=-1))
         await p.rt.storage.delete("ari/ari.example.test.json")
         with trio.fail_after(30):
-            while (await peer_cert(port, "ari.example.test", roots)).serial_number == first.serial_number:
+            while (
+                await peer_cert(port, "ari.example.test", roots)
+            ).serial_number == first.serial_number:
                 await trio.sleep(0.2)
     orders = [r for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz")]
     assert len(orders) >= 2
     assert orders[1].jws_payload is not None
     assert orders[1].jws_payload.get("replaces") == cert_id(first)
+
+
+def _plays_a_ca_without_ari(request: InjectedRequest) -> Reply | None:
+    """The RFC 8555 CA of issue 16 that does not recognise RFC 9773 CertIDs: renewalInfo is
+    404 ``malformed`` and so is every newOrder carrying ``replaces``."""
+    malformed = "urn:ietf:params:acme:error:malformed"
+    if request.method == "GET" and request.path.startswith("/renewal-info/"):
+        return Reply.problem(404, malformed, "Certificate not found")
+    payload = request.jws_payload or {}
+    if "identifiers" in payload and "replaces" in payload:
+        return Reply.problem(
+            404, malformed, f"Certificate not found for certID {payload['replaces']}"
+        )
+    return None
+
+
+async def test_a_ca_without_ari_for_the_certificate_cannot_block_its_renewal(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    """renewalInfo 404: asked once per certificate (RFC 9773's long-term error cadence, not on
+    every maintenance pass), renewed by the backstop before expiry, no error on the way, and
+    the status says why the backstop applies."""
+    from edgeproxy.acme.ari import cert_id
+
+    port = free_port()
+    # 16 s certificates: the backstop (half the lifetime for short ones) comes after 8 s,
+    # i.e. after about eight 1 s maintenance passes.
+    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS, validity=16)
+    roots = roots_file(pebble)
+    inj = FaultInjector(pebble, rules=[_plays_a_ca_without_ari])
+    await nursery.start(inj.serve)
+    up = await start_upstream(nursery, http_handler(BODY))
+    name = "noari.example.test"
+    async with running_proxy(
+        tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)
+    ) as p:
+        first = await peer_cert(port, name, roots)
+        errors: set[str] = set()
+        with trio.fail_after(20):
+            while (st := p.rt.certs.status(name)) is None or not st.renewal_reason:
+                await trio.sleep(0.1)
+        assert st.renewal_source == "backstop", st
+        assert "no ARI for this certificate" in st.renewal_reason and "404" in st.renewal_reason, st
+        with trio.fail_after(40):
+            while (
+                renewed := await peer_cert(port, name, roots)
+            ).serial_number == first.serial_number:
+                st = p.rt.certs.status(name)
+                if st is not None and st.last_error_type:
+                    errors.add(f"{st.last_error_type}: {st.last_error}")
+                await trio.sleep(0.2)
+        assert renewed.not_valid_before_utc < first.not_valid_after_utc
+        assert errors == set()
+        res = await curl(p, name, roots)
+        assert res.returncode == 0 and res.stdout == BODY, res.stderr
+    asked = [r.path.rsplit("/", 1)[-1] for r in inj.seen if r.path.startswith("/renewal-info/")]
+    assert asked.count(cert_id(first)) == 1, asked
+    # Marked as unknown to the CA's ARI, the old certificate is not named in `replaces`.
+    orders = [r for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz")]
+    assert len(orders) >= 2
+    assert all("replaces" not in (o.jws_payload or {}) for o in orders)

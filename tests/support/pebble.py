@@ -413,7 +413,9 @@ _HOP_BY_HOP = {
 
 
 def reject_first_replaces(
-    type_: str = "urn:ietf:params:acme:error:alreadyReplaced", status: int = 409
+    type_: str = "urn:ietf:params:acme:error:alreadyReplaced",
+    status: int = 409,
+    detail: str = "the certificate named in replaces was replaced",
 ) -> Rule:
     """A rule answering the first newOrder that carries ``replaces`` with a problem."""
     fired = False
@@ -423,7 +425,7 @@ def reject_first_replaces(
         if fired or not request.jws_payload or "replaces" not in request.jws_payload:
             return None
         fired = True
-        return Reply.problem(status, type_, "the certificate named in replaces was replaced")
+        return Reply.problem(status, type_, detail)
 
     return rule
 

@@ -23,6 +23,8 @@ from edgeproxy.acme.ari import (
     RenewalInfo,
     cert_id,
     choose_renewal_time,
+    error_retry_delay,
+    is_long_term_error,
     parse_renewal_info,
 )
 from edgeproxy.acme.errors import AcmeProtocolError
@@ -418,3 +420,43 @@ def test_default_random_source_stays_in_the_window() -> None:
 
     assert all(info.start <= d <= info.end for d in draws)
     assert len(draws) > 1  # it is really random, not pinned to an edge
+
+
+# --- RFC 9773 s4.3.3: how soon to ask again after a failed renewalInfo request -------------
+
+
+@pytest.mark.parametrize(
+    ("status", "long_term"),
+    [
+        (404, True),
+        (400, True),
+        (403, True),
+        (410, True),
+        (429, False),
+        (500, False),
+        (503, False),
+        (0, False),
+        (200, False),
+        (301, False),
+    ],
+)
+def test_4xx_except_429_is_a_long_term_error(status: int, long_term: bool) -> None:
+    assert is_long_term_error(status) is long_term
+
+
+def test_long_term_error_waits_six_hours_whatever_the_count() -> None:
+    assert [error_retry_delay(True, n) for n in (1, 2, 50)] == [6 * 3600.0] * 3
+
+
+def test_short_term_errors_back_off_from_a_minute_to_six_hours() -> None:
+    delays = [error_retry_delay(False, n) for n in range(1, 12)]
+    assert delays[:4] == [60.0, 120.0, 240.0, 480.0]
+    assert delays[-1] == 6 * 3600.0
+    assert delays == sorted(delays)
+    assert error_retry_delay(False, 10**6) == 6 * 3600.0  # no overflow on a long outage
+
+
+def test_retry_after_lengthens_but_stays_within_a_day() -> None:
+    assert error_retry_delay(False, 1, retry_after=600.0) == 600.0
+    assert error_retry_delay(False, 1, retry_after=1.0) == 60.0  # never sooner than asked min
+    assert error_retry_delay(True, 1, retry_after=10**9) == RETRY_AFTER_MAX
