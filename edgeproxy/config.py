@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .certs.policy import ask_url_problem
 from .errors import ConfigError
 from .names import InvalidName, normalize_name, normalize_pattern
 
@@ -227,12 +228,8 @@ class OnDemandConfig(_Model):
     @field_validator("ask")
     @classmethod
     def _ask(cls, v: str | None) -> str | None:
-        if v:
-            parts = urlsplit(v)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(
-                    f'{v!r} is not an http(s) URL (e.g. "http://127.0.0.1:8080/allowed")'
-                )
+        if v and (problem := ask_url_problem(v)) is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("allow")

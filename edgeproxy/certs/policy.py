@@ -2,8 +2,12 @@
 
 Order: the name must be a valid DNS hostname (refused before any request leaves), then static
 ``allow`` patterns, then the ``ask`` endpoint (GET ?domain=NAME, 2xx allows; errors and
-timeouts deny). Decisions are cached briefly, both ways, and asks are rate limited so a flood of
-random names cannot turn into a flood against the customer's endpoint.
+timeouts deny). The ask URL's own query parameters (an API key, a tenant) are kept as written
+and ``domain=NAME`` is appended; a URL that already has a ``domain`` parameter is refused, since
+the endpoint would see two and could read either (``ask_url``).
+
+Decisions are cached briefly, both ways, and asks are rate limited so a flood of random names
+cannot turn into a flood against the customer's endpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -29,6 +34,32 @@ class Decision:
     source: str  # static | ask | cache | invalid | ratelimit | none
     reason: str  # short token: allowed | denied | invalid_name | ask_unavailable | ...
     detail: str = ""
+
+
+#: The query parameter that carries the name to the ask endpoint.
+ASK_PARAMETER = "domain"
+
+
+def ask_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the ask endpoint, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f'{url!r} is not an http(s) URL (e.g. "http://127.0.0.1:8080/allowed")'
+    if any(k == ASK_PARAMETER for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return (
+            f"{url!r} has its own {ASK_PARAMETER!r} parameter, which edgeproxy sets to the name "
+            f"being checked (remove it from the URL)"
+        )
+    return None
+
+
+def ask_url(base: str, name: str) -> str:
+    """``base`` with ``domain=name`` appended; the URL's own query is kept byte for byte."""
+    parts = urlsplit(base)
+    ours = urlencode({ASK_PARAMETER: name})
+    query = f"{parts.query}&{ours}" if parts.query else ours
+    # The fragment never leaves the client anyway; dropping it keeps the query last.
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
 class TokenBucket:
@@ -65,6 +96,8 @@ class OnDemandPolicy:
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if ask is not None and (problem := ask_url_problem(ask)) is not None:
+            raise ValueError(f"on_demand.ask: {problem}")
         self.allow = tuple(allow)
         self.ask = ask
         self.ask_timeout = ask_timeout
@@ -147,7 +180,7 @@ class OnDemandPolicy:
             client = self._http = httpx.AsyncClient()
         try:
             with trio.move_on_after(self.ask_timeout) as scope:
-                resp = await client.get(self.ask, params={"domain": name}, timeout=self.ask_timeout)
+                resp = await client.get(ask_url(self.ask, name), timeout=self.ask_timeout)
             if scope.cancelled_caught:
                 log.warning("ask endpoint timed out for %s after %.1fs", name, self.ask_timeout)
                 return Decision(False, "ask", "ask_unavailable", "ask endpoint timed out")

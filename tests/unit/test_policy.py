@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from edgeproxy.certs.policy import OnDemandPolicy, TokenBucket
+from edgeproxy.config import load_config_data
+from edgeproxy.errors import ConfigError
 
 
 async def ask_endpoint(
@@ -124,3 +127,62 @@ async def test_one_http_client_serves_every_ask(nursery: trio.Nursery) -> None:
     await p.check("b.customer.test")
     assert first is not None and p.http_client is first and not first.is_closed
     assert hits == ["a.customer.test", "b.customer.test"]
+
+
+async def recording_endpoint(nursery: trio.Nursery, targets: list[bytes]) -> str:
+    """An HTTP/1.1 server that records each request-target as sent and allows everything."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        targets.append(data.split(b" ", 2)[1])
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("path_and_query", "expected"),
+    [
+        ("/allowed?key=abc", b"/allowed?key=abc&domain=shop.customer.test"),
+        # The operator's encoding reaches the endpoint untouched, repeats and blanks included.
+        ("/allowed?key=a%2Bb%20c&tag=1&tag=2&flag",
+         b"/allowed?key=a%2Bb%20c&tag=1&tag=2&flag&domain=shop.customer.test"),
+        ("/allowed?key=abc#frag", b"/allowed?key=abc&domain=shop.customer.test"),
+        ("/allowed", b"/allowed?domain=shop.customer.test"),
+        ("/allowed?", b"/allowed?domain=shop.customer.test"),
+    ],
+)
+async def test_the_ask_urls_own_query_reaches_the_endpoint(
+    nursery: trio.Nursery, path_and_query: str, expected: bytes
+) -> None:
+    targets: list[bytes] = []
+    base = await recording_endpoint(nursery, targets)
+    p = OnDemandPolicy(ask=base + path_and_query)
+    d = await p.check("Shop.Customer.Test")
+    assert (d.allowed, d.source) == (True, "ask")
+    assert targets == [expected]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080/allowed?domain=x", "http://127.0.0.1:8080/allowed?key=1&domain=",
+     "http://127.0.0.1:8080/allowed?key=1&domain"],
+)
+def test_an_ask_url_with_its_own_domain_parameter_is_refused(url: str) -> None:
+    # Two "domain" parameters: the endpoint might read the operator's fixed one and allow
+    # every name. Refused at load (edgeproxy check) rather than silently overridden.
+    with pytest.raises(ValueError, match="'domain' parameter"):
+        OnDemandPolicy(ask=url)
+    base = {"tls": {"issuer": "internal"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]}
+    with pytest.raises(ConfigError) as ei:
+        load_config_data({**base, "on_demand": {"ask": url}})
+    assert "on_demand.ask" in str(ei.value) and "remove it from the URL" in str(ei.value)
