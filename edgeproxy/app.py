@@ -27,6 +27,7 @@ from .certs.policy import OnDemandPolicy
 from .certs.static import StaticCertificates
 from .config import Config, load_config
 from .errors import ConfigError
+from .hostnames.registry import HostnameRegistry
 from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
 from .proxy.server import Proxy, Settings, open_listeners
@@ -77,10 +78,16 @@ def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) 
     return AcmeIssuer.from_config(cfg.acme, storage, challenges, lock_ttl=cfg.storage.lock_ttl)
 
 
-def build_policy(cfg: Config, http: httpx.AsyncClient | None = None) -> OnDemandPolicy:
+def build_policy(
+    cfg: Config,
+    http: httpx.AsyncClient | None = None,
+    registry: HostnameRegistry | None = None,
+) -> OnDemandPolicy:
     od = cfg.on_demand
     return OnDemandPolicy(
         http=http,
+        registry=registry,
+        registry_allows=od.registry,
         allow=od.allow,
         ask=od.ask,
         ask_timeout=od.ask_timeout,
@@ -99,6 +106,7 @@ class Runtime:
     challenges: ChallengeResponder
     proxy: Proxy
     issuer: Issuer
+    hostnames: HostnameRegistry
     admin_bound: tuple[str, int] | None = None
 
 
@@ -109,10 +117,13 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     static = StaticCertificates.load(
         [(c.cert, c.key) for c in cfg.certificates], session_tickets=cfg.tls.session_tickets
     )
+    hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
-        policy=build_policy(cfg),
+        policy=build_policy(cfg, registry=hostnames),
+        registry=hostnames,
+        removal_grace=cfg.hostnames.removal_grace,
         static=static,
         default_sni=cfg.tls.default_sni,
         key_type=cfg.tls.key_type,
@@ -126,13 +137,13 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         lock_ttl=cfg.storage.lock_ttl,
     )
     proxy = Proxy(Settings.from_config(cfg), certs, challenges)
-    return Runtime(cfg, storage, certs, challenges, proxy, issuer)
+    return Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames)
 
 
 def apply_reload(rt: Runtime, new: Config) -> None:
     """Swap what can change without restarting: routes, limits, policy."""
     rt.proxy.reload(Settings.from_config(new))
-    rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client)
+    rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client, registry=rt.hostnames)
     rt.cfg = new
 
 
@@ -167,10 +178,12 @@ async def run_process(
             [f"server.listen: cannot listen ({exc.strerror}) (free the port or change it)"]
         ) from None
     async with trio.open_nursery() as nursery:
+        await nursery.start(rt.hostnames.run)
         await nursery.start(rt.certs.run)
         on_change = getattr(rt.storage, "on_change", None)
         if on_change is not None:
             on_change(rt.certs.on_storage_change)
+            on_change(rt.hostnames.on_storage_change)
         if cfg.admin.listen:
             from .admin.server import serve_admin
 

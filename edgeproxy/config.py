@@ -224,6 +224,8 @@ class OnDemandConfig(_Model):
     deny_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
     max_orders_per_minute: Annotated[int, Field(ge=1)] = 30
     backoff_max: Annotated[float, Field(gt=0)] = 86400.0
+    # Registered hostnames (the /v1/hostnames registry) are allowed, before allow and ask.
+    registry: bool = False
 
     @field_validator("ask")
     @classmethod
@@ -262,6 +264,13 @@ class StorageConfig(_Model):
         if self.backend == "postgres" and not (self.dsn or self.dsn_env):
             raise ValueError('backend "postgres" needs storage.dsn or storage.dsn_env')
         return self
+
+
+class HostnamesConfig(_Model):
+    # A removed hostname's certificate is kept this long: re-adding it serves it again at once.
+    removal_grace: Annotated[float, Field(ge=0)] = 7 * 86400.0
+    # How often each process looks for registry changes (PostgreSQL also notifies at once).
+    poll_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
 class LogConfig(_Model):
@@ -318,6 +327,7 @@ class Config(_Model):
     acme: AcmeConfig = Field(default_factory=AcmeConfig)
     on_demand: OnDemandConfig = Field(default_factory=OnDemandConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    hostnames: HostnamesConfig = Field(default_factory=HostnamesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     onboarding: OnboardingConfig = Field(default_factory=OnboardingConfig)
     routes: list[RouteConfig] = Field(min_length=1)
@@ -328,10 +338,11 @@ class Config(_Model):
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise ValueError(f"routes {defaults} all set default = true; keep exactly one")
-        if self.tls.issuer == "acme" and not (self.on_demand.ask or self.on_demand.allow):
+        od = self.on_demand
+        if self.tls.issuer == "acme" and not (od.ask or od.allow or od.registry):
             raise ValueError(
-                'issuer "acme" needs an allow-check: set on_demand.ask or on_demand.allow '
-                "(edgeproxy never issues for names nobody allowed)"
+                'issuer "acme" needs an allow-check: set on_demand.ask, on_demand.allow or '
+                "on_demand.registry (edgeproxy never issues for names nobody allowed)"
             )
         return self
 

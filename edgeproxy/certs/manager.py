@@ -14,6 +14,13 @@ A maintenance loop renews: it lists stored records, refreshes ARI windows (RFC 9
 issuer offers them, and renews due certificates under the same lease, so one process acts and
 the others notice the new record on their next pass (or sooner via ``invalidate``).
 
+Every renewal asks the on-demand policy again first (without its cache): a name nobody wants
+any more is not renewed; its status turns ``denied`` with the reason, it is served until it
+expires and then dropped, and it leaves the expiry gauges meanwhile, so the expiry alert speaks
+only of names someone still wants. A name removed from the hostname registry is refused at
+once (its context dropped, handshakes get ``unrecognized_name``); its stored certificate is kept
+for ``removal_grace`` so re-adding it serves it again without a new order, then purged.
+
 Failures never crash anything: they are recorded in the per-domain status with a typed reason
 and a hint, and retried with exponential backoff and jitter.
 """
@@ -27,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -47,6 +54,10 @@ from .renewal import RenewalPlan, backoff_delay, plan_renewal
 from .static import StaticCertificates
 from .status import DomainStatus, State, hint_for
 
+if TYPE_CHECKING:
+    from ..hostnames.registry import HostnameRegistry
+    from ..storage.base import HostnameEntry
+
 log = logging.getLogger("edgeproxy.certs")
 
 ARI_CHECK_INTERVAL = 12 * 3600.0
@@ -56,6 +67,8 @@ ARI_CHECK_INTERVAL = 12 * 3600.0
 CLEAN_INTERVAL = 600.0
 # Refused names remembered (in memory only) for the status API.
 DENIED_REMEMBERED = 1024
+# Policy answers that say "could not ask", not "no": a renewal waits and asks again.
+TRANSIENT_REFUSALS = frozenset({"ask_unavailable", "ask_rate_limited"})
 
 
 @dataclass(slots=True)
@@ -85,9 +98,15 @@ class CertificateManager:
         owner: str | None = None,
         session_tickets: bool = True,
         per_domain_metrics: bool = False,
+        registry: HostnameRegistry | None = None,
+        removal_grace: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
+        self.registry = registry
+        self.removal_grace = removal_grace
+        if registry is not None:
+            registry.add_listener(self._on_hostname_change)
         self.issuer = issuer
         self.policy = policy
         self.static = static or StaticCertificates()
@@ -142,6 +161,8 @@ class CertificateManager:
         static = self.static.match(name)
         if static is not None:
             return static
+        if self.registry is not None and self.registry.is_removed(name):
+            raise CertificateUnavailable(name, "removed", "removed from the hostname registry")
         try:
             validate_hostname(name)
         except InvalidName as exc:
@@ -193,6 +214,44 @@ class CertificateManager:
         """Forget the cached context (another replica stored a new certificate)."""
         self._cache.pop(name, None)
         self._seen_modified.pop(name, None)
+
+    def _on_hostname_change(
+        self, name: str, before: HostnameEntry | None, after: HostnameEntry | None
+    ) -> None:
+        if after is not None and after.live:
+            st = self._status.get(name)
+            if st is not None and st.state == "removed":
+                # Re-added: what it holds is decided afresh (its stored certificate, if kept).
+                self._status.pop(name, None)
+            return
+        if before is None or not before.live:
+            return
+        self.invalidate(name)
+        self._drop_expiry_series(name)
+        if after is not None:
+            self._set_status(name, state="removed", last_error=None, last_error_type=None,
+                             hint=None, next_attempt=None)  # fmt: skip
+        else:
+            self._status.pop(name, None)
+        log.info("hostname %s removed: no longer served or renewed", name)
+
+    def _drop_expiry_series(self, name: str) -> None:
+        if self.per_domain_metrics:
+            try:
+                metrics.CERTIFICATE_EXPIRY.remove(name)
+            except KeyError:
+                pass
+
+    def start_issue(self, name: str) -> None:
+        """Acquire ``name`` in the background now (the registry API's "issue at once")."""
+        self._start_acquire(name)
+
+    def _unwanted(self, name: str) -> bool:
+        """Removed from the registry, or refused by the policy at its last renewal check."""
+        if self.registry is not None and self.registry.is_removed(name):
+            return True
+        st = self._status.get(name)
+        return st is not None and st.state in ("denied", "removed")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -359,6 +418,8 @@ class CertificateManager:
             return None
 
     def _install(self, rec: CertRecord) -> None:
+        if self.registry is not None and self.registry.is_removed(rec.name):
+            return  # removed while its certificate was being loaded or issued
         current = self._cache.get(rec.name)
         if current is not None and current.record.serial == rec.serial:
             self._cache.move_to_end(rec.name)
@@ -512,22 +573,50 @@ class CertificateManager:
                     self._install(rec)
             if rec is None:
                 continue
-            earliest = rec.not_after if earliest is None else min(earliest, rec.not_after)
+            if self.registry is not None and self.registry.is_removed(name):
+                continue  # offboarded: not renewed, not watched (purged after the grace)
+            st = self._status.get(name)
+            if st is not None and st.state == "denied" and rec.not_after <= now:
+                self.invalidate(name)  # served until it expired; now dropped
+                continue
             plan = await self._plan(rec, now)
             st = self._status.get(name)
             if plan.at <= now:
-                due += 1
-                if st is not None and st.next_attempt and st.next_attempt > now:
+                if not (st is not None and st.next_attempt and st.next_attempt > now):
+                    await self._renew(rec)
+                if self._unwanted(name):
                     continue
-                await self._renew(rec)
+                due += 1
+            if not self._unwanted(name):
+                earliest = rec.not_after if earliest is None else min(earliest, rec.not_after)
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
         metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest if earliest is not None else 0)
         metrics.RENEWALS_DUE.set(due)
         counts: dict[str, int] = {}
         for st in self._status.values():
             counts[st.state] = counts.get(st.state, 0) + 1
-        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing"):
+        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"):
             metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
+        await self._purge_removed(now)
+
+    async def _purge_removed(self, now: float) -> None:
+        """Delete what removed hostnames left once their grace is over (any replica may)."""
+        if self.registry is None:
+            return
+        cutoff = now - self.removal_grace
+        for entry in self.registry.removed():
+            if entry.removed_at is None or entry.removed_at > cutoff:
+                continue
+            name = entry.hostname
+            try:
+                for key in (cert_key(name), status_key(name), ari_key(name)):
+                    await self.storage.delete(key)
+                if await self.storage.purge_hostname(name, cutoff):
+                    log.info("hostname %s purged (removed %s)", name, _iso(entry.removed_at))
+            except StorageError as exc:
+                log.warning("could not purge removed hostname %s: %s", name, exc)
+                return
+            self.registry.apply(name, None)
 
     async def _sweep_storage(self) -> None:
         clean = getattr(self.storage, "clean", None)
@@ -685,6 +774,17 @@ class CertificateManager:
         except StorageError:
             return
         if held is not None and held.expires_at > self.clock():
+            return
+        decision = await self.policy.check(rec.name, fresh=True)
+        if not decision.allowed:
+            detail = decision.detail or decision.reason
+            if decision.reason in TRANSIENT_REFUSALS:
+                # "Could not ask" is not "no": keep the certificate and ask again later.
+                self._fail(rec.name, decision.reason, detail)
+                return
+            log.info("not renewing %s: %s (%s)", rec.name, decision.reason, detail)
+            self._drop_expiry_series(rec.name)
+            self._fail(rec.name, decision.reason, detail, state="denied")
             return
         log.info("renewing %s (not after %s)", rec.name, _iso(rec.not_after))
         await self.obtain(rec.name, old=rec)

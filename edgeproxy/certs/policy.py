@@ -1,10 +1,12 @@
 """The on-demand allow-check: may we obtain a certificate for this name?
 
-Order: the name must be a valid DNS hostname (refused before any request leaves), then static
-``allow`` patterns, then the ``ask`` endpoint (GET ?domain=NAME, 2xx allows; errors and
-timeouts deny). The ask URL's own query parameters (an API key, a tenant) are kept as written
-and ``domain=NAME`` is appended; a URL that already has a ``domain`` parameter is refused, since
-the endpoint would see two and could read either (``ask_url``).
+Order: the name must be a valid DNS hostname (refused before any request leaves), then the
+hostname registry (a removed name is refused whatever else would allow it; with
+``[on_demand] registry = true`` a registered one is allowed), then static ``allow`` patterns,
+then the ``ask`` endpoint (GET ?domain=NAME, 2xx allows; errors and timeouts deny). The ask
+URL's own query parameters (an API key, a tenant) are kept as written and ``domain=NAME`` is
+appended; a URL that already has a ``domain`` parameter is refused, since the endpoint would
+see two and could read either (``ask_url``).
 
 Decisions are cached briefly, both ways, and asks are rate limited so a flood of random names
 cannot turn into a flood against the customer's endpoint.
@@ -17,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -62,6 +65,12 @@ def ask_url(base: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
+class RegistryView(Protocol):
+    def is_registered(self, name: str, /) -> bool: ...
+
+    def is_removed(self, name: str, /) -> bool: ...
+
+
 class TokenBucket:
     """A plain token bucket; ``clock`` is injectable for tests."""
 
@@ -94,10 +103,14 @@ class OnDemandPolicy:
         asks_per_second: float = 20.0,
         cache_size: int = 10000,
         http: httpx.AsyncClient | None = None,
+        registry: RegistryView | None = None,
+        registry_allows: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if ask is not None and (problem := ask_url_problem(ask)) is not None:
             raise ValueError(f"on_demand.ask: {problem}")
+        self.registry = registry
+        self.registry_allows = registry_allows
         self.allow = tuple(allow)
         self.ask = ask
         self.ask_timeout = ask_timeout
@@ -118,16 +131,28 @@ class OnDemandPolicy:
     def static_allows(self, name: str) -> bool:
         return any(name_matches(p, name) for p in self.allow)
 
-    async def check(self, raw_name: str) -> Decision:
+    async def check(self, raw_name: str, *, fresh: bool = False) -> Decision:
+        """May ``raw_name`` get a certificate? ``fresh`` skips remembered ask answers (a
+        renewal must see the customer's current answer, not one from minutes ago)."""
         try:
             name = validate_hostname(raw_name)
         except InvalidName as exc:
             return self._count(Decision(False, "invalid", "invalid_name", str(exc)))
+        registry = self.registry
+        if registry is not None:
+            if registry.is_removed(name):
+                detail = "the hostname was removed from the registry"
+                return self._count(Decision(False, "registry", "removed", detail))
+            if self.registry_allows and registry.is_registered(name):
+                return self._count(Decision(True, "registry", "allowed"))
         if self.static_allows(name):
             return self._count(Decision(True, "static", "allowed"))
         if not self.ask:
-            return self._count(Decision(False, "none", "denied", "no allow pattern matches"))
-        cached = self._cached(name)
+            detail = "not registered and no allow pattern matches" if self.registry_allows else (
+                "no allow pattern matches"
+            )
+            return self._count(Decision(False, "none", "denied", detail))
+        cached = None if fresh else self._cached(name)
         if cached is not None:
             return self._count(cached)
         # Single-flight per name: concurrent handshakes for one name make one ask request.

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
-State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing"]
+State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"]
 
 _LB_HINT = (
     "the CA could not complete TLS-ALPN-01 with edgeproxy: the load balancer must forward TCP "
@@ -43,6 +43,8 @@ HINTS: dict[str, str] = {
     "endpoint); allow it there to get a certificate.",
     "ask_unavailable": "the on_demand.ask endpoint did not answer in time or failed; names "
     "are refused until it answers.",
+    "removed": "the hostname was removed from the registry (DELETE /v1/hostnames/NAME); add it "
+    "again to serve it (within hostnames.removal_grace its certificate is reused).",
     "invalid_name": "the SNI is not a valid DNS hostname; clients must connect by name.",
     "storage": "storage failed: check the storage path/database is reachable and writable.",
     "lock_timeout": "another process held the issuance lock too long; it will be retried.",

@@ -52,7 +52,7 @@ _READ = 16384
 
 # Refusals that are about the name, not about us: the client learns "not here".
 _NAME_REASONS = frozenset(
-    {"denied", "invalid_name", "no_sni", "ask_unavailable", "ask_rate_limited"}
+    {"denied", "invalid_name", "no_sni", "ask_unavailable", "ask_rate_limited", "removed"}
 )
 
 
@@ -266,6 +266,9 @@ async def _handshake(
         return None
 
     route = s.routes.match(sni)
+    registry = proxy.certs.registry
+    if registry is not None and sni is not None:
+        route = registry.route_for(sni, route)  # a registered name's own upstream, if it has one
     if route is None:
         _consume(sock, queued)
         info.result = "no_route"

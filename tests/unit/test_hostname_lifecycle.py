@@ -1,0 +1,186 @@
+"""Registered hostnames through the certificate manager and policy: renewal re-checks the
+policy, removal stops serving at once, re-adding within the grace reuses the certificate, the
+grace ends in a purge. Real FileStorage, the real internal CA, a clock the test moves."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import REGISTRY
+
+from edgeproxy.certs.manager import CertificateManager
+from edgeproxy.certs.policy import OnDemandPolicy
+from edgeproxy.certs.record import CertRecord, cert_key
+from edgeproxy.config import RouteConfig
+from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.hostnames.registry import HostnameRegistry
+from edgeproxy.proxy.routes import RouteTable
+from edgeproxy.storage import FileStorage, HostnameEntry
+from tests.unit.test_certificate_manager import CountingIssuer
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def earliest_expiry() -> float:
+    value = REGISTRY.get_sample_value(
+        "edgeproxy_certificate_earliest_expiry_timestamp_seconds"
+    )
+    assert value is not None
+    return value
+
+
+async def setup(
+    tmp_path: Path, *, allow: list[str], registry_allows: bool = False
+) -> tuple[CertificateManager, FileStorage, CountingIssuer, HostnameRegistry, Clock]:
+    clock = Clock()
+    storage = FileStorage(tmp_path / "state")
+    registry = HostnameRegistry(storage, clock=clock)
+    issuer = CountingIssuer(storage)
+    policy = OnDemandPolicy(allow=allow, registry=registry, registry_allows=registry_allows)
+    mgr = CertificateManager(
+        storage=storage, issuer=issuer, policy=policy, registry=registry, clock=clock,
+        renew_interval=3600, removal_grace=7 * DAY,
+    )  # fmt: skip
+    return mgr, storage, issuer, registry, clock
+
+
+async def register(storage: FileStorage, registry: HostnameRegistry, name: str) -> None:
+    entry, _ = await storage.add_hostname(HostnameEntry(name, None, "{}", time.time()))
+    registry.apply(name, entry)
+
+
+async def remove(storage: FileStorage, registry: HostnameRegistry, name: str, at: float) -> None:
+    await storage.remove_hostname(name, at)
+    registry.apply(name, await storage.get_hostname(name))
+
+
+async def test_renewal_rechecks_policy_and_a_refused_name_leaves_the_expiry_gauge(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer, _, clock = await setup(tmp_path, allow=["*.example.test"])
+    await nursery.start(mgr.run)
+    await mgr.context_for("gone.example.test")
+    await mgr.context_for("kept.example.test")
+    assert issuer.calls == 2
+    # The customer of gone.example.test left: the allow-check no longer lets it through.
+    mgr.policy = OnDemandPolicy(allow=["kept.example.test"])
+    clock.offset = 25 * DAY  # past the 2/3 backstop of the 30-day certificates
+    await mgr.maintenance_once()
+    assert issuer.calls == 3  # kept renewed; gone not
+    gone = mgr.status("gone.example.test")
+    assert gone is not None and gone.state == "denied"
+    assert gone.last_error_type == "denied" and gone.last_error == "no allow pattern matches"
+    kept = CertRecord.from_json((await storage.get(cert_key("kept.example.test"))) or b"")
+    assert earliest_expiry() == kept.not_after  # the older, unwanted one is not watched
+    # Served until expiry ...
+    assert mgr.cached_context("gone.example.test") is not None
+    gone_record = await storage.get(cert_key("gone.example.test"))
+    await mgr.maintenance_once()
+    # (The internal CA dates certificates by the real clock, so "kept" is due again on every
+    # pass of this shifted clock; only "gone" is watched from here on.)
+    assert await storage.get(cert_key("gone.example.test")) == gone_record  # still not renewed
+    # ... then dropped.
+    clock.offset = 31 * DAY
+    await mgr.maintenance_once()
+    assert mgr.cached_context("gone.example.test") is None
+    assert await storage.get(cert_key("gone.example.test")) == gone_record
+
+
+async def test_removal_stops_serving_and_readding_reuses_the_certificate(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer, registry, clock = await setup(tmp_path, allow=[], registry_allows=True)
+    await nursery.start(mgr.run)
+    with pytest.raises(CertificateUnavailable) as ei:
+        await mgr.context_for("cust.example.com")
+    assert ei.value.reason == "denied"  # not registered yet
+    await register(storage, registry, "cust.example.com")
+    mgr.policy._cache.clear()  # the deny above is remembered briefly; a new name is new
+    await mgr.context_for("cust.example.com")
+    assert issuer.calls == 1
+
+    await remove(storage, registry, "cust.example.com", clock())
+    assert mgr.cached_context("cust.example.com") is None
+    with pytest.raises(CertificateUnavailable) as ei:
+        await mgr.context_for("cust.example.com")
+    assert ei.value.reason == "removed"
+    st = mgr.status("cust.example.com")
+    assert st is not None and st.state == "removed"
+    assert await storage.get(cert_key("cust.example.com")) is not None  # kept for the grace
+
+    await register(storage, registry, "cust.example.com")
+    await mgr.context_for("cust.example.com")
+    assert issuer.calls == 1  # served again from the kept record: no new order
+
+
+async def test_removed_names_are_not_renewed_and_purged_after_the_grace(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, issuer, registry, clock = await setup(tmp_path, allow=[], registry_allows=True)
+    await nursery.start(mgr.run)
+    await register(storage, registry, "old.example.com")
+    await mgr.context_for("old.example.com")
+    await remove(storage, registry, "old.example.com", clock())
+    clock.offset = 6 * DAY
+    await mgr.maintenance_once()
+    assert await storage.get(cert_key("old.example.com")) is not None
+    assert earliest_expiry() == 0  # nothing wanted is managed
+    clock.offset = 26 * DAY  # past renewal time and past the 7-day grace
+    await mgr.maintenance_once()
+    assert issuer.calls == 1
+    assert await storage.get(cert_key("old.example.com")) is None
+    assert await storage.get_hostname("old.example.com") is None
+    assert not registry.is_removed("old.example.com")
+
+
+async def test_policy_order_invalid_then_registry_then_allow_then_ask(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    registry = HostnameRegistry(storage)
+    await register(storage, registry, "reg.example.net")
+    await register(storage, registry, "was.example.net")
+    await remove(storage, registry, "was.example.net", 1.0)
+    on = OnDemandPolicy(allow=["*.example.net"], registry=registry, registry_allows=True)
+    off = OnDemandPolicy(allow=[], registry=registry, registry_allows=False)
+    assert (await on.check("1.2.3.4")).reason == "invalid_name"
+    reg = await on.check("REG.example.net.")
+    assert reg.allowed and reg.source == "registry"
+    was = await on.check("was.example.net")  # the allow pattern would match: removal wins
+    assert not was.allowed and was.reason == "removed"
+    assert (await on.check("other.example.net")).source == "static"
+    assert not (await off.check("reg.example.net")).allowed  # registry = false: not a rule
+
+
+async def test_registry_follows_another_process_and_overrides_the_route(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mine, theirs = FileStorage(tmp_path / "s"), FileStorage(tmp_path / "s")
+    registry = HostnameRegistry(mine, poll_interval=0.05)
+    await nursery.start(registry.run)
+    table = RouteTable.from_config(
+        [RouteConfig(sni=["*.example.com"], upstreams=["10.0.0.1:80"], alpn=["http/1.1"])]
+    )
+    base = table.match("a.example.com")
+    await theirs.add_hostname(HostnameEntry("a.example.com", "10.9.9.9:8080", "{}", 1.0))
+    with trio.fail_after(5):
+        while not registry.is_registered("a.example.com"):
+            await trio.sleep(0.01)
+    route = registry.route_for("a.example.com", base)
+    assert route is not None and [str(u) for u in route.upstreams] == ["10.9.9.9:8080"]
+    assert route.alpn == ("http/1.1",) and route.label == "*.example.com"
+    assert registry.route_for("b.example.com", base) is base
+    await theirs.remove_hostname("a.example.com", 2.0)
+    with trio.fail_after(5):
+        while not registry.is_removed("a.example.com"):
+            await trio.sleep(0.01)
+    assert registry.route_for("a.example.com", base) is base
