@@ -14,7 +14,9 @@ destroy the alert before the client reads it.
 Everything the peer can do wrong ends here as a ``result`` token on the connection (counted and
 logged once, in the access line), never as an exception escaping the task. The handshake
 timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow or silent
-client cannot hold a connection slot longer than ``server.handshake_timeout``.
+client cannot hold a connection slot longer than ``server.handshake_timeout``; time spent
+waiting for a new name's certificate (up to ``on_demand.wait``) is not the client's and is
+added on top.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ log = logging.getLogger("edgeproxy.conn")
 
 ACME_TLS_ALPN = "acme-tls/1"
 _READ = 16384
+# How far past on_demand.wait a connection waiting for its certificate may live: enough for
+# the manager's own wait to end first and the refusal alert to be sent.
+_CERT_WAIT_GRACE = 1.0
 
 # Refusals that are about the name, not about us: the client learns "not here".
 _NAME_REASONS = frozenset(
@@ -277,7 +282,9 @@ async def _handshake(
         return None
     info.route = route.label
     try:
-        ctx = await proxy.certs.context_for(sni)
+        ctx = proxy.certs.cached_context(sni) if sni is not None else None
+        if ctx is None:
+            ctx = await _certificate_for(proxy, sni, info)
     except CertificateUnavailable as exc:
         _consume(sock, queued)
         info.result = f"no_certificate:{exc.reason}"
@@ -313,6 +320,26 @@ async def _handshake(
         alpn = conn.get_alpn_proto_negotiated()
         info.alpn = alpn.decode("ascii", "replace") if alpn else None
     return _Established(conn, route, upstream, on_socket, pending)
+
+
+async def _certificate_for(proxy: Proxy, sni: str | None, info: ConnInfo) -> SSL.Context:
+    """The certificate for a name not in the cache: loaded, or issued while the client waits.
+
+    Waiting for a certificate is not the client being slow: it may last ``on_demand.wait``,
+    longer than ``server.handshake_timeout`` (which bounds the client's own part: PROXY
+    header, ClientHello, TLS handshake). So the connection's deadline moves out to cover the
+    wait (the manager gives up at ``wait`` and we answer with an alert; the grace only makes
+    sure its answer comes first), and afterwards the time spent waiting is added to the
+    original deadline: the rest of the handshake keeps what was left of its own timeout.
+    """
+    scope = info.scope
+    deadline = scope.deadline
+    start = trio.current_time()
+    scope.deadline = max(deadline, start + proxy.certs.wait + _CERT_WAIT_GRACE)
+    try:
+        return await proxy.certs.context_for(sni)
+    finally:
+        scope.deadline = deadline + (trio.current_time() - start)
 
 
 async def _forward(

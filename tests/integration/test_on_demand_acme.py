@@ -189,8 +189,10 @@ async def test_refused_names_make_no_acme_request(
     assert inj.seen == []
 
 
-async def ask_server(nursery: trio.Nursery, allowed: set[str]) -> tuple[str, trio.CancelScope]:
-    """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise."""
+async def ask_server(
+    nursery: trio.Nursery, allowed: set[str], *, delay: float = 0.0
+) -> tuple[str, trio.CancelScope]:
+    """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise, after ``delay``."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     scope = trio.CancelScope()
@@ -205,6 +207,7 @@ async def ask_server(nursery: trio.Nursery, allowed: set[str]) -> tuple[str, tri
         target = data.split(b" ", 2)[1].decode()
         name = target.split("domain=", 1)[1] if "domain=" in target else ""
         status = b"200 OK" if name in allowed else b"404 Not Found"
+        await trio.sleep(delay)
         await stream.send_all(
             b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
@@ -459,3 +462,34 @@ async def test_a_ca_without_ari_for_the_certificate_cannot_block_its_renewal(
     orders = [r for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz")]
     assert len(orders) >= 2
     assert all("replaces" not in (o.jws_payload or {}) for o in orders)
+
+
+async def test_a_new_name_waits_on_demand_wait_beyond_the_handshake_timeout(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    roots_file: Callable[[Pebble], Path],
+) -> None:
+    """wait = 8, handshake_timeout = 3, the certificate takes over 5 s (the ask endpoint is
+    slow): the handshake waits for it and the client is served."""
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    roots = roots_file(pebble)
+    up = await start_upstream(nursery, http_handler(BODY))
+    url, _ = await ask_server(nursery, {"slow.customer.test"}, delay=5.0)
+    cfg = acme_config(
+        tmp_path,
+        port,
+        pebble.directory_url,
+        pebble.ca_bundle_path,
+        up.addr,
+        server={"listen": [f"127.0.0.1:{port}"], "handshake_timeout": 3},
+        on_demand={"allow": [], "ask": url, "ask_timeout": 7, "wait": 8},
+    )
+    async with running_proxy(tmp_path, cfg) as p:
+        started = trio.current_time()
+        res = await curl(p, "slow.customer.test", roots)
+        took = trio.current_time() - started
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == BODY
+        assert took >= 5.0  # the ask's delay really was inside this handshake
