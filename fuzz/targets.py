@@ -33,6 +33,7 @@ from edgeproxy.acme.messages import (
     problem_from_response,
 )
 from edgeproxy.wire.clienthello import (
+    DEFAULT_MAX_SIZE,
     NEED_DATA,
     ClientHello,
     ClientHelloError,
@@ -136,7 +137,7 @@ def client_hello(data: bytes) -> None:
     kind, value = whole
     if kind == "hello":
         assert isinstance(value, ClientHello)
-        _check_hello(value, data, 65536)
+        _check_hello(value, data, DEFAULT_MAX_SIZE)
         # After a hello, feeding more only grows `buffered` and returns the same hello.
         _check(whole_parser.feed(b"\x17\x03\x03") is value, "a second feed changed the hello")
         _check(whole_parser.buffered == data + b"\x17\x03\x03", "buffered lost bytes")

@@ -254,6 +254,10 @@ async def _handshake(
         _consume(sock, queued)
         metrics.CLIENT_HELLOS.labels(exc.reason).inc()
         info.result = f"bad_hello:{exc.reason}"
+        if exc.alert is not None:
+            # RFC 8446 s6: the peer learns why (decode_error, record_overflow ...), as from
+            # OpenSSL, instead of a bare close it cannot tell from a network fault.
+            await _send_quietly(sock, alert_record(exc.alert))
         return None
     assert isinstance(hello, ClientHello)
     proxy.hello_received(info)

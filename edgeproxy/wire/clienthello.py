@@ -17,8 +17,9 @@ body is parsed in a single pass with ``struct``/``int.from_bytes`` (no per-byte 
 no re-parsing of partial data, so feeding one byte at a time stays linear).
 
 Sizes are refused as early as the headers allow: a record header whose end lies beyond
-``max_size``, or a handshake header whose message cannot fit in ``max_size`` even in maximal
-records, raises :class:`ClientHelloTooLarge` without waiting for the bytes themselves.
+``max_size``, or a handshake header whose message is longer than OpenSSL would read
+(:data:`MAX_CLIENT_HELLO_BODY`) or cannot fit in ``max_size`` even in maximal records, raises
+:class:`ClientHelloTooLarge` without waiting for the bytes themselves.
 
 Before the first record header, the first bytes are classified: ``0x16 0x03`` is TLS; an HTTP
 method, an HTTP/2 preface or a PROXY protocol signature (a proxy_protocol setting mismatch)
@@ -46,8 +47,8 @@ removed where callers compare values (``supported_versions``, ``alpn_protocols``
 checked to be printable ASCII, lower-cased and stripped of one trailing dot; whether it is a
 valid DNS name is the name policy's decision (``edgeproxy.names``), not this module's.
 
-Error reasons (``ClientHelloError.reason``, stable tokens for metrics)
----------------------------------------------------------------------
+Error reasons (``ClientHelloError.reason``, a :class:`Reason`, stable tokens for metrics)
+---------------------------------------------------------------------------------------
 * NotTLS: ``http``, ``proxy_protocol``, ``sslv2_hello``, ``not_tls``
 * ClientHelloTooLarge: ``too_large``
 * MalformedClientHello: records ``unexpected_alert``, ``unexpected_content_type``,
@@ -55,20 +56,32 @@ Error reasons (``ClientHelloError.reason``, stable tokens for metrics)
   ``not_client_hello``, ``hello_too_short``, ``trailing_handshake_data``; body
   ``bad_legacy_version``, ``bad_session_id``, ``bad_cipher_suites``,
   ``bad_compression_methods``, ``bad_extensions``, ``trailing_data``, ``duplicate_extension``,
-  ``bad_server_name``, ``bad_alpn``, ``bad_supported_versions``
+  ``bad_server_name`` (its lengths), ``bad_host_name`` (its characters), ``two_host_names``,
+  ``bad_alpn``, ``bad_supported_versions``
+
+Every reason has the fatal alert the caller answers with in :data:`REJECTION_ALERTS` (also
+``ClientHelloError.alert``): the RFC's alert for the fault, or none for bytes that are not TLS.
+Which alert is protocol knowledge, so it lives here; sending it is the caller's job.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final, Literal, NoReturn
 
 from edgeproxy.errors import PeerError
 
+from .tls_alert import AlertDescription
+
 __all__ = [
+    "DEFAULT_MAX_SIZE",
+    "MAX_CLIENT_HELLO_BODY",
     "NEED_DATA",
+    "REJECTION_ALERTS",
     "ClientHello",
     "ClientHelloError",
     "ClientHelloParser",
@@ -76,6 +89,7 @@ __all__ = [
     "MalformedClientHello",
     "NeedData",
     "NotTLS",
+    "Reason",
     "is_grease",
     "parse_client_hello",
 ]
@@ -92,7 +106,83 @@ class NeedData(enum.Enum):
 
 NEED_DATA: Final = NeedData.NEED_DATA
 
-DEFAULT_MAX_SIZE: Final = 65536
+
+class Reason(enum.StrEnum):
+    """Why a hello was refused: stable tokens for metrics and logs (a ``str``)."""
+
+    HTTP = "http"
+    PROXY_PROTOCOL = "proxy_protocol"
+    SSLV2_HELLO = "sslv2_hello"
+    NOT_TLS = "not_tls"
+    TOO_LARGE = "too_large"
+    UNEXPECTED_ALERT = "unexpected_alert"
+    UNEXPECTED_CONTENT_TYPE = "unexpected_content_type"
+    BAD_RECORD_VERSION = "bad_record_version"
+    EMPTY_RECORD = "empty_record"
+    RECORD_OVERFLOW = "record_overflow"
+    NOT_CLIENT_HELLO = "not_client_hello"
+    HELLO_TOO_SHORT = "hello_too_short"
+    TRAILING_HANDSHAKE_DATA = "trailing_handshake_data"
+    BAD_LEGACY_VERSION = "bad_legacy_version"
+    BAD_SESSION_ID = "bad_session_id"
+    BAD_CIPHER_SUITES = "bad_cipher_suites"
+    BAD_COMPRESSION_METHODS = "bad_compression_methods"
+    BAD_EXTENSIONS = "bad_extensions"
+    TRAILING_DATA = "trailing_data"
+    DUPLICATE_EXTENSION = "duplicate_extension"
+    BAD_SERVER_NAME = "bad_server_name"
+    BAD_HOST_NAME = "bad_host_name"
+    TWO_HOST_NAMES = "two_host_names"
+    BAD_ALPN = "bad_alpn"
+    BAD_SUPPORTED_VERSIONS = "bad_supported_versions"
+
+
+_A = AlertDescription
+# The fatal alert each refusal ends with: the one RFC 8446 (s4, s5, s6) names, or where it
+# names none, the one OpenSSL sends for the same fault, so a client sees what it would see from
+# OpenSSL (and HAProxy, nginx) behind the same port. None: no TLS alert. Bytes that are not a
+# TLS record get none (OpenSSL sends none either: the peer would not understand it; HTTP gets
+# a plain-text 400 instead), and a peer that sent an alert has already given up.
+REJECTION_ALERTS: Final[Mapping[Reason, AlertDescription | None]] = MappingProxyType(
+    {
+        Reason.HTTP: None,
+        Reason.PROXY_PROTOCOL: None,
+        Reason.SSLV2_HELLO: None,
+        Reason.NOT_TLS: None,
+        Reason.UNEXPECTED_ALERT: None,
+        # s5: an unexpected record type MUST be answered with unexpected_message.
+        Reason.UNEXPECTED_CONTENT_TYPE: _A.UNEXPECTED_MESSAGE,
+        # A later record that is not TLS at all (OpenSSL: wrong version number).
+        Reason.BAD_RECORD_VERSION: _A.PROTOCOL_VERSION,
+        # s5.1: zero-length handshake fragments MUST NOT be sent.
+        Reason.EMPTY_RECORD: _A.UNEXPECTED_MESSAGE,
+        # s5.1/s5.2: a record over 2**14 bytes MUST be answered with record_overflow.
+        Reason.RECORD_OVERFLOW: _A.RECORD_OVERFLOW,
+        # Beyond MAX_CLIENT_HELLO_BODY: OpenSSL's "excessive message size" alert.
+        Reason.TOO_LARGE: _A.ILLEGAL_PARAMETER,
+        # s4: a handshake message out of order is an unexpected_message.
+        Reason.NOT_CLIENT_HELLO: _A.UNEXPECTED_MESSAGE,
+        # s5.1: handshake data after the hello would span the key change.
+        Reason.TRAILING_HANDSHAKE_DATA: _A.UNEXPECTED_MESSAGE,
+        # s4.2.1/D.5: a legacy_version below TLS 1.0's major number is a version problem.
+        Reason.BAD_LEGACY_VERSION: _A.PROTOCOL_VERSION,
+        # s6.2 decode_error: a field out of its range or a length that does not add up.
+        Reason.HELLO_TOO_SHORT: _A.DECODE_ERROR,
+        Reason.BAD_SESSION_ID: _A.DECODE_ERROR,
+        Reason.BAD_CIPHER_SUITES: _A.DECODE_ERROR,
+        Reason.BAD_COMPRESSION_METHODS: _A.DECODE_ERROR,
+        Reason.BAD_EXTENSIONS: _A.DECODE_ERROR,
+        Reason.TRAILING_DATA: _A.DECODE_ERROR,
+        Reason.BAD_SERVER_NAME: _A.DECODE_ERROR,
+        Reason.BAD_ALPN: _A.DECODE_ERROR,
+        Reason.BAD_SUPPORTED_VERSIONS: _A.DECODE_ERROR,
+        # s6.2 illegal_parameter: well-formed, but inconsistent or not allowed (s4.2: one
+        # extension of each type; RFC 6066 s3: one name per type, a host_name is a DNS name).
+        Reason.DUPLICATE_EXTENSION: _A.ILLEGAL_PARAMETER,
+        Reason.BAD_HOST_NAME: _A.ILLEGAL_PARAMETER,
+        Reason.TWO_HOST_NAMES: _A.ILLEGAL_PARAMETER,
+    }
+)
 
 _CONTENT_HANDSHAKE: Final = 22
 _CONTENT_ALERT: Final = 21
@@ -100,6 +190,18 @@ _HANDSHAKE_CLIENT_HELLO: Final = 1
 _MAX_FRAGMENT: Final = 1 << 14
 _RECORD_HEADER_LEN: Final = 5
 _HANDSHAKE_HEADER_LEN: Final = 4
+
+# The largest ClientHello body OpenSSL itself reads (CLIENT_HELLO_MAX_LENGTH in its
+# statem_srvr.c: every field at its maximum, the extensions block at 2**16-1 bytes). The same
+# bound as the OpenSSL behind us, so no hello it would complete is refused here first, and one
+# it would refuse is refused before we buffer it (the README's "ClientHello size" says why).
+MAX_CLIENT_HELLO_BODY: Final = 131396
+# Wire bytes of that hello in full-size records: the default buffer bound.
+DEFAULT_MAX_SIZE: Final = (
+    _HANDSHAKE_HEADER_LEN
+    + MAX_CLIENT_HELLO_BODY
+    + _RECORD_HEADER_LEN * -(-(_HANDSHAKE_HEADER_LEN + MAX_CLIENT_HELLO_BODY) // _MAX_FRAGMENT)
+)
 # legacy_version(2) random(32) session_id(1+0) cipher_suites(2+2) compression_methods(1+1)
 _MIN_BODY_LEN: Final = 41
 
@@ -117,9 +219,9 @@ _PRINTABLE_NO_SPACE: Final = bytes(range(0x21, 0x7F))
 
 # First bytes of things people send to a TLS port by mistake, with the NotTLS reason each
 # gets. None of them starts with 0x16, so they never compete with a real TLS record.
-_NOT_TLS_SIGNATURES: Final[tuple[tuple[bytes, str, bool], ...]] = (
+_NOT_TLS_SIGNATURES: Final[tuple[tuple[bytes, Reason, bool], ...]] = (
     *(
-        (method + b" ", "http", True)
+        (method + b" ", Reason.HTTP, True)
         for method in (
             b"GET",
             b"HEAD",
@@ -132,9 +234,9 @@ _NOT_TLS_SIGNATURES: Final[tuple[tuple[bytes, str, bool], ...]] = (
             b"PATCH",
         )
     ),
-    (b"PRI * HTTP/2.0", "http", True),
-    (b"PROXY ", "proxy_protocol", False),
-    (b"\r\n\r\n\x00\r\nQUIT\n", "proxy_protocol", False),
+    (b"PRI * HTTP/2.0", Reason.HTTP, True),
+    (b"PROXY ", Reason.PROXY_PROTOCOL, False),
+    (b"\r\n\r\n\x00\r\nQUIT\n", Reason.PROXY_PROTOCOL, False),
 )
 _LONGEST_SIGNATURE: Final = max(len(sig) for sig, _, _ in _NOT_TLS_SIGNATURES)
 
@@ -177,9 +279,14 @@ class ClientHelloError(PeerError, ValueError):
     ``reason`` is a short, stable token for metrics and logs; the message has the details.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    @property
+    def alert(self) -> AlertDescription | None:
+        """The fatal alert to answer with (``REJECTION_ALERTS``), None for no TLS alert."""
+        return REJECTION_ALERTS[self.reason]
 
 
 class NotTLS(ClientHelloError):
@@ -189,7 +296,7 @@ class NotTLS(ClientHelloError):
     preface), so the caller can answer with a plain-text hint instead of a TLS alert.
     """
 
-    def __init__(self, reason: str, message: str, *, looks_like_http: bool = False) -> None:
+    def __init__(self, reason: Reason, message: str, *, looks_like_http: bool = False) -> None:
         super().__init__(reason, message)
         self.looks_like_http = looks_like_http
 
@@ -309,7 +416,7 @@ class ClientHelloParser:
         if len(buf) > self._max_size:
             # Only reachable with many small records: every header looked affordable.
             raise ClientHelloTooLarge(
-                "too_large", f"no complete ClientHello within {self._max_size} bytes"
+                Reason.TOO_LARGE, f"no complete ClientHello within {self._max_size} bytes"
             )
         return None
 
@@ -323,15 +430,15 @@ class ClientHelloParser:
             if len(buf) < 2:
                 return False
             if buf[1] != 3:
-                raise NotTLS("not_tls", f"handshake byte followed by 0x{buf[1]:02x}, not 0x03")
+                raise NotTLS(Reason.NOT_TLS, f"handshake byte followed by 0x{buf[1]:02x}, not 0x03")
             return True
         if first & 0x80:
             # SSLv2 record: 2-byte length with the high bit set, then message type 1.
             if len(buf) < 3:
                 return False
             if buf[2] == 1:
-                raise NotTLS("sslv2_hello", "SSLv2-compatible ClientHello (not supported)")
-            raise NotTLS("not_tls", f"first byte 0x{first:02x} is not a TLS record type")
+                raise NotTLS(Reason.SSLV2_HELLO, "SSLv2-compatible ClientHello (not supported)")
+            raise NotTLS(Reason.NOT_TLS, f"first byte 0x{first:02x} is not a TLS record type")
         head = bytes(buf[:_LONGEST_SIGNATURE])
         could_still_match = False
         for signature, reason, looks_like_http in _NOT_TLS_SIGNATURES:
@@ -342,33 +449,37 @@ class ClientHelloParser:
             could_still_match = could_still_match or signature.startswith(head)
         if could_still_match:
             return False
-        raise NotTLS("not_tls", f"first byte 0x{first:02x} is not a TLS handshake record")
+        raise NotTLS(Reason.NOT_TLS, f"first byte 0x{first:02x} is not a TLS handshake record")
 
     def _check_record_header(self, pos: int, content_type: int, major: int, length: int) -> None:
         if content_type != _CONTENT_HANDSHAKE:
             if content_type == _CONTENT_ALERT:
                 raise MalformedClientHello(
-                    "unexpected_alert", f"alert record at offset {pos} before the hello completed"
+                    Reason.UNEXPECTED_ALERT,
+                    f"alert record at offset {pos} before the hello completed",
                 )
             raise MalformedClientHello(
-                "unexpected_content_type",
+                Reason.UNEXPECTED_CONTENT_TYPE,
                 f"record type {content_type} at offset {pos} before the hello completed",
             )
         if major != 3:
             raise MalformedClientHello(
-                "bad_record_version", f"record at offset {pos} has major version {major}"
+                Reason.BAD_RECORD_VERSION, f"record at offset {pos} has major version {major}"
             )
         if length == 0:
             # RFC 8446 s5.1: zero-length handshake fragments MUST NOT be sent.
-            raise MalformedClientHello("empty_record", f"empty handshake record at offset {pos}")
+            raise MalformedClientHello(
+                Reason.EMPTY_RECORD, f"empty handshake record at offset {pos}"
+            )
         if length > _MAX_FRAGMENT:
             raise MalformedClientHello(
-                "record_overflow", f"record at offset {pos} is {length} bytes (max {_MAX_FRAGMENT})"
+                Reason.RECORD_OVERFLOW,
+                f"record at offset {pos} is {length} bytes (max {_MAX_FRAGMENT})",
             )
         end = pos + _RECORD_HEADER_LEN + length
         if end > self._max_size:
             raise ClientHelloTooLarge(
-                "too_large", f"record at offset {pos} ends at byte {end} > {self._max_size}"
+                Reason.TOO_LARGE, f"record at offset {pos} ends at byte {end} > {self._max_size}"
             )
 
     def _peek_handshake_header(self, payload: int, available_end: int) -> None:
@@ -381,12 +492,18 @@ class ClientHelloParser:
         msg_type = header[0]
         if msg_type != _HANDSHAKE_CLIENT_HELLO:
             raise MalformedClientHello(
-                "not_client_hello", f"first handshake message has type {msg_type}, not 1"
+                Reason.NOT_CLIENT_HELLO, f"first handshake message has type {msg_type}, not 1"
             )
         body_len = int.from_bytes(header[1:4], "big")
+        if body_len > MAX_CLIENT_HELLO_BODY:
+            raise ClientHelloTooLarge(
+                Reason.TOO_LARGE,
+                f"ClientHello body of {body_len} bytes (max {MAX_CLIENT_HELLO_BODY})",
+            )
         if body_len < _MIN_BODY_LEN:
             raise MalformedClientHello(
-                "hello_too_short", f"ClientHello body of {body_len} bytes (min {_MIN_BODY_LEN})"
+                Reason.HELLO_TOO_SHORT,
+                f"ClientHello body of {body_len} bytes (min {_MIN_BODY_LEN})",
             )
         self._hs_len = _HANDSHAKE_HEADER_LEN + body_len
 
@@ -403,7 +520,7 @@ class ClientHelloParser:
         least_total = record_end + remaining + records * _RECORD_HEADER_LEN
         if least_total > self._max_size:
             raise ClientHelloTooLarge(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"ClientHello of {self._hs_len} bytes needs at least {least_total} bytes "
                 f"on the wire (max {self._max_size})",
             )
@@ -412,7 +529,7 @@ class ClientHelloParser:
         assert self._hs_len is not None
         if len(self._hs) > self._hs_len:
             raise MalformedClientHello(
-                "trailing_handshake_data",
+                Reason.TRAILING_HANDSHAKE_DATA,
                 f"{len(self._hs) - self._hs_len} bytes follow the ClientHello in its record",
             )
         body = bytes(self._hs[_HANDSHAKE_HEADER_LEN:])
@@ -428,11 +545,11 @@ def parse_client_hello(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> ClientH
 # --- the body -----------------------------------------------------------------------------
 
 
-def _malformed(reason: str, message: str) -> MalformedClientHello:
+def _malformed(reason: Reason, message: str) -> MalformedClientHello:
     return MalformedClientHello(reason, message)
 
 
-def _vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: str) -> int:
+def _vector(data: bytes, pos: int, end: int, len_size: int, reason: Reason, what: str) -> int:
     """Return the end offset of the length-prefixed vector at ``pos``; bounds-checked."""
     if end - pos < len_size:
         raise _malformed(reason, f"{what}: length field truncated at offset {pos}")
@@ -445,7 +562,9 @@ def _vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: s
     return vec_end
 
 
-def _bad_vector(data: bytes, pos: int, end: int, len_size: int, reason: str, what: str) -> NoReturn:
+def _bad_vector(
+    data: bytes, pos: int, end: int, len_size: int, reason: Reason, what: str
+) -> NoReturn:
     """Raise the error ``_vector`` names for a vector the fast checks found out of bounds."""
     _vector(data, pos, end, len_size, reason, what)
     raise AssertionError(f"{what} at offset {pos} is within bounds")  # pragma: no cover
@@ -457,7 +576,7 @@ def _raise_if_duplicate(types: list[int]) -> None:
         seen: set[int] = set()
         for ext_type in types:
             if ext_type in seen:
-                raise _malformed("duplicate_extension", f"extension {ext_type} appears twice")
+                raise _malformed(Reason.DUPLICATE_EXTENSION, f"extension {ext_type} appears twice")
             seen.add(ext_type)
 
 
@@ -475,29 +594,29 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
     end = len(body)  # at least _MIN_BODY_LEN: the handshake header check saw to that
     if body[0] != 3:
         legacy = (body[0] << 8) | body[1]
-        raise _malformed("bad_legacy_version", f"legacy_version 0x{legacy:04x}")
+        raise _malformed(Reason.BAD_LEGACY_VERSION, f"legacy_version 0x{legacy:04x}")
     legacy_version = 0x300 | body[1]
     pos = 2 + 32  # legacy_version, random
 
     nxt = pos + 1 + body[pos]
     if nxt > end:
-        _bad_vector(body, pos, end, 1, "bad_session_id", "legacy_session_id")
+        _bad_vector(body, pos, end, 1, Reason.BAD_SESSION_ID, "legacy_session_id")
     if nxt - pos - 1 > 32:
-        raise _malformed("bad_session_id", f"legacy_session_id of {nxt - pos - 1} bytes")
+        raise _malformed(Reason.BAD_SESSION_ID, f"legacy_session_id of {nxt - pos - 1} bytes")
     pos = nxt
 
     if end - pos < 2 or (nxt := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
-        _bad_vector(body, pos, end, 2, "bad_cipher_suites", "cipher_suites")
+        _bad_vector(body, pos, end, 2, Reason.BAD_CIPHER_SUITES, "cipher_suites")
     cs_len = nxt - pos - 2
     if cs_len < 2 or cs_len % 2:
-        raise _malformed("bad_cipher_suites", f"cipher_suites vector of {cs_len} bytes")
+        raise _malformed(Reason.BAD_CIPHER_SUITES, f"cipher_suites vector of {cs_len} bytes")
     cipher_suites = struct.unpack_from(f">{cs_len // 2}H", body, pos + 2)
     pos = nxt
 
     if pos >= end or (nxt := pos + 1 + body[pos]) > end:
-        _bad_vector(body, pos, end, 1, "bad_compression_methods", "compression_methods")
+        _bad_vector(body, pos, end, 1, Reason.BAD_COMPRESSION_METHODS, "compression_methods")
     if nxt - pos - 1 < 1:
-        raise _malformed("bad_compression_methods", "empty compression_methods")
+        raise _malformed(Reason.BAD_COMPRESSION_METHODS, "empty compression_methods")
     pos = nxt
 
     sni: str | None = None
@@ -506,23 +625,25 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
     types: list[int] = []
     if pos < end:  # a TLS 1.2 hello may omit the extensions block entirely
         if end - pos < 2 or (ext_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
-            _bad_vector(body, pos, end, 2, "bad_extensions", "extensions")
+            _bad_vector(body, pos, end, 2, Reason.BAD_EXTENSIONS, "extensions")
         if ext_end != end:
-            raise _malformed("trailing_data", f"{end - ext_end} bytes after the extensions")
+            raise _malformed(Reason.TRAILING_DATA, f"{end - ext_end} bytes after the extensions")
         pos += 2
         unpack = _EXT_HEADER.unpack_from
         append = types.append
         while pos < ext_end:
             if ext_end - pos < 4:
                 _raise_if_duplicate(types)
-                raise _malformed("bad_extensions", f"truncated extension header at offset {pos}")
+                raise _malformed(
+                    Reason.BAD_EXTENSIONS, f"truncated extension header at offset {pos}"
+                )
             ext_type, ext_len = unpack(body, pos)
             start = pos + 4
             pos = start + ext_len
             if pos > ext_end:
                 _raise_if_duplicate(types)
                 raise _malformed(
-                    "bad_extensions",
+                    Reason.BAD_EXTENSIONS,
                     f"extension {ext_type} announces {ext_len} bytes, {ext_end - start} left",
                 )
             append(ext_type)
@@ -553,47 +674,51 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
 def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
     """RFC 6066 s3: the first (and only) host_name entry; other name types are skipped."""
     if end - pos < 2 or (list_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
-        _bad_vector(body, pos, end, 2, "bad_server_name", "server_name list")
+        _bad_vector(body, pos, end, 2, Reason.BAD_SERVER_NAME, "server_name list")
     if list_end != end or list_end - pos == 2:
-        raise _malformed("bad_server_name", "server_name list length does not fill the extension")
+        raise _malformed(
+            Reason.BAD_SERVER_NAME, "server_name list length does not fill the extension"
+        )
     pos += 2
     host: bytes | None = None
     while pos < end:
         name_type = body[pos]
         if end - pos < 3 or (name_end := pos + 3 + ((body[pos + 1] << 8) | body[pos + 2])) > end:
-            _bad_vector(body, pos + 1, end, 2, "bad_server_name", "server_name entry")
+            _bad_vector(body, pos + 1, end, 2, Reason.BAD_SERVER_NAME, "server_name entry")
         if name_type == _SNI_HOST_NAME:
             if host is not None:
-                raise _malformed("bad_server_name", "more than one host_name entry")
+                raise _malformed(Reason.TWO_HOST_NAMES, "more than one host_name entry")
             host = body[pos + 3 : name_end]
         pos = name_end
     if host is None:
         return None
-    if not host or host.translate(None, _PRINTABLE_NO_SPACE):
-        raise _malformed("bad_server_name", f"host_name {host[:64]!r} is not printable ASCII")
+    if not host:  # HostName<1..2^16-1>
+        raise _malformed(Reason.BAD_SERVER_NAME, "empty host_name")
+    if host.translate(None, _PRINTABLE_NO_SPACE):
+        raise _malformed(Reason.BAD_HOST_NAME, f"host_name {host[:64]!r} is not printable ASCII")
     name = host.decode("ascii").lower()
     if name.endswith("."):
         name = name[:-1]
     if not name:
-        raise _malformed("bad_server_name", "host_name is just '.'")
+        raise _malformed(Reason.BAD_HOST_NAME, "host_name is just '.'")
     return name
 
 
 def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
     """RFC 7301 s3.1 ProtocolNameList, in client order, GREASE names dropped."""
     if end - pos < 2 or (list_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
-        _bad_vector(body, pos, end, 2, "bad_alpn", "ALPN list")
+        _bad_vector(body, pos, end, 2, Reason.BAD_ALPN, "ALPN list")
     if list_end != end or list_end - pos == 2:
-        raise _malformed("bad_alpn", "ALPN list length does not fill the extension")
+        raise _malformed(Reason.BAD_ALPN, "ALPN list length does not fill the extension")
     pos += 2
     names: list[str] = []
     while pos < end:
         name_end = pos + 1 + body[pos]  # pos < end here
         if name_end > end:
-            _bad_vector(body, pos, end, 1, "bad_alpn", "ALPN protocol name")
+            _bad_vector(body, pos, end, 1, Reason.BAD_ALPN, "ALPN protocol name")
         name = body[pos + 1 : name_end]
         if not name:
-            raise _malformed("bad_alpn", "empty ALPN protocol name")
+            raise _malformed(Reason.BAD_ALPN, "empty ALPN protocol name")
         if name not in _GREASE_ALPN:
             names.append(name.decode("latin-1"))
         pos = name_end
@@ -602,10 +727,12 @@ def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
 
 def _parse_supported_versions(body: bytes, pos: int, end: int) -> tuple[int, ...]:
     """RFC 8446 s4.2.1 client form, GREASE removed (may leave an empty tuple)."""
-    list_end = _vector(body, pos, end, 1, "bad_supported_versions", "supported_versions")
+    list_end = _vector(body, pos, end, 1, Reason.BAD_SUPPORTED_VERSIONS, "supported_versions")
     list_len = list_end - pos - 1
     if list_end != end or list_len < 2 or list_len % 2:
-        raise _malformed("bad_supported_versions", f"supported_versions list of {list_len} bytes")
+        raise _malformed(
+            Reason.BAD_SUPPORTED_VERSIONS, f"supported_versions list of {list_len} bytes"
+        )
     values: tuple[int, ...] = struct.unpack_from(f">{list_len // 2}H", body, pos + 1)
     if _GREASE.isdisjoint(values):
         return values

@@ -11,7 +11,13 @@ from enum import IntEnum
 
 
 class AlertDescription(IntEnum):
+    """RFC 8446 s6 AlertDescription values edgeproxy itself sends."""
+
+    UNEXPECTED_MESSAGE = 10
+    RECORD_OVERFLOW = 22
     HANDSHAKE_FAILURE = 40
+    ILLEGAL_PARAMETER = 47
+    DECODE_ERROR = 50
     PROTOCOL_VERSION = 70
     INTERNAL_ERROR = 80
     UNRECOGNIZED_NAME = 112

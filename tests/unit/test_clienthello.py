@@ -14,15 +14,20 @@ import pytest
 
 from edgeproxy.errors import PeerError
 from edgeproxy.wire.clienthello import (
+    DEFAULT_MAX_SIZE,
+    MAX_CLIENT_HELLO_BODY,
     NEED_DATA,
+    REJECTION_ALERTS,
     ClientHello,
     ClientHelloError,
     ClientHelloParser,
     ClientHelloTooLarge,
     MalformedClientHello,
     NotTLS,
+    Reason,
     parse_client_hello,
 )
+from edgeproxy.wire.tls_alert import AlertDescription
 from tests.fixtures.clienthellos import capture
 from tests.support import tlsbuild as tb
 
@@ -335,13 +340,35 @@ def test_record_header_beyond_max_size_is_refused_before_its_payload() -> None:
 
 
 def test_handshake_header_announcing_too_much_is_refused_without_buffering_it() -> None:
-    # A 100 KiB hello cannot fit in 64 KiB whatever the record sizes: 9 bytes tell.
-    first_nine = tb.u8(22) + tb.u16(tb.TLS10) + tb.u16(16384) + tb.u8(1) + tb.u24(100_000)
+    # One byte more than OpenSSL would read (CLIENT_HELLO_MAX_LENGTH): 9 bytes tell.
+    first_nine = (
+        tb.u8(22) + tb.u16(tb.TLS10) + tb.u16(16384) + tb.u8(1) + tb.u24(MAX_CLIENT_HELLO_BODY + 1)
+    )
     parser = ClientHelloParser()
     assert parser.feed(first_nine[:8]) is NEED_DATA
     with pytest.raises(ClientHelloTooLarge) as info:
         parser.feed(first_nine[8:])
     assert info.value.reason == "too_large"
+    assert info.value.alert == AlertDescription.ILLEGAL_PARAMETER
+
+
+def test_the_largest_hello_openssl_reads_is_parsed() -> None:
+    # Every hello OpenSSL would complete passes the peek: the bound is OpenSSL's, in records.
+    # Every field at its maximum, as in OpenSSL's CLIENT_HELLO_MAX_LENGTH.
+    fields = {"cipher_suites": [0x1301] * 32767, "compression_methods": bytes(255)}
+    sni = tb.server_name("big.example")
+    base = len(tb.client_hello_body(extensions=[sni], **fields))  # type: ignore[arg-type]
+    pad = MAX_CLIENT_HELLO_BODY - base - 4
+    body = tb.client_hello_body(extensions=[sni, tb.padding(pad)], **fields)  # type: ignore[arg-type]
+    assert len(body) == MAX_CLIENT_HELLO_BODY
+    wire = tb.to_records(tb.handshake_message(body))
+    assert len(wire) == DEFAULT_MAX_SIZE
+    hello = ClientHelloParser().feed(wire)
+    assert isinstance(hello, ClientHello) and hello.sni == "big.example"
+
+
+def test_every_reason_has_an_alert_decision() -> None:
+    assert set(REJECTION_ALERTS) == set(Reason)
 
 
 def test_tiny_records_cannot_smuggle_a_hello_past_the_limit() -> None:
@@ -525,7 +552,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         _hello_records(
             _body(extensions_block=_ext_block(tb.server_name("a.example", "b.example")))
         ),
-        "bad_server_name",
+        "two_host_names",
     ),
     (
         "host_name entry overruns the list",
@@ -537,12 +564,12 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     (
         "control character in host_name",
         _hello_records(_body(extensions_block=_ext_block(tb.server_name(b"a\x00.example")))),
-        "bad_server_name",
+        "bad_host_name",
     ),
     (
         "non-ASCII host_name",
         _hello_records(_body(extensions_block=_ext_block(tb.server_name("bücher.example")))),
-        "bad_server_name",
+        "bad_host_name",
     ),
     (
         "empty host_name",
@@ -552,7 +579,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     (
         "host_name is a lone dot",
         _hello_records(_body(extensions_block=_ext_block(tb.server_name(".")))),
-        "bad_server_name",
+        "bad_host_name",
     ),
     (
         "empty ALPN protocol name",
