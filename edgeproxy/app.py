@@ -72,7 +72,7 @@ def build_storage(cfg: Config) -> Storage:
 
 def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) -> Issuer:
     if cfg.tls.issuer == "internal":
-        return InternalIssuer(storage)
+        return InternalIssuer(storage, key_type=cfg.tls.key_type)
     from .issuers.acme import AcmeIssuer
 
     return AcmeIssuer.from_config(cfg.acme, storage, challenges, lock_ttl=cfg.storage.lock_ttl)

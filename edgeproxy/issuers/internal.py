@@ -3,16 +3,24 @@
 The CA is created on first use (under a storage lock, so concurrent workers agree on one CA)
 and stored as one secret record: certificate and key always travel together. Leaf certificates
 are short-lived (30 days by default) so renewal is exercised like with a public CA.
+
+There is one CA per key family, and a leaf is signed by the CA of its own family: an ECDSA CA
+(P-256) for ``ec256``/``ec384`` leaves, an RSA CA (2048 bits) for ``rsa2048``/``rsa4096``. A
+client that only speaks RSA signatures must verify the chain's signatures too (TLS 1.3
+``signature_algorithms`` covers them, RFC 8446 s4.2.3), so an RSA leaf under an ECDSA CA fails
+exactly the clients ``tls.key_type = "rsa2048"`` is chosen for. The ECDSA CA keeps its original
+record key, so existing deployments keep their trusted ``ca.pem``.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -21,12 +29,29 @@ from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
 from .base import IssuedCertificate, RenewalWindow, private_key_pem
 
-CA_KEY = "internal-ca/ca.json"
+CA_KEY = "internal-ca/ca.json"  # the ECDSA CA (the original, and default, record)
+RSA_CA_KEY = "internal-ca/ca-rsa.json"
 ISSUER_ID = "internal"
 
+Family = Literal["ec", "rsa"]
+_CA_KEYS: Final[dict[Family, str]] = {"ec": CA_KEY, "rsa": RSA_CA_KEY}
+_CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_CA = tuple[x509.Certificate, _CAKey]
 
-def _new_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+
+def family_of(key_type: str) -> Family:
+    """The CA family for a ``tls.key_type`` (``rsa2048`` -> ``rsa``, ``ec256`` -> ``ec``)."""
+    return "rsa" if key_type.startswith("rsa") else "ec"
+
+
+def _new_ca_key(family: Family) -> _CAKey:
+    if family == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _new_ca(common_name: str, family: Family) -> _CA:
+    key = _new_ca_key(family)
     now = datetime.now(UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -66,41 +91,48 @@ class InternalIssuer:
         *,
         common_name: str = "edgeproxy internal CA",
         validity: timedelta = timedelta(days=30),
+        key_type: str = "ec256",
     ) -> None:
         self._storage = storage
         self._common_name = common_name
         self._validity = validity
-        self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        self._family = family_of(key_type)  # whose CA ca_certificate_pem returns
+        self._cas: dict[Family, _CA] = {}
 
     @property
     def id(self) -> str:
         return ISSUER_ID
 
     async def ca_certificate_pem(self) -> bytes:
-        cert, _ = await self._load_or_create()
+        """The CA that signs the configured ``key_type``'s leaves (what clients must trust)."""
+        cert, _ = await self._load_or_create(self._family)
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    async def _load_or_create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        if self._ca is not None:
-            return self._ca
-        ca = await self._load()
+    async def _load_or_create(self, family: Family) -> _CA:
+        ca = self._cas.get(family)
+        if ca is not None:
+            return ca
+        ca = await self._load(family)
         if ca is None:
             async with hold_lock(
                 self._storage, "internal-ca", owner=make_owner_id(), ttl=30, wait=30
             ):
-                ca = await self._load()
+                ca = await self._load(family)
                 if ca is None:
-                    ca = _new_ca(self._common_name)
+                    ca = _new_ca(self._common_name, family)
                     record = {
                         "cert_pem": ca[0].public_bytes(serialization.Encoding.PEM).decode(),
                         "key_pem": private_key_pem(ca[1]),
                     }
-                    await self._storage.put(CA_KEY, json.dumps(record).encode(), secret=True)
-        self._ca = ca
+                    await self._storage.put(
+                        _CA_KEYS[family], json.dumps(record).encode(), secret=True
+                    )
+        self._cas[family] = ca
         return ca
 
-    async def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-        raw = await self._storage.get(CA_KEY)
+    async def _load(self, family: Family) -> _CA | None:
+        record_key = _CA_KEYS[family]
+        raw = await self._storage.get(record_key)
         if raw is None:
             return None
         try:
@@ -110,11 +142,12 @@ class InternalIssuer:
         except (ValueError, KeyError, TypeError) as exc:
             # Never silently mint a second CA: clients trust the first one.
             raise CorruptRecord(
-                f"internal CA record {CA_KEY} is unreadable ({exc}); restore it from backup or "
+                f"internal CA record {record_key} is unreadable ({exc}); restore it from backup or "
                 "delete it to create a new CA (clients must then trust the new ca.pem)"
             ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CorruptRecord(f"internal CA record {CA_KEY} holds an unexpected key type")
+        expected = rsa.RSAPrivateKey if family == "rsa" else ec.EllipticCurvePrivateKey
+        if not isinstance(key, expected):
+            raise CorruptRecord(f"internal CA record {record_key} holds an unexpected key type")
         return cert, key
 
     async def issue(
@@ -124,7 +157,9 @@ class InternalIssuer:
         *,
         replacing: bytes | None = None,
     ) -> IssuedCertificate:
-        ca_cert, ca_key = await self._load_or_create()
+        # The leaf's own family signs it: an RSA-only client must verify the chain too.
+        family: Family = "rsa" if isinstance(private_key, rsa.RSAPrivateKey) else "ec"
+        ca_cert, ca_key = await self._load_or_create(family)
         now = datetime.now(UTC)
         cert = (
             x509.CertificateBuilder()

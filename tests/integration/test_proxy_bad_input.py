@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -64,15 +67,25 @@ async def read_until_closed(stream: trio.SocketStream, limit: float = 15) -> byt
             data += chunk
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path, nursery: trio.Nursery) -> RunningProxy:  # type: ignore[misc]
+@asynccontextmanager
+async def proxy_to_http(
+    tmp_path: Path, nursery: trio.Nursery, **sections: Any
+) -> AsyncIterator[RunningProxy]:
+    """The proxy these tests share (internal issuer, one default route to an HTTP upstream
+    answering BODY), with ``sections`` merged into its config."""
     up = await start_upstream(nursery, http_handler(BODY))
     cfg = base_config(
-        tmp_path,
-        [{"sni": ["*"], "default": True, "upstreams": [up.addr]}],
-        server={"handshake_timeout": 1.5, "idle_timeout": 2},
+        tmp_path, [{"sni": ["*"], "default": True, "upstreams": [up.addr]}], **sections
     )
     async with running_proxy(tmp_path, cfg) as p:
+        yield p
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, nursery: trio.Nursery) -> RunningProxy:  # type: ignore[misc]
+    async with proxy_to_http(
+        tmp_path, nursery, server={"handshake_timeout": 1.5, "idle_timeout": 2}
+    ) as p:
         yield p
 
 
