@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .hostnames.registry import HostnameRegistry
 from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
+from .names import InvalidName, validate_hostname
 from .proxy.server import Proxy, Settings, open_listeners
 from .storage.base import Storage
 
@@ -110,13 +111,43 @@ class Runtime:
     admin_bound: tuple[str, int] | None = None
 
 
+def load_static_certificates(cfg: Config) -> StaticCertificates:
+    """The ``[[certificates]]``, and the check that ``tls.default_sni`` can be served at all.
+
+    A default_sni no issuer can get a certificate for (``localhost``, an IP literal) and no
+    static certificate covers would fail every client that sends no SNI with
+    ``no_certificate:invalid_name``: refused here, so ``check`` and ``run`` say so up front.
+    Raises ConfigError listing every problem.
+    """
+    try:
+        static = StaticCertificates.load(
+            [(c.cert, c.key) for c in cfg.certificates], session_tickets=cfg.tls.session_tickets
+        )
+    except ConfigError as exc:
+        problems = exc.problems
+        static = None
+    else:
+        problems = []
+    name = cfg.tls.default_sni
+    if name is not None and (static is None or static.match(name) is None):
+        try:
+            validate_hostname(name)
+        except InvalidName as exc:
+            problems.append(
+                f"tls.default_sni: {name!r} can never get a certificate ({exc}) (use a full "
+                "DNS name such as edge.example.net, or add a [[certificates]] entry covering it)"
+            )
+    if problems:
+        raise ConfigError(problems)
+    assert static is not None
+    return static
+
+
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     storage = storage or build_storage(cfg)
     challenges = ChallengeResponder(storage)
     issuer = build_issuer(cfg, storage, challenges)
-    static = StaticCertificates.load(
-        [(c.cert, c.key) for c in cfg.certificates], session_tickets=cfg.tls.session_tickets
-    )
+    static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     certs = CertificateManager(
         storage=storage,

@@ -79,15 +79,14 @@ def run(config_path: Path) -> None:
 def check(config_path: Path) -> None:
     """Validate a config file: exit 0 if valid, 2 listing every problem."""
     cfg = _load(config_path)
-    if cfg.certificates:
-        from .certs.static import StaticCertificates
+    from .app import load_static_certificates
 
-        try:
-            StaticCertificates.load([(c.cert, c.key) for c in cfg.certificates])
-        except ConfigError as exc:
-            for p in exc.problems:
-                click.echo(f"  {p}", err=True)
-            sys.exit(2)
+    try:
+        load_static_certificates(cfg)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
     click.echo(
         f"{config_path}: OK ({len(cfg.routes)} routes, issuer {cfg.tls.issuer}, "
         f"storage {cfg.storage.backend})"

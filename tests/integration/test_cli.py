@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.support.ports import free_port
 
@@ -59,6 +60,37 @@ def test_check_valid_and_invalid(tmp_path: Path) -> None:
         [*EP, "check", "-c", str(tmp_path / "nope.toml")], capture_output=True, text=True
     )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+@pytest.mark.parametrize("default_sni", ["localhost", "127.0.0.1", "intranet"])
+def test_check_and_run_refuse_a_default_sni_that_can_never_get_a_certificate(
+    tmp_path: Path, default_sni: str
+) -> None:
+    # Every client without SNI would get no_certificate:invalid_name: say so before serving.
+    cfg = tmp_path / "edge.toml"
+    routes = '[[routes]]\nsni = ["*"]\ndefault = true\nupstreams = ["127.0.0.1:8080"]\n'
+    tls = f'[tls]\nissuer = "internal"\ndefault_sni = "{default_sni}"\n'
+    storage = f'[storage]\npath = "{tmp_path / "state"}"\n[admin]\nlisten = ""\n'
+    cfg.write_text(tls + storage + routes)
+    for cmd in ("check", "run"):
+        res = subprocess.run([*EP, cmd, "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, (cmd, res.stdout, res.stderr)
+        assert f"tls.default_sni: '{default_sni}' can never get a certificate" in res.stderr
+        assert "Traceback" not in res.stderr
+
+    if default_sni[0].isdigit():
+        return  # static certificates are matched by DNS names only
+    # A static certificate for the name serves it: then the name is fine.
+    ca = trustme.CA()
+    leaf = ca.issue_cert(default_sni)
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "leaf.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "leaf.key"))
+    static = (
+        f'[[certificates]]\ncert = "{tmp_path / "leaf.pem"}"\nkey = "{tmp_path / "leaf.key"}"\n'
+    )
+    cfg.write_text(tls + storage + routes + static)
+    res = subprocess.run([*EP, "check", "-c", str(cfg)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 def test_demo_prints_a_curl_command_that_works(tmp_path: Path) -> None:
