@@ -33,6 +33,7 @@ from .issuers.internal import InternalIssuer
 from .names import InvalidName, validate_hostname
 from .proxy.server import Proxy, Settings, open_listeners
 from .storage.base import Storage
+from .tls.tickets import TicketKeys
 
 log = logging.getLogger("edgeproxy")
 
@@ -167,7 +168,8 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         per_domain_metrics=cfg.admin.per_domain_metrics,
         lock_ttl=cfg.storage.lock_ttl,
     )
-    proxy = Proxy(Settings.from_config(cfg), certs, challenges)
+    tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
+    proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
     return Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames)
 
 

@@ -168,6 +168,9 @@ class TLSConfig(_Model):
     cache_size: Annotated[int, Field(ge=1)] = 10000
     # TLS session resumption (stateless tickets). Off only to measure full-handshake cost.
     session_tickets: bool = True
+    # Seconds between new session ticket keys (the previous ones still open tickets for one
+    # more period): bounds how long a stolen process memory decrypts recorded sessions.
+    ticket_key_rotation: Annotated[float, Field(gt=0, le=7 * 86400)] = 12 * 3600.0
     # How often each process checks stored certificates for renewal and ARI updates.
     maintenance_interval: Annotated[float, Field(gt=0, le=86400)] = 60.0
 

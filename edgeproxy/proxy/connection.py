@@ -301,7 +301,13 @@ async def _handshake(
         await _send_quietly(sock, alert_record(desc))
         return None
     on_socket = queued > 0
-    conn = new_server_connection(ctx, alpn=route.alpn, sock=sock if on_socket else None)
+    tickets = proxy.tickets
+    conn = new_server_connection(
+        ctx,
+        alpn=route.alpn,
+        sock=sock if on_socket else None,
+        session_ctx=tickets.context_for(hello.ticket) if tickets is not None else None,
+    )
     # The upstream's TCP handshake runs while the client's TLS handshake does.
     upstream = proxy.upstreams.start(route)
     pending = b""

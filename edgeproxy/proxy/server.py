@@ -37,6 +37,7 @@ from .. import metrics
 from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
 from ..config import Config, HostPort
+from ..tls.tickets import TicketKeys
 from .connection import ConnInfo, handle_connection, set_reset_on_close
 from .routes import RouteTable
 from .upstream import UpstreamPool
@@ -123,10 +124,13 @@ class Proxy:
         settings: Settings,
         certs: CertificateManager,
         challenges: ChallengeResponder,
+        tickets: TicketKeys | None = None,
     ) -> None:
         self.settings = settings
         self.certs = certs
         self.challenges = challenges
+        # The process's session ticket keys; None when tickets are off (tls.session_tickets).
+        self.tickets = tickets
         self.upstreams = UpstreamPool()
         self.active = 0
         # Connections still before the end of their TLS handshake: the cheap ones for an

@@ -19,13 +19,17 @@ Session ticket keys: shared keys across worker processes (nginx's ``ssl_session_
 would need ``SSL_CTX_set_tlsext_ticket_keys`` or a ticket key callback. pyOpenSSL 26 exposes
 neither, and the OpenSSL binding it ships on (cryptography 50) binds neither ``SSL_CTX_ctrl``
 nor ``SSL_CTX_set_tlsext_ticket_key_evp_cb`` nor the session cache callbacks, and exports no C
-symbols to reach them another way. So there is no ``TicketKeys``: each context gets random
-ticket keys from OpenSSL, and a ticket resumes on the worker (and the context instance) that
-issued it. The certificate manager's context cache keeps that instance alive.
+symbols to reach them another way. What does work with public calls: OpenSSL seals and opens
+tickets with the keys of a connection's *initial* context, so ``new_server_connection`` can
+start a connection on a certificate-less ``ticket_context()`` and switch to the certificate's
+context before the handshake. ``tls/tickets.py`` owns those ticket contexts and rotates them.
+Each certificate context has its own session id context (a hash of its leaf), so a ticket
+issued for one certificate never resumes a handshake for another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Callable, Sequence
 from typing import Final, Literal
@@ -33,6 +37,7 @@ from typing import Final, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
@@ -45,6 +50,7 @@ __all__ = [
     "generate_private_key",
     "load_pem_chain",
     "new_server_connection",
+    "ticket_context",
 ]
 
 ACME_TLS_ALPN: Final = "acme-tls/1"  # RFC 8737 section 6.2
@@ -179,8 +185,20 @@ def build_server_context(
     if not session_tickets:
         ctx.set_options(SSL.OP_NO_TICKET)
     _install_identity(ctx, chain, key)
+    # Sessions are bound to this leaf: all certificates share the process's ticket keys
+    # (tls/tickets.py), and a session authenticated for one name must not resume another.
+    ctx.set_session_id(hashlib.sha256(chain[0].public_bytes(Encoding.DER)).digest())
     ctx.set_alpn_select_callback(_select_route_alpn)
     return ctx
+
+
+def ticket_context() -> SSL.Context:
+    """A certificate-less context whose only job is holding session ticket keys.
+
+    Connections start on it (``new_server_connection(..., session_ctx=...)``) and switch to
+    their certificate's context; OpenSSL keeps using the initial context's ticket keys.
+    """
+    return _hardened_context()
 
 
 def build_acme_challenge_context(cert: x509.Certificate, key: PrivateKeyTypes) -> SSL.Context:
@@ -197,9 +215,16 @@ def build_acme_challenge_context(cert: x509.Certificate, key: PrivateKeyTypes) -
 
 
 def new_server_connection(
-    ctx: SSL.Context, *, alpn: Sequence[str] = (), sock: socket.socket | None = None
+    ctx: SSL.Context,
+    *,
+    alpn: Sequence[str] = (),
+    sock: socket.socket | None = None,
+    session_ctx: SSL.Context | None = None,
 ) -> SSL.Connection:
     """A server-side connection on ``ctx`` that offers ``alpn`` in that order.
+
+    ``session_ctx`` (a ``ticket_context()``): the connection starts on it, so its ticket keys
+    seal and open this connection's tickets, then switches to ``ctx`` for everything else.
 
     Without ``sock``: memory BIOs, what ``TLSStream`` expects. With ``sock`` (a connected
     non-blocking socket whose unread bytes start with the ClientHello): OpenSSL reads and
@@ -211,7 +236,11 @@ def new_server_connection(
     for proto in protos:
         if not 0 < len(proto) < 256:
             raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
-    conn = SSL.Connection(ctx, sock)
+    if session_ctx is None:
+        conn = SSL.Connection(ctx, sock)
+    else:
+        conn = SSL.Connection(session_ctx, sock)
+        conn.set_context(ctx)
     if sock is not None:
         conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
     conn.set_accept_state()

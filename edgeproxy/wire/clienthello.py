@@ -208,6 +208,8 @@ _MIN_BODY_LEN: Final = 41
 _EXT_SERVER_NAME: Final = 0
 _EXT_ALPN: Final = 16
 _EXT_SUPPORTED_VERSIONS: Final = 43
+_EXT_SESSION_TICKET: Final = 35  # RFC 5077: TLS 1.2 ticket (empty: "send me one")
+_EXT_PRE_SHARED_KEY: Final = 41  # RFC 8446 s4.2.11: TLS 1.3 tickets are PSK identities
 _SNI_HOST_NAME: Final = 0
 
 _RECORD_HEADER = struct.Struct(">BBBH")
@@ -266,6 +268,10 @@ class ClientHello:
     cipher_suites: tuple[int, ...]
     extensions: tuple[int, ...]
     raw: bytes = field(repr=False)
+    # The session ticket offered for resumption: the first TLS 1.3 PSK identity, else the TLS
+    # 1.2 SessionTicket; None when there is none. Only read to pick the ticket keys
+    # (tls/tickets.py): OpenSSL judges it, so a malformed one is ignored here, never refused.
+    ticket: bytes | None = field(default=None, repr=False)
 
     @property
     def offers_only_acme_tls(self) -> bool:
@@ -580,7 +586,9 @@ def _raise_if_duplicate(types: list[int]) -> None:
             seen.add(ext_type)
 
 
-_PARSED_EXTENSIONS: Final = frozenset({_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS})
+_PARSED_EXTENSIONS: Final = frozenset(
+    {_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS, _EXT_SESSION_TICKET, _EXT_PRE_SHARED_KEY}
+)
 
 
 def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
@@ -622,6 +630,8 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] | None = None
+    tls12_ticket: bytes | None = None
+    psk_identity: bytes | None = None
     types: list[int] = []
     if pos < end:  # a TLS 1.2 hello may omit the extensions block entirely
         if end - pos < 2 or (ext_end := pos + 2 + ((body[pos] << 8) | body[pos + 1])) > end:
@@ -653,8 +663,12 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
                         sni = _parse_server_name(body, start, pos)
                     elif ext_type == _EXT_ALPN:
                         alpn = _parse_alpn(body, start, pos)
-                    else:
+                    elif ext_type == _EXT_SUPPORTED_VERSIONS:
                         versions = _parse_supported_versions(body, start, pos)
+                    elif ext_type == _EXT_SESSION_TICKET:
+                        tls12_ticket = body[start:pos] or None
+                    else:
+                        psk_identity = _first_psk_identity(body, start, pos)
                 except ClientHelloError:
                     _raise_if_duplicate(types)
                     raise
@@ -668,7 +682,19 @@ def _parse_body(body: bytes, *, raw: bytes) -> ClientHello:
         cipher_suites=cipher_suites,
         extensions=tuple(types),
         raw=raw,
+        ticket=psk_identity if psk_identity is not None else tls12_ticket,
     )
+
+
+def _first_psk_identity(body: bytes, pos: int, end: int) -> bytes | None:
+    """RFC 8446 s4.2.11 OfferedPsks: the first identity, or None when it does not parse."""
+    if end - pos < 4:
+        return None
+    identities_end = pos + 2 + ((body[pos] << 8) | body[pos + 1])
+    identity_end = pos + 4 + ((body[pos + 2] << 8) | body[pos + 3])
+    if identities_end > end or identity_end > identities_end:
+        return None
+    return body[pos + 4 : identity_end] or None
 
 
 def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:

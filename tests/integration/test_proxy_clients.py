@@ -250,6 +250,42 @@ async def test_session_resumption_follows_config(
         assert await trio.to_thread.run_sync(two_connections) is tickets
 
 
+async def test_tickets_from_before_two_key_rotations_are_refused(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # tls.ticket_key_rotation = 2 s: a ticket resumes at once, and once its keys are more
+    # than two periods old the client gets a full handshake (and the page) instead.
+    up = await start_upstream(nursery, http_handler(BODY))
+    cfg = base_config(tmp_path, routes(up.addr), tls={"ticket_key_rotation": 2.0})
+    versions = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
+    async with running_proxy(tmp_path, cfg) as p:
+        contexts = {}
+        for v in versions:  # a session belongs to the client context that made it
+            contexts[v] = ssl.create_default_context(cafile=str(p.ca_path))
+            contexts[v].minimum_version = contexts[v].maximum_version = v
+
+        def fetch(version: ssl.TLSVersion, session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession]:
+            import socket
+
+            with contexts[version].wrap_socket(
+                socket.create_connection(p.addr), server_hostname="rotate.example.test",
+                session=session,
+            ) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert BODY in s.recv(65536)  # TLS 1.3 tickets arrive after the handshake
+                assert s.session is not None
+                return s.session_reused, s.session
+
+        def sessions_resume(sessions: dict[ssl.TLSVersion, ssl.SSLSession]) -> list[bool]:
+            return [fetch(v, sessions[v])[0] for v in versions]
+
+        sessions = {v: (await trio.to_thread.run_sync(fetch, v, None))[1] for v in versions}
+        assert await trio.to_thread.run_sync(sessions_resume, sessions) == [True, True]
+        await trio.sleep(4.5)  # more than two rotation periods
+        assert await trio.to_thread.run_sync(sessions_resume, sessions) == [False, False]
+        assert p.rt.proxy.tickets is not None and p.rt.proxy.tickets.rotations >= 1
+
+
 async def test_several_listeners_ipv4_and_ipv6(tmp_path: Path, nursery: trio.Nursery) -> None:
     up = await start_upstream(nursery, http_handler(BODY))
     cfg = base_config(tmp_path, routes(up.addr, ["http/1.1"]), server={"listen": ["127.0.0.1:0", "[::1]:0"]})

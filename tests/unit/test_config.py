@@ -132,3 +132,12 @@ def test_two_default_routes_refused() -> None:
                 ],
             }
         )
+
+
+def test_ticket_key_rotation_defaults_to_12_hours_and_must_be_positive() -> None:
+    base = {"tls": {"issuer": "internal"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]}
+    assert load_config_data(base).tls.ticket_key_rotation == 12 * 3600
+    for bad in (0, -1, 8 * 86400):
+        with pytest.raises(ConfigError) as ei:
+            load_config_data({**base, "tls": {"issuer": "internal", "ticket_key_rotation": bad}})
+        assert "tls.ticket_key_rotation" in str(ei.value)
