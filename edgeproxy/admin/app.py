@@ -37,7 +37,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qs
 
 import trio
@@ -208,6 +208,8 @@ class AdminApp:
         self._token = token.encode() if token is not None else None
         self._metrics_token = metrics_token.encode() if metrics_token is not None else None
         self._was_ready = False
+        # The FastAPI app for ``_HOSTNAMES_PATHS``, built on first use (its import is heavy).
+        self._hostnames_api: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -217,12 +219,56 @@ class AdminApp:
         if kind != "http":
             return  # websockets: nothing here speaks them; the server refuses the upgrade
         method = str(scope["method"]).upper()
+        req = _request(scope, method)
+        if req.path.startswith(_HOSTNAMES_PATHS):
+            refusal = self._refusal(req, Access.ADMIN)
+            if refusal is None:
+                await self._hostnames(scope, receive, send, req)
+                return
+            await _send(send, refusal, head=method == "HEAD")
+            return
         try:
-            response = await self.handle(_request(scope, method))
+            response = await self.handle(req)
         except Exception:
             log.exception("admin API: %s %s failed", method, scope.get("path", "?"))
             response = error_response(500, "internal", "the admin API hit an error; see the log")
         await _send(send, response, head=method == "HEAD")
+
+    def _refusal(self, req: Request, needs: Access) -> Response | None:
+        """The trust checks of ``handle`` for requests it hands to another ASGI app."""
+        if self._token is None and not _loopback_host(req):
+            return _foreign_host(req)
+        access = self._access(req)
+        if access < needs:
+            return self._unauthorized() if access is Access.NONE else _forbidden(req)
+        return _cross_site_refusal(req)
+
+    async def _hostnames(self, scope: Scope, receive: Receive, send: Send, req: Request) -> None:
+        from .hostnames import MAX_BODY, make_hostnames_api, problem_response
+
+        length = req.headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            detail = f"request bodies are limited to {MAX_BODY} bytes (Content-Length {length!r})"
+            refusal = problem_response("body-too-large", detail, 413, req.path)
+            await refusal(dict(scope), receive, send)
+            return
+        if self._hostnames_api is None:
+            # The real Runtime has the registry parts; the protocol here only names the rest.
+            self._hostnames_api = make_hostnames_api(cast(Any, self.rt))
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._hostnames_api(dict(scope), receive, tracking_send)
+        except Exception:
+            # Starlette answers 500 itself and re-raises: log it here, once, and stop.
+            log.exception("admin API: %s %s failed", req.method, req.path)
+            if not started:
+                await _send(send, error_response(500, "internal", "see the log"), head=False)
 
     async def handle(self, req: Request) -> Response:
         if self._token is None and not _loopback_host(req):
@@ -448,6 +494,8 @@ def make_admin_app(
 
 
 _NAME = r"(?P<name>[^/]+)"
+#: Paths served by the hostnames API (``hostnames.py``, FastAPI) behind the same trust checks.
+_HOSTNAMES_PATHS = ("/v1/hostnames", "/v1/openapi.json")
 
 ROUTES: tuple[Route, ...] = (
     Route(re.compile(r"/healthz"), {"GET": AdminApp.healthz}, needs=Access.NONE),
