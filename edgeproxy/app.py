@@ -167,6 +167,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         cache_size=cfg.tls.cache_size,
         per_domain_metrics=cfg.admin.per_domain_metrics,
         lock_ttl=cfg.storage.lock_ttl,
+        listen_ports=[a.port for a in cfg.server.listen_addresses()],
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
@@ -222,6 +223,8 @@ async def run_process(
 
             await nursery.start(functools.partial(serve_admin, rt, reuse_port=reuse_port))
         await nursery.start(rt.proxy.serve, listeners)
+        # Port 0 in the config (tests, demo): hints name the port actually bound.
+        rt.certs.listen_ports = tuple(port for _, port in rt.proxy.bound)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             log.info(
                 "edgeproxy listening on %s",

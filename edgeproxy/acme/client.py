@@ -720,7 +720,10 @@ class AcmeClient:
         if authz.status != "pending":
             failed = authz.failed_challenge()
             raise OrderInvalid(
-                order_url, failed.error if failed else None, identifier=authz.identifier.value
+                order_url,
+                failed.error if failed else None,
+                identifier=authz.identifier.value,
+                challenge_type=failed.type if failed else None,
             )
         challenge = authz.challenge(solver.challenge_type)
         if challenge is None or challenge.token is None:
@@ -747,7 +750,12 @@ class AcmeClient:
             await self._cleanup(solver, identifier, token)
         if authz.status != "valid":
             failed = authz.failed_challenge()
-            raise OrderInvalid(order_url, failed.error if failed else None, identifier=identifier)
+            raise OrderInvalid(
+                order_url,
+                failed.error if failed else None,
+                identifier=identifier,
+                challenge_type=failed.type if failed else solver.challenge_type,
+            )
 
     async def _cleanup(self, solver: ChallengeSolver, identifier: str, token: str) -> None:
         # Shielded: a cancelled or timed-out issuance must still withdraw its challenge,

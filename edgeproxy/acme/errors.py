@@ -258,7 +258,13 @@ class OrderInvalid(AcmeError):
     validation failed, else the order's own ``error``, else None.
     """
 
-    def __init__(self, order_url: str, problem: AcmeProblem | None, identifier: str | None = None):
+    def __init__(
+        self,
+        order_url: str,
+        problem: AcmeProblem | None,
+        identifier: str | None = None,
+        challenge_type: str | None = None,
+    ):
         what = f"order {order_url} is invalid"
         if identifier:
             what += f" (authorization for {identifier!r} failed)"
@@ -266,6 +272,8 @@ class OrderInvalid(AcmeError):
         self.order_url = order_url
         self.problem = problem
         self.identifier = identifier
+        # The type of the challenge whose validation failed (``tls-alpn-01`` ...), if one did.
+        self.challenge_type = challenge_type
 
 
 def _short_type(type_: str) -> str | None:

@@ -32,7 +32,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -98,6 +98,7 @@ class CertificateManager:
         owner: str | None = None,
         session_tickets: bool = True,
         per_domain_metrics: bool = False,
+        listen_ports: Sequence[int] = (443,),
         registry: HostnameRegistry | None = None,
         removal_grace: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
@@ -121,6 +122,8 @@ class CertificateManager:
         self.owner = owner or make_owner_id()
         self.session_tickets = session_tickets
         self.per_domain_metrics = per_domain_metrics
+        # The ports the CA's validation must reach us on, named in hints (not always 443).
+        self.listen_ports = tuple(listen_ports)
         self.clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
@@ -366,20 +369,28 @@ class CertificateManager:
                         name, issued.issuer_id, issued.chain_pem, key, self.clock()
                     )
                     await self.storage.put(cert_key(name), rec.to_json(), secret=True)
-        except IssuanceError as exc:
-            self._fail(name, exc.error_type, exc.detail, retry_after=exc.retry_after)
-            metrics.ACME_ORDERS.labels("failed").inc()
-            if renewing:
-                metrics.RENEWALS.labels("failed").inc()
-            return None
-        except trio.TooSlowError:
-            self._fail(name, "timeout", f"issuance took longer than {self.issue_timeout:.0f}s")
-            return None
-        except (LockUnavailable, LockLost) as exc:
-            self._fail(name, "lock_timeout", str(exc))
-            return None
-        except StorageError as exc:
-            self._fail(name, "storage", str(exc))
+        except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
+            # A renewal that fails says so in its hint, with how long the old one still serves.
+            serving_until = old.not_after if old and old.not_after > self.clock() else None
+            if isinstance(exc, IssuanceError):
+                self._fail(
+                    name,
+                    exc.error_type,
+                    exc.detail,
+                    retry_after=exc.retry_after,
+                    challenge_type=exc.challenge_type,
+                    serving_until=serving_until,
+                )
+                metrics.ACME_ORDERS.labels("failed").inc()
+                if renewing:
+                    metrics.RENEWALS.labels("failed").inc()
+            elif isinstance(exc, trio.TooSlowError):
+                detail = f"issuance took longer than {self.issue_timeout:.0f}s"
+                self._fail(name, "timeout", detail, serving_until=serving_until)
+            elif isinstance(exc, StorageError):
+                self._fail(name, "storage", str(exc), serving_until=serving_until)
+            else:
+                self._fail(name, "lock_timeout", str(exc), serving_until=serving_until)
             return None
         metrics.ACME_ORDERS.labels("valid").inc()
         if renewing:
@@ -484,6 +495,8 @@ class CertificateManager:
         state: State = "failing",
         backoff: bool = True,
         retry_after: float | None = None,
+        challenge_type: str | None = None,
+        serving_until: float | None = None,
     ) -> None:
         st = self._status.get(name)
         failures = (st.failures if st else 0) + (1 if backoff else 0)
@@ -493,7 +506,13 @@ class CertificateManager:
             if retry_after is not None:
                 delay = max(delay, retry_after)
             next_attempt = self.clock() + delay
-        hint = hint_for(error_type)
+        hint = hint_for(
+            error_type,
+            detail,
+            challenge_type=challenge_type,
+            listen_ports=self.listen_ports,
+            serving_until=serving_until,
+        )
         if state == "denied" and name not in self._status:
             # Refused names come from anyone (scanners, floods of random names): they get a
             # bounded in-memory record for the operator's "why?", never a storage write.

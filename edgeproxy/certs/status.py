@@ -1,32 +1,32 @@
 """Per-domain status: what state a name is in, what went wrong last, and how to fix it.
 
 The status answers the operator's question "why doesn't shop.customer.com work?" without
-reading logs. Hints are chosen from the error's type (ACME problem type or our own reason
-token), never from message text.
+reading logs. Hints are chosen from the error's type (ACME problem type or subproblem type, or
+our own reason token). Only where CAs use one type for different failures (``unauthorized`` for
+a refused connection, a TLS alert and a wrong answer alike; ``connection`` for refused and
+timed out) does ``validation_failure`` look at the detail, for the wordings of Boulder (Let's
+Encrypt) and pebble; a detail it does not know still gets the type's hint.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"]
 
-_LB_HINT = (
-    "the CA could not complete TLS-ALPN-01 with edgeproxy: the load balancer must forward TCP "
-    "443 untouched (a TCP listener, never TLS; no TLS inspection), its PROXY protocol setting "
-    "must match [server] proxy_protocol, and the name's CNAME must point at this deployment. "
-    "Run `edgeproxy doctor NAME` to check each."
-)
+ValidationFailure = Literal["refused", "timeout", "alert", "incorrect", "connect"]
+
+# The port each challenge type is validated on (RFC 8737 s3: 443; RFC 8555 s8.3: 80).
+VALIDATION_PORTS = {"tls-alpn-01": 443, "http-01": 80}
+
+_DOCTOR = " Run `edgeproxy doctor NAME` to check each."
 
 # Keyed by ACME problem type suffix or by our own reason token.
 HINTS: dict[str, str] = {
-    "connection": _LB_HINT,
-    "tls": _LB_HINT,
-    "incorrectResponse": _LB_HINT
-    + " An 'incorrect response' usually means another TLS terminator answered.",
-    "unauthorized": _LB_HINT,
     "dns": "the CA could not resolve the name: check the customer's CNAME/A record exists "
     "and has propagated.",
     "caa": "a CAA record on the domain forbids this CA: the customer must add a CAA record "
@@ -51,12 +51,113 @@ HINTS: dict[str, str] = {
     "timeout": "issuance did not finish in time; it is retried with backoff.",
 }
 
+# Problem types that mean "the CA tried to validate and it did not work".
+_VALIDATION_TYPES = frozenset({"connection", "tls", "incorrectResponse", "unauthorized"})
 
-def hint_for(error_type: str | None) -> str | None:
+
+def _short(error_type: str) -> str:
+    return error_type.rsplit(":", 1)[-1]
+
+
+def validation_failure(error_type: str | None, detail: str | None) -> ValidationFailure | None:
+    """What kind of validation failure an ACME error is, or None if it is not one."""
     if not error_type:
         return None
-    key = error_type.rsplit(":", 1)[-1]
-    return HINTS.get(key)
+    kind = _short(error_type)
+    if kind not in _VALIDATION_TYPES:
+        return None
+    text = (detail or "").lower()
+    if kind == "tls":
+        return "alert"
+    if kind == "incorrectResponse":
+        return "incorrect"
+    if "refused" in text or "no route to host" in text:
+        return "refused"
+    if "timeout" in text or "timed out" in text:
+        return "timeout"
+    if "remote error" in text or "alert" in text:
+        return "alert"
+    if kind == "connection" or "failed to connect" in text:
+        return "connect"  # pebble says only this, whether refused or an alert
+    return "incorrect"  # unauthorized with an answer the CA read and did not like
+
+
+def _validation_hint(
+    failure: ValidationFailure, challenge_type: str | None, listen_ports: Sequence[int]
+) -> str:
+    challenge = challenge_type or "the challenge"
+    vport = VALIDATION_PORTS.get(challenge_type or "", 443)
+    ours = ", ".join(str(p) for p in sorted(set(listen_ports))) or "?"
+    forward = (
+        f"the load balancer or firewall must pass TCP {vport} through to edgeproxy, which "
+        f"listens on port {ours}"
+    )
+    if challenge_type == "http-01":
+        forward += " of [http] listen"
+    else:
+        forward += " of [server] listen"
+    if failure == "refused":
+        text = (
+            f"the CA's connection to port {vport} for {challenge} was refused: nothing "
+            f"accepts it there for this name. {forward}, and the name's CNAME must point at "
+            "this deployment."
+        )
+    elif failure == "timeout":
+        text = (
+            f"the CA's connection to port {vport} for {challenge} timed out: a firewall or "
+            f"security group drops it, or the name points somewhere that never answers. "
+            f"{forward}."
+        )
+    elif failure == "alert":
+        text = (
+            f"the CA reached port {vport} for {challenge} but was answered with a TLS alert: "
+            "something in front of edgeproxy terminates TLS (a TLS listener on the load "
+            f"balancer, a CDN, TLS inspection) or sends/expects a PROXY header edgeproxy does "
+            f"not ([server] proxy_protocol). {forward}, untouched."
+        )
+    elif failure == "incorrect":
+        text = (
+            f"the CA reached port {vport} for {challenge}, but the answer was not edgeproxy's "
+            "challenge response: another server, or an edgeproxy with other storage, answers "
+            f"this name. The name's CNAME must point at this deployment and {forward}."
+        )
+    else:
+        text = (
+            f"the CA could not complete a connection to port {vport} for {challenge} "
+            f"(refused, timed out, or rejected with a TLS alert). {forward}, untouched, and "
+            "the name's CNAME must point at this deployment."
+        )
+    return text + _DOCTOR
+
+
+def hint_for(
+    error_type: str | None,
+    detail: str | None = None,
+    *,
+    challenge_type: str | None = None,
+    listen_ports: Sequence[int] = (443,),
+    serving_until: float | None = None,
+) -> str | None:
+    """The operator's next step for an error.
+
+    ``challenge_type`` is the challenge the CA tried when a validation failed;
+    ``listen_ports`` the ports edgeproxy listens on for it; ``serving_until`` the expiry of
+    the certificate still served while its renewal fails (a failed renewal says so).
+    """
+    if not error_type:
+        return None
+    failure = validation_failure(error_type, detail)
+    if failure is not None:
+        hint: str | None = _validation_hint(failure, challenge_type, listen_ports)
+    else:
+        hint = HINTS.get(_short(error_type))
+    if serving_until is not None:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(serving_until))
+        hint = (
+            f"renewal failed; the current certificate is still served until {until} and "
+            f"renewal is retried with backoff. {hint or 'See the last error.'}"
+        )
+    return hint
 
 
 @dataclass(slots=True)

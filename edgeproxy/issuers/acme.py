@@ -26,7 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from .. import metrics
 from ..acme import ari
 from ..acme.client import AcmeClient, ChallengeSolver
-from ..acme.errors import AcmeError, AcmeProblem, AcmeTransportError, OrderInvalid
+from ..acme.errors import (
+    AcmeError,
+    AcmeProblem,
+    AcmeTransportError,
+    OrderInvalid,
+    Subproblem,
+)
 from ..config import AcmeConfig
 from ..errors import StorageError
 from ..storage.base import Storage
@@ -195,11 +201,13 @@ class AcmeIssuer:
             finally:
                 self._report_stats(client)
         except OrderInvalid as exc:
-            ptype = exc.problem.type if exc.problem else "urn:ietf:params:acme:error:orderInvalid"
-            detail = exc.problem.detail if exc.problem else str(exc)
-            raise IssuanceError(ptype, detail) from None
+            problem = _most_specific(exc.problem, name)
+            ptype = problem.type if problem else "urn:ietf:params:acme:error:orderInvalid"
+            detail = problem.detail if problem else str(exc)
+            raise IssuanceError(ptype, detail, challenge_type=exc.challenge_type) from None
         except AcmeProblem as exc:
-            raise IssuanceError(exc.type, exc.detail, retry_after=exc.retry_after) from None
+            said = _most_specific(exc, name) or exc
+            raise IssuanceError(said.type, said.detail, retry_after=exc.retry_after) from None
         except AcmeTransportError as exc:
             raise IssuanceError("unreachable", f"{self.directory}: {exc}") from None
         except AcmeError as exc:
@@ -250,6 +258,17 @@ class AcmeIssuer:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _most_specific(problem: AcmeProblem | None, name: str) -> Subproblem | AcmeProblem | None:
+    """The subproblem about ``name`` when the CA sent one (RFC 8555 s6.7.1: a ``compound``
+    or ``malformed`` top-level problem says little), else the problem itself."""
+    if problem is None:
+        return None
+    for sub in problem.subproblems:
+        if sub.identifier is None or sub.identifier.lower() == name.lower():
+            return sub
+    return problem
 
 
 def _count_acme_response(endpoint: str, status: int) -> None:

@@ -74,11 +74,20 @@ class IssuanceError(Exception):
     never from the message text.
     """
 
-    def __init__(self, error_type: str, detail: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        error_type: str,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        challenge_type: str | None = None,
+    ) -> None:
         super().__init__(f"{error_type}: {detail}")
         self.error_type = error_type
         self.detail = detail
         self.retry_after = retry_after
+        # Set when a validation failed: which challenge type the CA tried (for the hint).
+        self.challenge_type = challenge_type
 
 
 class RenewalInfoError(IssuanceError):

@@ -493,3 +493,37 @@ async def test_a_new_name_waits_on_demand_wait_beyond_the_handshake_timeout(
         assert res.returncode == 0, res.stderr
         assert res.stdout == BODY
         assert took >= 5.0  # the ask's delay really was inside this handshake
+
+
+@pytest.mark.parametrize("answer", ["nothing", "wrong_certificate"])
+async def test_a_failed_validation_hint_says_what_the_ca_met_and_names_our_port(
+    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], answer: str
+) -> None:
+    """Pebble validates against another port than edgeproxy's: there either nothing listens
+    (pebble: "Failed to connect") or a responder shows a certificate for another key
+    authorization (pebble: "Incorrect validation certificate"). Two different hints, both
+    naming the port edgeproxy listens on."""
+    from tests.support.pebble import TlsAlpnResponder
+
+    name = "hint.example.test"
+    validation_port = free_port()
+    if answer == "wrong_certificate":
+        responder = TlsAlpnResponder(validation_port, tmp_path / "wrong")
+        await responder.present(name, "token", "not-the-key-authorization")
+        await nursery.start(responder.serve)
+    pebble = make_pebble(tls_port=validation_port, env=NO_NONCE_CHAOS)
+    up = await start_upstream(nursery, http_handler(BODY))
+    port = free_port()
+    cfg = acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    async with running_proxy(tmp_path, cfg) as p:
+        assert await handshake_fails(port, name)
+        with trio.fail_after(30):
+            while (st := p.rt.certs.status(name)) is None or st.hint is None:
+                await trio.sleep(0.1)
+    assert st.last_error_type == "urn:ietf:params:acme:error:unauthorized", st
+    assert f"listens on port {port} of [server] listen" in st.hint
+    assert "port 443 for tls-alpn-01" in st.hint
+    if answer == "nothing":
+        assert "could not complete a connection" in st.hint, st
+    else:
+        assert "not edgeproxy's challenge response" in st.hint, st

@@ -160,6 +160,36 @@ async def test_issuer_failure_is_recorded_with_backoff(
     assert issuer.calls == 1
 
 
+async def test_a_failed_renewal_carries_a_hint_saying_the_old_certificate_serves(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from edgeproxy.issuers.base import IssuanceError
+
+    class RenewalFails(CountingIssuer):
+        async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+            if self.calls:
+                self.calls += 1
+                raise IssuanceError("urn:ietf:params:acme:error:malformed", "no renewal for you")
+            return await super().issue(name, private_key, replacing=replacing)
+
+    storage = FileStorage(tmp_path / "state")
+    mgr = CertificateManager(
+        storage=storage,
+        issuer=RenewalFails(storage),
+        policy=OnDemandPolicy(allow=["*.example.test"]),
+        listen_ports=(8443,),
+    )
+    await nursery.start(mgr.run)
+    await mgr.context_for("renew.example.test")
+    rec = CertRecord.from_json((await storage.get(cert_key("renew.example.test"))) or b"")
+    assert await mgr.obtain("renew.example.test", old=rec, force=True) is None
+    st = mgr.status("renew.example.test")
+    assert st is not None and st.state == "renewing" and st.hint is not None
+    assert st.hint.startswith("renewal failed; the current certificate is still served until")
+    # The old certificate keeps serving.
+    assert mgr.cached_context("renew.example.test") is not None
+
+
 async def test_per_domain_expiry_metric_is_opt_in(tmp_path: Path, nursery: trio.Nursery) -> None:
     from prometheus_client import REGISTRY
 
@@ -182,7 +212,9 @@ async def test_per_domain_expiry_metric_is_opt_in(tmp_path: Path, nursery: trio.
     assert value == rec.not_after
 
 
-async def test_cache_is_bounded_and_cold_names_load_from_storage(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_cache_is_bounded_and_cold_names_load_from_storage(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     mgr, _, issuer = make_manager(tmp_path, cache_size=2)
     await nursery.start(mgr.run)
     for n in ("a", "b", "c"):

@@ -1,0 +1,82 @@
+"""Hints that match the failure (issue 16): a refused connection, a TLS alert and a wrong answer
+get three different hints naming the port edgeproxy listens on; a failed renewal says the old
+certificate still serves. The details are the CAs' own wordings (Boulder for Let's Encrypt,
+pebble), so a change in our matching shows up here."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeproxy.certs.status import hint_for, validation_failure
+
+ACME = "urn:ietf:params:acme:error:"
+
+# (problem type, detail as the CA words it, expected kind)
+CASES = [
+    ("connection", "127.0.0.1: Connection refused", "refused"),
+    ("connection", "192.0.2.1: Timeout during connect (likely firewall problem)", "timeout"),
+    ("connection", "Error getting validation data", "connect"),
+    ("tls", "192.0.2.1: Error getting validation data: remote error: tls: internal error", "alert"),
+    ("unauthorized", "Incorrect validation certificate for tls-alpn-01 challenge. "
+     "Invalid acmeValidation extension value.", "incorrect"),
+    ("unauthorized", "The key authorization file from the server did not match this challenge",
+     "incorrect"),
+    ("incorrectResponse", "", "incorrect"),
+    ("unauthorized", "Failed to connect to 127.0.0.1:5001 for the tls-alpn-01 challenge",
+     "connect"),
+    ("unauthorized", "dial tcp 127.0.0.1:80: connect: connection refused", "refused"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "detail", "expected"), CASES)
+def test_validation_failures_are_told_apart(kind: str, detail: str, expected: str) -> None:
+    assert validation_failure(ACME + kind, detail) == expected
+
+
+@pytest.mark.parametrize("kind", ["dns", "caa", "rateLimited", "malformed", "badNonce"])
+def test_other_problems_are_not_validation_failures(kind: str) -> None:
+    assert validation_failure(ACME + kind, "connection refused") is None
+
+
+def test_refused_alert_and_incorrect_get_three_different_hints() -> None:
+    refused = hint_for(ACME + "connection", "Connection refused", challenge_type="tls-alpn-01")
+    alert = hint_for(
+        ACME + "tls", "remote error: tls: internal error", challenge_type="tls-alpn-01"
+    )
+    wrong = hint_for(ACME + "incorrectResponse", "", challenge_type="tls-alpn-01")
+    assert refused and alert and wrong
+    assert len({refused, alert, wrong}) == 3
+    assert "refused" in refused
+    assert "TLS alert" in alert and "terminates TLS" in alert
+    assert "not edgeproxy's challenge response" in wrong
+
+
+def test_hint_names_the_port_edgeproxy_listens_on_and_the_validation_port() -> None:
+    hint = hint_for(
+        ACME + "connection",
+        "Connection refused",
+        challenge_type="tls-alpn-01",
+        listen_ports=(8443, 8443, 9443),
+    )
+    assert hint is not None
+    assert "port 443" in hint  # where the CA connects
+    assert "listens on port 8443, 9443" in hint  # where it must end up
+    http = hint_for(ACME + "connection", "Connection refused", challenge_type="http-01",
+                    listen_ports=(8080,))  # fmt: skip
+    assert http is not None and "port 80 " in http and "8080" in http and "[http] listen" in http
+
+
+def test_a_failed_renewal_says_the_old_certificate_still_serves() -> None:
+    hint = hint_for(ACME + "rateLimited", "too many", serving_until=1_900_000_000)
+    assert hint is not None
+    assert hint.startswith("renewal failed; the current certificate is still served until ")
+    assert "2030-03-17T17:46:40Z" in hint
+    assert "Retry-After" in hint  # the type's own hint follows
+    # Even an error with no hint of its own gets one on a renewal.
+    bare = hint_for(ACME + "malformed", "odd", serving_until=1_900_000_000)
+    assert bare is not None and "still served" in bare
+
+
+def test_no_error_no_hint() -> None:
+    assert hint_for(None) is None
+    assert hint_for("") is None
