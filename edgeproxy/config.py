@@ -65,6 +65,10 @@ ProxyMode = Literal["off", "v1", "v2", "any"]
 class ServerConfig(_Model):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:443"], min_length=1)
     proxy_protocol: ProxyMode = "off"
+    # Who may send PROXY headers (the load balancer's networks). Required when proxy_protocol
+    # is on: a header from anyone else would let them pick the client address we log, limit
+    # and forward upstream.
+    proxy_protocol_from: list[str] | None = None
     workers: Annotated[int, Field(ge=0, le=256)] = 1
     handshake_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     idle_timeout: Annotated[float, Field(gt=0)] = 300.0
@@ -88,8 +92,57 @@ class ServerConfig(_Model):
                     ) from None
         return v
 
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _check_proxy_from(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError(
+                "an empty list refuses every connection: list the load balancer's networks "
+                '(e.g. ["10.0.0.0/16"])'
+            )
+        return [str(parse_network(item)) for item in v]
+
+    @model_validator(mode="after")
+    def _proxy_from_matches_mode(self) -> ServerConfig:
+        if self.proxy_protocol != "off" and self.proxy_protocol_from is None:
+            raise ValueError(
+                f'proxy_protocol = "{self.proxy_protocol}" needs server.proxy_protocol_from: '
+                "list the networks of the load balancer that sends the headers (its subnets' "
+                'CIDRs, e.g. ["10.0.0.0/16"]); anyone else could claim any client address. '
+                'Write ["0.0.0.0/0", "::/0"] only if nothing but the balancer can reach the port'
+            )
+        if self.proxy_protocol == "off" and self.proxy_protocol_from is not None:
+            raise ValueError(
+                'server.proxy_protocol_from is set but proxy_protocol is "off": it would do '
+                "nothing (set proxy_protocol, or remove proxy_protocol_from)"
+            )
+        return self
+
     def listen_addresses(self) -> list[HostPort]:
         return [parse_hostport(x, what="a listen address") for x in self.listen]
+
+    def proxy_senders(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks allowed to send PROXY headers ([] when proxy_protocol is off)."""
+        return [parse_network(x) for x in self.proxy_protocol_from or ()]
+
+
+def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR (or a single address) as a network; raise ValueError with a fix hint."""
+    if "%" in value:
+        raise ValueError(f"{value!r}: a zone index has no place in a network (remove the %...)")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            net = ipaddress.ip_network(value.strip(), strict=False)
+            raise ValueError(
+                f"{value!r} has bits set after the prefix (write the network: {str(net)!r})"
+            ) from None
+        raise ValueError(
+            f'{value!r} is not a network (write a CIDR such as "10.0.0.0/16" or "fd00::/8")'
+        ) from None
 
 
 class AdminConfig(_Model):

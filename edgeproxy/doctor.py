@@ -656,8 +656,10 @@ def judge_silence(
         "(edgeproxy hangs up on them and counts edgeproxy_client_hellos_total"
         '{result="proxy_protocol"}), or nothing healthy is behind the load balancer.' + configured,
         'if edgeproxy_client_hellos_total{result="proxy_protocol"} grows on the replicas, set '
-        'server.proxy_protocol = "v2" (or "any") to match the load balancer; otherwise check '
-        "the load balancer's target health and that edgeproxy listens on the target port",
+        'server.proxy_protocol = "v2" (or "any") to match the load balancer, and '
+        "server.proxy_protocol_from to its networks; if edgeproxy_proxy_protocol_refused_total "
+        "grows, the balancer's address is missing from server.proxy_protocol_from; otherwise "
+        "check the load balancer's target health and that edgeproxy listens on the target port",
     )
     return "error", [first, both]
 

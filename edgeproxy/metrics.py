@@ -28,6 +28,12 @@ CONNECTIONS_SHED = Counter(
     "Connections closed before their ClientHello to make room under overload, by reason.",
     ["reason"],
 )
+PROXY_PROTOCOL_REFUSED = Counter(
+    "edgeproxy_proxy_protocol_refused_total",
+    "Connections refused before their PROXY header, by reason (untrusted_peer: the peer is "
+    "not in server.proxy_protocol_from).",
+    ["reason"],
+)
 PROXY_HEADERS = Counter(
     "edgeproxy_proxy_protocol_headers_total", "PROXY protocol headers read, by result.", ["result"]
 )

@@ -208,10 +208,13 @@ async def _handshake(
                 info.result = "health_check"
         else:
             metrics.PROXY_HEADERS.labels("proxy").inc()
-            if pp_header.source is not None:
-                info.client = pp_header.source
-            if pp_header.destination is not None and pp_header.family in ("TCP4", "TCP6"):
-                info.local = pp_header.destination
+            # Only IP families name a client: UNSPEC and UNIX (a path is no address, and may
+            # hold a newline) mean "the balancer's own connection", as LOCAL does.
+            if pp_header.family in ("TCP4", "TCP6"):
+                if pp_header.source is not None:
+                    info.client = pp_header.source
+                if pp_header.destination is not None:
+                    info.local = pp_header.destination
         if pp_header.aws_vpce_id:
             info.extra["vpce"] = pp_header.aws_vpce_id
         if not proxy.admit_client(info):

@@ -40,6 +40,7 @@ from ..config import Config, HostPort
 from ..tls.tickets import TicketKeys
 from .connection import ConnInfo, handle_connection, set_reset_on_close
 from .routes import RouteTable
+from .senders import AddressSet, RefusalSummary
 from .upstream import UpstreamPool
 
 log = logging.getLogger("edgeproxy.proxy")
@@ -77,6 +78,8 @@ class Settings:
     max_connections: int
     max_connections_per_ip: int
     max_handshakes: int
+    # Who may send PROXY headers; None when proxy_protocol is off (nobody sends them).
+    proxy_senders: AddressSet | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -90,6 +93,7 @@ class Settings:
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
             max_handshakes=s.max_handshakes,
+            proxy_senders=(AddressSet(s.proxy_senders()) if s.proxy_protocol != "off" else None),
         )
 
 
@@ -143,6 +147,7 @@ class Proxy:
         self.per_ip: dict[str, int] = {}
         self.draining = False
         self.bound: list[tuple[str, int]] = []
+        self.untrusted = RefusalSummary()
         self._accept_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -165,6 +170,7 @@ class Proxy:
                     for lst in listeners:
                         accept_nursery.start_soon(self._accept_loop, lst, conn_nursery)
                     accept_nursery.start_soon(self._sweep)
+                    accept_nursery.start_soon(self._summarise_refusals)
                     task_status.started(self.bound)
             for lst in listeners:
                 trio.lowlevel.notify_closing(lst)
@@ -196,6 +202,14 @@ class Proxy:
                 await trio.lowlevel.checkpoint()
             metrics.CONNECTIONS_ACCEPTED.inc()
             s = self.settings
+            # Before anything is read: a peer that may not send a PROXY header gets nothing
+            # from us, not even a chance to send one.
+            if s.proxy_senders is not None and not s.proxy_senders.allows(addr[0]):
+                metrics.PROXY_PROTOCOL_REFUSED.labels("untrusted_peer").inc()
+                if line := self.untrusted.note(str(addr[0])):
+                    log.warning("%s", line)
+                _abort(sock)
+                continue
             if self.active >= s.max_connections:
                 metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
                 _abort(sock)
@@ -289,6 +303,12 @@ class Proxy:
     def hello_received(self, info: ConnInfo) -> None:
         """The connection sent a complete ClientHello: from now on it is never shed."""
         self.pre_hello.pop(info.conn_id, None)
+
+    async def _summarise_refusals(self) -> None:
+        while True:
+            await trio.sleep(self.untrusted.interval)
+            if line := self.untrusted.flush():
+                log.warning("%s", line)
 
     def admit_client(self, info: ConnInfo) -> bool:
         """Per-IP limit for addresses learnt from the PROXY header."""

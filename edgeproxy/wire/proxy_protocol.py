@@ -3,7 +3,8 @@
 This module owns the header a load balancer puts in front of a relayed TCP stream to say who
 the client really was, and the header we put in front of streams we relay upstream. It must
 not know about sockets, TLS or routing, nor decide *whether* a peer may send a header: that
-is configuration (``server.proxy_protocol``), checked by the caller.
+is configuration (``server.proxy_protocol`` and ``server.proxy_protocol_from``), checked by the
+caller before a byte is read (``proxy/senders.py``).
 
 Theory of operation
 -------------------
@@ -20,15 +21,20 @@ immediately, long before the announced length is buffered.
   says, means "use the real connection's addresses": we report it as ``command="LOCAL"``.
 * v2 is a 16-byte binary header whose 16-bit length bounds the rest, so at most 16 + 65535
   bytes are ever buffered. LOCAL discards the address block entirely (the spec's "discard the
-  protocol block including the family"). For PROXY, TCP over IPv4/IPv6 and UNIX streams give
-  addresses; UDP and AF_UNSPEC fall back to UNSPEC (``source is None``: use the real peer), as
-  the spec allows. TLVs after the address block are walked with bounds checks; CRC32C
-  (type 0x03) is kept but not verified (no CRC32C in the stdlib, and the header comes from a
-  trusted balancer over TCP, which already checksums).
+  protocol block including the family"). For PROXY, TCP over IPv4/IPv6 gives addresses; UDP
+  and AF_UNSPEC fall back to UNSPEC, as the spec allows, and UNIX streams keep their family
+  but give no addresses either: ``source is None`` means "use the real peer". TLVs after the
+  address block are walked with bounds checks; CRC32C (type 0x03) is kept but not verified (no
+  CRC32C in the stdlib, and the header comes from a trusted balancer over TCP, which already
+  checksums).
 * In ``"any"`` mode the first byte decides: ``P`` is v1, ``\\r`` is v2.
 
-UNIX addresses are reported as ``(path, 0)``; an abstract socket name keeps its leading NUL.
-IPv4-mapped IPv6 addresses are written ``::ffff:a.b.c.d`` on every Python version.
+``source`` and ``destination``, when given, are always an IP address and a port. A UNIX path
+is neither: it is 108 arbitrary bytes (newlines included) that would otherwise reach the access
+log as the client and break ``build_v1``/``build_v2`` for ``send_proxy``, and no TCP client
+behind a TCP balancer has one. So UNIX is treated like UNSPEC (the address block is skipped,
+its TLVs are still read). IPv4-mapped IPv6 addresses are written ``::ffff:a.b.c.d`` on every
+Python version.
 
 Error reasons (``ProxyProtocolError.reason``): ``bad_signature``; v1 ``v1_too_long``,
 ``v1_bad_line_end``, ``v1_bad_character``, ``v1_bad_protocol``, ``v1_bad_syntax``,
@@ -96,7 +102,6 @@ _V2_FAMILIES: Final[dict[int, tuple[Family, int]]] = {
     0x31: ("UNIX", 216),
     0x32: ("UNSPEC", 216),
 }
-_UNIX_PATH_LEN: Final = 108
 
 _V2_PREFIX = struct.Struct(">BBH")
 _TLV_HEADER = struct.Struct(">BH")
@@ -117,7 +122,10 @@ class ProxyProtocolError(PeerError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ProxyHeader:
-    """One parsed PROXY header. ``source is None`` means: use the real connection's peer."""
+    """One parsed PROXY header. ``source is None`` means: use the real connection's peer.
+
+    ``source`` and ``destination`` are set only for the TCP4 and TCP6 families.
+    """
 
     version: int
     command: Literal["PROXY", "LOCAL"]
@@ -360,9 +368,6 @@ def _parse_v2(buf: bytearray) -> tuple[ProxyHeader, int] | None:
         source, destination = _inet_pair(ipaddress.IPv4Address, block, 4)
     elif family == "TCP6":
         source, destination = _inet_pair(ipaddress.IPv6Address, block, 16)
-    elif family == "UNIX":
-        source = (_unix_path(block[:_UNIX_PATH_LEN]), 0)
-        destination = (_unix_path(block[_UNIX_PATH_LEN : 2 * _UNIX_PATH_LEN]), 0)
     tlvs = _parse_tlvs(block, addr_size)
     return ProxyHeader(2, "PROXY", family, source, destination, tlvs), total
 
@@ -382,12 +387,6 @@ def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return f"::ffff:{ip.ipv4_mapped}"
     return str(ip)
-
-
-def _unix_path(raw: bytes) -> str:
-    if raw[:1] == b"\x00":  # Linux abstract namespace: the name may contain NULs; strip padding
-        return "\x00" + raw[1:].rstrip(b"\x00").decode("utf-8", "surrogateescape")
-    return raw.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _parse_tlvs(block: bytes, pos: int) -> tuple[tuple[int, bytes], ...]:

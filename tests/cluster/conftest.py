@@ -55,6 +55,7 @@ class Cluster:
 [server]
 listen = ["{ip}:{self.rport}"]
 proxy_protocol = "v2"
+proxy_protocol_from = ["127.0.0.0/8"]  # HAProxy, on loopback
 handshake_timeout = 30
 
 [admin]

@@ -354,7 +354,11 @@ async def test_max_connections_per_ip_counts_the_proxy_v2_client_address(
     tmp_path: Path, echo_upstream: str
 ) -> None:
     state, ca, port, cfg = await start_proxy_config(
-        tmp_path, echo_upstream, max_connections_per_ip=20, proxy_protocol="v2"
+        tmp_path,
+        echo_upstream,
+        max_connections_per_ip=20,
+        proxy_protocol="v2",
+        proxy_protocol_from=["127.0.0.1/32"],
     )
     ctx = client_context(ca)
     local = ("127.0.0.1", port)

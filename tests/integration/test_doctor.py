@@ -174,7 +174,8 @@ def proxy_config(tmp_path: Path, proxy_protocol: str = "off") -> dict[str, Any]:
     return base_config(
         tmp_path,
         [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
-        server={"proxy_protocol": proxy_protocol},
+        server={"proxy_protocol": proxy_protocol}
+        | ({"proxy_protocol_from": ["127.0.0.0/8"]} if proxy_protocol != "off" else {}),
         onboarding={"target": [TARGET]},
     )
 

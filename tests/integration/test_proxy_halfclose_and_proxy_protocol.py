@@ -1,25 +1,39 @@
-"""Half-close through the proxy, and PROXY protocol v2 in (from HAProxy) and out (to upstream)."""
+"""Half-close through the proxy, and PROXY protocol v2 in (from HAProxy) and out (to upstream).
+
+The PROXY header is trusted only from ``server.proxy_protocol_from`` (here 127.0.0.1, where
+HAProxy connects from): the tests that play an outsider bind their client to 127.0.0.2, which
+Linux routes on loopback without any setup.
+"""
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from OpenSSL import SSL
+from prometheus_client import REGISTRY
 
 from edgeproxy.tls.stream import TLSStream
-from edgeproxy.wire.proxy_protocol import ProxyHeaderParser
+from edgeproxy.wire.proxy_protocol import V2_SIGNATURE, ProxyHeaderParser, build_v2
+from tests.support.logs import process_log
 from tests.support.ports import free_port
-from tests.support.proxy import base_config, running_proxy, wait_port
+from tests.support.proxy import RunningProxy, base_config, running_proxy, wait_port
 from tests.support.upstreams import (
     Upstream,
     answer_after_eof,
+    http_handler,
     proxy_header_recorder,
     start_upstream,
 )
+
+TRUSTED = ["127.0.0.1/32"]  # where HAProxy and the tests' usual clients connect from
+OUTSIDER = "127.0.0.2"
+REFUSED = ("edgeproxy_proxy_protocol_refused_total", {"reason": "untrusted_peer"})
 
 
 def client_connection(ca_path: Path, name: str) -> SSL.Connection:
@@ -92,24 +106,45 @@ async def test_send_proxy_v2_carries_client_address(tmp_path: Path, nursery: tri
     assert rest.startswith(b"GET / HTTP/1.1")
 
 
-@pytest.mark.skipif(
-    shutil.which("haproxy") is None, reason="Debian haproxy not installed (tests/run installs it)"
-)
-async def test_proxy_v2_from_haproxy_in_and_out(tmp_path: Path, nursery: trio.Nursery) -> None:
-    """HAProxy (mode tcp, send-proxy-v2) in front, as an NLB would be; the address HAProxy saw
-    travels through edgeproxy into the PROXY v2 header edgeproxy sends upstream. HAProxy's own
-    health checks arrive as PROXY LOCAL and must pass."""
+async def behind_a_balancer(
+    tmp_path: Path, nursery: trio.Nursery, **sections: Any
+) -> tuple[Upstream, dict[str, Any]]:
+    """An upstream recording the PROXY v2 header we send it, and a config that reads PROXY v2
+    from TRUSTED and sends PROXY v2 upstream."""
     ref: list[Upstream] = []
     up = await start_upstream(nursery, proxy_header_recorder(ref))
     ref.append(up)
     cfg = base_config(
         tmp_path,
         [{"sni": ["*"], "default": True, "upstreams": [up.addr], "send_proxy": "v2"}],
-        server={"proxy_protocol": "v2"},
+        server={"proxy_protocol": "v2", "proxy_protocol_from": TRUSTED},
+        **sections,
     )
+    return up, cfg
+
+
+@pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="Debian haproxy not installed (tests/run installs it)"
+)
+async def test_proxy_v2_from_haproxy_in_and_out(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HAProxy (mode tcp, send-proxy-v2) in front, as an NLB would be; the address HAProxy saw
+    travels through edgeproxy into the PROXY v2 header edgeproxy sends upstream. HAProxy's own
+    health checks arrive as PROXY LOCAL and must pass. The same header sent straight from an
+    address outside proxy_protocol_from is refused: closed at once, counted, logged."""
+    up, cfg = await behind_a_balancer(tmp_path, nursery)
     async with running_proxy(tmp_path, cfg) as p:
         hport = free_port()
         stats = free_port()
+        refused = refused_count()
+        # The header HAProxy will send for our curl below, forged by an outsider.
+        forged = build_v2(("127.0.0.9", 40000), ("127.0.0.1", hport))
+        assert not await tls_from(OUTSIDER, p, "lb.example.test", forged)
+        assert refused_count() - refused == 1
+        assert up.connections == 0 and p.rt.proxy.active == 0
+        [line] = [r.getMessage() for r in caplog.records if r.name == "edgeproxy.proxy"]
+        assert f"from {OUTSIDER}: not in server.proxy_protocol_from" in line
         conf = tmp_path / "haproxy.cfg"
         conf.write_text(f"""
 global
@@ -166,8 +201,125 @@ listen stats
     assert parsed is not None
     header, _ = parsed
     assert header.source is not None and header.source[0] == "127.0.0.9"
+    assert refused_count() - refused == 1  # HAProxy's connections and health checks passed
     # The destination is where the client connected (HAProxy's frontend), not edgeproxy's port.
     assert header.destination == ("127.0.0.1", hport)
     # The health checks (PROXY LOCAL) kept the server UP.
     be_line = next(line for line in csv.stdout.decode().splitlines() if line.startswith("be,ep,"))
     assert ",UP" in be_line, be_line
+
+
+def refused_count() -> float:
+    return REGISTRY.get_sample_value(*REFUSED) or 0.0
+
+
+async def tls_from(
+    source: str, p: RunningProxy, name: str, header: bytes, request: bytes = b""
+) -> bytes | None:
+    """From ``source``: ``header``, then a TLS handshake for ``name`` and ``request``.
+
+    The answer up to EOF, or None if the proxy closed or reset the connection before the
+    handshake ended. Never a timeout: a refusal must be immediate.
+    """
+    assert p.ca_path is not None
+    ctx = ssl.create_default_context(cafile=str(p.ca_path))
+    try:
+        tcp = await trio.open_tcp_stream(p.host, p.port, local_address=source)
+    except OSError:  # reset so soon that connect() itself saw it
+        return None
+    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
+    try:
+        with trio.fail_after(10):
+            try:
+                await tcp.send_all(header)
+                await tls.do_handshake()
+            except trio.BrokenResourceError:
+                return None
+            await tls.send_all(request)
+            answer = b""
+            while chunk := await tls.receive_some(65536):
+                answer += chunk
+            return answer
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+async def test_max_connections_per_ip_counts_proxy_addresses_only_from_trusted_senders(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """An outsider rotating fake PROXY sources gets nothing (each would have had a fresh
+    per-IP budget); the balancer's headers still decide whom the limit charges."""
+    up = await start_upstream(nursery, http_handler(b"ok\n"))
+    cfg = base_config(
+        tmp_path,
+        [{"sni": ["*"], "default": True, "upstreams": [up.addr]}],
+        server={
+            "proxy_protocol": "any",
+            "proxy_protocol_from": TRUSTED,
+            "max_connections_per_ip": 1,
+        },
+    )
+    name = "limit.example.test"
+    async with running_proxy(tmp_path, cfg) as p:
+        proxy = p.rt.proxy
+        refused = refused_count()
+        for i in range(5):
+            fake = build_v2((f"198.51.100.{i + 1}", 1000 + i), ("127.0.0.1", p.port))
+            assert await tls_from(OUTSIDER, p, name, fake) is None, i
+        assert refused_count() - refused == 5
+        assert proxy.per_ip == {} and proxy.active == 0 and up.connections == 0
+
+        # From the balancer (127.0.0.1): the header's address is the one charged.
+        assert p.ca_path is not None
+        ctx = ssl.create_default_context(cafile=str(p.ca_path))
+        held = trio.SSLStream(await trio.open_tcp_stream(*p.addr), ctx, server_hostname=name)
+        await held.transport_stream.send_all(build_v2(("203.0.113.7", 1), ("127.0.0.1", p.port)))
+        await held.do_handshake()
+        try:
+            assert proxy.per_ip == {"203.0.113.7": 1}
+            again = build_v2(("203.0.113.7", 2), ("127.0.0.1", p.port))
+            assert await tls_from("127.0.0.1", p, name, again) is None  # limit_per_ip
+            other = build_v2(("203.0.113.8", 3), ("127.0.0.1", p.port))
+            answer = await tls_from("127.0.0.1", p, name, other, b"GET / HTTP/1.0\r\n\r\n")
+            assert answer is not None and answer.endswith(b"ok\n")
+        finally:
+            await trio.aclose_forcefully(held)
+        assert refused_count() - refused == 5
+
+
+def unix_v2_header(source_path: bytes) -> bytes:
+    block = source_path.ljust(108, b"\x00") + b"/run/lb.sock".ljust(108, b"\x00")
+    return V2_SIGNATURE + bytes((0x21, 0x31)) + len(block).to_bytes(2, "big") + block
+
+
+async def test_proxy_v2_unix_path_with_a_newline_is_no_client_address(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UNIX-family header's path (108 arbitrary bytes) once became the client address: a
+    newline in it forged an access-log line, and send_proxy failed on it (internal_error).
+    Now it means "use the real peer", like UNSPEC, and the log stays one line per record."""
+    up, cfg = await behind_a_balancer(tmp_path, nursery, log={"format": "text", "level": "info"})
+    forged = b"/x\n2026-01-01 00:00:00,000 INFO [1] edgeproxy.access: 6.6.6.6 sni=- result=ok\r"
+    with process_log(monkeypatch) as plog:
+        plog.setup(cfg)
+        async with running_proxy(tmp_path, cfg) as p:
+            answer = await tls_from(
+                "127.0.0.1",
+                p,
+                "unix.example.test",
+                unix_v2_header(forged),
+                b"GET / HTTP/1.0\r\n\r\n",
+            )
+            with trio.fail_after(20):
+                await p.rt.proxy.wait_idle()  # closed, counted and logged
+        text = plog.text()
+    assert answer is not None and answer.endswith(b"ok\n"), answer
+    parsed = ProxyHeaderParser("v2").feed(up.seen[0])
+    assert parsed is not None
+    header, _ = parsed
+    assert header.source is not None and header.source[0] == "127.0.0.1"  # the real peer
+    access = [line for line in text.splitlines() if " edgeproxy.access: " in line]
+    assert len(access) == 1, text
+    assert " edgeproxy.access: 127.0.0.1 sni=unix.example.test " in access[0]
+    assert access[0].endswith(" result=ok"), access[0]
+    assert "6.6.6.6" not in text and "internal_error" not in text, text

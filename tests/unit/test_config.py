@@ -141,3 +141,62 @@ def test_ticket_key_rotation_defaults_to_12_hours_and_must_be_positive() -> None
         with pytest.raises(ConfigError) as ei:
             load_config_data({**base, "tls": {"issuer": "internal", "ticket_key_rotation": bad}})
         assert "tls.ticket_key_rotation" in str(ei.value)
+
+
+# --- server.proxy_protocol_from -----------------------------------------------------------
+
+_ROUTES = {"tls": {"issuer": "internal"}, "routes": [{"sni": ["*"], "upstreams": ["h:1"]}]}
+
+
+def _server_problems(**server: object) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load_config_data({**_ROUTES, "server": server})
+    return ei.value.problems
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2", "any"])
+def test_proxy_protocol_without_proxy_protocol_from_is_refused(mode: str) -> None:
+    (problem,) = _server_problems(proxy_protocol=mode)
+    assert problem.startswith("server:") and "server.proxy_protocol_from" in problem
+    assert "0.0.0.0/0" in problem  # the explicit way to trust everyone is named
+
+
+def test_proxy_protocol_from_without_proxy_protocol_is_refused() -> None:
+    (problem,) = _server_problems(proxy_protocol_from=["10.0.0.0/16"])
+    assert 'proxy_protocol is "off"' in problem
+
+
+def test_proxy_protocol_from_is_normalised() -> None:
+    cfg = load_config_data(
+        {
+            **_ROUTES,
+            "server": {
+                "proxy_protocol": "v2",
+                "proxy_protocol_from": ["10.0.0.0/16", "192.0.2.7", "2001:DB8::/32"],
+            },
+        }
+    )
+    assert cfg.server.proxy_protocol_from == ["10.0.0.0/16", "192.0.2.7/32", "2001:db8::/32"]
+    assert [str(n) for n in cfg.server.proxy_senders()] == cfg.server.proxy_protocol_from
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("10.0.0.1/16", "'10.0.0.0/16'"),  # host bits: the fix names the network
+        ("10.0.0.0/33", "not a network"),
+        ("10.0.0", "not a network"),
+        ("nlb.example.net", "not a network"),
+        ("fe80::%eth0/64", "zone index"),
+        ("", "not a network"),
+    ],
+)
+def test_bad_proxy_protocol_from_entries_are_refused_with_a_fix(entry: str, says: str) -> None:
+    problems = _server_problems(proxy_protocol="v2", proxy_protocol_from=["10.1.0.0/16", entry])
+    assert len(problems) == 1 and problems[0].startswith("server.proxy_protocol_from:")
+    assert says in problems[0] and repr(entry) in problems[0]
+
+
+def test_empty_proxy_protocol_from_is_refused() -> None:
+    (problem,) = _server_problems(proxy_protocol="v2", proxy_protocol_from=[])
+    assert problem.startswith("server.proxy_protocol_from:") and "refuses every" in problem

@@ -1,6 +1,7 @@
-"""``[log] format = "json"``: one JSON object per line, the access line's fields, no secrets.
+"""``[log] format = "json"``: one JSON object per line, the access line's fields, no secrets;
+``"text"``: one line per record, whatever a peer put in a name, path or address.
 
-The formatter alone first (plain records in, lines out), then whole connections through an
+The formatters alone first (plain records in, lines out), then whole connections through an
 in-process proxy with the log set up exactly as ``edgeproxy run`` does it: the access line must
 carry the client learnt from the PROXY header and every field an operator filters on, and the
 log of a certificate issuance (internal CA, then a real ACME CA when pebble is installed) must
@@ -9,20 +10,19 @@ never contain key material or a JWS.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
-from edgeproxy.config import load_config_data
-from edgeproxy.logs import JsonFormatter, setup_logging
+from edgeproxy.logs import JsonFormatter, TextFormatter
+from tests.support.logs import ProcessLog, process_log
 from tests.support.pebble import pebble_available, start_pebble
 from tests.support.ports import free_port
 from tests.support.proxy import base_config, running_proxy
@@ -75,48 +75,75 @@ def test_values_json_cannot_encode_become_strings() -> None:
     assert (out["path"], out["peer"]) == ("/a/b", ["::1", 443])
 
 
+def test_json_escapes_every_control_character() -> None:
+    nasty = "".join(map(chr, range(32))) + "\x7f\u2028\u2029\x85"
+    line = JsonFormatter().format(record("peer %s", nasty, sni=nasty))
+    # Python's splitlines() also breaks at \x1c-\x1e, \x85, \u2028, \u2029: none survive.
+    assert len(line.splitlines()) == 1
+    out = json.loads(line)
+    assert (out["msg"], out["sni"]) == (f"peer {nasty}", nasty)
+
+
+# ---------------------------------------------------------------------- the text formatter
+
+# Every character that is not printable: C0 and C1 controls, DEL, line and paragraph
+# separators, a format character, a lone surrogate (what surrogateescape makes of bad UTF-8).
+NON_PRINTABLE = "".join(map(chr, range(32))) + "\x7f\x85\x9b\u2028\u2029\u200b\udcff"
+FORGED = "\n2026-01-01 00:00:00,000 INFO [1] edgeproxy.access: 6.6.6.6 sni=- result=ok"
+
+
+def text_line(rec: logging.LogRecord) -> str:
+    return TextFormatter().format(rec)
+
+
+@pytest.mark.parametrize("char", NON_PRINTABLE)
+def test_text_escapes_each_non_printable_character_in_message_and_args(char: str) -> None:
+    line = text_line(record(f"msg{char}x %s", f"arg{char}y"))
+    assert line.isprintable(), repr(line)
+    escaped = repr(char)[1:-1]  # \n, \x1b, \u2028...
+    assert line.endswith(f": msg{escaped}x arg{escaped}y")
+
+
+def test_text_escapes_every_field() -> None:
+    rec = record("%s", "a\rb" + FORGED)
+    rec.name = "edgeproxy\n.fake"
+    rec.levelname = "WARNING\x1b[2J"
+    line = text_line(rec)
+    assert len(line.splitlines()) == 1 and line.isprintable()
+    assert " WARNING\\x1b[2J [" in line and " edgeproxy\\n.fake: a\\rb\\n2026-01-01 " in line
+
+
+def test_text_keeps_printable_text_of_any_script_and_the_usual_layout() -> None:
+    line = text_line(record("déjà vu %s", "名前.example 'quoted' \\ back"))
+    pid = os.getpid()
+    assert line.endswith(f" WARNING [{pid}] edgeproxy.test: déjà vu 名前.example 'quoted' \\ back")
+    assert line[4] == "-" and line[10] == " "  # starts with the time, as before
+
+
+def test_text_traceback_lines_are_indented_and_escaped() -> None:
+    try:
+        raise ValueError("bad path" + FORGED + "\r\x1b[1A")
+    except ValueError:
+        rec = record("failed for %s", "x\ny")
+        rec.exc_info = sys.exc_info()
+    lines = text_line(rec).split("\n")
+    assert lines[0].endswith(": failed for x\\ny")
+    assert lines[1].strip() == "Traceback (most recent call last):"
+    # Only the first line starts at column 0: no line of the traceback can pass for a record,
+    # not even the one the exception's message tried to forge.
+    assert all(line.startswith("    ") for line in lines[1:]), lines
+    assert any("2026-01-01 00:00:00,000 INFO" in line for line in lines[1:])
+    assert all(line.isprintable() for line in lines)
+    assert lines[-1].endswith("\\r\\x1b[1A")
+
+
 # ---------------------------------------------------------------------- whole connections
 
 
-class JsonLog:
-    """The process log, set up from a config as ``edgeproxy run`` does it, into a buffer."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._monkeypatch = monkeypatch
-        self._buf = io.StringIO()
-
-    def setup(self, cfg_data: dict[str, Any]) -> None:
-        cfg = load_config_data(cfg_data)
-        with self._monkeypatch.context() as m:
-            m.setattr(sys, "stderr", self._buf)  # setup_logging logs to the stderr of its time
-            setup_logging(cfg.log.format, cfg.log.level)
-
-    def text(self) -> str:
-        return self._buf.getvalue()
-
-    def lines(self) -> list[dict[str, Any]]:
-        # Every line must parse on its own, as one object: that is the whole contract.
-        out = [json.loads(line) for line in self.text().splitlines()]
-        assert all(isinstance(o, dict) for o in out)
-        return out
-
-
 @pytest.fixture
-def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[JsonLog]:
-    """Restores the logging setup ``JsonLog.setup`` replaced, at teardown."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    quiet = {n: logging.getLogger(n).level for n in ("httpx", "hypercorn.access")}
-    try:
-        yield JsonLog(monkeypatch)
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved_handlers:
-            root.addHandler(h)
-        root.setLevel(saved_level)
-        for name, level in quiet.items():
-            logging.getLogger(name).setLevel(level)
+def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[ProcessLog]:
+    with process_log(monkeypatch) as log:
+        yield log
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
@@ -133,13 +160,13 @@ def assert_no_secrets(text: str) -> None:
 
 
 async def test_access_line_in_json_carries_every_field(
-    tmp_path: Path, nursery: trio.Nursery, json_log: JsonLog
+    tmp_path: Path, nursery: trio.Nursery, json_log: ProcessLog
 ) -> None:
     up = await start_upstream(nursery, http_handler(BODY))
     cfg = base_config(
         tmp_path,
         [{"sni": [NAME], "upstreams": [up.addr], "alpn": ["http/1.1"]}],
-        server={"proxy_protocol": "v1"},
+        server={"proxy_protocol": "v1", "proxy_protocol_from": ["127.0.0.1/32"]},
         log={"format": "json", "level": "debug"},
     )
     json_log.setup(cfg)
@@ -177,7 +204,7 @@ async def test_access_line_in_json_carries_every_field(
 
 @pytest.mark.skipif(not pebble_available(), reason="pebble / pebble-challtestsrv not installed")
 async def test_acme_issuance_logs_no_keys_and_no_jws(
-    tmp_path: Path, nursery: trio.Nursery, json_log: JsonLog
+    tmp_path: Path, nursery: trio.Nursery, json_log: ProcessLog
 ) -> None:
     port = free_port()
     # Rejected nonces make the client take its error and retry paths, where a careless log

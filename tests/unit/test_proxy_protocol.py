@@ -222,13 +222,31 @@ def test_v2_tcp6() -> None:
     assert header.destination == ("::ffff:192.0.2.1", 443)
 
 
-def test_v2_unix_stream() -> None:
-    src = b"/run/client.sock".ljust(108, b"\x00")
-    dst = b"\x00abstract".ljust(108, b"\x00")
-    header, _ = parse(v2(0x21, 0x31, src + dst))
-    assert header.family == "UNIX"
-    assert header.source == ("/run/client.sock", 0)
-    assert header.destination == ("\x00abstract", 0)
+@pytest.mark.parametrize(
+    "src",
+    [
+        b"/run/client.sock",
+        # A path is any bytes: a newline and a fake log line, invalid UTF-8, an abstract name.
+        b"/x\n2026-01-01 00:00:00,000 INFO [1] edgeproxy.access: 6.6.6.6 forged\r\x1b[2J",
+        b"\xff\xfe\n",
+        b"\x00abstract\x00with NULs",
+    ],
+)
+def test_v2_unix_stream_gives_no_address_use_the_real_peer(src: bytes) -> None:
+    """A UNIX path is not a client address: the header says "use the real connection", as
+    UNSPEC does, whatever bytes the path holds; the TLVs after the block are still read."""
+    block = src.ljust(108, b"\x00") + b"\x00dst".ljust(108, b"\x00")
+    data = v2(0x21, 0x31, block + tlv(PP2_TYPE_AUTHORITY, b"shop.example.net"))
+    header, rest = parse(data + b"\x16\x03\x01")
+    assert (header.command, header.family) == ("PROXY", "UNIX")
+    assert header.source is None and header.destination is None
+    assert header.authority == "shop.example.net"
+    assert rest == b"\x16\x03\x01"
+    assert parse_bytewise(data) == (header, b"")
+
+
+def test_v2_unix_stream_with_a_short_block_is_refused() -> None:
+    assert error(v2(0x21, 0x31, bytes(215)), "v2").reason == "v2_short_address"
 
 
 def test_v2_local_health_check_ignores_the_whole_block() -> None:
