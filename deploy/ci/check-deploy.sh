@@ -286,6 +286,7 @@ cat > "$WORK/run.toml" <<EOF
 [server]
 listen = ["127.0.0.1:$P_TLS2"]
 proxy_protocol = "v2"
+proxy_protocol_from = ["127.0.0.1/32"]  # smoke.py connects from here; 127.0.0.2 plays an outsider
 drain_timeout = 5.0
 [admin]
 listen = "127.0.0.1:$P_ADMIN2"
@@ -361,6 +362,15 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 \
 grep -q 'edgeproxy_proxy_protocol_headers_total{result="local"} 1.0' <<<"$metrics" \
   || fail "the PROXY v2 LOCAL health check was not counted as one (metrics: $(grep proxy_protocol <<<"$metrics"))"
 ok "an NLB-style PROXY v2 LOCAL health check is accepted and counted as a health check"
+python3 deploy/ci/smoke.py untrusted --port "$P_TLS2" --source 127.0.0.2 \
+  || fail "a PROXY v2 header from 127.0.0.2 (outside proxy_protocol_from) was not refused"
+metrics=$(curl -sS --fail --max-time 10 -H "Authorization: Bearer $token" \
+  "http://127.0.0.1:$P_ADMIN2/metrics") || fail "GET /metrics with the admin token"
+grep -q 'edgeproxy_proxy_protocol_refused_total{reason="untrusted_peer"} 1.0' <<<"$metrics" \
+  || fail "the refused PROXY sender was not counted (metrics: $(grep proxy_protocol <<<"$metrics"))"
+pm logs "$RUNC" 2>&1 | grep -q 'refused a connection from 127.0.0.2' \
+  || fail "the refused PROXY sender is not in the log"
+ok "a PROXY v2 header from outside proxy_protocol_from is refused, counted and logged"
 
 step "run mode stops cleanly on SIGTERM"
 pm stop -t 20 "$RUNC" >/dev/null || fail "podman stop (run mode)"

@@ -1,8 +1,9 @@
 """Checks on edgeproxy's deploy artifacts that no generic validator knows: do the parts agree?
 
 Owns the cross-file invariants of ``deploy/`` (the NLB listener stays TCP, PROXY v2 on both
-sides, drain timings add up, the pod is locked down, secrets are referenced and never shipped,
-the NetworkPolicy lets the config's connections out, the ServiceMonitor yields the job the alert
+sides and PROXY headers only from the NLB's subnets, drain timings add up, the pod is locked
+down, secrets are referenced and never shipped, the NetworkPolicy lets the config's connections
+out and the TLS port in from exactly those subnets, the ServiceMonitor yields the job the alert
 rules select), the PrometheusRule generated from ``deploy/prometheus/edgeproxy-rules.yml``, and
 the extraction of pieces (core objects, custom resources, rule groups, the config file) from
 rendered manifests for the real tools that check them. It must not know how manifests are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import json
 import re
 import sys
@@ -267,6 +269,18 @@ def proxy_protocol_on_both_sides(d: Deployed) -> Iterator[str]:
             f'server.proxy_protocol is "{mode}" but the NLB target group does not send it: '
             f"add proxy_protocol_v2.enabled=true to {TARGET_GROUP_ATTRS}"
         )
+    trusted = _proxy_senders(d)
+    if trusted is not None and not trusted:
+        yield (
+            "server.proxy_protocol_from is not set: list the NLB's subnets' CIDRs (only the NLB "
+            "may send PROXY headers)"
+        )
+    for cidr in sorted(trusted or ()):
+        if cidr.endswith("/0"):
+            yield (
+                f"server.proxy_protocol_from has {cidr}: every address may then claim any client "
+                "address; list the NLB's subnets' CIDRs (or the VPC CIDR) instead"
+            )
 
 
 @invariant
@@ -449,14 +463,61 @@ def network_policy_lets_config_through(d: Deployed) -> Iterator[str]:
         if egress and not any(_egress_allows(p, port) for p in egress):
             yield f"NetworkPolicy egress does not allow TCP {port} ({what})"
     https = d.container_port("https")
-    ingress_ok = any(
-        any(d.container_port(p.get("port", "")) == https for p in rule.get("ports", []))
-        and not rule.get("from")
+    tls_rules = [
+        rule
         for pol in policies
+        if "Ingress" in pol["spec"].get("policyTypes", ["Ingress"])
         for rule in _dig(pol, "spec", "ingress") or []
-    )
-    if not ingress_ok:
-        yield f"NetworkPolicy ingress must admit the TLS port {https} from anywhere (the NLB)"
+        if not rule.get("ports")  # a rule without ports admits every port
+        or any(d.container_port(p.get("port", "")) == https for p in rule["ports"])
+    ]
+    trusted = _proxy_senders(d)
+    if trusted is None:  # no PROXY protocol: clients reach the pods with their own addresses
+        if not any(not rule.get("from") for rule in tls_rules):
+            yield f"NetworkPolicy ingress must admit the TLS port {https} from anywhere (the NLB)"
+        return
+    if not tls_rules:
+        yield f"NetworkPolicy ingress admits nothing to the TLS port {https}: the NLB is shut out"
+        return
+    if any(not rule.get("from") for rule in tls_rules):
+        yield (
+            f"NetworkPolicy ingress admits the TLS port {https} from anywhere, but only the NLB "
+            "may send PROXY headers: admit it from ipBlock entries with the CIDRs of "
+            "server.proxy_protocol_from"
+        )
+        return
+    blocks: set[str] = set()
+    for rule in tls_rules:
+        for peer in rule["from"]:
+            cidr = _dig(peer, "ipBlock", "cidr")
+            if cidr is None:
+                yield (
+                    f"NetworkPolicy ingress to the TLS port {https} admits {peer} (not an "
+                    "ipBlock): only the NLB's subnets (server.proxy_protocol_from) belong there"
+                )
+            else:
+                blocks.add(_normal_cidr(cidr))
+    if blocks != trusted:
+        yield (
+            f"NetworkPolicy ingress to the TLS port {https} admits {sorted(blocks)} but "
+            f"server.proxy_protocol_from is {sorted(trusted)}: list the same CIDRs, the NLB's "
+            "subnets, in both (a missing one refuses the NLB there, an extra one admits others)"
+        )
+
+
+def _normal_cidr(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_network(cidr, strict=False))
+    except ValueError:
+        return cidr  # edgeproxy check names it; here it simply matches nothing
+
+
+def _proxy_senders(d: Deployed) -> set[str] | None:
+    """server.proxy_protocol_from as normalised CIDRs; None when proxy_protocol is off."""
+    server = d.config.get("server", {})
+    if server.get("proxy_protocol", "off") == "off":
+        return None
+    return {_normal_cidr(str(c)) for c in server.get("proxy_protocol_from") or ()}
 
 
 def _rule_jobs(rule_doc: Doc) -> set[str]:

@@ -2,7 +2,8 @@
 
 Owns what a client does against a running edgeproxy container: fetch a page through TLS
 (optionally behind a PROXY v2 header, as the NLB sends it), knock like an NLB health check
-(PROXY v2 LOCAL, then close), and prove a drain: a request in flight when the container is
+(PROXY v2 LOCAL, then close), be refused when a PROXY header comes from an address outside
+``server.proxy_protocol_from``, and prove a drain: a request in flight when the container is
 told to stop still gets its answer, while new connections are already refused. It must not
 know how the container was started or stopped (the script passes the stop command). Standard
 library only, so it runs on any Python 3.11 beside the image build.
@@ -137,6 +138,28 @@ def health_check(port: int) -> None:
         raise SmokeError(f"health check connection got bytes back: {leftover[:100]!r}")
 
 
+def untrusted(port: int, source: str, name: str) -> None:
+    """From ``source``: a PROXY v2 header and a ClientHello; the proxy must hang up unheard."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.settimeout(PATIENCE)
+    raw.bind((source, 0))
+    try:
+        raw.connect(("127.0.0.1", port))
+        raw.sendall(proxy_v2_header("203.0.113.66", 40000, "127.0.0.1", port))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.recv(1)
+    except (ConnectionError, ssl.SSLError):
+        return  # reset or closed without a TLS answer: refused
+    except TimeoutError:
+        raise SmokeError(f"a PROXY header from {source} was neither answered nor refused") from None
+    finally:
+        raw.close()
+    raise SmokeError(f"a PROXY header from {source} got a TLS handshake: it was trusted")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -155,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("stop_command", nargs="+", help="command that stops the container")
     hc = sub.add_parser("health-check")
     hc.add_argument("--port", type=int, required=True)
+    un = sub.add_parser("untrusted", help="a PROXY header from --source must be refused")
+    un.add_argument("--port", type=int, required=True)
+    un.add_argument("--source", required=True, help="local address outside proxy_protocol_from")
+    un.add_argument("--name", default="untrusted.edgeproxy.test", help="SNI to ask for")
     args = parser.parse_args(argv)
 
     try:
@@ -169,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             print(body.decode(errors="replace").strip())
         elif args.cmd == "drain":
             drain(args.port, args.ca, args.name, args.stop_command)
+        elif args.cmd == "untrusted":
+            untrusted(args.port, args.source, args.name)
         else:
             health_check(args.port)
     except (SmokeError, OSError, ssl.SSLError) as exc:

@@ -123,6 +123,16 @@ def _monitor_selects(component: str) -> Callable[[list[dict[str, Any]]], None]:
     return edit
 
 
+def _tls_ingress(edit: Callable[[dict[str, Any]], None]) -> Callable[[list[dict[str, Any]]], None]:
+    """Edit the NetworkPolicy ingress rule that admits the TLS port."""
+
+    def apply(docs: list[dict[str, Any]]) -> None:
+        rules = _one(docs, "NetworkPolicy")["spec"]["ingress"]
+        edit(next(r for r in rules if any(p["port"] == "https" for p in r["ports"])))
+
+    return apply
+
+
 def _readiness_port(docs: list[dict[str, Any]]) -> None:
     probe = _container(docs)["readinessProbe"]["exec"]["command"]
     probe[-1] = probe[-1].replace(":9901/", ":9902/")
@@ -141,6 +151,30 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
     "proxy protocol off on the nlb only": (
         _tg_attrs("deregistration_delay.timeout_seconds=100"),
         "the NLB target group does not send it",
+    ),
+    "proxy headers trusted from every address": (
+        _edit_config('proxy_protocol_from = ["10.0.0.0/20"', 'proxy_protocol_from = ["0.0.0.0/0"'),
+        "server.proxy_protocol_from has 0.0.0.0/0",
+    ),
+    "proxy headers trusted from nobody in particular": (
+        _edit_config("proxy_protocol_from =", "# proxy_protocol_from ="),
+        "server.proxy_protocol_from is not set",
+    ),
+    "tls port open to anywhere": (
+        _tls_ingress(lambda r: r.pop("from")),
+        "admits the TLS port 8443 from anywhere, but only the NLB",
+    ),
+    "tls port from a subnet the config does not trust": (
+        _tls_ingress(lambda r: r["from"].append({"ipBlock": {"cidr": "10.0.48.0/20"}})),
+        "admits ['10.0.0.0/20', '10.0.16.0/20', '10.0.32.0/20', '10.0.48.0/20'] but",
+    ),
+    "a trusted subnet the network policy shuts out": (
+        _tls_ingress(lambda r: r["from"].pop()),
+        "server.proxy_protocol_from is ['10.0.0.0/20', '10.0.16.0/20', '10.0.32.0/20']",
+    ),
+    "tls port from a namespace": (
+        _tls_ingress(lambda r: r["from"].append({"namespaceSelector": {}})),
+        "(not an ipBlock)",
     ),
     "grace period shorter than prestop + drain": (
         _pod(lambda p: p.update(terminationGracePeriodSeconds=60)),
