@@ -143,3 +143,4 @@ HANDSHAKES_OK = HANDSHAKES.labels("ok", "")
 BYTES_TO_UPSTREAM = BYTES.labels("to_upstream")
 BYTES_TO_CLIENT = BYTES.labels("to_client")
 CLOSED_OK = CONNECTIONS_CLOSED.labels("ok")
+PROXY_UNTRUSTED = PROXY_PROTOCOL_REFUSED.labels("untrusted_peer")  # also exported at 0

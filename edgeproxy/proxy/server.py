@@ -205,7 +205,7 @@ class Proxy:
             # Before anything is read: a peer that may not send a PROXY header gets nothing
             # from us, not even a chance to send one.
             if s.proxy_senders is not None and not s.proxy_senders.allows(addr[0]):
-                metrics.PROXY_PROTOCOL_REFUSED.labels("untrusted_peer").inc()
+                metrics.PROXY_UNTRUSTED.inc()
                 if line := self.untrusted.note(str(addr[0])):
                     log.warning("%s", line)
                 _abort(sock)

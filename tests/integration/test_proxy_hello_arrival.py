@@ -150,7 +150,9 @@ async def test_proxy_header_and_hello_in_one_segment_leave_the_hello_in_the_sock
     tmp_path: Path, nursery: trio.Nursery, paths: dict[str, int]
 ) -> None:
     header = build_v2(("198.51.100.7", 40000), ("203.0.113.1", 443))
-    async with await _proxy(tmp_path, nursery, proxy_protocol="v2", proxy_protocol_from=["127.0.0.1"]) as p:
+    async with await _proxy(
+        tmp_path, nursery, proxy_protocol="v2", proxy_protocol_from=["127.0.0.1"]
+    ) as p:
         assert (await fetch(p, whole, prefix=header)).endswith(BODY)
         # The header alone first, the hello later: still peeked whole.
         assert (await fetch(p, cut_at(len(header)), prefix=header)).endswith(BODY)
@@ -161,7 +163,9 @@ async def test_proxy_header_in_pieces_with_the_hello_behind_its_tail(
     tmp_path: Path, nursery: trio.Nursery, paths: dict[str, int]
 ) -> None:
     header = build_v2(("198.51.100.7", 40000), ("203.0.113.1", 443))
-    async with await _proxy(tmp_path, nursery, proxy_protocol="v2", proxy_protocol_from=["127.0.0.1"]) as p:
+    async with await _proxy(
+        tmp_path, nursery, proxy_protocol="v2", proxy_protocol_from=["127.0.0.1"]
+    ) as p:
         # The header's first half is read off; its tail and the whole hello then come together
         # and are read together, so the hello goes to memory BIOs.
         assert (await fetch(p, cut_at(len(header) // 2), prefix=header)).endswith(BODY)
