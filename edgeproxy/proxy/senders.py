@@ -3,7 +3,10 @@
 A PROXY header is a claim about who the client is; only the load balancer may make it. The
 accept loop asks :class:`AddressSet` about every peer before reading a byte from it, so it
 must be cheap: networks are turned into ``(network, mask)`` integers once, a peer costs one
-``inet_pton`` and a mask per network, and the usual single network skips the loop.
+``inet_pton`` and a mask per network, and the usual single network skips the loop. Allowed
+addresses are remembered (a balancer connects from a handful), so the usual answer is one
+dict lookup; only addresses inside the listed networks can enter that memo, and it is
+emptied when it reaches its bound.
 
 IPv4-mapped IPv6 peers (``::ffff:10.0.0.1``, from a dual-stack socket) are matched as the IPv4
 address they carry, so an IPv4 CIDR covers them; an IPv6 network listed in the mapped range is
@@ -23,12 +26,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
+_MEMO_SIZE = 4096
 
 
 class AddressSet:
     """A fixed set of networks; ``allows(host)`` for the text of an accepted peer's address."""
 
-    __slots__ = ("_single", "_v4", "_v6")
+    __slots__ = ("_allowed", "_single", "_v4", "_v6")
 
     def __init__(self, networks: Iterable[Network]) -> None:
         v4: list[ipaddress.IPv4Network] = []
@@ -46,9 +50,20 @@ class AddressSet:
         self._v6 = tuple(_masks(ipaddress.collapse_addresses(v6)))
         both = [(4, *m) for m in self._v4] + [(6, *m) for m in self._v6]
         self._single: tuple[int, int, int] | None = both[0] if len(both) == 1 else None
+        self._allowed: set[str] = set()
 
     def allows(self, host: str) -> bool:
         """True if ``host`` (an IPv4 or IPv6 address as text) is inside one of the networks."""
+        if host in self._allowed:
+            return True
+        if self._matches(host):
+            if len(self._allowed) >= _MEMO_SIZE:
+                self._allowed.clear()
+            self._allowed.add(host)
+            return True
+        return False
+
+    def _matches(self, host: str) -> bool:
         try:
             if ":" in host:
                 packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from edgeproxy.proxy.senders import AddressSet, RefusalSummary
+from edgeproxy.proxy.senders import _MEMO_SIZE, AddressSet, RefusalSummary
 
 
 def addresses(*cidrs: str) -> AddressSet:
@@ -76,3 +76,15 @@ def test_the_first_refusal_is_logged_at_once_then_one_summary_per_interval() -> 
     # A quiet interval: nothing to say, and the next refusal is news again.
     assert summary.flush() is None
     assert summary.note("192.0.2.60") is not None
+
+
+def test_the_memo_of_allowed_peers_stays_bounded_and_never_holds_a_refused_one() -> None:
+    trusted = addresses("10.0.0.0/8")
+    memo = trusted._allowed  # the accept path's fast path: its bound is the point here
+    peers = [str(ipaddress.IPv4Address(0x0A000000 + i)) for i in range(3 * _MEMO_SIZE)]
+    for _ in range(2):  # the second round answers from the memo where it can
+        assert all(trusted.allows(p) for p in peers)
+        assert 0 < len(memo) <= _MEMO_SIZE
+    for i in range(100):
+        assert not trusted.allows(f"192.0.2.{i}")
+    assert not any(p.startswith("192.") for p in memo)
