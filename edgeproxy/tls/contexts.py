@@ -5,7 +5,9 @@ PEM/``cryptography`` objects into a ready context. Must not know: where certific
 which name maps to which context (the certificate manager caches contexts), sockets, streams.
 
 Defaults: TLS 1.2 and 1.3 only; for TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305 (the AEAD
-suites), server preference; no renegotiation, no compression; stateless session tickets on and
+suites), server preference; key exchange groups X25519MLKEM768 (where the OpenSSL has it),
+X25519, P-256 and P-384, Mozilla's "intermediate" set plus the post-quantum hybrid browsers
+send; no renegotiation, no compression; stateless session tickets on and
 the server session cache off. ``SSL_MODE_RELEASE_BUFFERS`` lets an idle connection give its
 record buffers back, and clearing ``SSL_MODE_ENABLE_PARTIAL_WRITE`` makes one ``SSL_write``
 encrypt a whole buffer (``TLSStream`` writes to a memory BIO, which never blocks).
@@ -39,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
 
@@ -71,6 +74,11 @@ _TLS12_CIPHERS: Final = b":".join(
     ]
 )
 _TLS13_SUITES: Final = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# Key exchange groups, preferred first. OpenSSL's default list adds X448 and P-521 (and FFDHE),
+# which no mainstream client needs and Mozilla's intermediate profile says to refuse (sslyze's
+# compliance check flags them). The post-quantum hybrid leads where this OpenSSL knows it
+# (3.5+); an older one is given the classical list only.
+_GROUPS: Final = (b"X25519MLKEM768:X25519:P-256:P-384", b"X25519:P-256:P-384")
 
 _OPTIONS: Final = (
     SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -127,12 +135,31 @@ def _accept_server_name(conn: SSL.Connection) -> None:
     return None
 
 
+def _set_groups(ctx: SSL.Context) -> None:
+    """``SSL_CTX_set1_groups_list``: pyOpenSSL has only ``set_tmp_ecdh`` (a single curve).
+
+    The call goes through the OpenSSL binding pyOpenSSL itself uses (``ctx._context`` is its
+    SSL_CTX*, stable since pyOpenSSL 0.13). The lists are constants, so a refusal of both means
+    this OpenSSL lacks a classical group: fail loudly rather than serve OpenSSL's defaults.
+    """
+    set_list = getattr(_lib, "SSL_CTX_set1_curves_list", None)  # the groups call's old name
+    raw = getattr(ctx, "_context", None)
+    if set_list is None or raw is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        raise RuntimeError("pyOpenSSL internals changed: cannot restrict the TLS groups")
+    for groups in _GROUPS:
+        if set_list(raw, groups) == 1:
+            return
+        _lib.ERR_clear_error()  # the refusal queued an error: not this connection's
+    raise RuntimeError(f"OpenSSL refuses the TLS groups {_GROUPS[-1]!r}")  # pragma: no cover
+
+
 def _hardened_context() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_cipher_list(_TLS12_CIPHERS)
     ctx.set_tls13_ciphersuites(_TLS13_SUITES)
+    _set_groups(ctx)
     ctx.set_options(_OPTIONS)
     # Stateless tickets carry the session, so nothing is kept server side; a cache would only
     # help the worker that filled it.
