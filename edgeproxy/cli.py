@@ -1,4 +1,4 @@
-"""The ``edgeproxy`` command line: run, check, demo, certs, storage, doctor.
+"""The ``edgeproxy`` command line: run, check, demo, certs, hostnames, storage, doctor.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage (listing every problem).
 """
@@ -21,6 +21,8 @@ from .errors import ConfigError
 from .logs import setup_logging
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
+#: Entries stored per batch by ``hostnames import`` (one sync or commit each).
+IMPORT_BATCH = 1000
 _config_option = click.option(
     "--config",
     "-c",
@@ -288,6 +290,188 @@ def certs_issue(config_path: Path, name: str) -> None:
             await rt.storage.aclose()
 
     sys.exit(trio.run(go))
+
+
+# ---------------------------------------------------------------- hostnames
+
+
+@main.group()
+def hostnames() -> None:
+    """Manage the customer hostname registry in the deployment's storage.
+
+    Changes reach running proxies within [hostnames] poll_interval. Names added here are
+    issued at their first visitor (or with `certs issue`); POST /v1/hostnames issues at once.
+    """
+
+
+def _storage_run(cfg: Config, work: Any) -> Any:
+    """Run ``work(storage)`` in trio with the deployment's storage, closed afterwards."""
+    from .app import build_storage
+
+    async def go() -> Any:
+        storage = build_storage(cfg)
+        try:
+            return await work(storage)
+        finally:
+            await storage.aclose()
+
+    return trio.run(go)
+
+
+def _bad(exc: Exception) -> None:
+    click.echo(f"error: {getattr(exc, 'detail', exc)}", err=True)
+    sys.exit(2)
+
+
+async def _describe(storage: Any, entry: Any) -> dict[str, Any]:
+    from .admin.hostnames import describe_hostname
+
+    # No manager runs here: the state comes from what the proxies stored.
+    return (await describe_hostname(storage, entry, time.time())).model_dump()
+
+
+@hostnames.command("add")
+@_config_option
+@click.argument("name")
+@click.option("--upstream", help='"host:port" overriding the SNI routes for NAME.')
+@click.option("--metadata", help="A JSON object (at most 4 KiB), returned as stored.")
+def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: str | None) -> None:
+    """Register NAME (an existing entry is left as it is)."""
+    from .hostnames.entries import BadEntry, encode_metadata, parse_hostname, parse_upstream
+    from .storage.base import HostnameEntry
+
+    cfg = _load(config_path)
+    try:
+        entry = HostnameEntry(parse_hostname(name), parse_upstream(upstream),
+                              encode_metadata(json.loads(metadata) if metadata else None),
+                              time.time())  # fmt: skip
+    except BadEntry as exc:
+        _bad(exc)
+    except ValueError as exc:
+        _bad(ValueError(f"--metadata is not valid JSON: {exc}"))
+    _, created = _storage_run(cfg, lambda s: s.add_hostname(entry))
+    click.echo(f"{entry.hostname}: {'added' if created else 'already registered (unchanged)'}")
+
+
+@hostnames.command("remove")
+@_config_option
+@click.argument("name")
+def hostnames_remove(config_path: Path, name: str) -> None:
+    """Stop serving and renewing NAME (its certificate is kept for [hostnames] removal_grace)."""
+    from .hostnames.entries import BadEntry, parse_hostname
+
+    cfg = _load(config_path)
+    try:
+        hostname = parse_hostname(name)
+    except BadEntry as exc:
+        _bad(exc)
+    if _storage_run(cfg, lambda s: s.remove_hostname(hostname, time.time())) is None:
+        click.echo(f"{hostname}: not a registered hostname", err=True)
+        sys.exit(1)
+    click.echo(f"{hostname}: removed")
+
+
+@hostnames.command("list")
+@_config_option
+@click.option("--state", type=click.Choice(["pending", "issuing", "active", "failing",
+                                             "denied", "removed"]))  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def hostnames_list(config_path: Path, state: str | None, as_json: bool) -> None:
+    """Every registered hostname (removed ones until purged) with its state."""
+    cfg = _load(config_path)
+
+    async def work(storage: Any) -> None:
+        if not as_json:
+            click.echo(f"{'HOSTNAME':40} {'STATE':8} {'NOT AFTER':16} UPSTREAM")
+        after = None
+        while page := await storage.list_hostnames(after=after, limit=500):
+            after = page[-1].hostname
+            for entry in page:
+                d = await _describe(storage, entry)
+                if state is not None and d["state"] != state:
+                    continue
+                if as_json:
+                    click.echo(json.dumps(d))
+                    continue
+                cert = d["certificate"] or {}
+                not_after = (cert.get("not_after") or "-")[:16].replace("T", " ")
+                click.echo(f"{d['hostname']:40} {d['state']:8} {not_after:16} "
+                           f"{d['upstream'] or '-'}")  # fmt: skip
+
+    _storage_run(cfg, work)
+
+
+@hostnames.command("show")
+@_config_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def hostnames_show(config_path: Path, name: str, as_json: bool) -> None:
+    """One hostname: entry, state, certificate, last error."""
+    from .hostnames.entries import BadEntry, parse_hostname
+
+    cfg = _load(config_path)
+    try:
+        hostname = parse_hostname(name)
+    except BadEntry as exc:
+        _bad(exc)
+
+    async def work(storage: Any) -> dict[str, Any] | None:
+        entry = await storage.get_hostname(hostname)
+        return None if entry is None else await _describe(storage, entry)
+
+    d = _storage_run(cfg, work)
+    if d is None:
+        click.echo(f"{hostname}: not a registered hostname", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    cert, err = d["certificate"] or {}, d["last_error"] or {}
+    for label, value in (
+        ("hostname", d["hostname"]), ("state", d["state"]), ("upstream", d["upstream"]),
+        ("metadata", json.dumps(d["metadata"])), ("created", d["created_at"]),
+        ("removed", d["removed_at"]), ("not after", cert.get("not_after")),
+        ("issuer", cert.get("issuer")), ("serial", cert.get("serial")),
+        ("last error", err.get("type")), ("detail", err.get("detail")), ("hint", err.get("hint")),
+    ):  # fmt: skip
+        click.echo(f"{label:12} {value if value is not None else '-'}")
+
+
+@hostnames.command("import")
+@_config_option
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def hostnames_import(config_path: Path, file: Any) -> None:
+    """Register every hostname in FILE: one per line, or JSON lines with the fields hostname,
+    upstream, metadata ('-' reads stdin). Bad lines are reported with their line number and
+    skipped; the good ones are kept. Exit 0 if every line was good, 1 otherwise."""
+    from .hostnames.entries import BadEntry, parse_import_line
+    from .storage.base import HostnameEntry
+
+    cfg = _load(config_path)
+    entries: list[HostnameEntry] = []
+    bad = 0
+    for number, line in enumerate(file, start=1):
+        try:
+            parsed = parse_import_line(line)
+        except BadEntry as exc:
+            click.echo(f"{file.name}:{number}: {exc.detail}", err=True)
+            bad += 1
+            continue
+        if parsed is not None:
+            entries.append(HostnameEntry(*parsed, created_at=time.time()))
+    counts = {"added": 0, "existing": 0}
+
+    async def work(storage: Any) -> None:
+        for start in range(0, len(entries), IMPORT_BATCH):
+            for _, created in await storage.add_hostnames(entries[start : start + IMPORT_BATCH]):
+                counts["added" if created else "existing"] += 1
+
+    t0 = time.monotonic()
+    _storage_run(cfg, work)
+    took = time.monotonic() - t0
+    click.echo(f"{counts['added']} added, {counts['existing']} already registered, {bad} bad "
+               f"line(s) ({took:.1f}s)")  # fmt: skip
+    sys.exit(1 if bad else 0)
 
 
 # ---------------------------------------------------------------- storage

@@ -387,11 +387,18 @@ async def _describe_all(
 
 
 async def _describe(rt: HostnamesRuntime, entry: HostnameEntry, now: float) -> Hostname:
+    return await describe_hostname(rt.storage, entry, now, rt.certs.status(entry.hostname))
+
+
+async def describe_hostname(
+    storage: HostnameStorage, entry: HostnameEntry, now: float, st: DomainStatus | None = None
+) -> Hostname:
+    """``entry`` with its state, certificate and last error; ``st`` is this process's status
+    of the name, if any (else the one another process stored)."""
     name = entry.hostname
-    st: DomainStatus | None = rt.certs.status(name)
     if st is None:
-        st = await _stored_status(rt, name)
-    record = await _record(rt, name)
+        st = await _stored_status(storage, name)
+    record = await _record(storage, name)
     cert = None
     if record is not None:
         cert = Certificate(
@@ -434,8 +441,8 @@ def hostname_state(
     return "active" if valid else "pending"
 
 
-async def _stored_status(rt: HostnamesRuntime, name: str) -> DomainStatus | None:
-    raw = await rt.storage.get(status_key(name))
+async def _stored_status(storage: HostnameStorage, name: str) -> DomainStatus | None:
+    raw = await storage.get(status_key(name))
     if raw is None:
         return None
     try:
@@ -445,8 +452,8 @@ async def _stored_status(rt: HostnamesRuntime, name: str) -> DomainStatus | None
     return st if st.name == name else None
 
 
-async def _record(rt: HostnamesRuntime, name: str) -> CertRecord | None:
-    raw = await rt.storage.get(cert_key(name))
+async def _record(storage: HostnameStorage, name: str) -> CertRecord | None:
+    raw = await storage.get(cert_key(name))
     if raw is None:
         return None
     try:

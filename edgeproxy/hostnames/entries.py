@@ -82,3 +82,33 @@ def encode_metadata(raw: object) -> str:
 def decode_metadata(text: str) -> dict[str, object]:
     value = json.loads(text)
     return value if isinstance(value, dict) else {}
+
+
+def parse_import_line(line: str) -> tuple[str, str | None, str] | None:
+    """One line of a ``hostnames import`` file: (hostname, upstream, metadata text), or None
+    for a blank line or a ``#`` comment. A line starting with ``{`` is a JSON object with the
+    API's fields (``hostname``, ``upstream``, ``metadata``); anything else is a hostname."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if not text.startswith("{"):
+        return parse_hostname(text), None, "{}"
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise BadEntry("invalid-body", f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadEntry("invalid-body", "a JSON line must be an object")
+    unknown = sorted(set(obj) - {"hostname", "upstream", "metadata"})
+    if unknown:
+        raise BadEntry(
+            "invalid-body", f"unknown field(s) {', '.join(unknown)} (allowed: hostname, "
+            "upstream, metadata)"
+        )
+    if "hostname" not in obj:
+        raise BadEntry("invalid-hostname", "the object has no hostname")
+    return (
+        parse_hostname(obj["hostname"]),
+        parse_upstream(obj.get("upstream")),
+        encode_metadata(obj.get("metadata")),
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -121,6 +122,11 @@ class Storage(Protocol):
     async def add_hostname(self, entry: HostnameEntry) -> tuple[HostnameEntry, bool]:
         """Register ``entry``; a live entry of that name wins: (it, False). A removed one is
         replaced (re-added): (entry, True)."""
+
+    async def add_hostnames(
+        self, entries: Sequence[HostnameEntry]
+    ) -> builtins.list[tuple[HostnameEntry, bool]]:
+        """``add_hostname`` for each entry, as one batch (bulk import); results in order."""
 
     async def get_hostname(self, hostname: str) -> HostnameEntry | None:
         """The entry, live or removed (until purged), or None."""

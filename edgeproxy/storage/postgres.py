@@ -535,6 +535,13 @@ class PostgresStorage:
         check_hostname_key(entry.hostname)
         return await self._run("add_hostname", self._add_hostname_sync, entry)
 
+    async def add_hostnames(
+        self, entries: Sequence[HostnameEntry]
+    ) -> builtins.list[tuple[HostnameEntry, bool]]:
+        for entry in entries:
+            check_hostname_key(entry.hostname)
+        return await self._run("add_hostnames", self._add_hostnames_sync, entries)
+
     async def get_hostname(self, hostname: str) -> HostnameEntry | None:
         check_hostname_key(hostname)
         return await self._run("get_hostname", self._get_hostname_sync, hostname)
@@ -841,6 +848,13 @@ class PostgresStorage:
             # Purged or removed between the two statements: a rare race, simply try again.
             return self._add_hostname_sync(conn, entry)
         return current, False
+
+    def _add_hostnames_sync(
+        self, conn: psycopg.Connection[Any], entries: Sequence[HostnameEntry]
+    ) -> builtins.list[tuple[HostnameEntry, bool]]:
+        # One transaction per batch: one commit (the costly part) instead of one per entry.
+        with conn.transaction():
+            return [self._add_hostname_sync(conn, entry) for entry in entries]
 
     def _get_hostname_sync(
         self, conn: psycopg.Connection[Any], hostname: str
