@@ -670,3 +670,24 @@ async def test_hostname_changes_name_what_another_handle_changed(
     await writer.update_hostname(_entry("e.example.com", upstream="10.0.0.2:1"))
     _, names = await reader.hostname_changes(marker)
     assert names == ["e.example.com"]
+
+
+async def test_add_hostnames_batch_keeps_live_entries_and_reports_each(
+    storage_factory: StorageFactory,
+) -> None:
+    storage, reader = storage_factory(), storage_factory()
+    marker, _ = await reader.hostname_changes(None)
+    await storage.add_hostname(_entry("live.example.com", upstream="10.0.0.1:1"))
+    await storage.add_hostname(_entry("gone.example.com"))
+    await storage.remove_hostname("gone.example.com", 5.0)
+    marker, _ = await reader.hostname_changes(marker)
+    batch = [_entry("new.example.com"), _entry("live.example.com"), _entry("gone.example.com")]
+    results = await storage.add_hostnames(batch)
+    assert [created for _, created in results] == [True, False, True]
+    assert results[1][0].upstream == "10.0.0.1:1"  # the live entry, not the batch's
+    assert (await storage.get_hostname("gone.example.com")) == batch[2]
+    _, names = await reader.hostname_changes(marker)
+    assert names is not None and set(names) == {"new.example.com", "gone.example.com"}
+    with pytest.raises(ValueError):
+        await storage.add_hostnames([_entry("ok.example.com"), _entry("../x")])
+    assert await storage.get_hostname("ok.example.com") is None  # refused whole
