@@ -311,8 +311,8 @@ class StorageConfig(_Model):
     dsn: str | None = None
     dsn_env: str | None = None
     encryption_key_env: str | None = None
-    # Issuance leases: a holder refreshes every lock_ttl/3; a crashed holder's lease frees
-    # itself after lock_ttl.
+    # Issuance leases: a holder refreshes every lock_ttl/3. A dead holder's lease frees at
+    # once (its process's flock or database session ends); lock_ttl frees a hung holder's.
     lock_ttl: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
     @model_validator(mode="after")

@@ -8,8 +8,9 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
 * ``put`` is atomic: a reader sees the old value or the new one, never a torn mix, even if the
   process is killed mid-write. ``secret=True`` values hold private keys: files are 0600 (and a
   backend may encrypt them at rest).
-* A lock is a lease: ``try_lock`` succeeds when nobody holds it or the holder's lease expired;
-  the holder keeps it alive with ``refresh_lock``; an abandoned lock frees itself at expiry.
+* A lock is a lease: ``try_lock`` succeeds when nobody holds it, the holder's lease expired,
+  or the holder is gone (its process died, or its database session ended); the holder keeps it
+  alive with ``refresh_lock``; a lock abandoned by a holder that hangs frees itself at expiry.
 * Challenge tokens are visible to every process sharing the storage, so whichever process or
   replica the CA reaches can answer.
 * The hostname registry holds one ``HostnameEntry`` per customer hostname. Listing pages by

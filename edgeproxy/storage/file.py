@@ -8,7 +8,9 @@ Theory of operation
 Layout (every folder 0700, created on demand, the root too)::
 
     data/<key>                            values; a key's slashes are folders
-    locks/<name>.lock                     lease records, JSON {owner, expires_at, created_at}
+    locks/<name>.lock                     lease records, JSON {owner, expires_at, created_at,
+                                          bound}
+    locks/<name>.held                     flocked by the lease holder's process while it lives
     locks/.guard                          flock target serialising lease/challenge updates
     challenges/<name>.json                pending challenges, JSON {key_authorization, expires_at}
     quarantine/<timestamp>-<key, / -> __>  values moved aside, plus ``.reason`` next to each
@@ -44,6 +46,18 @@ scope anyway (replicas on several machines share ``PostgresStorage``). Critical 
 read, a write and two fsyncs; waiting for the guard is bounded by ``GUARD_TIMEOUT`` so a stopped
 process cannot hang everyone else forever.
 
+*Leases bound to their holder's life.* A lease holder also keeps an exclusive ``flock`` on
+``<name>.held``, on a descriptor it holds open for as long as it holds the lease, and the lease
+record says ``"bound": true``. The kernel drops that flock when the holder's process dies, so
+``try_lock`` takes over an unexpired bound lease whose ``.held`` file it can flock: a process
+restarted after a ``kill -9`` gets its names back at once instead of after the lease's expiry.
+Expiry stays the safety net for a holder that hangs without dying (its flock stays held): the
+taker then binds a fresh ``.held`` inode (unlink and create) so the hung holder's descriptor
+no longer counts. Every open of a ``.held`` file happens under the guard, so the unlink and
+create cannot interleave with another process's check. flock, not ``fcntl``/``lockf`` record
+locks: those belong to the process, so two handles in one process would not exclude each
+other, and closing *any* descriptor of the file would drop them.
+
 *Hostname registry.* One file per entry, so a change rewrites one small file. Paging sorts the
 folder's names (a ``scandir``, no file is opened) and reads only the page's files; the sorted
 list is cached until the journal changes. Every registry update appends the hostname to
@@ -67,6 +81,7 @@ import ctypes.util
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import stat
@@ -91,12 +106,15 @@ from edgeproxy.storage.base import (
 
 __all__ = ["FileStorage"]
 
+log = logging.getLogger(__name__)
+
 _T = TypeVar("_T")
 
 _TMP_PREFIX = ".tmp-"
 _TMP_ALPHABET = string.ascii_uppercase
 _TMP_LEN = 16
 _LOCK_SUFFIX = ".lock"
+_HELD_SUFFIX = ".held"
 _CHALLENGE_SUFFIX = ".json"
 _REASON_SUFFIX = ".reason"
 _GUARD_NAME = ".guard"
@@ -156,9 +174,15 @@ class _Lease:
     owner: str
     expires_at: float
     created_at: float
+    bound: bool = False  # the holder flocks ``<name>.held`` while its process lives
 
     def to_json(self) -> bytes:
-        record = {"owner": self.owner, "expires_at": self.expires_at, "created_at": self.created_at}
+        record = {
+            "owner": self.owner,
+            "expires_at": self.expires_at,
+            "created_at": self.created_at,
+            "bound": self.bound,
+        }
         return json.dumps(record, sort_keys=True).encode()
 
     @classmethod
@@ -177,7 +201,7 @@ class _Lease:
         )
         if not isinstance(owner, str) or not _is_number(expires_at) or not _is_number(created_at):
             return None
-        return cls(owner, float(expires_at), float(created_at))
+        return cls(owner, float(expires_at), float(created_at), record.get("bound") is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +301,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _held_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name[: -len(_LOCK_SUFFIX)] + _HELD_SUFFIX)
+
+
+def _holder_alive(held: Path, *, shared: bool = False) -> bool:
+    """Whether some process holds the flock on ``held`` (a lease holder that still lives).
+
+    Under the guard (``shared=False``): the flock taken to test is dropped at once. ``shared``
+    tests without the guard: a shared flock never blocks a holder, and a racing taker that
+    sees it only retries later.
+    """
+    try:
+        fd = os.open(held, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops a flock we got
+    return False
+
+
+def _bind(held: Path) -> int:
+    """A descriptor holding an exclusive flock on a fresh ``held`` inode (under the guard).
+
+    Always a new inode: a hung holder past its expiry still has the old one flocked. The flock
+    is non-blocking and cannot fail: nobody else can have opened the inode just created.
+    """
+    _unlink(held)
+    fd = os.open(held, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _SECRET_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _unlink(path: Path) -> bool:
     """Remove a file; False if there was none (absence is never an error here)."""
     try:
@@ -316,6 +380,8 @@ class FileStorage:
         self._hostnames = self._root / "hostnames"
         # (journal marker, sorted hostnames): the listing is reused until the journal moves.
         self._listing: tuple[str, builtins.list[str]] | None = None
+        # (lease file name, owner) -> descriptor holding the flock on its ``.held`` file.
+        self._bindings: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self._root)!r})"
@@ -455,7 +521,11 @@ class FileStorage:
         return await self._run("clean", self._clean_sync, self._clock() if now is None else now)
 
     async def aclose(self) -> None:
-        """Nothing to release: every operation opens and closes its own files."""
+        """Let go of the leases' liveness flocks (as a dying process would); every other
+        operation opens and closes its own files."""
+        bindings, self._bindings = self._bindings, {}
+        for fd in bindings.values():
+            os.close(fd)
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -628,12 +698,28 @@ class FileStorage:
             raw = _read_file(path)
             current = _Lease.parse(raw) if raw is not None else None
             if current is not None and current.expires_at > now and current.owner != owner:
-                return False
-            # Free, expired, unparseable (a stale or foreign partial file) or already ours: the
-            # guard makes this replace the only decision taken on this record right now.
+                if not current.bound or _holder_alive(_held_path(path)):
+                    return False
+                log.warning(
+                    "lock %r: took over the lease of %r, whose process is gone",
+                    _decode_name(path.name, _LOCK_SUFFIX),
+                    current.owner,
+                )
+            # Free, expired, unparseable (a stale or foreign partial file), its holder dead, or
+            # already ours: the guard makes this replace the only decision taken on it now.
             created_at = current.created_at if current and current.owner == owner else now
-            lease = _Lease(owner, now + ttl, created_at)
-            self._write_atomic(path, lease.to_json(), _PUBLIC_MODE)
+            key = (path.name, owner)
+            fresh = current is None or current.owner != owner or key not in self._bindings
+            if fresh:  # a descriptor left from an earlier tenure may hold a replaced inode
+                self._unbind(path, owner, remove=False)
+                self._bindings[key] = _bind(_held_path(path))
+            lease = _Lease(owner, now + ttl, created_at, True)
+            try:
+                self._write_atomic(path, lease.to_json(), _PUBLIC_MODE)
+            except BaseException:
+                if fresh:
+                    os.close(self._bindings.pop(key))
+                raise
             return True
 
     def _refresh_sync(self, path: Path, owner: str, ttl: float, now: float) -> bool:
@@ -641,9 +727,11 @@ class FileStorage:
             raw = _read_file(path)
             current = _Lease.parse(raw) if raw is not None else None
             if current is None or current.owner != owner:
+                self._unbind(path, owner, remove=False)  # lost: stop vouching for it
                 return False
             # Still ours even if past expiry: nobody took it over, so extending it is safe.
-            lease = _Lease(owner, now + ttl, current.created_at)
+            bound = (path.name, owner) in self._bindings
+            lease = _Lease(owner, now + ttl, current.created_at, bound)
             self._write_atomic(path, lease.to_json(), _PUBLIC_MODE)
             return True
 
@@ -651,8 +739,25 @@ class FileStorage:
         with self._guard():
             raw = _read_file(path)
             current = _Lease.parse(raw) if raw is not None else None
-            if current is not None and current.owner == owner:
+            ours = current is not None and current.owner == owner
+            if ours:
                 self._delete_sync(path)
+            self._unbind(path, owner, remove=ours)
+
+    def _unbind(self, path: Path, owner: str, *, remove: bool) -> None:
+        """Close our ``.held`` descriptor for this lease; with ``remove``, delete the file if
+        it is still the inode we hold (a taker after expiry may have made a new one)."""
+        fd = self._bindings.pop((path.name, owner), None)
+        if fd is None:
+            return
+        try:
+            if remove:
+                held = _held_path(path)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(held).st_ino == os.fstat(fd).st_ino:
+                        _unlink(held)
+        finally:
+            os.close(fd)
 
     def _lock_files(self) -> builtins.list[tuple[str, Path]]:
         try:
@@ -901,6 +1006,11 @@ class FileStorage:
                     f"expired lock {name!r} held by {lease.owner!r}, "
                     f"expired {now - lease.expires_at:.0f}s ago"
                 )
+            elif lease.bound and not _holder_alive(_held_path(path), shared=True):
+                problems.append(
+                    f"lock {name!r} held by {lease.owner!r}, whose process is gone "
+                    "(the next taker gets it at once)"
+                )
         for name, path in self._challenge_files():
             raw = _read_file(path)
             challenge = _Challenge.parse(raw) if raw is not None else None
@@ -927,6 +1037,14 @@ class FileStorage:
                 if raw is not None and (lease is None or lease.expires_at <= now):
                     self._delete_sync(path)
                     removed.append(f"{'expired' if lease else 'unparseable'} lock {name!r}")
+            # A holder's liveness file outlives its lease when the holder died: drop it once
+            # no lease record names it and no process holds it.
+            for entry in list(os.scandir(self._locks)):
+                if entry.name.endswith(_HELD_SUFFIX):
+                    held = Path(entry.path)
+                    lock = held.with_name(entry.name[: -len(_HELD_SUFFIX)] + _LOCK_SUFFIX)
+                    if not lock.exists() and not _holder_alive(held):
+                        _unlink(held)
             for name, path in self._challenge_files():
                 raw = _read_file(path)
                 challenge = _Challenge.parse(raw) if raw is not None else None

@@ -24,6 +24,20 @@ current lease expired or is ours. PostgreSQL runs an upsert on one row atomicall
 on the row until the first commits, then re-evaluates the ``WHERE`` against the new row, so two
 replicas can never both win. ``refresh_lock`` and ``unlock`` only touch a row the caller owns.
 
+*Leases bound to their holder's session.* Each instance keeps one dedicated connection (the
+"session", ``<application_name>-leases`` in ``pg_stat_activity``) holding a session-level
+advisory lock on a random key, and every lease it takes records that key and its owner
+(``session_key``, ``session_owner``). A replica that dies takes its session with it (the
+server sees the socket close), and with it the advisory lock: ``try_lock`` also takes over an
+unexpired lease whose recorded session no longer holds its lock in ``pg_locks``. So a dead
+replica's leases free within moments, not after ``lock_ttl``. A lease is vouched for only while
+the session that took it lives: ``refresh_lock`` reports a lease lost once our session broke
+(another replica may already have taken it). ``session_owner`` must equal ``owner`` for the
+binding to count, so a row overwritten by an older replica that knows nothing of sessions falls
+back to expiry. Expiry stays the safety net for a holder that hangs (or whose host vanished
+without closing its sockets) while its session lingers. If the session cannot be opened (say
+the server's connection limit is reached), leases are taken unbound and expire as before.
+
 *Schema.* Created and migrated on first use. ``MIGRATIONS`` is an append-only list of SQL
 scripts; ``edgeproxy_schema_version`` holds how many have run. All pending ones run in one
 transaction under ``pg_advisory_xact_lock``, so replicas starting together apply each exactly
@@ -161,12 +175,33 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX edgeproxy_hostnames_rev_idx ON edgeproxy_hostnames (rev);
     """,
+    # 3: leases bound to the holder's database session (see "Leases bound to ..." above).
+    """
+    ALTER TABLE edgeproxy_locks ADD COLUMN session_key integer;
+    ALTER TABLE edgeproxy_locks ADD COLUMN session_owner text;
+    """,
 )
 
 # Taken by every migrating replica; any constant works as long as it is ours alone.
 _MIGRATION_LOCK_ID = int.from_bytes(
     hashlib.sha256(b"edgeproxy schema migrations").digest()[:8], "big", signed=True
 )
+
+# First key of the two-key advisory locks that mark live lease sessions (the second is random
+# per session); kept positive, as pg_locks shows both keys as oids.
+_SESSION_LOCK_CLASS = (
+    int.from_bytes(hashlib.sha256(b"edgeproxy lease sessions").digest()[:4], "big") & 0x7FFFFFFF
+)
+
+# True when the lease row ``l`` is bound to a session that has ended.
+_SESSION_GONE = """
+    l.session_key IS NOT NULL AND l.session_owner = l.owner AND NOT EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 2
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND classid = %(session_class)s::oid AND objid = l.session_key::oid
+    )
+"""
 
 _CREATE_VERSION_TABLE = """
     CREATE TABLE IF NOT EXISTS edgeproxy_schema_version (
@@ -259,6 +294,7 @@ _DESCRIBED_PARAMS = ("host", "hostaddr", "port", "dbname", "user")
 class _Target:
     conninfo: str  # with the password: handed to libpq only
     listener_conninfo: str  # the same, named "<application_name>-listener" in pg_stat_activity
+    session_conninfo: str  # the same, named "<application_name>-leases"
     description: str  # without it: for logs, errors and repr
     password: str | None
 
@@ -276,9 +312,11 @@ class _Target:
         params.setdefault("connect_timeout", str(max(2, math.ceil(connect_timeout))))
         described = " ".join(f"{k}={params[k]}" for k in _DESCRIBED_PARAMS if k in params)
         listener = {**params, "application_name": params["application_name"] + "-listener"}
+        session = {**params, "application_name": params["application_name"] + "-leases"}
         return cls(
             conninfo=make_conninfo("", **params),
             listener_conninfo=make_conninfo("", **listener),
+            session_conninfo=make_conninfo("", **session),
             description=described or "(libpq defaults)",
             password=params.get("password"),
         )
@@ -309,6 +347,9 @@ class PostgresStorage:
     LISTENER_BACKOFF = (0.1, 5.0)
     #: How often the listener looks up from ``notifies()`` to see whether it should stop.
     LISTENER_POLL = 0.25
+    #: After failing to open the lease session, take leases unbound for this long before
+    #: trying again (each attempt may wait up to ``timeout``).
+    SESSION_RETRY = 10.0
     #: Schema scripts this class applies (a subclass may extend it; tests do, to play upgrades).
     migrations: Sequence[str] = MIGRATIONS
 
@@ -341,6 +382,12 @@ class PostgresStorage:
         self._closed = False
         self._callbacks: builtins.list[Callable[[str], None]] = []
         self._listener: _Listener | None = None
+        # The lease session (see "Leases bound to ..."): connection, its advisory-lock key, and
+        # when to try again after a failed open. Its own lock: opening may take ``timeout``.
+        self._session_lock = threading.Lock()
+        self._session: psycopg.Connection[Any] | None = None
+        self._session_key: int | None = None
+        self._session_retry_at = 0.0
 
     def __repr__(self) -> str:
         return f"PostgresStorage({self._target.description!r})"
@@ -483,12 +530,19 @@ class PostgresStorage:
             return False
         previous_owner, previous_expiry = taken
         if previous_owner is not None and previous_owner != owner and previous_expiry is not None:
-            log.warning(
-                "lock %r: took over the lease of %r, which expired %.0fs ago",
-                name,
-                previous_owner,
-                now - previous_expiry,
-            )
+            if previous_expiry > now:
+                log.warning(
+                    "lock %r: took over the lease of %r, whose database session ended",
+                    name,
+                    previous_owner,
+                )
+            else:
+                log.warning(
+                    "lock %r: took over the lease of %r, which expired %.0fs ago",
+                    name,
+                    previous_owner,
+                    now - previous_expiry,
+                )
         return True
 
     async def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
@@ -616,6 +670,10 @@ class PostgresStorage:
             self._closed = True
             pool, self._pool = self._pool, None
             listener, self._listener = self._listener, None
+        with self._session_lock:
+            session, self._session, self._session_key = self._session, None, None
+        if session is not None:
+            await trio.to_thread.run_sync(session.close)
         if listener is not None:
             listener.stop_soon()
             await trio.to_thread.run_sync(listener.join)
@@ -719,6 +777,47 @@ class PostgresStorage:
         ).fetchall()
         return [StoredItem(key, float(modified), int(size)) for key, modified, size in rows]
 
+    def _lease_session(self) -> int | None:
+        """Our live lease session's advisory-lock key, opening the session if needed; None
+        when there is none to be had (leases are then taken unbound)."""
+        with self._session_lock:
+            if self._session is not None:
+                try:
+                    self._session.execute("SELECT 1")
+                    return self._session_key
+                except psycopg.Error:
+                    # Leases bound to the old session may already be someone else's; their
+                    # refresh says so. New ones bind to a new session.
+                    log.warning("postgres storage: lease session lost; opening a new one")
+                    self._session.close()
+                    self._session, self._session_key = None, None
+            if self._closed or time.monotonic() < self._session_retry_at:
+                return None
+            try:
+                session = psycopg.connect(self._target.session_conninfo, autocommit=True)
+                try:
+                    for _ in range(8):  # a clash with a live session's key is 1 in 2**31
+                        key = 1 + secrets.randbelow(0x7FFFFFFF)
+                        row = session.execute(
+                            "SELECT pg_try_advisory_lock(%s, %s)", (_SESSION_LOCK_CLASS, key)
+                        ).fetchone()
+                        if row is not None and row[0]:
+                            self._session, self._session_key = session, key
+                            return key
+                finally:
+                    if self._session is not session:
+                        session.close()
+            except psycopg.Error as exc:
+                detail = self._target.scrub(" ".join(str(exc).split()))
+                log.warning(
+                    "postgres storage: no lease session (%s); leases taken in the next %gs "
+                    "free only at expiry if this replica dies",
+                    detail,
+                    self.SESSION_RETRY,
+                )
+            self._session_retry_at = time.monotonic() + self.SESSION_RETRY
+            return None
+
     def _try_lock_sync(
         self, conn: psycopg.Connection[Any], name: str, owner: str, now: float, expires_at: float
     ) -> tuple[str | None, float | None] | None:
@@ -727,20 +826,33 @@ class PostgresStorage:
         ``prev`` is read from the statement's snapshot, so under a race it may name an older
         holder than the row actually replaced; it feeds the log line only, never the decision.
         """
+        session_key = self._lease_session()
         row = conn.execute(
             """
             WITH prev AS (SELECT owner, expires_at FROM edgeproxy_locks WHERE name = %(name)s)
-            INSERT INTO edgeproxy_locks AS l (name, owner, expires_at, created_at)
-            VALUES (%(name)s, %(owner)s, %(expires_at)s, %(now)s)
+            INSERT INTO edgeproxy_locks AS l
+                (name, owner, expires_at, created_at, session_key, session_owner)
+            VALUES (%(name)s, %(owner)s, %(expires_at)s, %(now)s, %(session_key)s, %(owner)s)
             ON CONFLICT (name) DO UPDATE SET
                 owner = EXCLUDED.owner,
                 expires_at = EXCLUDED.expires_at,
                 created_at = CASE WHEN l.owner = EXCLUDED.owner
-                                  THEN l.created_at ELSE EXCLUDED.created_at END
-            WHERE l.expires_at <= %(now)s OR l.owner = EXCLUDED.owner
+                                  THEN l.created_at ELSE EXCLUDED.created_at END,
+                session_key = EXCLUDED.session_key,
+                session_owner = EXCLUDED.session_owner
+            WHERE l.expires_at <= %(now)s OR l.owner = EXCLUDED.owner OR """
+            + _SESSION_GONE
+            + """
             RETURNING (SELECT owner FROM prev), (SELECT expires_at FROM prev)
             """,
-            {"name": name, "owner": owner, "now": now, "expires_at": expires_at},
+            {
+                "name": name,
+                "owner": owner,
+                "now": now,
+                "expires_at": expires_at,
+                "session_key": session_key,
+                "session_class": _SESSION_LOCK_CLASS,
+            },
         ).fetchone()
         if row is None:
             return None
@@ -750,11 +862,16 @@ class PostgresStorage:
         self, conn: psycopg.Connection[Any], name: str, owner: str, expires_at: float
     ) -> bool:
         # Still ours even if past expiry: nobody took it over, so extending it is safe.
-        cur = conn.execute(
-            "UPDATE edgeproxy_locks SET expires_at = %s WHERE name = %s AND owner = %s",
+        row = conn.execute(
+            "UPDATE edgeproxy_locks SET expires_at = %s WHERE name = %s AND owner = %s "
+            "RETURNING session_key",
             (expires_at, name, owner),
-        )
-        return cur.rowcount == 1
+        ).fetchone()
+        if row is None:
+            return False
+        # Bound to a session: ours only while that session still lives (else another replica
+        # may take it over any moment, or already has and lost it again).
+        return row[0] is None or row[0] == self._lease_session()
 
     def _unlock_sync(self, conn: psycopg.Connection[Any], name: str, owner: str) -> None:
         conn.execute("DELETE FROM edgeproxy_locks WHERE name = %s AND owner = %s", (name, owner))
@@ -951,6 +1068,16 @@ class PostgresStorage:
         ):
             problems.append(
                 f"expired lock {name!r} held by {owner!r}, expired {now - expires_at:.0f}s ago"
+            )
+        for name, owner in conn.execute(
+            "SELECT name, owner FROM edgeproxy_locks AS l WHERE expires_at > %(now)s AND "
+            + _SESSION_GONE
+            + " ORDER BY name",
+            {"now": now, "session_class": _SESSION_LOCK_CLASS},
+        ):
+            problems.append(
+                f"lock {name!r} held by {owner!r}, whose database session ended "
+                "(the next taker gets it at once)"
             )
         for (name,) in conn.execute(
             "SELECT name FROM edgeproxy_challenges WHERE expires_at <= %s ORDER BY name", (now,)

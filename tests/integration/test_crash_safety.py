@@ -87,6 +87,16 @@ def poke(port: int, name: str) -> None:
     threading.Thread(target=go, daemon=True).start()
 
 
+def wait_for(pred: Callable[[], bool], limit: float = 10.0) -> bool:
+    """Poll ``pred`` every millisecond for at most ``limit`` s (a bound, not a measurement)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def storage_check(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgeproxy", "storage", "check", "-c", str(config)],
@@ -112,14 +122,6 @@ def test_kill_9_during_issuance_then_recover(
     # Kill at distinct moments of an issuance, observed through storage rather than guessed
     # from timings: the lease just taken, the challenge published (validation in flight), the
     # ACME account being created, and two plain delays.
-    def wait_for(pred: Callable[[], bool], limit: float = 10.0) -> bool:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.001)
-        return False
-
     def lease_file(name: str) -> Callable[[], bool]:
         return lambda: (state / "locks" / f"issue-{name}.lock").exists()
 

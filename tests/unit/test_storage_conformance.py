@@ -12,6 +12,7 @@ Time is explicit: lease and challenge expiry run on a ``ManualClock`` that a tes
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -398,18 +399,59 @@ async def test_racing_takeovers_of_a_stale_lock_have_one_winner(
         assert info is not None and info.owner == winners[0]
 
 
-async def test_lease_of_a_killed_holder_frees_itself_at_expiry(
+async def test_lease_of_a_killed_holder_frees_at_once(
     storage_factory: StorageFactory, children: Children
 ) -> None:
+    # The kernel (file: the holder's flock) or the server (postgres: the holder's session and
+    # its advisory lock) knows the holder died; nobody waits for the 30 s lease to expire.
     holder = children.start("hold", storage_factory.spec, "issue/x.example", "30")
     line = await _read_line(holder)
     assert line.startswith("held ")
+    dead_owner = line.removeprefix("held ")
+    now = storage_factory()
+    assert not await now.try_lock("issue/x.example", "next", 30)  # alive: its lease holds
+    assert await now.check() == []
     holder.kill()
     await trio.to_thread.run_sync(holder.wait)
-    now = storage_factory()
-    assert not await now.try_lock("issue/x.example", "next", 30)
-    later = storage_factory(clock=lambda: time.time() + 31)
-    assert await later.try_lock("issue/x.example", "next", 30)
+    # postgres: the server ends the session when it reads the closed socket (a moment).
+    problems: list[str] = []
+    with trio.fail_after(CHILD_DEADLINE):
+        while not problems:
+            problems = await now.check()
+            await trio.sleep(0.02)
+    assert problems == [
+        f"lock 'issue/x.example' held by {dead_owner!r}, whose "
+        + (
+            "process is gone"
+            if storage_factory.spec.startswith("file:")
+            else "database session ended"
+        )
+        + " (the next taker gets it at once)"
+    ]
+    assert await now.try_lock("issue/x.example", "next", 30)
+    info = await now.lock_info("issue/x.example")
+    assert info is not None and info.owner == "next"
+    # And the new holder's lease is bound in turn: another taker is refused.
+    assert not await storage_factory().try_lock("issue/x.example", "third", 30)
+
+
+async def test_lease_of_a_hung_holder_frees_only_at_expiry(
+    storage_factory: StorageFactory, children: Children
+) -> None:
+    # A stopped process keeps its descriptors and its database session: only expiry (the
+    # lock_ttl safety net) frees its lease, and the taker's lease is bound to the taker.
+    holder = children.start("hold", storage_factory.spec, "issue/x.example", "30")
+    assert (await _read_line(holder)).startswith("held ")
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        assert not await storage_factory().try_lock("issue/x.example", "next", 30)
+        later = storage_factory(clock=lambda: time.time() + 31)
+        assert await later.try_lock("issue/x.example", "next", 30)
+        assert not await later.try_lock("issue/x.example", "third", 30)
+    finally:
+        holder.kill()
+        os.kill(holder.pid, signal.SIGCONT)
+    await trio.to_thread.run_sync(holder.wait)
 
 
 async def _read_line(proc: subprocess.Popen[str]) -> str:

@@ -278,7 +278,31 @@ async def test_lock_file_records_owner_expiry_and_creation(root: Path) -> None:
     now[0] = 1010.0
     assert await storage.refresh_lock("n", "me", 30)
     record = json.loads((root / "locks/n.lock").read_bytes())
-    assert record == {"owner": "me", "expires_at": 1040.0, "created_at": 1000.0}
+    assert record == {"owner": "me", "expires_at": 1040.0, "created_at": 1000.0, "bound": True}
+    # The liveness file is flocked while the lease is held, and goes with the lease.
+    fd = os.open(root / "locks/n.held", os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    await storage.unlock("n", "me")
+    assert sorted(p.name for p in (root / "locks").iterdir()) == [".guard"]
+
+
+async def test_a_lease_record_without_binding_waits_for_expiry(root: Path) -> None:
+    # Written by a holder that never flocked (an older edgeproxy): no "bound", so an unheld
+    # .held file proves nothing and only expiry frees it.
+    make_folder(root / "locks")
+    (root / "locks/n.lock").write_text(
+        '{"owner": "old", "expires_at": 1030.0, "created_at": 1000.0}'
+    )
+    (root / "locks/n.held").write_bytes(b"")
+    now = [1000.0]
+    storage = FileStorage(root, clock=lambda: now[0])
+    assert not await storage.try_lock("n", "me", 30)
+    now[0] = 1031.0
+    assert await storage.try_lock("n", "me", 30)
 
 
 async def test_busy_guard_is_waited_for_off_the_event_loop_and_bounded(
