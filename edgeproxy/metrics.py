@@ -120,6 +120,14 @@ LOCK_WAIT_SECONDS = Histogram(
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60),
 )
 CONFIG_RELOADS = Counter("edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"])
+BACKGROUND_TASK_ERRORS = Counter(
+    "edgeproxy_background_task_errors_total",
+    "Unexpected exceptions in the certificate manager's background work, by task: logged with "
+    "a traceback and dropped (a bug or an input nobody foresaw); the process keeps serving.",
+    ["task"],
+)
+#: The ``task`` label values of BACKGROUND_TASK_ERRORS.
+BACKGROUND_TASKS = ("acquire", "renew", "reload", "persist_status", "maintenance")
 
 # Export every label value an alert rule selects on from startup, at 0: increase() needs a
 # sample before the first event, or the first failure after a restart goes unseen.
@@ -133,6 +141,8 @@ for _result in ("ok", "rejected"):
     CONFIG_RELOADS.labels(_result)
 for _shed in ("max_handshakes", "hello_timeout_scaled"):
     CONNECTIONS_SHED.labels(_shed)
+for _task in BACKGROUND_TASKS:
+    BACKGROUND_TASK_ERRORS.labels(_task)
 CONNECTIONS_CLOSED.labels("upstream_unreachable")
 STORAGE_ERRORS.labels("corrupt_record")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 
-_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# Always used with fullmatch: ``$`` also matches before a trailing newline, so an anchored
+# ``match`` took "a\n" as a label (and an admin path can carry a decoded %0a).
+_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 MAX_NAME_LENGTH = 253
 
 
@@ -63,7 +65,7 @@ def validate_hostname(name: str) -> str:
     for label in labels:
         if not label:
             raise InvalidName("empty label")
-        if not _LABEL_RE.match(label):
+        if not _LABEL_RE.fullmatch(label):
             raise InvalidName(f"label {label!r} is not a valid DNS label")
     if labels[-1].isdigit():
         raise InvalidName("top-level label is numeric")

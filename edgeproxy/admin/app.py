@@ -49,7 +49,7 @@ from ..certs.record import iso, status_key
 from ..certs.status import DomainStatus
 from ..config import is_loopback_host
 from ..errors import StorageError
-from ..names import InvalidName, normalize_name
+from ..names import InvalidName, validate_hostname
 from ..storage.base import StoredItem
 
 log = logging.getLogger("edgeproxy.admin")
@@ -596,8 +596,11 @@ def _request(scope: Scope, method: str) -> Request:
 
 
 def _normalized(raw: str) -> str | Response:
+    # The full hostname check, not just normalisation: the path is decoded (%0a is a newline),
+    # and nothing that could not be an SNI may reach the allow-check, the ask endpoint or a
+    # storage key.
     try:
-        return normalize_name(raw)
+        return validate_hostname(raw)
     except InvalidName as exc:
         return error_response(400, "invalid_name", f"{raw!r} is not a server name: {exc}")
 

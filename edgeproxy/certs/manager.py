@@ -22,7 +22,11 @@ once (its context dropped, handshakes get ``unrecognized_name``); its stored cer
 for ``removal_grace`` so re-adding it serves it again without a new order, then purged.
 
 Failures never crash anything: they are recorded in the per-domain status with a typed reason
-and a hint, and retried with exponential backoff and jitter.
+and a hint, and retried with exponential backoff and jitter. What nobody foresaw (a bug, an
+input a validator let through) is caught at the edge of each background task: logged with its
+traceback, counted in ``edgeproxy_background_task_errors_total{task}``, and dropped. The
+manager's nursery is shared by every name, so one name's exception must never cancel it (and
+with it the process).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -196,7 +200,7 @@ class CertificateManager:
             return
         name = key[len("certs/") : -len(".json")]
         if name in self._cache:
-            self._nursery.start_soon(self._reload, name)
+            self._spawn("reload", name, self._reload, name)
 
     async def _reload(self, name: str) -> None:
         try:
@@ -268,6 +272,7 @@ class CertificateManager:
                     try:
                         await self.maintenance_once()
                     except Exception:
+                        metrics.BACKGROUND_TASK_ERRORS.labels("maintenance").inc()
                         log.exception("certificate maintenance pass failed; retrying later")
                     await trio.sleep(self.renew_interval)
             finally:
@@ -283,11 +288,28 @@ class CertificateManager:
         self._nursery.start_soon(self._acquire_task, name, ev)
         return ev
 
+    def _spawn(
+        self, task: str, name: str, fn: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run ``fn(*args)`` for ``name`` in the manager's nursery, its failure contained."""
+        if self._nursery is None:
+            raise RuntimeError("CertificateManager.run() is not running")
+        self._nursery.start_soon(self._guarded, task, name, fn, *args)
+
+    @staticmethod
+    async def _guarded(
+        task: str, name: str, fn: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            _task_failed(task, name)
+
     async def _acquire_task(self, name: str, ev: trio.Event) -> None:
         try:
             await self._acquire(name)
         except Exception:
-            log.exception("unexpected error acquiring a certificate for %s", name)
+            _task_failed("acquire", name)
         finally:
             del self._inflight[name]
             ev.set()
@@ -477,7 +499,7 @@ class CertificateManager:
             setattr(st, k, v)
         st.updated_at = self.clock()
         if self._nursery is not None:
-            self._nursery.start_soon(self._persist_status, st.name, st.to_json())
+            self._spawn("persist_status", name, self._persist_status, st.name, st.to_json())
         return st
 
     async def _persist_status(self, name: str, raw: bytes) -> None:
@@ -577,37 +599,20 @@ class CertificateManager:
             if not item.key.endswith(".json"):
                 continue
             name = item.key[len("certs/") : -len(".json")]
-            cached = self._cache.get(name)
-            if cached is not None and self._seen_modified.get(name) == item.modified:
-                rec: CertRecord | None = cached.record
-            else:
-                try:
-                    rec = await self._load(name)
-                except StorageError:
-                    continue
-                self._seen_modified[name] = item.modified
-                # Another process renewed it: swap the cached context now.
-                if rec is not None and cached is not None and cached.record.serial != rec.serial:
-                    log.info("picked up new certificate for %s stored by another process", name)
-                    self._install(rec)
-            if rec is None:
+            try:
+                seen = await self._maintain(name, item.modified, now)
+            except StorageError as exc:
+                log.warning("maintenance: %s skipped this pass: %s", name, exc)
                 continue
-            if self.registry is not None and self.registry.is_removed(name):
-                continue  # offboarded: not renewed, not watched (purged after the grace)
-            st = self._status.get(name)
-            if st is not None and st.state == "denied" and rec.not_after <= now:
-                self.invalidate(name)  # served until it expired; now dropped
+            except Exception:
+                # One name's surprise must not stop the pass: the names after it still renew.
+                _task_failed("renew", name)
                 continue
-            plan = await self._plan(rec, now)
-            st = self._status.get(name)
-            if plan.at <= now:
-                if not (st is not None and st.next_attempt and st.next_attempt > now):
-                    await self._renew(rec)
-                if self._unwanted(name):
-                    continue
-                due += 1
-            if not self._unwanted(name):
-                earliest = rec.not_after if earliest is None else min(earliest, rec.not_after)
+            if seen is None or self._unwanted(name):
+                continue
+            not_after, is_due = seen
+            earliest = not_after if earliest is None else min(earliest, not_after)
+            due += is_due
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
         metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest if earliest is not None else 0)
         metrics.RENEWALS_DUE.set(due)
@@ -636,6 +641,37 @@ class CertificateManager:
                 log.warning("could not purge removed hostname %s: %s", name, exc)
                 return
             self.registry.apply(name, None)
+
+    async def _maintain(
+        self, name: str, modified: float, now: float
+    ) -> tuple[float, bool] | None:
+        """Plan (and if due, renew) one stored certificate: its (not_after, due), or None
+        when it is not watched (gone, offboarded, or expired after a refusal)."""
+        cached = self._cache.get(name)
+        if cached is not None and self._seen_modified.get(name) == modified:
+            rec: CertRecord | None = cached.record
+        else:
+            rec = await self._load(name)
+            self._seen_modified[name] = modified
+            # Another process renewed it: swap the cached context now.
+            if rec is not None and cached is not None and cached.record.serial != rec.serial:
+                log.info("picked up new certificate for %s stored by another process", name)
+                self._install(rec)
+        if rec is None:
+            return None
+        if self.registry is not None and self.registry.is_removed(name):
+            return None  # offboarded: not renewed, not watched (purged after the grace)
+        st = self._status.get(name)
+        if st is not None and st.state == "denied" and rec.not_after <= now:
+            self.invalidate(name)  # served until it expired; now dropped
+            return None
+        plan = await self._plan(rec, now)
+        if plan.at > now:
+            return rec.not_after, False
+        st = self._status.get(name)
+        if st is None or not st.next_attempt or st.next_attempt <= now:
+            await self._renew(rec)
+        return rec.not_after, True
 
     async def _sweep_storage(self) -> None:
         clean = getattr(self.storage, "clean", None)
@@ -807,6 +843,16 @@ class CertificateManager:
             return
         log.info("renewing %s (not after %s)", rec.name, _iso(rec.not_after))
         await self.obtain(rec.name, old=rec)
+
+
+def _task_failed(task: str, name: str) -> None:
+    """Count and log (with the traceback) an exception a background task did not expect."""
+    metrics.BACKGROUND_TASK_ERRORS.labels(task).inc()
+    log.exception(
+        "background task %s for %s failed unexpectedly; dropped, the process keeps running",
+        task,
+        name,
+    )
 
 
 def _iso(ts: float) -> str:

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-_KEY_RE = re.compile(r"^[a-z0-9_.\-*]+(/[a-z0-9_.\-*]+)*$")
+# fullmatch, never ``match`` with ``$``: that would accept a key ending in a newline.
+_KEY_RE = re.compile(r"[a-z0-9_.\-*]+(/[a-z0-9_.\-*]+)*")
 
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape the storage root or collide after normalisation."""
-    if not _KEY_RE.match(key) or any(part in {".", ".."} for part in key.split("/")):
+    if not _KEY_RE.fullmatch(key) or any(part in {".", ".."} for part in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}")
     return key
 

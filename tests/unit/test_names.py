@@ -82,3 +82,25 @@ def test_matching(pattern: str, name: str, ok: bool) -> None:
 def test_ip_literals_and_hostnames(name: str, literal: bool) -> None:
     # SNI goes through this on every connection; hostnames skip the address parser.
     assert is_ip_literal(name) is literal
+
+
+CONTROL_CHARACTERS = [chr(c) for c in (*range(0x00, 0x20), 0x7F)]
+
+
+@pytest.mark.parametrize("ch", CONTROL_CHARACTERS, ids=lambda c: f"0x{ord(c):02x}")
+@pytest.mark.parametrize(
+    "template",
+    ["a{}.allowed.test", "{}a.allowed.test", "a.allowed.test{}", "a.allowed{}.test", "{}.allowed.test"],
+)
+def test_validate_refuses_every_control_character_anywhere(ch: str, template: str) -> None:
+    # "a\n.allowed.test" once passed: ``$`` in an anchored ``re.match`` also matches before a
+    # trailing newline, and an admin path carries a decoded %0a.
+    with pytest.raises(InvalidName):
+        validate_hostname(template.format(ch))
+
+
+@pytest.mark.parametrize("ch", CONTROL_CHARACTERS, ids=lambda c: f"0x{ord(c):02x}")
+def test_validate_refuses_control_characters_inside_u_labels(ch: str) -> None:
+    # A U-label goes through the IDNA codec first, which keeps ASCII code points as they are.
+    with pytest.raises(InvalidName):
+        validate_hostname(f"bücher{ch}.allowed.test")

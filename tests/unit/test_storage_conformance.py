@@ -192,7 +192,10 @@ async def test_list_filters_by_prefix_and_reports_sizes(storage: Storage) -> Non
     assert await storage.list("Certs/") == []
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "../up", "a//b", "trailing/", "Upper", "."])
+@pytest.mark.parametrize(
+    "key",
+    ["", "/abs", "a/../b", "../up", "a//b", "trailing/", "Upper", ".", "status/a\n.x.json", "ok\n"],
+)
 async def test_invalid_keys_are_refused(storage: Storage, key: str) -> None:
     with pytest.raises(ValueError):
         await storage.put(key, b"x")
