@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import trio
@@ -44,6 +44,20 @@ def _load(path: Path) -> Config:
         sys.exit(2)
 
 
+def _exit_on_config_errors(exc: BaseException) -> NoReturn:
+    """Exit 2 listing the problems when ``exc`` is (a group of) ConfigErrors found while
+    starting (a busy port, say): one line each, no traceback. Anything else is re-raised."""
+    from .workers import config_errors
+
+    errors = config_errors(exc)
+    if not errors:
+        raise exc
+    for err in errors:
+        for p in err.problems:
+            click.echo(p, err=True)
+    sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeproxy")
 def main() -> None:
@@ -61,19 +75,12 @@ def run(config_path: Path) -> None:
 
         sys.exit(run_supervisor(cfg, config_path))
     from .app import run_process, tune_gc_for_serving
-    from .workers import config_errors
 
     tune_gc_for_serving()
     try:
         trio.run(lambda: run_process(cfg, config_path=config_path))
     except (ConfigError, BaseExceptionGroup) as exc:
-        errors = config_errors(exc)
-        if not errors:
-            raise
-        for err in errors:
-            for p in err.problems:
-                click.echo(p, err=True)
-        sys.exit(2)
+        _exit_on_config_errors(exc)
 
 
 @main.command()
@@ -112,30 +119,30 @@ def check(config_path: Path) -> None:
 )
 def demo(listen: str, state_dir: Path, admin: str) -> None:
     """Run the embedded default: internal CA, hello upstream, no config needed."""
-    from .app import Runtime, run_process
-    from .demo import DEMO_HOST, demo_config, start_hello_upstream
-    from .issuers.internal import InternalIssuer
+    from .app import run_process
+    from .demo import DEMO_HOST, demo_config, prepare_state, start_hello_upstream
 
     setup_logging("text", "info")
     state_dir = state_dir.resolve()
 
     async def main_async() -> None:
+        # The CA file exists before the listener opens: a client may connect at once.
+        files = await prepare_state(state_dir)
         async with trio.open_nursery() as nursery:
             upstream = await start_hello_upstream(nursery)
-            cfg = demo_config(state_dir, listen, upstream, admin or None)
+            cfg = demo_config(state_dir, listen, upstream, admin or None, files)
 
-            async def ready(rt: Runtime) -> None:
-                assert isinstance(rt.issuer, InternalIssuer)
-                ca_path = state_dir / "ca.pem"
-                ca_path.write_bytes(await rt.issuer.ca_certificate_pem())
+            async def ready(_: object) -> None:
                 port = listen.rsplit(":", 1)[1]
                 host = listen.rsplit(":", 1)[0].strip("[]")
                 metrics_line = f"Metrics: http://{admin}/metrics. " if admin else ""
                 click.echo(
                     "\nedgeproxy demo is running. Try:\n\n"
-                    f"  curl --cacert {ca_path} --resolve {DEMO_HOST}:{port}:{host} "
-                    f"https://{DEMO_HOST}:{port}/\n\n"
-                    "Any name under *.edgeproxy.test gets its own certificate on first use. "
+                    f"  curl --cacert {files.ca} --resolve {DEMO_HOST}:{port}:{host} "
+                    f"https://{DEMO_HOST}:{port}/\n"
+                    f"  curl --cacert {files.ca} https://localhost:{port}/\n\n"
+                    "localhost, 127.0.0.1 and ::1 are in the demo's local certificate; any "
+                    "name under *.edgeproxy.test gets its own certificate on first use. "
                     f"{metrics_line}Ctrl-C to stop.\n",
                 )
 
@@ -144,10 +151,8 @@ def demo(listen: str, state_dir: Path, admin: str) -> None:
 
     try:
         trio.run(main_async)
-    except ConfigError as exc:
-        for p in exc.problems:
-            click.echo(p, err=True)
-        sys.exit(2)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        _exit_on_config_errors(exc)
     except KeyboardInterrupt:
         pass
 

@@ -15,6 +15,7 @@ record key, so existing deployments keep their trusted ``ca.pem``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
@@ -157,19 +158,26 @@ class InternalIssuer:
         *,
         replacing: bytes | None = None,
     ) -> IssuedCertificate:
+        return await self.issue_for([x509.DNSName(name)], private_key)
+
+    async def issue_for(
+        self, names: Sequence[x509.GeneralName], private_key: CertificateIssuerPrivateKeyTypes
+    ) -> IssuedCertificate:
+        """A leaf for several names, IP addresses included (``names[0]`` is the subject):
+        the demo's certificate for localhost, 127.0.0.1 and ::1."""
         # The leaf's own family signs it: an RSA-only client must verify the chain too.
         family: Family = "rsa" if isinstance(private_key, rsa.RSAPrivateKey) else "ec"
         ca_cert, ca_key = await self._load_or_create(family)
         now = datetime.now(UTC)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[0].value))]))
             .issuer_name(ca_cert.subject)
             .public_key(private_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + self._validity)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(

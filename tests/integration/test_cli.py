@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,69 @@ def test_demo_prints_a_curl_command_that_works(tmp_path: Path) -> None:
         assert oct((tmp_path / "demo").stat().st_mode & 0o777) == oct(0o700)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start_demo(tmp_path: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*EP, "demo", "--listen", f"127.0.0.1:{port}", "--admin", ""]
+        + ["--state-dir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
+def test_demo_on_a_busy_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _start_demo(tmp_path, busy.getsockname()[1])
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    assert "Traceback" not in err and "ExceptionGroup" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "cannot listen (Address already in use)" in lines[0]
+
+
+def test_demo_serves_localhost_and_127_0_0_1_and_its_ca_exists_before_the_port_opens(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    ca = tmp_path / "demo" / "ca.pem"
+    proc = _start_demo(tmp_path, port)
+    try:
+        # Poll the port as a client would, and look for the CA the instant it accepts.
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the demo never opened its port"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.005)
+                continue
+            assert ca.is_file() and b"BEGIN CERTIFICATE" in ca.read_bytes()
+            break
+        # curl sends no SNI for an IP literal: the no-SNI certificate must carry the address.
+        for url in (f"https://localhost:{port}/", f"https://127.0.0.1:{port}/"):
+            res = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", str(ca), url],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert res.returncode == 0, (url, res.stderr)
+            assert "Hello from the edgeproxy demo upstream" in res.stdout
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert f"curl --cacert {ca} https://localhost:{port}/" in out
     finally:
         if proc.poll() is None:
             proc.kill()
