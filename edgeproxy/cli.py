@@ -503,7 +503,13 @@ def storage_check(config_path: Path) -> None:
 @storage.command("clean")
 @_config_option
 @click.option(
-    "--grace-days", default=30, show_default=True, help="Keep expired certificates this long."
+    "--grace-days",
+    default=30,
+    show_default=True,
+    # A negative grace would reach into the future and delete valid certificates; the storage
+    # side refuses that too (clean_storage), this gives the operator a clear usage error.
+    type=click.IntRange(0, 3650),
+    help="Keep expired certificates this many days (0-3650); valid ones are never removed.",
 )
 def storage_clean(config_path: Path, grace_days: int) -> None:
     """Remove long-expired certificates, stale locks, orphaned challenges and temp files."""

@@ -3,6 +3,10 @@
 The backend reports its own problems (leftover temp files, stale locks, expired challenges,
 permissions); on top of that every certificate record must parse and its key must match its
 certificate. Cleaning prunes certificates expired for longer than a grace period.
+
+Cleaning never deletes a certificate that is still valid, whatever the grace period: the
+check is on ``not_after`` itself, here where the deletion happens, not only on the command
+line's options (a negative grace once deleted three valid certificates).
 """
 
 from __future__ import annotations
@@ -35,7 +39,22 @@ async def check_storage(storage: Storage, *, now: float | None = None) -> list[s
     return problems
 
 
+#: Longest grace ``clean`` accepts (ten years): a larger one keeps everything forever anyway,
+#: so it is a typo, not a policy.
+MAX_GRACE_DAYS = 3650
+
+
+def check_grace(grace: float) -> float:
+    """``grace`` (seconds) if it is a sane retention period; ValueError otherwise."""
+    if not 0 <= grace <= MAX_GRACE_DAYS * 86400.0:  # NaN fails too
+        raise ValueError(
+            f"grace must be between 0 and {MAX_GRACE_DAYS} days, got {grace / 86400.0!r} days"
+        )
+    return grace
+
+
 async def clean_storage(storage: Storage, grace: float, *, now: float | None = None) -> list[str]:
+    grace = check_grace(grace)
     now = time.time() if now is None else now
     removed: list[str] = []
     backend_clean = getattr(storage, "clean", None)
@@ -59,7 +78,9 @@ async def clean_storage(storage: Storage, grace: float, *, now: float | None = N
             await storage.quarantine(item.key, str(exc))
             removed.append(f"{item.key} (quarantined: {exc})")
             continue
-        if rec.not_after + grace < now:
+        # ``not_after < now`` on its own as well: an unexpired certificate stays, even if a
+        # caller's grace arithmetic went wrong.
+        if rec.not_after < now and rec.not_after + grace < now:
             try:
                 await storage.delete(item.key)
                 await storage.delete(status_key(rec.name))
