@@ -10,9 +10,11 @@
 # failure or not (EDGEPROXY_DEPLOY_KEEP=1 keeps the images for debugging).
 #
 # Machine constraints live here, never in the Dockerfile: public container registries are
-# unreachable, so the base image is made locally with mmdebstrap under the name the Dockerfile
-# uses; podman runs with runc, cgroupfs, host networking and explicit ulimits below the hard
-# limits; the image build gets this machine's CA bundle and pip settings.
+# unreachable, so the base image is made locally with mmdebstrap under the tag the Dockerfile
+# pins (a local image can never have the pinned digest, so the build gets the stand-in with
+# --build-arg PYTHON_IMAGE, the one override the Dockerfile provides for this); podman runs
+# with runc, cgroupfs, host networking and explicit ulimits below the hard limits; the image
+# build gets this machine's CA bundle and pip settings.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -150,6 +152,10 @@ nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
 LIMITS=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")
 
 step "base image $BASE_IMAGE (made locally: Debian bookworm + python3 via mmdebstrap)"
+pinned=$(sed -n 's/^ARG PYTHON_IMAGE=//p' deploy/docker/Dockerfile)
+[[ "$pinned" =~ ^"$BASE_IMAGE"@sha256:[0-9a-f]{64}$ ]] \
+  || fail "the Dockerfile's ARG PYTHON_IMAGE ($pinned) is not $BASE_IMAGE pinned by digest"
+ok "the Dockerfile pins $pinned; the stand-in takes its tag"
 if pm image exists "$BASE_IMAGE" \
    && [ "$(pm image inspect --format "{{index .Labels \"$BASE_LABEL\"}}" "$BASE_IMAGE")" != "true" ]; then
   ok "using the $BASE_IMAGE already present (not ours)"
@@ -170,7 +176,7 @@ else
 fi
 
 # ------------------------------------------------------------------------------ image build
-step "podman build (deploy/docker/Dockerfile, unchanged, --pull=never)"
+step "podman build (deploy/docker/Dockerfile, unchanged, --pull=never, base: the stand-in)"
 # pip inside the build must trust what pip on this machine trusts (an egress proxy may sign
 # PyPI's certificate) and use the same index, if one is configured.
 {
@@ -181,6 +187,7 @@ step "podman build (deploy/docker/Dockerfile, unchanged, --pull=never)"
 } > "$WORK/pip.conf"
 pm build --quiet --pull=never --format docker --network host "${LIMITS[@]}" \
   --volume /etc/ssl/certs:/etc/ssl/certs:ro --volume "$WORK/pip.conf:/etc/pip.conf:ro" \
+  --build-arg "PYTHON_IMAGE=$BASE_IMAGE" \
   -f deploy/docker/Dockerfile -t "$IMAGE" . > "$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log"; fail "podman build of deploy/docker/Dockerfile"; }
 ok "$IMAGE ($(pm image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
