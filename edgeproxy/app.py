@@ -38,38 +38,54 @@ from .tls.tickets import TicketKeys
 log = logging.getLogger("edgeproxy")
 
 
-def build_storage(cfg: Config) -> Storage:
-    if cfg.storage.backend == "postgres":
-        from .storage.postgres import PostgresStorage
+def _encryption_key(cfg: Config) -> str | None:
+    """The at-rest key named by ``storage.encryption_key_env`` (either backend), or None."""
+    if not cfg.storage.encryption_key_env:
+        return None
+    enc = os.environ.get(cfg.storage.encryption_key_env)
+    if not enc:
+        # Silently storing keys in clear when encryption was asked for is the worst
+        # outcome: refuse to start instead.
+        raise ConfigError(
+            [
+                f"storage.encryption_key_env: environment variable "
+                f"{cfg.storage.encryption_key_env} is empty (set it to a key from "
+                "`python -c 'from edgeproxy.storage.sealing import "
+                "generate_encryption_key as g; print(g())'`)"
+            ]
+        )
+    return enc
 
-        dsn = cfg.storage.dsn
-        if cfg.storage.dsn_env:
-            dsn = os.environ.get(cfg.storage.dsn_env) or dsn
-        if not dsn:
-            raise ConfigError(
-                [f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"]
-            )
-        enc = None
-        if cfg.storage.encryption_key_env:
-            enc = os.environ.get(cfg.storage.encryption_key_env)
-            if not enc:
-                # Silently storing keys in clear when encryption was asked for is the worst
-                # outcome: refuse to start instead.
+
+def build_storage(cfg: Config) -> Storage:
+    enc = _encryption_key(cfg)
+    try:
+        if cfg.storage.backend == "postgres":
+            from .storage.postgres import PostgresStorage
+
+            dsn = cfg.storage.dsn
+            if cfg.storage.dsn_env:
+                dsn = os.environ.get(cfg.storage.dsn_env) or dsn
+            if not dsn:
                 raise ConfigError(
-                    [
-                        f"storage.encryption_key_env: environment variable "
-                        f"{cfg.storage.encryption_key_env} is empty (set it to a key from "
-                        "`python -c 'from edgeproxy.storage.postgres import "
-                        "generate_encryption_key as g; print(g())'`)"
-                    ]
+                    [f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"]
                 )
-        try:
             return PostgresStorage(dsn, encryption_key=enc)
-        except ValueError as exc:
-            raise ConfigError([f"storage.encryption_key_env: {exc}"]) from None
+        from .storage.file import FileStorage
+
+        return FileStorage(cfg.storage.path, encryption_key=enc)
+    except ValueError as exc:
+        raise ConfigError([f"storage.encryption_key_env: {exc}"]) from None
+
+
+def refuse_unsafe_storage(storage: Storage) -> None:
+    """Refuse to serve from a file storage root others could swap (``root_problems``)."""
     from .storage.file import FileStorage
 
-    return FileStorage(cfg.storage.path)
+    if isinstance(storage, FileStorage):
+        problems = storage.root_problems()
+        if problems:
+            raise ConfigError([f"storage.path: {p}" for p in problems])
 
 
 def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) -> Issuer:
@@ -146,6 +162,7 @@ def load_static_certificates(cfg: Config) -> StaticCertificates:
 
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     storage = storage or build_storage(cfg)
+    refuse_unsafe_storage(storage)
     challenges = ChallengeResponder(storage)
     issuer = build_issuer(cfg, storage, challenges)
     static = load_static_certificates(cfg)

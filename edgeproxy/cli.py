@@ -6,19 +6,23 @@ Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage (listing eve
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, config_warnings, load_config
 from .errors import ConfigError
 from .logs import setup_logging
+
+_T = TypeVar("_T")
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
 #: Entries stored per batch by ``hostnames import`` (one sync or commit each).
@@ -58,6 +62,14 @@ def _exit_on_config_errors(exc: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+def _run_with_config(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """``trio.run`` for a command: a config problem found while opening storage exits 2."""
+    try:
+        return trio.run(fn, *args)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        _exit_on_config_errors(exc)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeproxy")
 def main() -> None:
@@ -70,6 +82,8 @@ def run(config_path: Path) -> None:
     """Run the proxy with a config file (SIGTERM drains, SIGHUP reloads)."""
     cfg = _load(config_path)
     setup_logging(cfg.log.format, cfg.log.level)
+    for warning in config_warnings(cfg):
+        logging.getLogger("edgeproxy").warning("config: %s", warning)
     if cfg.server.workers != 1:
         from .workers import run_supervisor
 
@@ -96,9 +110,14 @@ def check(config_path: Path) -> None:
         for p in exc.problems:
             click.echo(f"  {p}", err=True)
         sys.exit(2)
+    warnings = config_warnings(cfg)
+    for w in warnings:
+        click.echo(f"  warning: {w}", err=True)
     click.echo(
         f"{config_path}: OK ({len(cfg.routes)} routes, issuer {cfg.tls.issuer}, "
-        f"storage {cfg.storage.backend})"
+        f"storage {cfg.storage.backend}"
+        + (f"; {len(warnings)} warning(s) above" if warnings else "")
+        + ")"
     )
 
 
@@ -199,7 +218,7 @@ def certs() -> None:
 def certs_list(config_path: Path, as_json: bool) -> None:
     """Every managed name with its state, expiry and next renewal."""
     cfg = _load(config_path)
-    rows = trio.run(_read_statuses, cfg, None)
+    rows = _run_with_config(_read_statuses, cfg, None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -222,7 +241,7 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
 
     cfg = _load(config_path)
     name = normalize_name(name)
-    rows = trio.run(_read_statuses, cfg, name)
+    rows = _run_with_config(_read_statuses, cfg, name)
     if not rows:
         click.echo(f"{name}: not managed (no certificate or attempt recorded)", err=True)
         sys.exit(1)
@@ -294,7 +313,7 @@ def certs_issue(config_path: Path, name: str) -> None:
         finally:
             await rt.storage.aclose()
 
-    sys.exit(trio.run(go))
+    sys.exit(_run_with_config(go))
 
 
 # ---------------------------------------------------------------- hostnames
@@ -492,7 +511,7 @@ def storage() -> None:
 def storage_check(config_path: Path) -> None:
     """Report leftover temp files, stale locks, corrupt records, bad permissions."""
     cfg = _load(config_path)
-    problems = trio.run(_with_storage, cfg, "check", 0.0)
+    problems = _run_with_config(_with_storage, cfg, "check", 0.0)
     for p in problems:
         click.echo(p)
     if problems:
@@ -514,7 +533,7 @@ def storage_check(config_path: Path) -> None:
 def storage_clean(config_path: Path, grace_days: int) -> None:
     """Remove long-expired certificates, stale locks, orphaned challenges and temp files."""
     cfg = _load(config_path)
-    removed = trio.run(_with_storage, cfg, "clean", grace_days * 86400.0)
+    removed = _run_with_config(_with_storage, cfg, "clean", grace_days * 86400.0)
     for r in removed:
         click.echo(f"removed {r}")
     click.echo(f"{len(removed)} item(s) removed")

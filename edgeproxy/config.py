@@ -403,6 +403,26 @@ class Config(_Model):
         return self
 
 
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid but risky settings, worded like errors (``key.path: what (fix)``).
+
+    ``check`` prints them and still exits 0; ``run`` logs them at start. They are not errors
+    because a deployment may mean them (a private network, a CA without rate limits).
+    """
+    warnings = []
+    if cfg.tls.issuer == "acme" and "*" in cfg.on_demand.allow:
+        also = ""
+        if cfg.on_demand.ask:
+            also = " (it is checked before on_demand.ask, so ask never runs)"
+        warnings.append(
+            'on_demand.allow: "*" allows every name: anyone who points a DNS name at this '
+            "proxy makes it order a certificate from the ACME CA, spending your account's "
+            f'rate limits{also} (list your domains as "*.example.net" patterns, or decide '
+            "with on_demand.ask)"
+        )
+    return warnings
+
+
 # Hints keyed by pydantic error type: the "(how to fix)" part of each message.
 _FIX_HINTS: Mapping[str, str] = {
     "extra_forbidden": "remove it or check its spelling against the README's config reference",

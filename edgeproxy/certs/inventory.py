@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import StorageError
+from ..errors import CorruptRecord, StorageError
 from ..storage.base import Storage
 from .record import CertRecord, RecordError, ari_key, status_key
 
@@ -29,7 +29,13 @@ async def check_storage(storage: Storage, *, now: float | None = None) -> list[s
             if lock.expires_at < now:
                 problems.append(f"lock {lock.name}: expired, held by {lock.owner}")
     for item in await storage.list("certs/"):
-        raw = await storage.get(item.key)
+        try:
+            raw = await storage.get(item.key)
+        except CorruptRecord as exc:
+            # Sealed with another key, or no key configured: the backend's check names it.
+            if not any(item.key in p for p in problems):
+                problems.append(f"{item.key}: {exc}")
+            continue
         if raw is None:
             continue
         try:
@@ -69,7 +75,12 @@ async def clean_storage(storage: Storage, grace: float, *, now: float | None = N
             await storage.delete_challenge(name)
             removed.append(f"challenge {name}")
     for item in await storage.list("certs/"):
-        raw = await storage.get(item.key)
+        try:
+            raw = await storage.get(item.key)
+        except CorruptRecord:
+            # Undecryptable is not expired: most likely the wrong key is configured, and the
+            # record is fine for whoever has the right one. check reports it; leave it be.
+            continue
         if raw is None:
             continue
         try:

@@ -66,6 +66,20 @@ other processes poll with one ``stat``, and the bytes since their last marker sa
 to re-read. Past ``JOURNAL_MAX`` bytes the journal is replaced by an empty one (a new inode):
 readers holding the old marker are told to reload everything.
 
+*Encryption at rest* (only with an ``encryption_key``). Values put with ``secret=True`` are
+sealed (``sealing``: AES-256-GCM bound to the key) before they reach the disk, and opened on
+``get``. A sealed file is ``_SEALED_MARK`` followed by the sealed value: values are arbitrary
+bytes, so the mark is long and starts with NUL, which neither JSON nor PEM does (a clear value
+that began with it would be misread; edgeproxy stores none). Clear values written before the key
+was configured still read, and ``check`` lists them. A sealed value read without the key, or
+with another, raises ``CorruptRecord``. ``list`` reports sizes on disk.
+
+*The root must be ours alone.* Whoever can replace the root, or plant entries in it, can read
+or swap private keys whatever the modes below it. ``root_problems`` names what makes a root
+unsafe: a symbolic link, a folder others may write to or owned by someone else, or a parent
+folder others may write to without the sticky bit (they could rename the root away and put
+their own in its place). The process refuses such a root at start; ``check`` reports it.
+
 *Threads.* Every public operation is one ``trio.to_thread.run_sync`` call, so the event loop never
 waits on the disk. The clock is read on the event-loop thread and passed in, so a test may use
 ``trio.current_time`` as the storage clock. ``OSError`` becomes ``StorageError`` in ``_run`` only.
@@ -95,7 +109,7 @@ from typing import TypeGuard, TypeVar
 
 import trio
 
-from edgeproxy.errors import StorageError
+from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage.base import (
     HostnameEntry,
     LockInfo,
@@ -103,8 +117,9 @@ from edgeproxy.storage.base import (
     check_hostname_key,
     check_key,
 )
+from edgeproxy.storage.sealing import Sealer, key_id_of
 
-__all__ = ["FileStorage"]
+__all__ = ["FileStorage", "root_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +141,8 @@ try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 except OSError:  # pragma: no cover - no libc to load: fall back to sync()
     _LIBC = None
+
+_SEALED_MARK = b"\x00edgeproxy-sealed\x00"
 
 _DIR_MODE = 0o700
 _SECRET_MODE = 0o600
@@ -369,10 +386,15 @@ class FileStorage:
     JOURNAL_MAX = 1 << 20
 
     def __init__(
-        self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        self,
+        root: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        encryption_key: str | None = None,
     ) -> None:
         self._root = Path(root)
         self._clock = clock
+        self._sealer = Sealer(encryption_key) if encryption_key is not None else None
         self._data = self._root / "data"
         self._locks = self._root / "locks"
         self._challenges = self._root / "challenges"
@@ -407,12 +429,26 @@ class FileStorage:
     # -- values ---------------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
-        return await self._run("get", _read_file, self.path_of(key))
+        raw = await self._run("get", _read_file, self.path_of(key))
+        if raw is None or not raw.startswith(_SEALED_MARK):
+            return raw
+        if self._sealer is None:
+            raise CorruptRecord(
+                f"value {key!r} is encrypted at rest but no encryption key is configured "
+                "(set storage.encryption_key_env)"
+            )
+        return self._sealer.open(key, raw[len(_SEALED_MARK) :])
 
     async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
         path = self.path_of(key)
         mode = _SECRET_MODE if secret else _PUBLIC_MODE
+        if secret and self._sealer is not None:
+            value = _SEALED_MARK + self._sealer.seal(key, value)
         await self._run("put", self._write_atomic, path, bytes(value), mode)
+
+    def root_problems(self) -> builtins.list[str]:
+        """Why this root is unsafe to keep private keys in (empty: it is fine); see the docs."""
+        return root_problems(self._root)
 
     async def delete(self, key: str) -> None:
         await self._run("delete", self._delete_sync, self.path_of(key))
@@ -988,14 +1024,16 @@ class FileStorage:
         ]
 
     def _check_sync(self, now: float) -> builtins.list[str]:
-        if not self._root.is_dir():
-            return [f"storage root {self._root} does not exist or is not a folder"]
-        problems = [
+        unsafe = root_problems(self._root)
+        if not self._root.is_dir() or os.path.islink(self._root):
+            return unsafe or [f"storage root {self._root} does not exist or is not a folder"]
+        problems = unsafe + [
             f"leftover temp file {path} ({age:.0f}s old, from an interrupted write)"
             for path, age in self._old_temp_files(now)
         ]
         for path, st in self._walk():
             problems.extend(_permission_problems(path, st))
+        problems.extend(self._encryption_problems())
         for name, path in self._lock_files():
             raw = _read_file(path)
             lease = _Lease.parse(raw) if raw is not None else None
@@ -1019,6 +1057,36 @@ class FileStorage:
             elif challenge.expires_at <= now:
                 problems.append(f"expired challenge for {name!r}")
         return problems
+
+    def _encryption_problems(self) -> Iterator[str]:
+        """Secret values in clear while a key is set; sealed ones the key cannot open."""
+        for path, st in self._walk():
+            if not stat.S_ISREG(st.st_mode) or not path.is_relative_to(self._data):
+                continue
+            key = path.relative_to(self._data).as_posix()
+            if not _is_key(key):
+                continue
+            with contextlib.suppress(OSError):
+                with open(path, "rb") as f:
+                    head = f.read(len(_SEALED_MARK) + 9)
+                if not head.startswith(_SEALED_MARK):
+                    # The mode is the record of secrecy here (module doc): 0600 means secret.
+                    if self._sealer is not None and stat.S_IMODE(st.st_mode) == _SECRET_MODE:
+                        yield (
+                            f"secret value {key!r} is stored unencrypted "
+                            "(store it again to encrypt it)"
+                        )
+                elif self._sealer is None:
+                    yield (
+                        f"value {key!r} is encrypted at rest but no encryption key is "
+                        "configured (set storage.encryption_key_env)"
+                    )
+                elif key_id_of(head[len(_SEALED_MARK) :]) != self._sealer.key_id:
+                    key_id = key_id_of(head[len(_SEALED_MARK) :])
+                    yield (
+                        f"secret value {key!r} is encrypted with another key (key id "
+                        f"{key_id.hex()}, configured {self._sealer.key_id.hex()})"
+                    )
 
     def _clean_sync(self, now: float) -> builtins.list[str]:
         if not self._root.is_dir():
@@ -1053,6 +1121,57 @@ class FileStorage:
                     what = "expired" if challenge else "unparseable"
                     removed.append(f"{what} challenge {name!r}")
         return removed
+
+
+def root_problems(root: Path) -> list[str]:
+    """What lets someone other than us (or root) replace ``root`` or write into it.
+
+    A root that does not exist yet is judged by the folders it would be created in.
+    """
+    problems: list[str] = []
+    trusted = {os.geteuid(), 0}
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        return [f"storage root {root}: a parent is not a folder (fix storage.path)"]
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(
+                f"storage root {root} is a symbolic link (to {os.readlink(root)}): whoever can "
+                "change the link can swap the storage (point storage.path at the real folder)"
+            )
+        elif not stat.S_ISDIR(st.st_mode):
+            problems.append(f"storage root {root} is not a folder (fix storage.path)")
+        else:
+            if mode & 0o002:
+                problems.append(
+                    f"storage root {root} is writable by everyone (mode {mode:04o}): anyone "
+                    f"can plant or swap entries in it (chmod 700 {root})"
+                )
+            if st.st_uid not in trusted:
+                problems.append(
+                    f"storage root {root} belongs to uid {st.st_uid}, not to this process "
+                    f"(uid {os.geteuid()}) or root: its owner can swap it (chown it)"
+                )
+    # Every existing folder above: others must not be able to rename the root away.
+    parent = Path(os.path.realpath(root.parent if st is not None else root))
+    for folder in (parent, *parent.parents):
+        try:
+            pst = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # created on demand, 0700, by us
+        pmode = stat.S_IMODE(pst.st_mode)
+        sticky = bool(pst.st_mode & stat.S_ISVTX)
+        if (pmode & 0o002 and not sticky) or pst.st_uid not in trusted:
+            problems.append(
+                f"storage root {root}: parent folder {folder} (mode {pmode:04o}, uid "
+                f"{pst.st_uid}) lets others rename the root and put their own in its place "
+                "(keep the storage under folders only root or this user can write to)"
+            )
+    return problems
 
 
 def _permission_problems(path: Path, st: os.stat_result) -> list[str]:

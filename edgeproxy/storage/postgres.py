@@ -48,15 +48,9 @@ SQL keyword, and the prefix lets edgeproxy share a database with other applicati
 unqualified, so the DSN's ``search_path`` (e.g. ``options=-csearch_path=edge``) picks the schema.
 
 *Encryption at rest* (only when an ``encryption_key`` is given). Values stored with
-``secret=True`` are sealed with AES-256-GCM; the row's ``encrypted`` flag says so. Format::
-
-    0x01 | key id (8 bytes) | nonce (12 random bytes) | ciphertext + 16-byte GCM tag
-
-The key id is the first 8 bytes of SHA-256("edgeproxy key id" + key): it tells "encrypted with
-another key" apart from "damaged" without revealing the key. The associated data is the first 9
-bytes (version and key id) plus the storage key, so a ciphertext copied under another key, or
-under the same key with a different id, fails to decrypt. Such a value raises ``CorruptRecord``
-(wrong key?), as does an encrypted value read without a key. Non-secret values, and secret ones
+``secret=True`` are sealed with AES-256-GCM (``sealing``: format, key id, associated data); the
+row's ``encrypted`` flag says so. A value that does not open raises ``CorruptRecord`` (wrong
+key?), as does an encrypted value read without a key. Non-secret values, and secret ones
 stored while no key was configured, are stored as they are (``check`` lists the latter). Values
 are never logged.
 
@@ -89,8 +83,6 @@ exponential backoff (``LISTENER_BACKOFF``). The DSN's password is never logged o
 
 from __future__ import annotations
 
-import base64
-import binascii
 import builtins
 import hashlib
 import logging
@@ -105,8 +97,6 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 import trio
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -118,6 +108,9 @@ from edgeproxy.storage.base import (
     check_hostname_key,
     check_key,
 )
+from edgeproxy.storage.sealing import KEY_ID_LEN as _KEY_ID_LEN
+from edgeproxy.storage.sealing import Sealer as _Sealer
+from edgeproxy.storage.sealing import generate_encryption_key
 
 __all__ = ["MIGRATIONS", "PostgresStorage", "generate_encryption_key"]
 
@@ -210,72 +203,6 @@ _CREATE_VERSION_TABLE = """
     );
     INSERT INTO edgeproxy_schema_version (version) VALUES (0) ON CONFLICT DO NOTHING;
 """
-
-# -- encryption --------------------------------------------------------------------------------
-
-_FORMAT_V1 = b"\x01"
-_KEY_ID_LEN = 8
-_NONCE_LEN = 12
-_HEADER_LEN = len(_FORMAT_V1) + _KEY_ID_LEN
-_TAG_LEN = 16
-
-
-def generate_encryption_key() -> str:
-    """A fresh key in the form ``encryption_key`` expects (base64url of 32 random bytes)."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-
-
-def _decode_key(text: str) -> bytes:
-    padded = text.strip() + "=" * (-len(text.strip()) % 4)
-    try:
-        raw = base64.urlsafe_b64decode(padded.encode("ascii"))
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        # Never echo the text: it may be a real key with a typo.
-        raise ValueError(
-            "encryption key must be 32 random bytes, base64url-encoded "
-            "(make one with edgeproxy.storage.postgres.generate_encryption_key())"
-        )
-    return raw
-
-
-class _Sealer:
-    """AES-256-GCM for secret values, bound to the storage key (format in the module doc)."""
-
-    def __init__(self, key_text: str) -> None:
-        key = _decode_key(key_text)
-        self._aead = AESGCM(key)
-        self.key_id = hashlib.sha256(b"edgeproxy key id" + key).digest()[:_KEY_ID_LEN]
-        self._header = _FORMAT_V1 + self.key_id
-
-    def seal(self, storage_key: str, plaintext: bytes) -> bytes:
-        nonce = secrets.token_bytes(_NONCE_LEN)
-        aad = self._header + storage_key.encode()
-        return self._header + nonce + self._aead.encrypt(nonce, plaintext, aad)
-
-    def open(self, storage_key: str, blob: bytes) -> bytes:
-        if len(blob) < _HEADER_LEN + _NONCE_LEN + _TAG_LEN or blob[:1] != _FORMAT_V1:
-            raise CorruptRecord(
-                f"encrypted value {storage_key!r} is truncated or of unknown format"
-            )
-        key_id = blob[1:_HEADER_LEN]
-        if key_id != self.key_id:
-            raise CorruptRecord(
-                f"value {storage_key!r} was encrypted with another key (key id {key_id.hex()}, "
-                f"configured key {self.key_id.hex()}): wrong encryption key?"
-            )
-        nonce = blob[_HEADER_LEN : _HEADER_LEN + _NONCE_LEN]
-        try:
-            return self._aead.decrypt(
-                nonce, blob[_HEADER_LEN + _NONCE_LEN :], self._header + storage_key.encode()
-            )
-        except InvalidTag:
-            raise CorruptRecord(
-                f"value {storage_key!r} failed to decrypt: the row was altered or copied from "
-                "another key, or the encryption key is wrong"
-            ) from None
-
 
 # -- connection parameters ---------------------------------------------------------------------
 
