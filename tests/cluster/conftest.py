@@ -41,6 +41,7 @@ class Cluster:
     rport: int
     roots: Path
     upstream_port: int
+    aport: int = 0  # each replica's admin API: {ip}:{aport}
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     haproxy: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +60,7 @@ proxy_protocol_from = ["127.0.0.0/8"]  # HAProxy, on loopback
 handshake_timeout = 30
 
 [admin]
-listen = ""
+listen = "{ip}:{self.aport}"
 
 [tls]
 issuer = "acme"
@@ -71,6 +72,7 @@ trust = "{self.pebble.ca_bundle_path}"
 
 [on_demand]
 allow = ["*.example.test"]
+registry = true
 wait = 25
 
 [storage]
@@ -116,10 +118,12 @@ upstreams = ["127.0.0.1:{self.upstream_port}"]
             self.haproxy.wait(timeout=10)
 
 
-def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    www = tmp / "www"
+def start_upstream(
+    tmp: Path, body: str = "hello from the cluster upstream\n", folder: str = "www"
+) -> tuple[subprocess.Popen[bytes], int]:
+    www = tmp / folder
     www.mkdir()
-    (www / "index.html").write_text("hello from the cluster upstream\n")
+    (www / "index.html").write_text(body)
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -152,8 +156,9 @@ def cluster(
     roots = tmp / "roots.pem"
     roots.write_bytes(pebble.roots_pem())
     c = Cluster(
-        tmp, pebble, postgres_server, postgres_server.dsn_for(db), db, hport, rport, roots, up_port
-    )
+        tmp, pebble, postgres_server, postgres_server.dsn_for(db), db, hport, rport, roots, up_port,
+        aport=free_port(),
+    )  # fmt: skip
     try:
         servers = "\n".join(
             f"    server r{i} {ip}:{rport} send-proxy-v2 check check-send-proxy inter 500ms"
