@@ -27,6 +27,7 @@ from .certs.policy import OnDemandPolicy
 from .certs.static import StaticCertificates
 from .config import Config, load_config
 from .errors import ConfigError
+from .events import Events
 from .hostnames.registry import HostnameRegistry
 from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
@@ -88,6 +89,19 @@ def refuse_unsafe_storage(storage: Storage) -> None:
             raise ConfigError([f"storage.path: {p}" for p in problems])
 
 
+def build_events(cfg: Config, storage: Storage) -> Events:
+    ev = cfg.events
+    secret = ev.resolved_secret()
+    if ev.url and secret is None:
+        # Unsigned events would let anyone who can reach the receiver forge them: refuse.
+        raise ConfigError(
+            [f"events.secret_env: environment variable {ev.secret_env} is empty (set it)"]
+        )
+    return Events(storage, url=ev.url, secret=secret, source=ev.source, timeout=ev.timeout,
+                  retry_max=ev.retry_max, max_age=ev.max_age,
+                  lease_ttl=max(3.0, cfg.storage.lock_ttl))  # fmt: skip
+
+
 def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) -> Issuer:
     if cfg.tls.issuer == "internal":
         return InternalIssuer(storage, key_type=cfg.tls.key_type)
@@ -125,6 +139,7 @@ class Runtime:
     proxy: Proxy
     issuer: Issuer
     hostnames: HostnameRegistry
+    events: Events
     admin_bound: tuple[str, int] | None = None
 
 
@@ -167,11 +182,13 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     issuer = build_issuer(cfg, storage, challenges)
     static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
+    events = build_events(cfg, storage)
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
         policy=build_policy(cfg, registry=hostnames),
         registry=hostnames,
+        events=events,
         removal_grace=cfg.hostnames.removal_grace,
         static=static,
         default_sni=cfg.tls.default_sni,
@@ -188,7 +205,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
-    return Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames)
+    return Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames, events)
 
 
 def apply_reload(rt: Runtime, new: Config) -> None:
@@ -230,6 +247,7 @@ async def run_process(
         ) from None
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.hostnames.run)
+        await nursery.start(rt.events.run)
         await nursery.start(rt.certs.run)
         on_change = getattr(rt.storage, "on_change", None)
         if on_change is not None:

@@ -342,6 +342,18 @@ def _storage_run(cfg: Config, work: Any) -> Any:
     return trio.run(go)
 
 
+async def _announce(cfg: Config, storage: Any, kind: str, entries: list[Any]) -> None:
+    """Queue hostname.created/deleted events for the running proxies to deliver."""
+    if not cfg.events.url:
+        return
+    from .admin.hostnames import entry_event_data
+    from .events import Events
+
+    events = Events(storage, url=cfg.events.url, secret=None, source=cfg.events.source)
+    for entry in entries:
+        await events.publish(kind, entry.hostname, entry_event_data(entry))
+
+
 def _bad(exc: Exception) -> None:
     click.echo(f"error: {getattr(exc, 'detail', exc)}", err=True)
     sys.exit(2)
@@ -373,7 +385,13 @@ def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: 
         _bad(exc)
     except ValueError as exc:
         _bad(ValueError(f"--metadata is not valid JSON: {exc}"))
-    _, created = _storage_run(cfg, lambda s: s.add_hostname(entry))
+    async def work(storage: Any) -> bool:
+        stored, created = await storage.add_hostname(entry)
+        if created:
+            await _announce(cfg, storage, "hostname.created", [stored])
+        return bool(created)
+
+    created = _storage_run(cfg, work)
     click.echo(f"{entry.hostname}: {'added' if created else 'already registered (unchanged)'}")
 
 
@@ -389,7 +407,13 @@ def hostnames_remove(config_path: Path, name: str) -> None:
         hostname = parse_hostname(name)
     except BadEntry as exc:
         _bad(exc)
-    if _storage_run(cfg, lambda s: s.remove_hostname(hostname, time.time())) is None:
+    async def work(storage: Any) -> bool:
+        if await storage.remove_hostname(hostname, time.time()) is None:
+            return False
+        await _announce(cfg, storage, "hostname.deleted", [await storage.get_hostname(hostname)])
+        return True
+
+    if not _storage_run(cfg, work):
         click.echo(f"{hostname}: not a registered hostname", err=True)
         sys.exit(1)
     click.echo(f"{hostname}: removed")
@@ -487,8 +511,10 @@ def hostnames_import(config_path: Path, file: Any) -> None:
 
     async def work(storage: Any) -> None:
         for start in range(0, len(entries), IMPORT_BATCH):
-            for _, created in await storage.add_hostnames(entries[start : start + IMPORT_BATCH]):
+            results = await storage.add_hostnames(entries[start : start + IMPORT_BATCH])
+            for _, created in results:
                 counts["added" if created else "existing"] += 1
+            await _announce(cfg, storage, "hostname.created", [e for e, c in results if c])
 
     t0 = time.monotonic()
     _storage_run(cfg, work)

@@ -329,6 +329,37 @@ class HostnamesConfig(_Model):
     poll_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
+class EventsConfig(_Model):
+    # CloudEvents are POSTed here (unset: no events); signed with the secret in secret_env.
+    url: str | None = None
+    secret_env: str | None = None
+    source: str = "edgeproxy"  # the events' "source" attribute (a URI reference)
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+    retry_max: Annotated[float, Field(gt=0)] = 3600.0  # cap of the retry backoff
+    max_age: Annotated[float, Field(gt=0)] = 86400.0  # undelivered this long: dropped
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f'{v!r} is not an http(s) URL (e.g. "https://hooks.example/ep")')
+        return v or None
+
+    @model_validator(mode="after")
+    def _signed(self) -> EventsConfig:
+        if self.url and not self.secret_env:
+            raise ValueError(
+                "events.url needs events.secret_env (receivers must be able to verify events)"
+            )
+        return self
+
+    def resolved_secret(self) -> bytes | None:
+        value = os.environ.get(self.secret_env) if self.secret_env else None
+        return value.encode() if value else None
+
+
 class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -384,6 +415,7 @@ class Config(_Model):
     on_demand: OnDemandConfig = Field(default_factory=OnDemandConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     hostnames: HostnamesConfig = Field(default_factory=HostnamesConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     onboarding: OnboardingConfig = Field(default_factory=OnboardingConfig)
     routes: list[RouteConfig] = Field(min_length=1)

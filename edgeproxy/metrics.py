@@ -119,6 +119,20 @@ LOCK_WAIT_SECONDS = Histogram(
     "Time spent waiting for a storage lock.",
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60),
 )
+EVENTS_DELIVERED = Counter(
+    "edgeproxy_events_delivered_total", "Lifecycle events the receiver accepted (2xx)."
+)
+EVENTS_FAILED = Counter(
+    "edgeproxy_events_failed_total", "Event delivery attempts that failed (retried later)."
+)
+EVENTS_DROPPED = Counter(
+    "edgeproxy_events_dropped_total", "Events given up after [events] max_age undelivered."
+)
+EVENTS_QUEUED = Gauge(
+    "edgeproxy_events_queued",
+    "Events waiting in the storage outbox.",
+    multiprocess_mode="livemax",
+)
 CONFIG_RELOADS = Counter("edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"])
 BACKGROUND_TASK_ERRORS = Counter(
     "edgeproxy_background_task_errors_total",

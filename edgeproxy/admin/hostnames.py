@@ -18,7 +18,7 @@ import binascii
 import builtins
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
 import trio
@@ -95,6 +95,10 @@ class HostnameMirror(Protocol):
     def apply(self, name: str, entry: HostnameEntry | None, /) -> None: ...
 
 
+class HostnameEvents(Protocol):
+    async def publish(self, kind: str, subject: str, data: Mapping[str, object], /) -> None: ...
+
+
 class HostnamesRuntime(Protocol):
     @property
     def storage(self) -> HostnameStorage: ...
@@ -104,6 +108,9 @@ class HostnamesRuntime(Protocol):
 
     @property
     def hostnames(self) -> HostnameMirror: ...
+
+    @property
+    def events(self) -> HostnameEvents: ...
 
 
 # ---------------------------------------------------------------------- models
@@ -258,8 +265,10 @@ def make_hostnames_api(
         rt.hostnames.apply(name, entry)
         if not created:
             response.status_code = 200
-        elif body.issue:
-            rt.certs.start_issue(name)
+        else:
+            await rt.events.publish("hostname.created", name, entry_event_data(entry))
+            if body.issue:
+                rt.certs.start_issue(name)
         response.headers["location"] = f"/v1/hostnames/{name}"
         return await describe(entry)
 
@@ -325,14 +334,28 @@ def make_hostnames_api(
         ``[hostnames] removal_grace`` (re-adding it meanwhile needs no new order)."""
         hostname = _hostname(name)
         await _existing(rt, hostname)
-        await rt.storage.remove_hostname(hostname, clock())
-        rt.hostnames.apply(hostname, await rt.storage.get_hostname(hostname))
+        removed = await rt.storage.remove_hostname(hostname, clock())
+        after = await rt.storage.get_hostname(hostname)
+        rt.hostnames.apply(hostname, after)
+        if removed is not None and after is not None:
+            await rt.events.publish("hostname.deleted", hostname, entry_event_data(after))
         return Response(status_code=204)
 
     return api
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def entry_event_data(entry: HostnameEntry) -> dict[str, object]:
+    """The ``data`` of hostname.created/deleted events: the entry as the API shows it."""
+    return {
+        "hostname": entry.hostname,
+        "upstream": entry.upstream,
+        "metadata": decode_metadata(entry.metadata),
+        "created_at": iso(entry.created_at),
+        "removed_at": iso(entry.removed_at),
+    }
 
 
 def _hostname(raw: str) -> str:

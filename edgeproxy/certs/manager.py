@@ -59,6 +59,7 @@ from .static import StaticCertificates
 from .status import DomainStatus, State, hint_for
 
 if TYPE_CHECKING:
+    from ..events import Events
     from ..hostnames.registry import HostnameRegistry
     from ..storage.base import HostnameEntry
 
@@ -73,6 +74,8 @@ CLEAN_INTERVAL = 600.0
 DENIED_REMEMBERED = 1024
 # Policy answers that say "could not ask", not "no": a renewal waits and asks again.
 TRANSIENT_REFUSALS = frozenset({"ask_unavailable", "ask_rate_limited"})
+# A wanted certificate this close to expiry, not yet renewed, makes a certificate.expiring event.
+EXPIRING_NOTICE = 7 * 86400.0
 
 
 @dataclass(slots=True)
@@ -104,11 +107,13 @@ class CertificateManager:
         per_domain_metrics: bool = False,
         listen_ports: Sequence[int] = (443,),
         registry: HostnameRegistry | None = None,
+        events: Events | None = None,
         removal_grace: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
         self.registry = registry
+        self.events = events
         self.removal_grace = removal_grace
         if registry is not None:
             registry.add_listener(self._on_hostname_change)
@@ -248,6 +253,28 @@ class CertificateManager:
                 metrics.CERTIFICATE_EXPIRY.remove(name)
             except KeyError:
                 pass
+
+    def _emit(self, kind: str, name: str, data: dict[str, object]) -> None:
+        if self.events is not None:
+            self.events.emit(kind, name, {"hostname": name, **data})
+
+    async def _expiring(self, rec: CertRecord, now: float) -> None:
+        """Tell once per certificate (across replicas: a lease is the marker) that a wanted
+        certificate has under ``EXPIRING_NOTICE`` left and no renewal has replaced it."""
+        if self.events is None or not self.events.enabled:
+            return
+        # Short-lived certificates (days) would be "expiring" from birth: for them the notice
+        # comes once a quarter of the lifetime is left, i.e. well after renewal was due.
+        notice = min(EXPIRING_NOTICE, (rec.not_after - rec.not_before) / 4)
+        if rec.not_after - now > notice or rec.not_after <= now:
+            return
+        ttl = rec.not_after - now + 86400.0
+        try:
+            first = await self.storage.try_lock(f"expiring-{rec.serial}", self.owner, ttl)
+        except StorageError:
+            return
+        if first:
+            self._emit("certificate.expiring", rec.name, _cert_data(rec))
 
     def start_issue(self, name: str) -> None:
         """Acquire ``name`` in the background now (the registry API's "issue at once")."""
@@ -413,10 +440,16 @@ class CertificateManager:
                 self._fail(name, "storage", str(exc), serving_until=serving_until)
             else:
                 self._fail(name, "lock_timeout", str(exc), serving_until=serving_until)
+            st = self._status.get(name)
+            if st is not None and st.last_error_type:
+                self._emit("certificate.failed", name, {"type": st.last_error_type,
+                           "detail": st.last_error, "hint": st.hint})  # fmt: skip
             return None
         metrics.ACME_ORDERS.labels("valid").inc()
         if renewing:
             metrics.RENEWALS.labels("renewed").inc()
+        self._emit("certificate.renewed" if renewing else "certificate.issued", name,
+                   _cert_data(rec))  # fmt: skip
         log.info(
             "certificate %s for %s (issuer %s, valid until %s)",
             "renewed" if renewing else "issued",
@@ -671,7 +704,16 @@ class CertificateManager:
         st = self._status.get(name)
         if st is None or not st.next_attempt or st.next_attempt <= now:
             await self._renew(rec)
+        if not self._unwanted(name) and await self._current_serial(name) == rec.serial:
+            await self._expiring(rec, now)  # due and still not replaced
         return rec.not_after, True
+
+    async def _current_serial(self, name: str) -> str | None:
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached.record.serial
+        current = await self._load(name)
+        return current.serial if current is not None else None
 
     async def _sweep_storage(self) -> None:
         clean = getattr(self.storage, "clean", None)
@@ -853,6 +895,10 @@ def _task_failed(task: str, name: str) -> None:
         task,
         name,
     )
+
+
+def _cert_data(rec: CertRecord) -> dict[str, object]:
+    return {"serial": rec.serial, "issuer": rec.issuer_id, "not_after": _iso(rec.not_after)}
 
 
 def _iso(ts: float) -> str:

@@ -3,7 +3,14 @@
 Re-exports the public names so callers write ``from edgeproxy.storage import FileStorage``.
 """
 
-from edgeproxy.storage.base import HostnameEntry, LockInfo, Storage, StoredItem, check_key
+from edgeproxy.storage.base import (
+    HostnameEntry,
+    LockInfo,
+    OutboxEvent,
+    Storage,
+    StoredItem,
+    check_key,
+)
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.storage.locks import LockLost, hold_lock, make_owner_id
 
@@ -12,6 +19,7 @@ __all__ = [
     "HostnameEntry",
     "LockInfo",
     "LockLost",
+    "OutboxEvent",
     "Storage",
     "StoredItem",
     "check_key",

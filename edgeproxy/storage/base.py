@@ -13,6 +13,8 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
   alive with ``refresh_lock``; a lock abandoned by a holder that hangs frees itself at expiry.
 * Challenge tokens are visible to every process sharing the storage, so whichever process or
   replica the CA reaches can answer.
+* The event outbox holds lifecycle events until one process delivered them: ids sort in
+  creation order (``due_events`` returns the oldest due first), entries survive restarts.
 * The hostname registry holds one ``HostnameEntry`` per customer hostname. Listing pages by
   hostname (``after`` is the last name of the previous page), so a cursor stays valid however
   many entries are added or removed meanwhile. ``hostname_changes`` is a cheap change feed:
@@ -73,6 +75,17 @@ class HostnameEntry:
     @property
     def live(self) -> bool:
         return self.removed_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A lifecycle event waiting for delivery (see ``edgeproxy.events``)."""
+
+    id: str  # sortable by creation time; a valid storage key segment
+    body: bytes  # the CloudEvent, JSON
+    created_at: float
+    attempts: int = 0
+    next_attempt: float = 0.0
 
 
 @runtime_checkable
@@ -149,6 +162,23 @@ class Storage(Protocol):
 
     async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
         """(new marker, hostnames changed after marker ``since``); None: reload everything."""
+
+    # -- event outbox -------------------------------------------------------------------------
+
+    async def enqueue_event(self, event: OutboxEvent) -> None:
+        """Store ``event`` durably (an existing id is left as it is)."""
+
+    async def due_events(self, now: float, limit: int) -> builtins.list[OutboxEvent]:
+        """Up to ``limit`` events whose ``next_attempt`` <= ``now``, oldest first."""
+
+    async def update_event(self, event: OutboxEvent) -> None:
+        """Record a failed attempt: store ``attempts`` and ``next_attempt``."""
+
+    async def delete_event(self, event_id: str) -> None:
+        """Remove a delivered (or abandoned) event; absent ids are not an error."""
+
+    async def count_events(self) -> int:
+        """How many events wait for delivery."""
 
     async def aclose(self) -> None:
         """Release connections and background resources."""

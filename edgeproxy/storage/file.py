@@ -17,6 +17,7 @@ Layout (every folder 0700, created on demand, the root too)::
     hostnames/<hostname>.json             registry entries, JSON (see ``HostnameEntry``)
     hostnames/.journal                    names of changed entries, one a line, appended
     hostnames/.guard                      flock target serialising registry updates
+    events/<id>.json                      event outbox, JSON {body (base64), attempts, ...}
 
 In lock and challenge file names a ``/`` of the name is written ``%2F``: ``%`` can never occur in
 a valid name, so the mapping is reversible and the folders stay flat.
@@ -87,6 +88,7 @@ waits on the disk. The clock is read on the event-loop thread and passed in, so 
 
 from __future__ import annotations
 
+import base64
 import bisect
 import builtins
 import contextlib
@@ -113,6 +115,7 @@ from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage.base import (
     HostnameEntry,
     LockInfo,
+    OutboxEvent,
     StoredItem,
     check_hostname_key,
     check_key,
@@ -282,6 +285,31 @@ def _parse_entry(raw: bytes | None) -> HostnameEntry | None:
     )
 
 
+def _event_json(event: OutboxEvent) -> bytes:
+    record = {
+        "body": base64.b64encode(event.body).decode(),
+        "created_at": event.created_at,
+        "attempts": event.attempts,
+        "next_attempt": event.next_attempt,
+    }
+    return json.dumps(record).encode()
+
+
+def _parse_event(event_id: str, raw: bytes | None) -> OutboxEvent | None:
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        body = base64.b64decode(record["body"], validate=True)
+        created_at, attempts = record["created_at"], record["attempts"]
+        next_attempt = record["next_attempt"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if not (_is_number(created_at) and isinstance(attempts, int) and _is_number(next_attempt)):
+        return None
+    return OutboxEvent(event_id, body, float(created_at), attempts, float(next_attempt))
+
+
 def _read_file(path: Path) -> bytes | None:
     """Whole content of a regular file, or None when there is none at ``path``."""
     try:
@@ -400,6 +428,7 @@ class FileStorage:
         self._challenges = self._root / "challenges"
         self._quarantine = self._root / "quarantine"
         self._hostnames = self._root / "hostnames"
+        self._events = self._root / "events"
         # (journal marker, sorted hostnames): the listing is reused until the journal moves.
         self._listing: tuple[str, builtins.list[str]] | None = None
         # (lease file name, owner) -> descriptor holding the flock on its ``.held`` file.
@@ -542,6 +571,24 @@ class FileStorage:
     async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
         return await self._run("hostname_changes", self._hostname_changes_sync, since)
 
+    # -- event outbox ---------------------------------------------------------------------------
+
+    async def enqueue_event(self, event: OutboxEvent) -> None:
+        await self._run("enqueue_event", self._enqueue_event_sync, event)
+
+    async def due_events(self, now: float, limit: int) -> builtins.list[OutboxEvent]:
+        return await self._run("due_events", self._due_events_sync, now, limit)
+
+    async def update_event(self, event: OutboxEvent) -> None:
+        path = self._event_path(event.id)
+        await self._run("update_event", self._update_event_sync, path, event)
+
+    async def delete_event(self, event_id: str) -> None:
+        await self._run("delete_event", self._delete_sync, self._event_path(event_id))
+
+    async def count_events(self) -> int:
+        return len(await self._run("count_events", self._event_names))
+
     # -- maintenance (``edgeproxy storage check/clean``; not part of ``Storage``) ---------------
 
     async def check(self) -> builtins.list[str]:
@@ -570,6 +617,9 @@ class FileStorage:
 
     def _challenge_path(self, name: str) -> Path:
         return self._challenges / (_encode_name(name) + _CHALLENGE_SUFFIX)
+
+    def _event_path(self, event_id: str) -> Path:
+        return self._events / (check_hostname_key(event_id) + _ENTRY_SUFFIX)
 
     def _entry_path(self, hostname: str) -> Path:
         return self._hostnames / (check_hostname_key(hostname) + _ENTRY_SUFFIX)
@@ -992,6 +1042,35 @@ class FileStorage:
             if entry is not None:  # purged since the listing
                 found.append(entry)
         return found
+
+    # -- event outbox (worker thread) -----------------------------------------------------------
+
+    def _enqueue_event_sync(self, event: OutboxEvent) -> None:
+        path = self._event_path(event.id)
+        if path.exists():
+            return
+        self._write_atomic(path, _event_json(event), _SECRET_MODE)
+
+    def _update_event_sync(self, path: Path, event: OutboxEvent) -> None:
+        if path.exists():  # delivered meanwhile by someone else: leave it gone
+            self._write_atomic(path, _event_json(event), _SECRET_MODE)
+
+    def _event_names(self) -> builtins.list[str]:
+        try:
+            names = os.listdir(self._events)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(_ENTRY_SUFFIX) and not n.startswith("."))
+
+    def _due_events_sync(self, now: float, limit: int) -> builtins.list[OutboxEvent]:
+        due: builtins.list[OutboxEvent] = []
+        for name in self._event_names():
+            event = _parse_event(name[: -len(_ENTRY_SUFFIX)], _read_file(self._events / name))
+            if event is not None and event.next_attempt <= now:
+                due.append(event)
+                if len(due) >= limit:
+                    break
+        return due
 
     # -- check / clean (worker thread) ----------------------------------------------------------
 

@@ -104,6 +104,7 @@ from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage.base import (
     HostnameEntry,
     LockInfo,
+    OutboxEvent,
     StoredItem,
     check_hostname_key,
     check_key,
@@ -172,6 +173,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE edgeproxy_locks ADD COLUMN session_key integer;
     ALTER TABLE edgeproxy_locks ADD COLUMN session_owner text;
+    """,
+    # 4: the event outbox; ids sort by creation time.
+    """
+    CREATE TABLE edgeproxy_events (
+        id            text COLLATE "C" PRIMARY KEY,
+        body          bytea NOT NULL,
+        created_at    double precision NOT NULL,
+        attempts      integer NOT NULL DEFAULT 0,
+        next_attempt  double precision NOT NULL
+    );
+    CREATE INDEX edgeproxy_events_due_idx ON edgeproxy_events (next_attempt);
     """,
 )
 
@@ -550,6 +562,55 @@ class PostgresStorage:
 
     async def hostname_changes(self, since: str | None) -> tuple[str, builtins.list[str] | None]:
         return await self._run("hostname_changes", self._hostname_changes_sync, since)
+
+    # -- event outbox ---------------------------------------------------------------------------
+
+    async def enqueue_event(self, event: OutboxEvent) -> None:
+        check_hostname_key(event.id)
+        await self._run("enqueue_event", self._enqueue_event_sync, event)
+
+    async def due_events(self, now: float, limit: int) -> builtins.list[OutboxEvent]:
+        return await self._run("due_events", self._due_events_sync, now, limit)
+
+    async def update_event(self, event: OutboxEvent) -> None:
+        await self._run("update_event", self._update_event_sync, event)
+
+    async def delete_event(self, event_id: str) -> None:
+        await self._run("delete_event", self._delete_event_sync, event_id)
+
+    async def count_events(self) -> int:
+        return await self._run("count_events", self._count_events_sync)
+
+    def _enqueue_event_sync(self, conn: psycopg.Connection[Any], event: OutboxEvent) -> None:
+        conn.execute(
+            "INSERT INTO edgeproxy_events (id, body, created_at, attempts, next_attempt) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            (event.id, event.body, event.created_at, event.attempts, event.next_attempt),
+        )
+
+    def _due_events_sync(
+        self, conn: psycopg.Connection[Any], now: float, limit: int
+    ) -> builtins.list[OutboxEvent]:
+        rows = conn.execute(
+            "SELECT id, body, created_at, attempts, next_attempt FROM edgeproxy_events "
+            "WHERE next_attempt <= %s ORDER BY id LIMIT %s",
+            (now, limit),
+        ).fetchall()
+        return [OutboxEvent(str(r[0]), bytes(r[1]), float(r[2]), int(r[3]), float(r[4]))
+                for r in rows]  # fmt: skip
+
+    def _update_event_sync(self, conn: psycopg.Connection[Any], event: OutboxEvent) -> None:
+        conn.execute(
+            "UPDATE edgeproxy_events SET attempts = %s, next_attempt = %s WHERE id = %s",
+            (event.attempts, event.next_attempt, event.id),
+        )
+
+    def _delete_event_sync(self, conn: psycopg.Connection[Any], event_id: str) -> None:
+        conn.execute("DELETE FROM edgeproxy_events WHERE id = %s", (event_id,))
+
+    def _count_events_sync(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT count(*) FROM edgeproxy_events").fetchone()
+        return int(row[0]) if row else 0
 
     # -- change notifications -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from edgeproxy.admin.app import make_admin_app
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.storage import FileStorage
 from tests.unit.test_certificate_manager import CountingIssuer
@@ -37,6 +38,7 @@ class Runtime:
     certs: CertificateManager
     hostnames: HostnameRegistry
     issuer: CountingIssuer
+    events: Events
     proxy: ProxyState = field(default_factory=ProxyState)
 
 
@@ -48,7 +50,7 @@ async def rt(tmp_path: Path, nursery: trio.Nursery) -> Runtime:
     policy = OnDemandPolicy(registry=registry, registry_allows=True)
     certs = CertificateManager(storage=storage, issuer=issuer, policy=policy, registry=registry)
     await nursery.start(certs.run)
-    return Runtime(storage, certs, registry, issuer)
+    return Runtime(storage, certs, registry, issuer, Events(storage, url=None, secret=None))
 
 
 def client_for(rt: Runtime, token: str | None = None) -> httpx.AsyncClient:

@@ -31,6 +31,7 @@ from edgeproxy.storage import (
     HostnameEntry,
     LockInfo,
     LockLost,
+    OutboxEvent,
     Storage,
     StoredItem,
     hold_lock,
@@ -736,3 +737,34 @@ async def test_add_hostnames_batch_keeps_live_entries_and_reports_each(
     with pytest.raises(ValueError):
         await storage.add_hostnames([_entry("ok.example.com"), _entry("../x")])
     assert await storage.get_hostname("ok.example.com") is None  # refused whole
+
+
+# -- event outbox ------------------------------------------------------------------------------
+
+
+async def test_outbox_keeps_events_until_deleted_oldest_due_first(
+    storage_factory: StorageFactory,
+) -> None:
+    writer, deliverer = storage_factory(), storage_factory()
+    events = [OutboxEvent(f"{i:017d}-{'ab' * 8}", b'{"n": %d}' % i, float(i), 0, float(i))
+              for i in (3, 1, 2)]  # fmt: skip
+    for event in events:
+        await writer.enqueue_event(event)
+    await writer.enqueue_event(OutboxEvent(events[0].id, b"other", 9.0, 5, 9.0))  # id exists
+    assert await deliverer.count_events() == 3
+    due = await deliverer.due_events(now=10.0, limit=10)
+    assert [e.body for e in due] == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}']
+    assert [e.body for e in await deliverer.due_events(now=1.5, limit=10)] == [b'{"n": 1}']
+    assert len(await deliverer.due_events(now=10.0, limit=2)) == 2
+    first = due[0]
+    await deliverer.update_event(OutboxEvent(first.id, first.body, first.created_at, 1, 50.0))
+    assert [e.body for e in await deliverer.due_events(now=10.0, limit=10)] == [
+        b'{"n": 2}', b'{"n": 3}'
+    ]
+    later = await deliverer.due_events(now=50.0, limit=10)
+    assert later[0].attempts == 1 and later[0].next_attempt == 50.0
+    await deliverer.delete_event(first.id)
+    await deliverer.delete_event(first.id)  # idempotent
+    assert await writer.count_events() == 2
+    with pytest.raises(ValueError):
+        await writer.enqueue_event(OutboxEvent("../x", b"", 1.0))
