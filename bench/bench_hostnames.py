@@ -1,0 +1,100 @@
+"""Hostname registry figures (a benchmark, not a test): run with
+``pytest bench/bench_hostnames.py -s -p no:cacheprovider``.
+
+* POST /v1/hostnames to a served certificate: against Debian's pebble (PEBBLE_VA_NOSLEEP=1)
+  with edgeproxy answering TLS-ALPN-01 itself, the time from sending the POST to the end of
+  the first TLS handshake (Python ssl, verifying the pebble chain) after the API says
+  ``active``; ten names, median and spread.
+* ``edgeproxy hostnames import`` of 10,000 names, on the file backend and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.integration.conftest import make_pebble  # noqa: F401
+from tests.integration.test_hostnames_pebble import registry_config
+from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
+from tests.support import postgres as pg
+from tests.support.pebble import Pebble
+from tests.support.ports import free_port
+from tests.support.proxy import running_proxy
+from tests.support.tomlw import toml_dumps
+from tests.support.upstreams import http_handler, start_upstream
+
+postgres_server = pg.postgres_server
+postgres_dsn = pg.postgres_dsn
+postgres_database = pg.postgres_database
+
+
+async def handshake(port: int, name: str, roots: Path) -> None:
+    ctx = ssl.create_default_context(cafile=str(roots))
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
+    await tls.do_handshake()
+    await trio.aclose_forcefully(tls)
+
+
+async def test_post_to_served_certificate(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],  # noqa: F811
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pebble.roots_pem())
+    up = await start_upstream(nursery, http_handler(b"ok\n"))
+    cfg = registry_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    times = []
+    async with running_proxy(tmp_path, cfg) as p:
+        host, aport = p.rt.admin_bound or ("", 0)
+        async with httpx.AsyncClient(base_url=f"http://{host}:{aport}",
+                                     headers={"Edgeproxy-Request": "1"}) as api:  # fmt: skip
+            for i in range(10):
+                name = f"bench{i}.customer.test"
+                t0 = time.monotonic()
+                assert (await api.post("/v1/hostnames", json={"hostname": name})).status_code == 201
+                while (await api.get(f"/v1/hostnames/{name}")).json()["state"] != "active":
+                    await trio.sleep(0.005)
+                await handshake(port, name, roots)
+                times.append(time.monotonic() - t0)
+    print(f"\nPOST /v1/hostnames -> served certificate, 10 names (pebble): median "
+          f"{statistics.median(times) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, "
+          f"max {max(times) * 1000:.0f} ms")  # fmt: skip
+
+
+def _import(tmp_path: Path, storage: dict[str, str], env: dict[str, str]) -> float:
+    cfg = {"tls": {"issuer": "internal"}, "storage": storage,
+           "routes": [{"sni": ["*"], "upstreams": ["127.0.0.1:9"]}]}  # fmt: skip
+    config = tmp_path / f"import-{storage['backend']}.toml"
+    config.write_text(toml_dumps(cfg))
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"c{i:05d}.customer.test\n" for i in range(10_000)))
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "edgeproxy", "hostnames", "import", str(names),
+                          "-c", str(config)], capture_output=True, env=env, check=False)  # fmt: skip
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    assert b"10000 added" in res.stdout
+    return took
+
+
+def test_import_rate(tmp_path: Path, postgres_dsn: str) -> None:
+    import os
+
+    file_s = _import(tmp_path, {"backend": "file", "path": str(tmp_path / "state")},
+                     dict(os.environ))  # fmt: skip
+    pg_s = _import(tmp_path, {"backend": "postgres", "dsn_env": "BENCH_DSN"},
+                   {**os.environ, "BENCH_DSN": postgres_dsn})  # fmt: skip
+    print(f"\nhostnames import, 10,000 names: file backend {file_s:.1f} s "
+          f"({10_000 / file_s:.0f}/s), PostgreSQL {pg_s:.1f} s ({10_000 / pg_s:.0f}/s)")
