@@ -112,7 +112,7 @@ async def start_proxy_config(
 async def test_idle_connections_are_closed_by_the_handshake_timeout(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    # Under half the handshake slots in use: the full timeout applies (above half, it shrinks
+    # Under 80% of the handshake slots in use: the full timeout applies (above, it shrinks
     # and silent connections are shed: test_overload.py).
     state, ca, port, cfg = await start_proxy_config(
         tmp_path, echo_upstream, handshake_timeout=3, max_handshakes=5000

@@ -80,7 +80,11 @@ async def _hold_and_serve(
         assert shed >= silent
         assert ep.alive()
         assert unexpected_log_lines(ep.log_text()) == []
-        assert "overload: shed" in ep.log_text()
+        # One summary line at most every 10 s, and no access line per shed connection.
+        text = ep.log_text()
+        summaries = text.count("overload: shed")
+        assert 1 <= summaries <= HOLD_SECONDS / 10 + 2, summaries
+        assert "result=shed" not in text
 
 
 async def test_2000_silent_connections_do_not_lock_out_a_normal_client(
@@ -145,20 +149,20 @@ async def test_connections_past_their_hello_and_established_ones_are_never_shed(
 async def test_the_silent_timeout_shrinks_as_the_handshake_slots_fill(
     tmp_path: Path, echo_upstream: str
 ) -> None:
-    # 90 of 100 slots held by silent sockets: the time they may stay silent falls from the
-    # 20 s handshake timeout towards 1 s, so some are closed long before 20 s; shedding stops
-    # once the pressure falls back (they are not all closed early).
+    # Every slot held by a silent socket: the time they may stay silent falls from the 20 s
+    # handshake timeout to 1 s, so some are closed long before 20 s; as each one goes the
+    # pressure falls and the allowance grows back, so they are not all closed early.
     ca, cfg = await _config(tmp_path, echo_upstream, max_handshakes=100, handshake_timeout=20)
     async with edgeproxy_process(tmp_path, cfg) as ep:
-        silent, outcome = await open_idle(ep.port, 90)
-        assert outcome.opened == 90 and outcome.ended_by_proxy == 0, outcome
+        silent, outcome = await open_idle(ep.port, 100)
+        assert outcome.opened == 100 and outcome.ended_by_proxy == 0, outcome
         async with trio.open_nursery() as nursery:
             watch(nursery, silent, outcome)
-            assert await wait_until(lambda: outcome.ended_by_proxy >= 10, limit=15), outcome
+            assert await wait_until(lambda: outcome.ended_by_proxy >= 5, limit=15), outcome
             nursery.cancel_scope.cancel()
-        assert outcome.ended_by_proxy < 90, outcome
-        assert await ep.metric(SHED, reason="hello_timeout_scaled") >= 10
-        assert await ep.metric(CLOSED, reason="shed") >= 10
+        assert outcome.ended_by_proxy < 100, outcome
+        assert await ep.metric(SHED, reason="hello_timeout_scaled") >= 5
+        assert await ep.metric(CLOSED, reason="shed") >= 5
         assert await ep.metric(CLOSED, reason="handshake_timeout") == 0
         for sock in silent:
             sock.close()
