@@ -99,6 +99,9 @@ ok "no findings"
 step "PrometheusRule in sync with deploy/prometheus/edgeproxy-rules.yml"
 "$PY" deploy/ci/deploycheck.py rules --check || fail "the PrometheusRule is stale (see above)"
 
+step "Grafana dashboard in sync with deploy/grafana/build_dashboard.py"
+"$PY" deploy/grafana/build_dashboard.py --check || fail "the dashboard JSON is stale (see above)"
+
 step "render the kustomizations (kubectl kustomize)"
 for k in base overlays/aws-nlb; do
   out="$WORK/render-${k//\//-}.yaml"

@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 RULES_FILE = REPO / "deploy" / "prometheus" / "edgeproxy-rules.yml"
 PROMETHEUS_RULE = REPO / "deploy" / "k8s" / "base" / "prometheusrule.yaml"
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
+DASHBOARD = REPO / "deploy" / "grafana" / "edgeproxy.json"
+DASHBOARD_KEY = "edgeproxy.json"
 
 CONFIG_MAP_KEY = "edgeproxy.toml"
 CUSTOM_GROUPS = ("monitoring.coreos.com",)
@@ -616,6 +618,31 @@ def availability(d: Deployed) -> Iterator[str]:
             )
         if int(_dig(hpa, "spec", "minReplicas") or 1) < 2:
             yield "HorizontalPodAutoscaler minReplicas below 2 leaves one pod to drain alone"
+
+
+@invariant
+def dashboard_shipped(d: Deployed) -> Iterator[str]:
+    """The Grafana sidecar finds the dashboard (its label), and it is the committed one."""
+    maps = [c for c in d.m.all("ConfigMap") if DASHBOARD_KEY in (c.get("data") or {})]
+    if len(maps) != 1:
+        yield f"{len(maps)} ConfigMaps carry {DASHBOARD_KEY}; the overlay must ship one"
+        return
+    labels = maps[0]["metadata"].get("labels") or {}
+    if labels.get("grafana_dashboard") != "1":
+        yield (
+            f'ConfigMap {_name(maps[0])} lacks the label grafana_dashboard: "1" the Grafana '
+            "sidecar looks for"
+        )
+    try:
+        shipped = json.loads(maps[0]["data"][DASHBOARD_KEY])
+    except ValueError as exc:
+        yield f"ConfigMap {_name(maps[0])}: {DASHBOARD_KEY} is not JSON ({exc})"
+        return
+    if shipped != json.loads(DASHBOARD.read_text()):
+        yield (
+            f"ConfigMap {_name(maps[0])} differs from deploy/grafana/{DASHBOARD_KEY} "
+            "(render the overlay again)"
+        )
 
 
 def check_invariants(docs: list[Doc]) -> list[str]:

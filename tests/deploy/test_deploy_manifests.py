@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,11 @@ TOOLS_KUBECTL = Path("/var/tmp/edgeproxy-deploy-tools/venv/bin/kubectl")
 
 
 def _load(name: str) -> ModuleType:
-    path = REPO / "deploy" / "ci" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"deploy_ci_{name}", path)
+    return _load_path(f"deploy_ci_{name}", REPO / "deploy" / "ci" / f"{name}.py")
+
+
+def _load_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being created
@@ -138,6 +142,19 @@ def _readiness_port(docs: list[dict[str, Any]]) -> None:
     probe[-1] = probe[-1].replace(":9901/", ":9902/")
 
 
+def _dashboard(edit: Callable[[dict[str, Any]], None]) -> Callable[[list[dict[str, Any]]], None]:
+    def apply(docs: list[dict[str, Any]]) -> None:
+        edit(_one(docs, "ConfigMap", "edgeproxy-grafana-dashboard"))
+
+    return apply
+
+
+def _dashboard_panel_dropped(cm: dict[str, Any]) -> None:
+    dashboard = json.loads(cm["data"]["edgeproxy.json"])
+    dashboard["panels"].pop()
+    cm["data"]["edgeproxy.json"] = json.dumps(dashboard)
+
+
 # A broken change -> the words the check must answer with.
 BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
     "tls listener on the nlb": (
@@ -234,6 +251,18 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
         "uid 10001 cannot bind ports below 1024",
     ),
     "readiness probe on the wrong port": (_readiness_port, "readinessProbe must ask /readyz"),
+    "dashboard without the sidecar label": (
+        _dashboard(lambda cm: cm["metadata"]["labels"].pop("grafana_dashboard")),
+        'lacks the label grafana_dashboard: "1"',
+    ),
+    "dashboard not the committed one": (
+        _dashboard(_dashboard_panel_dropped),
+        "differs from deploy/grafana/edgeproxy.json",
+    ),
+    "no dashboard": (
+        lambda docs: docs.remove(_one(docs, "ConfigMap", "edgeproxy-grafana-dashboard")),
+        "0 ConfigMaps carry edgeproxy.json",
+    ),
     "no zone spread": (
         _pod(lambda p: p.pop("topologySpreadConstraints")),
         "topology.kubernetes.io/zone",
@@ -252,6 +281,11 @@ def test_each_breakage_is_named(rendered: list[dict[str, Any]], breakage: str) -
     edit(docs)
     problems = deploycheck.check_invariants(docs)
     assert any(words in p for p in problems), problems
+
+
+def test_the_committed_dashboard_is_what_its_generator_writes() -> None:
+    builder = _load_path("build_dashboard", REPO / "deploy" / "grafana" / "build_dashboard.py")
+    assert builder.main(["build_dashboard.py", "--check"]) == 0
 
 
 def test_the_committed_prometheusrule_matches_the_rules_file() -> None:
