@@ -277,6 +277,18 @@ def build() -> dict[str, Any]:
         ],
         "ops",
     )
+    d.panel(
+        "timeseries",
+        "Event delivery",
+        "Lifecycle events accepted by the receiver, failed attempts (retried), events given up, "
+        "and the outbox backlog.",
+        [
+            (rate("edgeproxy_events_delivered_total"), "delivered/s"),
+            (rate("edgeproxy_events_failed_total"), "failed/s"),
+            (rate("edgeproxy_events_dropped_total"), "dropped/s"),
+            ("max(edgeproxy_events_queued)", "queued"),
+        ],
+    )
     d.row("Storage and process")
     d.panel(
         "timeseries",
