@@ -70,8 +70,17 @@ ARI_CHECK_INTERVAL = 12 * 3600.0
 # leases and challenges): frequent enough that `storage check` stays clean, rare enough to be
 # free.
 CLEAN_INTERVAL = 600.0
-# Refused names remembered (in memory only) for the status API.
-DENIED_REMEMBERED = 1024
+# Per-name memory is bounded everywhere, because names come from anyone who can send a
+# ClientHello. The bounds (constructor arguments, defaults here):
+# - certificate contexts: ``cache_size`` (tls.cache_size), LRU; a cold name reloads from storage;
+# - statuses of names that reached an order or hold a certificate: STATUSES_REMEMBERED, least
+#   recently updated forgotten first (its stored copy stays, and the admin API reads it);
+# - names that failed before any order (refused, invalid, order rate limit, storage down):
+#   UNORDERED_REMEMBERED, in memory only, never written to storage;
+# - acquisitions in flight: MAX_INFLIGHT; beyond it a new name is refused with "busy" at once.
+STATUSES_REMEMBERED = 100_000
+UNORDERED_REMEMBERED = 1024
+MAX_INFLIGHT = 4096
 # Policy answers that say "could not ask", not "no": a renewal waits and asks again.
 TRANSIENT_REFUSALS = frozenset({"ask_unavailable", "ask_rate_limited"})
 # A wanted certificate this close to expiry, not yet renewed, makes a certificate.expiring event.
@@ -82,6 +91,8 @@ EXPIRING_NOTICE = 7 * 86400.0
 class _Cached:
     ctx: SSL.Context
     record: CertRecord
+    # The storage mtime the maintenance pass last read this record at (None: not yet).
+    modified: float | None = None
 
 
 class CertificateManager:
@@ -109,6 +120,9 @@ class CertificateManager:
         registry: HostnameRegistry | None = None,
         events: Events | None = None,
         removal_grace: float = 7 * 86400.0,
+        status_size: int = STATUSES_REMEMBERED,
+        unordered_size: int = UNORDERED_REMEMBERED,
+        max_inflight: int = MAX_INFLIGHT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
@@ -137,9 +151,12 @@ class CertificateManager:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._inflight: dict[str, trio.Event] = {}
-        self._status: dict[str, DomainStatus] = {}
-        self._denied: OrderedDict[str, DomainStatus] = OrderedDict()
-        self._seen_modified: dict[str, float] = {}
+        self._max_inflight = max_inflight
+        # Ordered by last update, oldest first: the bound evicts from the front.
+        self._status: OrderedDict[str, DomainStatus] = OrderedDict()
+        self._status_size = status_size
+        self._unordered: OrderedDict[str, DomainStatus] = OrderedDict()
+        self._unordered_size = unordered_size
         self._orders = TokenBucket(
             max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic
         )
@@ -182,6 +199,10 @@ class CertificateManager:
             # printable ASCII, and "a+b" or "x/../y" would not even be a valid storage key.
             raise CertificateUnavailable(name, "invalid_name", str(exc)) from None
         ev = self._start_acquire(name)
+        if ev is None:
+            raise CertificateUnavailable(
+                name, "busy", f"{self._max_inflight} certificate acquisitions already in flight"
+            )
         with trio.move_on_after(self.wait):
             await ev.wait()
         hit = self._cache.get(name)
@@ -225,7 +246,6 @@ class CertificateManager:
     def invalidate(self, name: str) -> None:
         """Forget the cached context (another replica stored a new certificate)."""
         self._cache.pop(name, None)
-        self._seen_modified.pop(name, None)
 
     def _on_hostname_change(
         self, name: str, before: HostnameEntry | None, after: HostnameEntry | None
@@ -278,7 +298,13 @@ class CertificateManager:
 
     def start_issue(self, name: str) -> None:
         """Acquire ``name`` in the background now (the registry API's "issue at once")."""
-        self._start_acquire(name)
+        if self._start_acquire(name) is None:
+            log.warning(
+                "hostname %s: not issued now (%d acquisitions in flight); its first visitor "
+                "will start it",
+                name,
+                self._max_inflight,
+            )
 
     def _unwanted(self, name: str) -> bool:
         """Removed from the registry, or refused by the policy at its last renewal check."""
@@ -305,10 +331,13 @@ class CertificateManager:
             finally:
                 self._nursery = None
 
-    def _start_acquire(self, name: str) -> trio.Event:
+    def _start_acquire(self, name: str) -> trio.Event | None:
+        """The event set when ``name``'s acquisition ends; None when too many are in flight."""
         ev = self._inflight.get(name)
         if ev is not None:
             return ev
+        if len(self._inflight) >= self._max_inflight:
+            return None
         ev = self._inflight[name] = trio.Event()
         if self._nursery is None:
             raise RuntimeError("CertificateManager.run() is not running")
@@ -353,7 +382,7 @@ class CertificateManager:
         try:
             rec = await self._load(name)
         except StorageError as exc:
-            self._fail(name, "storage", str(exc), backoff=False)
+            self._fail(name, "storage", str(exc), backoff=False, ordered=False)
             return
         if rec is not None and rec.not_after > now:
             self._install(rec)
@@ -373,7 +402,11 @@ class CertificateManager:
             return
         if not self._orders.take():
             self._fail(
-                name, "order_rate_limited", "on_demand.max_orders_per_minute reached", backoff=False
+                name,
+                "order_rate_limited",
+                "on_demand.max_orders_per_minute reached",
+                backoff=False,
+                ordered=False,
             )
             return
         await self.obtain(name, old=rec)
@@ -524,13 +557,19 @@ class CertificateManager:
     # ------------------------------------------------------------------ status
 
     def _set_status(self, name: str, **changes: object) -> DomainStatus:
-        self._denied.pop(name, None)
+        """Update the status of a name that reached an order or holds a certificate, and
+        persist it (the only path that writes a status to storage)."""
+        self._unordered.pop(name, None)
         st = self._status.get(name)
         if st is None:
             st = self._status[name] = DomainStatus(name=name, state="allowed")
+        else:
+            self._status.move_to_end(name)
         for k, v in changes.items():
             setattr(st, k, v)
         st.updated_at = self.clock()
+        while len(self._status) > self._status_size:
+            self._status.popitem(last=False)
         if self._nursery is not None:
             self._spawn("persist_status", name, self._persist_status, st.name, st.to_json())
         return st
@@ -552,7 +591,11 @@ class CertificateManager:
         retry_after: float | None = None,
         challenge_type: str | None = None,
         serving_until: float | None = None,
+        ordered: bool = True,
     ) -> None:
+        """Record a failure. ``ordered=False`` (and every refusal): it happened before any
+        order, so unless the name already has a status it is remembered in bounded memory
+        only; a flood of random names must not grow storage."""
         st = self._status.get(name)
         failures = (st.failures if st else 0) + (1 if backoff else 0)
         next_attempt = None
@@ -568,21 +611,22 @@ class CertificateManager:
             listen_ports=self.listen_ports,
             serving_until=serving_until,
         )
-        if state == "denied" and name not in self._status:
-            # Refused names come from anyone (scanners, floods of random names): they get a
-            # bounded in-memory record for the operator's "why?", never a storage write.
-            self._denied[name] = DomainStatus(
+        if (state == "denied" or not ordered) and name not in self._status:
+            # Names that never reached an order come from anyone (scanners, floods of random
+            # names): a bounded in-memory record for the operator's "why?", no storage write.
+            self._unordered.pop(name, None)
+            self._unordered[name] = DomainStatus(
                 name=name,
-                state="denied",
+                state=state,
                 last_error=detail,
                 last_error_type=error_type,
                 hint=hint,
                 updated_at=self.clock(),
             )
-            self._denied.move_to_end(name)
-            while len(self._denied) > DENIED_REMEMBERED:
-                self._denied.popitem(last=False)
-            log.debug("certificate for %s refused: %s: %s", name, error_type, detail)
+            while len(self._unordered) > self._unordered_size:
+                self._unordered.popitem(last=False)
+            level = logging.DEBUG if state == "denied" else logging.WARNING
+            log.log(level, "certificate for %s not ordered: %s: %s", name, error_type, detail)
             return
         # A cached certificate keeps being served while renewal fails: keep its state visible.
         if state == "failing" and name in self._cache:
@@ -608,7 +652,7 @@ class CertificateManager:
         )
 
     def status(self, name: str) -> DomainStatus | None:
-        return self._status.get(name) or self._denied.get(name)
+        return self._status.get(name) or self._unordered.get(name)
 
     def statuses(self) -> list[DomainStatus]:
         return sorted(self._status.values(), key=lambda s: s.name)
@@ -681,15 +725,16 @@ class CertificateManager:
         """Plan (and if due, renew) one stored certificate: its (not_after, due), or None
         when it is not watched (gone, offboarded, or expired after a refusal)."""
         cached = self._cache.get(name)
-        if cached is not None and self._seen_modified.get(name) == modified:
+        if cached is not None and cached.modified == modified:
             rec: CertRecord | None = cached.record
         else:
             rec = await self._load(name)
-            self._seen_modified[name] = modified
             # Another process renewed it: swap the cached context now.
             if rec is not None and cached is not None and cached.record.serial != rec.serial:
                 log.info("picked up new certificate for %s stored by another process", name)
                 self._install(rec)
+            if (now_cached := self._cache.get(name)) is not None:
+                now_cached.modified = modified
         if rec is None:
             return None
         if self.registry is not None and self.registry.is_removed(name):
@@ -703,7 +748,10 @@ class CertificateManager:
             return rec.not_after, False
         st = self._status.get(name)
         if st is None or not st.next_attempt or st.next_attempt <= now:
-            await self._renew(rec)
+            renewed = await self._renew(rec)
+            if renewed is not None:
+                # The expiry gauge speaks of what is served from now on.
+                return renewed.not_after, True
         if not self._unwanted(name) and await self._current_serial(name) == rec.serial:
             await self._expiring(rec, now)  # due and still not replaced
         return rec.not_after, True
@@ -861,30 +909,32 @@ class CertificateManager:
             return True  # the client drops replaces by itself if the CA objects
         return state is None or not state.long_term
 
-    async def _renew(self, rec: CertRecord) -> None:
+    async def _renew(self, rec: CertRecord) -> CertRecord | None:
+        """Renew ``rec`` unless someone is at it or the policy refuses: the new record, or
+        None when there is none (yet)."""
         # Someone (here or elsewhere) may be renewing right now: don't queue behind them;
         # the next pass sees their result.
         if rec.name in self._inflight:
-            return
+            return None
         try:
             held = await self.storage.lock_info(lock_name(rec.name))
         except StorageError:
-            return
+            return None
         if held is not None and held.expires_at > self.clock():
-            return
+            return None
         decision = await self.policy.check(rec.name, fresh=True)
         if not decision.allowed:
             detail = decision.detail or decision.reason
             if decision.reason in TRANSIENT_REFUSALS:
                 # "Could not ask" is not "no": keep the certificate and ask again later.
                 self._fail(rec.name, decision.reason, detail)
-                return
+                return None
             log.info("not renewing %s: %s (%s)", rec.name, decision.reason, detail)
             self._drop_expiry_series(rec.name)
             self._fail(rec.name, decision.reason, detail, state="denied")
-            return
+            return None
         log.info("renewing %s (not after %s)", rec.name, _iso(rec.not_after))
-        await self.obtain(rec.name, old=rec)
+        return await self.obtain(rec.name, old=rec)
 
 
 def _task_failed(task: str, name: str) -> None:
