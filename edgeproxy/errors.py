@@ -42,6 +42,19 @@ class CertificateUnavailable(EdgeproxyError):
         self.detail = detail
 
 
+class OrderLimited(EdgeproxyError):
+    """A new order for ``name`` is not allowed now: ``limit`` says which limit (the config key,
+    or ``backoff`` for the name's retry schedule after failures), ``retry_after`` when to try
+    again, in seconds."""
+
+    def __init__(self, name: str, limit: str, retry_after: float, detail: str) -> None:
+        super().__init__(f"no new order for {name!r} now: {limit}: {detail}")
+        self.name = name
+        self.limit = limit
+        self.retry_after = retry_after
+        self.detail = detail
+
+
 class StorageError(EdgeproxyError):
     """Storage could not complete an operation (I/O, database down, corrupt record)."""
 

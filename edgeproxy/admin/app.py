@@ -33,6 +33,7 @@ import enum
 import hmac
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -48,7 +49,7 @@ from ..certs.policy import Decision
 from ..certs.record import iso, status_key
 from ..certs.status import DomainStatus
 from ..config import is_loopback_host
-from ..errors import StorageError
+from ..errors import OrderLimited, StorageError
 from ..names import InvalidName, validate_hostname
 from ..storage.base import StoredItem
 
@@ -98,8 +99,9 @@ class CertsView(Protocol):
 
     def status(self, name: str, /) -> DomainStatus | None: ...
 
-    async def obtain(self, name: str, /, *, force: bool = False) -> object:
-        """The stored record on success, None when issuance failed (the status says why)."""
+    async def issue_now(self, name: str, /, *, force: bool = False) -> object:
+        """The stored record on success, None when issuance failed (the status says why);
+        raises OrderLimited when the order rate limit or the name's backoff says not now."""
 
 
 class StorageView(Protocol):
@@ -439,7 +441,21 @@ class AdminApp:
                 },
             )
         force = _truthy(req.query.get("force", [""])[-1])
-        record = await certs.obtain(name, force=force)
+        try:
+            record = await certs.issue_now(name, force=force)
+        except OrderLimited as exc:
+            retry = max(1, math.ceil(min(exc.retry_after, 86400.0)))
+            return json_response(
+                429,
+                {
+                    "error": "rate_limited",
+                    "limit": exc.limit,
+                    "detail": exc.detail,
+                    "retry_after": retry,
+                    "name": name,
+                },
+                (b"retry-after", str(retry).encode()),
+            )
         st = certs.status(name)
         payload = status_to_dict(st, source="process") if st is not None else {"name": name}
         return json_response(200 if record is not None else 502, payload)

@@ -46,7 +46,7 @@ from OpenSSL import SSL
 
 from .. import metrics
 from ..acme import ari
-from ..errors import CertificateUnavailable, LockUnavailable, StorageError
+from ..errors import CertificateUnavailable, LockUnavailable, OrderLimited, StorageError
 from ..issuers.base import IssuanceError, Issuer, RenewalInfoError
 from ..names import InvalidName, validate_hostname
 from ..storage.base import Storage
@@ -410,6 +410,43 @@ class CertificateManager:
             )
             return
         await self.obtain(name, old=rec)
+
+    async def issue_now(self, name: str, *, force: bool = False) -> CertRecord | None:
+        """Order ``name`` now (the admin API's issue), within the limits a handshake's order
+        has: the per-name backoff after failures and ``max_orders_per_minute``, forced orders
+        included. The allow-check is the caller's. Without ``force`` a valid stored
+        certificate is returned without any order (and without spending an order token).
+
+        Raises OrderLimited when a limit says not now; returns None when the order failed
+        (the status says why).
+        """
+        now = self.clock()
+        if not force:
+            try:
+                rec = await self._load(name)
+            except StorageError as exc:
+                self._fail(name, "storage", str(exc), backoff=False, ordered=False)
+                return None
+            if rec is not None and rec.not_after > now:
+                self._install(rec)
+                return rec
+        st = self._status.get(name)
+        if st is not None and st.failures and st.next_attempt and st.next_attempt > now:
+            raise OrderLimited(
+                name,
+                "backoff",
+                st.next_attempt - now,
+                f"{st.failures} failed attempt(s), the last {st.last_error_type}: "
+                f"{st.last_error}; next attempt at {_iso(st.next_attempt)}",
+            )
+        if not self._orders.take():
+            raise OrderLimited(
+                name,
+                "on_demand.max_orders_per_minute",
+                self._orders.wait_time(),
+                "the order rate limit is reached (forced orders count too)",
+            )
+        return await self.obtain(name, force=force)
 
     async def obtain(
         self, name: str, *, old: CertRecord | None = None, force: bool = False

@@ -81,6 +81,13 @@ class TokenBucket:
         self.clock = clock
         self.last = clock()
 
+    def wait_time(self) -> float:
+        """Seconds until ``take`` would succeed (0 if it would now)."""
+        tokens = min(self.burst, self.tokens + (self.clock() - self.last) * self.rate)
+        if tokens >= 1:
+            return 0.0
+        return (1 - tokens) / self.rate if self.rate > 0 else float("inf")
+
     def take(self) -> bool:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)

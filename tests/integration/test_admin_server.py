@@ -99,7 +99,7 @@ class NoCerts:
     def status(self, name: str) -> DomainStatus | None:
         return None
 
-    async def obtain(self, name: str, *, force: bool = False) -> object:
+    async def issue_now(self, name: str, *, force: bool = False) -> object:
         raise AssertionError("nothing is allowed, so nothing is issued")
 
 
@@ -110,7 +110,7 @@ class RecordingCerts(NoCerts):
         self.policy = OnDemandPolicy(allow=["*.example.net"])
         self.obtained: list[tuple[str, bool]] = []
 
-    async def obtain(self, name: str, *, force: bool = False) -> object:
+    async def issue_now(self, name: str, *, force: bool = False) -> object:
         self.obtained.append((name, force))
         return object()
 

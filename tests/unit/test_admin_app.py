@@ -40,7 +40,7 @@ class ProxyState:
 
 
 class RecordingCerts:
-    """Stands in for CertificateManager: keeps statuses, records ``obtain`` calls."""
+    """Stands in for CertificateManager: keeps statuses, records ``issue_now`` calls."""
 
     def __init__(self, policy: OnDemandPolicy) -> None:
         self.policy = policy
@@ -57,7 +57,7 @@ class RecordingCerts:
     def status(self, name: str) -> DomainStatus | None:
         return self.known.get(name)
 
-    async def obtain(self, name: str, *, force: bool = False) -> object:
+    async def issue_now(self, name: str, *, force: bool = False) -> object:
         self.obtained.append((name, force))
         await trio.lowlevel.checkpoint()
         if self.issuance_fails:
