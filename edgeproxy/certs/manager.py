@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-The data path asks one question: ``context_for(name)``. A cached name is answered from an LRU
-of ``SSL.Context`` objects with no await at all. Anything else becomes a background *acquire*
-task (single-flight per name, in the manager's own nursery so a client hanging up does not
-abort an issuance half way): load the record from storage; if absent or expired, ask the
-on-demand policy, take the storage lease for the name, re-read storage (another process or
-replica may have finished meanwhile), issue, store the key and chain as one atomic record,
-install the new context. Handshakes wait for that task at most ``wait`` seconds.
+The data path asks one question: ``context_for(name)``. A cached name is answered from an LRU of
+``ServerIdentity`` objects (the parsed leaf and key, served from a context shared by every name
+with the same intermediate chain: ``tls/identities.py``) with no await at all. Anything else
+becomes a background *acquire* task (single-flight per name, in the manager's own nursery so a
+client hanging up does not abort an issuance half way): load the record from storage; if absent
+or expired, ask the on-demand policy, take the storage lease for the name, re-read storage
+(another process or replica may have finished meanwhile), issue, store the key and chain as one
+atomic record, install the new identity. Handshakes wait for that task at most ``wait`` seconds.
 
 A maintenance loop renews: it lists stored records, refreshes ARI windows (RFC 9773) when the
 issuer offers them, and renews due certificates under the same lease, so one process acts and
@@ -51,7 +52,8 @@ from ..issuers.base import IssuanceError, Issuer, RenewalInfoError
 from ..names import InvalidName, validate_hostname
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
-from ..tls.contexts import build_server_context, generate_private_key
+from ..tls.contexts import ServerIdentity, generate_private_key
+from ..tls.identities import IdentityContexts
 from .policy import OnDemandPolicy, TokenBucket
 from .record import AriState, CertRecord, RecordError, ari_key, cert_key, lock_name, status_key
 from .renewal import RenewalPlan, backoff_delay, plan_renewal
@@ -89,7 +91,7 @@ EXPIRING_NOTICE = 7 * 86400.0
 
 @dataclass(slots=True)
 class _Cached:
-    ctx: SSL.Context
+    ctx: ServerIdentity
     record: CertRecord
     # The storage mtime the maintenance pass last read this record at (None: not yet).
     modified: float | None = None
@@ -149,6 +151,7 @@ class CertificateManager:
         self.listen_ports = tuple(listen_ports)
         self.clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._identities = IdentityContexts(session_tickets=session_tickets)
         self._cache_size = cache_size
         self._inflight: dict[str, trio.Event] = {}
         self._max_inflight = max_inflight
@@ -165,14 +168,14 @@ class CertificateManager:
 
     # ------------------------------------------------------------------ data path
 
-    def cached_context(self, name: str) -> SSL.Context | None:
+    def cached_context(self, name: str) -> SSL.Context | ServerIdentity | None:
         hit = self._cache.get(name)
         if hit is None:
             return None
         self._cache.move_to_end(name)
         return hit.ctx
 
-    async def context_for(self, name: str | None) -> SSL.Context:
+    async def context_for(self, name: str | None) -> SSL.Context | ServerIdentity:
         """An SSL context for ``name`` (normalised SNI; None = no SNI sent).
 
         Raises CertificateUnavailable with a reason token when none can be had in time.
@@ -560,10 +563,8 @@ class CertificateManager:
         if current is not None and current.record.serial == rec.serial:
             self._cache.move_to_end(rec.name)
         else:
-            ctx = build_server_context(
-                rec.chain(), rec.private_key(), session_tickets=self.session_tickets
-            )
-            self._cache[rec.name] = _Cached(ctx, rec)
+            ident = self._identities.identity(rec.chain(), rec.private_key())
+            self._cache[rec.name] = _Cached(ident, rec)
             if self.per_domain_metrics:
                 metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
             self._cache.move_to_end(rec.name)

@@ -34,7 +34,7 @@ from trio.lowlevel import wait_readable
 from .. import metrics
 from ..errors import CertificateUnavailable, UpstreamError
 from ..names import is_ip_literal
-from ..tls.contexts import new_server_connection
+from ..tls.contexts import ServerIdentity, new_server_connection
 from ..tls.errors import TLSHandshakeError
 from ..tls.handshake import accept_tls, accept_tls_on_socket
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
@@ -335,7 +335,9 @@ async def _handshake(
     return _Established(conn, route, upstream, on_socket, pending)
 
 
-async def _certificate_for(proxy: Proxy, sni: str | None, info: ConnInfo) -> SSL.Context:
+async def _certificate_for(
+    proxy: Proxy, sni: str | None, info: ConnInfo
+) -> SSL.Context | ServerIdentity:
     """The certificate for a name not in the cache: loaded, or issued while the client waits.
 
     Waiting for a certificate is not the client being slow: it may last ``on_demand.wait``,

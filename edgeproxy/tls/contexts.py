@@ -34,13 +34,15 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from OpenSSL import _util as _openssl_util
 from OpenSSL._util import lib as _lib
 
 from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
@@ -48,8 +50,11 @@ from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
 __all__ = [
     "ACME_TLS_ALPN",
     "KeyType",
+    "ServerIdentity",
     "build_acme_challenge_context",
     "build_server_context",
+    "chain_context",
+    "check_key",
     "generate_private_key",
     "load_pem_chain",
     "new_server_connection",
@@ -91,6 +96,7 @@ _OPTIONS: Final = (
 # does not export the constant.
 _MODE_ENABLE_PARTIAL_WRITE: Final = 0x1
 _SESSION_ID_CONTEXT: Final = b"edgeproxy"
+_MAX_SID_LENGTH: Final = 32  # SSL_MAX_SID_CTX_LENGTH
 
 # The key types pyOpenSSL can hand to OpenSSL (PKey.from_cryptography_key).
 _SERVABLE_KEYS: Final = (
@@ -171,6 +177,25 @@ def _hardened_context() -> SSL.Context:
     return ctx
 
 
+_ServableKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+
+
+def check_key(leaf: x509.Certificate, key: PrivateKeyTypes) -> _ServableKey:
+    """``key`` if TLS can sign with it and it belongs to ``leaf``; InvalidCertificate if not."""
+    if not isinstance(key, _SERVABLE_KEYS):
+        raise InvalidCertificate("unsupported_key", f"{type(key).__name__} cannot sign for TLS")
+    if key.public_key() != leaf.public_key():
+        # OpenSSL would say "key values mismatch" from use_privatekey; say it plainly.
+        raise InvalidCertificate("key_mismatch", "the private key does not belong to the leaf")
+    return key
+
+
 def _install_identity(
     ctx: SSL.Context, chain: Sequence[x509.Certificate], key: PrivateKeyTypes
 ) -> None:
@@ -182,13 +207,9 @@ def _install_identity(
             ctx.add_extra_chain_cert(cert)
     except SSL.Error as exc:
         raise InvalidCertificate("rejected", describe_openssl(exc.args[0])) from exc
-    if not isinstance(key, _SERVABLE_KEYS):
-        raise InvalidCertificate("unsupported_key", f"{type(key).__name__} cannot sign for TLS")
-    if key.public_key() != chain[0].public_key():
-        # OpenSSL would say "key values mismatch" from use_privatekey; say it plainly.
-        raise InvalidCertificate("key_mismatch", "the private key does not belong to the leaf")
+    servable = check_key(chain[0], key)
     try:
-        ctx.use_privatekey(key)
+        ctx.use_privatekey(servable)
     except SSL.Error as exc:
         raise InvalidCertificate("rejected", describe_openssl(exc.args[0])) from exc
     try:
@@ -219,6 +240,70 @@ def build_server_context(
     return ctx
 
 
+def chain_context(
+    intermediates: Sequence[x509.Certificate], *, session_tickets: bool = True
+) -> SSL.Context:
+    """A leaf-less server context sending ``intermediates`` after each connection's own leaf
+    (see ``ServerIdentity``): many names with the same chain share it."""
+    ctx = _hardened_context()
+    if not session_tickets:
+        ctx.set_options(SSL.OP_NO_TICKET)
+    try:
+        for cert in intermediates:
+            ctx.add_extra_chain_cert(cert)
+    except SSL.Error as exc:
+        raise InvalidCertificate("rejected", describe_openssl(exc.args[0])) from exc
+    ctx.set_alpn_select_callback(_select_route_alpn)
+    return ctx
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ServerIdentity:
+    """One certificate served from a shared ``chain_context``: its parsed leaf and key, and
+    ``sid``, its session id context (a hash of the leaf, as ``build_server_context`` sets).
+
+    Built by ``tls.identities.IdentityContexts``; served by ``new_server_connection``.
+    """
+
+    leaf: crypto.X509
+    key: crypto.PKey
+    sid: bytes
+    context: SSL.Context
+
+
+def _set_template_sid(ctx: SSL.Context, sid: bytes) -> None:
+    """Write ``sid`` into the shared context just before a connection copies it.
+
+    OpenSSL's per-connection ``SSL_set_session_id_context`` is not bound by cryptography, but
+    ``SSL_new`` and ``SSL_set_SSL_CTX`` copy the context's value into the connection and
+    nothing reads the context's copy later; pyOpenSSL's own setter refuses a context already
+    used, so the call goes through its binding. Single threaded, no await in between.
+    """
+    raw = getattr(ctx, "_context", None)
+    if raw is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        raise RuntimeError("pyOpenSSL internals changed: cannot bind sessions to a certificate")
+    if len(sid) > _MAX_SID_LENGTH or _lib.SSL_CTX_set_session_id_context(raw, sid, len(sid)) != 1:
+        raise RuntimeError("OpenSSL refused a session id context")  # pragma: no cover
+
+
+def _use_identity(conn: SSL.Connection, identity: ServerIdentity) -> None:
+    """``SSL_use_certificate`` and ``SSL_use_PrivateKey`` with the identity's parsed objects.
+
+    pyOpenSSL's ``Connection.use_certificate`` warns when given its own X509 (deprecated) and
+    re-parses a ``cryptography`` certificate on every call; the parsed objects are what the
+    identity caches, so they go straight to OpenSSL (each call takes its own reference).
+    """
+    ssl = conn._ssl
+    if _lib.SSL_use_certificate(ssl, identity.leaf._x509) != 1:
+        _raise_openssl()
+    if _lib.SSL_use_PrivateKey(ssl, identity.key._pkey) != 1:
+        _raise_openssl()  # includes a key that does not match the leaf
+
+
+def _raise_openssl() -> None:
+    _openssl_util.exception_from_error_queue(SSL.Error)
+
+
 def ticket_context() -> SSL.Context:
     """A certificate-less context whose only job is holding session ticket keys.
 
@@ -242,13 +327,16 @@ def build_acme_challenge_context(cert: x509.Certificate, key: PrivateKeyTypes) -
 
 
 def new_server_connection(
-    ctx: SSL.Context,
+    ctx: SSL.Context | ServerIdentity,
     *,
     alpn: Sequence[str] = (),
     sock: socket.socket | None = None,
     session_ctx: SSL.Context | None = None,
 ) -> SSL.Connection:
     """A server-side connection on ``ctx`` that offers ``alpn`` in that order.
+
+    ``ctx`` is a context with its certificate, or a ``ServerIdentity``: its shared context,
+    with the identity's leaf, key and session id context set on the connection.
 
     ``session_ctx`` (a ``ticket_context()``): the connection starts on it, so its ticket keys
     seal and open this connection's tickets, then switches to ``ctx`` for everything else.
@@ -263,11 +351,21 @@ def new_server_connection(
     for proto in protos:
         if not 0 < len(proto) < 256:
             raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
+    identity = ctx if isinstance(ctx, ServerIdentity) else None
+    if identity is not None:
+        target = identity.context
+        _set_template_sid(target, identity.sid)
+    else:
+        assert isinstance(ctx, SSL.Context)
+        target = ctx
     if session_ctx is None:
-        conn = SSL.Connection(ctx, sock)
+        conn = SSL.Connection(target, sock)
     else:
         conn = SSL.Connection(session_ctx, sock)
-        conn.set_context(ctx)
+        conn.set_context(target)
+    if identity is not None:
+        # After the switch: SSL_set_SSL_CTX replaces the connection's certificate slots.
+        _use_identity(conn, identity)
     if sock is not None:
         conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
     conn.set_accept_state()
