@@ -108,6 +108,20 @@ RENEWALS_DUE = Gauge(
     "Certificates whose renewal time has passed.",
     multiprocess_mode="livemax",
 )
+CERTIFICATES_CACHED = Gauge(
+    "edgeproxy_certificates_cached",
+    "Certificates ready in this process's memory (at most tls.cache_size; ~9.5 KiB each).",
+    multiprocess_mode="livesum",
+)
+MAINTENANCE_PASS_SECONDS = Histogram(
+    "edgeproxy_maintenance_pass_duration_seconds",
+    "Wall time of one certificate maintenance pass (renewals and ARI checks included).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+MAINTENANCE_NAMES_EXAMINED = Counter(
+    "edgeproxy_maintenance_names_examined_total",
+    "Stored certificates a maintenance pass looked at (planned, maybe renewed).",
+)
 RENEWALS = Counter(
     "edgeproxy_certificate_renewals_total", "Renewal attempts, by outcome.", ["outcome"]
 )

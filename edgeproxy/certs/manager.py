@@ -249,6 +249,7 @@ class CertificateManager:
     def invalidate(self, name: str) -> None:
         """Forget the cached context (another replica stored a new certificate)."""
         self._cache.pop(name, None)
+        metrics.CERTIFICATES_CACHED.set(len(self._cache))
 
     def _on_hostname_change(
         self, name: str, before: HostnameEntry | None, after: HostnameEntry | None
@@ -570,6 +571,7 @@ class CertificateManager:
             self._cache.move_to_end(rec.name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+            metrics.CERTIFICATES_CACHED.set(len(self._cache))
         st = self._status.get(rec.name)
         plan = plan_renewal(rec.not_before, rec.not_after, self.clock())
         if st is None or st.state != "valid" or st.not_after != rec.not_after:
@@ -699,6 +701,13 @@ class CertificateManager:
 
     async def maintenance_once(self) -> None:
         """One renewal pass over every stored certificate (and, now and then, a storage sweep)."""
+        t0 = time.monotonic()
+        try:
+            await self._maintenance_pass()
+        finally:
+            metrics.MAINTENANCE_PASS_SECONDS.observe(time.monotonic() - t0)
+
+    async def _maintenance_pass(self) -> None:
         now = self.clock()
         if now >= self._next_clean:
             self._next_clean = now + CLEAN_INTERVAL
@@ -714,6 +723,7 @@ class CertificateManager:
             if not item.key.endswith(".json"):
                 continue
             name = item.key[len("certs/") : -len(".json")]
+            metrics.MAINTENANCE_NAMES_EXAMINED.inc()
             try:
                 seen = await self._maintain(name, item.modified, now)
             except StorageError as exc:

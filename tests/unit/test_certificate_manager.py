@@ -222,3 +222,23 @@ async def test_cache_is_bounded_and_cold_names_load_from_storage(
     assert mgr.cached_context("a.example.test") is None  # evicted (LRU)
     await mgr.context_for("a.example.test")  # back from storage
     assert issuer.calls == 3  # never re-issued
+
+
+async def test_cache_and_maintenance_metrics(tmp_path: Path, nursery: trio.Nursery) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    mgr, _, _ = make_manager(tmp_path, cache_size=2, renew_interval=3600.0)
+    await nursery.start(mgr.run)  # runs a first pass over empty storage
+    for n in ("a", "b", "c"):
+        await mgr.context_for(f"{n}.example.test")
+    assert sample("edgeproxy_certificates_cached") == 2  # the bound, not the three stored
+    mgr.invalidate("c.example.test")
+    assert sample("edgeproxy_certificates_cached") == 1
+    passes = sample("edgeproxy_maintenance_pass_duration_seconds_count")
+    examined = sample("edgeproxy_maintenance_names_examined_total")
+    await mgr.maintenance_once()
+    assert sample("edgeproxy_maintenance_pass_duration_seconds_count") == passes + 1
+    assert sample("edgeproxy_maintenance_names_examined_total") == examined + 3
