@@ -1,6 +1,11 @@
-"""The admin HTTP API as a plain ASGI 3 application: metrics, health, readiness, domain status.
+"""The admin HTTP API, an ASGI application on FastAPI: metrics, health, readiness, domain status,
+and (from ``hostnames.py``) the hostname registry with its OpenAPI document.
 
 Owns the admin endpoints: their routing table, bearer-token auth, status codes and JSON shapes.
+Routing is FastAPI's (``_build_api``); the handlers of the first endpoints keep their small
+``Request``/``Response`` types and are adapted (``_legacy``), the trust checks below run as the
+first step of every route (``_gate`` for the FastAPI-native ones), and routing's own 404/405
+are answered only after the token check (``_http_error``).
 It must not know which HTTP server runs it or how its socket is bound (``server.py`` does), nor
 how the process is assembled: it sees the runtime only through the small protocols below, so a
 unit test can drive it with a hand-made runtime and the real ``edgeproxy.app.Runtime`` fits too.
@@ -35,15 +40,18 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qs
 
 import trio
+from fastapi import Depends, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import Response as StarletteResponse
 
 from ..certs.policy import Decision
 from ..certs.record import iso, status_key
@@ -52,6 +60,15 @@ from ..config import is_loopback_host
 from ..errors import OrderLimited, StorageError
 from ..names import InvalidName, validate_hostname
 from ..storage.base import StoredItem
+from .hostnames import (
+    MAX_BODY,
+    hostnames_router,
+    http_problem,
+    install_problem_handlers,
+    is_hostnames_path,
+    problem_response,
+    storage_problem,
+)
 
 log = logging.getLogger("edgeproxy.admin")
 
@@ -187,15 +204,9 @@ class Access(enum.IntEnum):
     ADMIN = 2  # admin.token, or no token configured
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    pattern: re.Pattern[str]
-    methods: Mapping[str, Handler]
-    needs: Access = Access.ADMIN
-
-
 class AdminApp:
-    """The ASGI callable; build it with ``make_admin_app``."""
+    """The ASGI callable; build it with ``make_admin_app``. Host check, body limit, HEAD and
+    the last-resort 500 are here; everything else is the FastAPI app's."""
 
     def __init__(
         self, rt: AdminRuntime, *, token: str | None, metrics_token: str | None = None
@@ -210,8 +221,7 @@ class AdminApp:
         self._token = token.encode() if token is not None else None
         self._metrics_token = metrics_token.encode() if metrics_token is not None else None
         self._was_ready = False
-        # The FastAPI app for ``_HOSTNAMES_PATHS``, built on first use (its import is heavy).
-        self._hostnames_api: Any = None
+        self._api = self._build_api()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -222,88 +232,112 @@ class AdminApp:
             return  # websockets: nothing here speaks them; the server refuses the upgrade
         method = str(scope["method"]).upper()
         req = _request(scope, method)
-        if req.path.startswith(_HOSTNAMES_PATHS):
-            refusal = self._refusal(req, Access.ADMIN)
-            if refusal is None:
-                await self._hostnames(scope, receive, send, req)
-                return
-            await _send(send, refusal, head=method == "HEAD")
+        head = method == "HEAD"
+        if self._token is None and not _loopback_host(req):
+            await _send(send, _foreign_host(req), head=head)
             return
+        if is_hostnames_path(req.path):
+            length = req.headers.get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                detail = f"bodies are limited to {MAX_BODY} bytes (Content-Length {length!r})"
+                await problem_response("body-too-large", detail, 413, req.path)(
+                    dict(scope), receive, send
+                )
+                return
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", ()), _NO_STORE]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}  # content-length stays: HEAD is GET's head
+            await send(message)
+
         try:
-            response = await self.handle(req)
+            await self._api(dict(scope), receive, guarded_send)
         except Exception:
-            log.exception("admin API: %s %s failed", method, scope.get("path", "?"))
-            response = error_response(500, "internal", "the admin API hit an error; see the log")
-        await _send(send, response, head=method == "HEAD")
+            # Starlette has answered 500 with our JSON (``_internal``) and re-raises: log once.
+            log.exception("admin API: %s %s failed", method, req.path)
+            if not started:
+                await _send(send, _internal(), head=head)
+
+    # ------------------------------------------------------------------ routing (FastAPI)
+
+    def _build_api(self) -> FastAPI:
+        api = FastAPI(
+            title="edgeproxy admin API",
+            version="1",
+            openapi_url=None,  # served by the hostnames router, behind the trust checks
+            docs_url=None,
+            redoc_url=None,
+            description="Customer hostnames: register, inspect, change and remove. Errors of "
+            "/v1/hostnames are RFC 9457 problem documents (application/problem+json).",
+        )
+        api.router.redirect_slashes = False  # "/healthz/" is not an endpoint, not a redirect
+        for path, methods, handler, needs in LEGACY_ROUTES:
+            api.add_api_route(path, self._legacy(handler, needs), methods=list(methods),
+                              include_in_schema=False)  # fmt: skip
+        gate = Depends(self._gate(Access.ADMIN))
+        api.include_router(
+            hostnames_router(cast(Any, self.rt), lambda: api.openapi(), dependencies=[gate])
+        )
+        install_problem_handlers(api)
+        api.add_exception_handler(_Refused, _refused)  # type: ignore[arg-type]
+        api.add_exception_handler(StarletteHTTPException, self._http_error)  # type: ignore[arg-type]
+        api.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
+        api.add_exception_handler(Exception, lambda request, exc: _starlette(_internal()))
+        return api
 
     def _refusal(self, req: Request, needs: Access) -> Response | None:
-        """The trust checks of ``handle`` for requests it hands to another ASGI app."""
-        if self._token is None and not _loopback_host(req):
-            return _foreign_host(req)
+        """Token, then cross-site: the trust checks after routing (``__call__`` did Host)."""
         access = self._access(req)
         if access < needs:
             return self._unauthorized() if access is Access.NONE else _forbidden(req)
         return _cross_site_refusal(req)
 
-    async def _hostnames(self, scope: Scope, receive: Receive, send: Send, req: Request) -> None:
-        from .hostnames import MAX_BODY, make_hostnames_api, problem_response
-
-        length = req.headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > MAX_BODY:
-            detail = f"request bodies are limited to {MAX_BODY} bytes (Content-Length {length!r})"
-            refusal = problem_response("body-too-large", detail, 413, req.path)
-            await refusal(dict(scope), receive, send)
-            return
-        if self._hostnames_api is None:
-            # The real Runtime has the registry parts; the protocol here only names the rest.
-            self._hostnames_api = make_hostnames_api(cast(Any, self.rt))
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self._hostnames_api(dict(scope), receive, tracking_send)
-        except Exception:
-            # Starlette answers 500 itself and re-raises: log it here, once, and stop.
-            log.exception("admin API: %s %s failed", req.method, req.path)
-            if not started:
-                await _send(send, error_response(500, "internal", "see the log"), head=False)
-
-    async def handle(self, req: Request) -> Response:
-        if self._token is None and not _loopback_host(req):
-            return _foreign_host(req)
-        access = self._access(req)
-        for route in ROUTES:
-            m = route.pattern.fullmatch(req.path)
-            if m is None:
-                continue
-            if access < route.needs:
-                return self._unauthorized() if access is Access.NONE else _forbidden(req)
-            method = "GET" if req.method == "HEAD" else req.method
-            handler = route.methods.get(method)
-            if handler is None:
-                allowed = sorted({*route.methods, *(["HEAD"] if "GET" in route.methods else [])})
-                return json_response(
-                    405,
-                    {
-                        "error": "method_not_allowed",
-                        "detail": f"{req.method} is not allowed here",
-                        "allowed": allowed,
-                    },
-                    (b"allow", ", ".join(allowed).encode()),
-                )
-            refusal = _cross_site_refusal(req)
+    def _gate(self, needs: Access) -> Callable[[StarletteRequest], Awaitable[None]]:
+        async def gate(request: StarletteRequest) -> None:
+            refusal = self._refusal(_request(request.scope, request.method), needs)
             if refusal is not None:
-                return refusal
-            return await handler(self, dataclasses.replace(req, params=m.groupdict()))
-        if access is not Access.ADMIN:
-            # Unknown paths answer 401/403 too without the admin token, so probing cannot map
-            # the API.
-            return self._unauthorized() if access is Access.NONE else _forbidden(req)
-        return error_response(404, "not_found", f"no admin endpoint at {req.path}")
+                raise _Refused(refusal)
+
+        return gate
+
+    def _legacy(self, handler: Handler, needs: Access) -> Callable[..., Awaitable[object]]:
+        async def endpoint(request: StarletteRequest) -> StarletteResponse:
+            req = dataclasses.replace(
+                _request(request.scope, request.method.upper()), params=request.path_params
+            )
+            refusal = self._refusal(req, needs)
+            return _starlette(refusal or await handler(self, req))
+
+        return endpoint
+
+    async def _http_error(
+        self, request: StarletteRequest, exc: StarletteHTTPException
+    ) -> StarletteResponse:
+        """Routing's 404 and 405: after the token check, so probing cannot map the API."""
+        req = _request(request.scope, request.method.upper())
+        access = self._access(req)
+        needs = _PATH_NEEDS.get(req.path, Access.ADMIN)
+        if access < needs:
+            return _starlette(self._unauthorized() if access is Access.NONE else _forbidden(req))
+        if is_hostnames_path(req.path):
+            return http_problem(request, exc)
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            allowed = sorted({m.strip() for m in allow.split(",") if m.strip()})
+            return _starlette(json_response(
+                405,
+                {"error": "method_not_allowed", "detail": f"{req.method} is not allowed here",
+                 "allowed": allowed},
+                (b"allow", ", ".join(allowed).encode()),
+            ))  # fmt: skip
+        if exc.status_code == 404:
+            return _starlette(error_response(404, "not_found", f"no admin endpoint at {req.path}"))
+        return _starlette(error_response(exc.status_code, "http_error", str(exc.detail)))
 
     def _access(self, req: Request) -> Access:
         if self._token is None:
@@ -509,18 +543,45 @@ def make_admin_app(
     return AdminApp(rt, token=token, metrics_token=metrics_token)
 
 
-_NAME = r"(?P<name>[^/]+)"
-#: Paths served by the hostnames API (``hostnames.py``, FastAPI) behind the same trust checks.
-_HOSTNAMES_PATHS = ("/v1/hostnames", "/v1/openapi.json")
-
-ROUTES: tuple[Route, ...] = (
-    Route(re.compile(r"/healthz"), {"GET": AdminApp.healthz}, needs=Access.NONE),
-    Route(re.compile(r"/readyz"), {"GET": AdminApp.readyz}, needs=Access.METRICS),
-    Route(re.compile(r"/metrics"), {"GET": AdminApp.metrics}, needs=Access.METRICS),
-    Route(re.compile(r"/v1/domains"), {"GET": AdminApp.list_domains}),
-    Route(re.compile(rf"/v1/domains/{_NAME}"), {"GET": AdminApp.get_domain}),
-    Route(re.compile(rf"/v1/domains/{_NAME}/issue"), {"POST": AdminApp.issue}),
+#: The endpoints kept from the first admin API: (path, methods, handler, least access).
+LEGACY_ROUTES: tuple[tuple[str, tuple[str, ...], Handler, Access], ...] = (
+    ("/healthz", ("GET", "HEAD"), AdminApp.healthz, Access.NONE),
+    ("/readyz", ("GET", "HEAD"), AdminApp.readyz, Access.METRICS),
+    ("/metrics", ("GET", "HEAD"), AdminApp.metrics, Access.METRICS),
+    ("/v1/domains", ("GET", "HEAD"), AdminApp.list_domains, Access.ADMIN),
+    ("/v1/domains/{name}", ("GET", "HEAD"), AdminApp.get_domain, Access.ADMIN),
+    ("/v1/domains/{name}/issue", ("POST",), AdminApp.issue, Access.ADMIN),
 )
+_PATH_NEEDS = {path: needs for path, _, _, needs in LEGACY_ROUTES if "{" not in path}
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+class _Refused(Exception):
+    """A trust check refused the request; the response says why."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def _refused(request: StarletteRequest, exc: _Refused) -> StarletteResponse:
+    return _starlette(exc.response)
+
+
+async def _storage_error(request: StarletteRequest, exc: StorageError) -> StarletteResponse:
+    if is_hostnames_path(request.url.path):
+        return storage_problem(request, exc)
+    log.warning("admin API: storage failed: %s", exc)
+    return _starlette(error_response(503, "storage_error", str(exc)))
+
+
+def _internal() -> Response:
+    return error_response(500, "internal", "the admin API hit an error; see the log")
+
+
+def _starlette(response: Response) -> StarletteResponse:
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
+    return StarletteResponse(response.body, response.status, headers, response.content_type)
 
 
 # ---------------------------------------------------------------------- trust boundaries

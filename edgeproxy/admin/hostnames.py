@@ -18,11 +18,11 @@ import binascii
 import builtins
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import trio
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -209,22 +209,20 @@ def _validation_detail(exc: RequestValidationError) -> str:
 # ---------------------------------------------------------------------- the API
 
 
-def make_hostnames_api(
-    rt: HostnamesRuntime, *, clock: Callable[[], float] = time.time
-) -> FastAPI:
-    api = FastAPI(
-        title="edgeproxy admin API",
-        version="1",
-        openapi_url="/v1/openapi.json",
-        docs_url=None,
-        redoc_url=None,
-        description="Customer hostnames: register, inspect, change and remove. Errors are "
-        "RFC 9457 problem documents (application/problem+json).",
-    )
-    problems: dict[int | str, dict[str, Any]] = {
-        400: {"model": Problem, "description": "invalid input (problem document)"},
-        404: {"model": Problem, "description": "unknown hostname (problem document)"},
-    }
+def is_hostnames_path(path: str) -> bool:
+    """Paths this module answers (its errors are problem documents)."""
+    return path == "/v1/hostnames" or path.startswith("/v1/hostnames/") or path == OPENAPI_PATH
+
+
+OPENAPI_PATH = "/v1/openapi.json"
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "invalid input (problem document)"},
+    404: {"model": Problem, "description": "unknown hostname (problem document)"},
+}
+
+
+def install_problem_handlers(api: FastAPI) -> None:
+    """Problem documents for what FastAPI itself refuses on this module's paths."""
 
     @api.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
@@ -236,19 +234,37 @@ def make_hostnames_api(
         kind = "invalid-query" if where else "invalid-body"
         return problem_response(kind, _validation_detail(exc), 400, request.url.path)
 
-    @api.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "error")
-        detail = f"{request.method} {request.url.path}: {exc.detail}"
-        response = problem_response(kind, detail, exc.status_code, request.url.path)
-        for k, v in (exc.headers or {}).items():
-            response.headers[k] = v
-        return response
 
-    @api.exception_handler(StorageError)
-    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
-        log.warning("hostnames API: storage failed: %s", exc)
-        return problem_response("storage-unavailable", str(exc), 503, request.url.path)
+def http_problem(request: Request, exc: StarletteHTTPException) -> Response:
+    """A 404/405 that routing answered on one of this module's paths, as a problem document."""
+    kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "error")
+    detail = f"{request.method} {request.url.path}: {exc.detail}"
+    response = problem_response(kind, detail, exc.status_code, request.url.path)
+    for k, v in (exc.headers or {}).items():
+        response.headers[k] = v
+    return response
+
+
+def storage_problem(request: Request, exc: StorageError) -> JSONResponse:
+    log.warning("hostnames API: storage failed: %s", exc)
+    return problem_response("storage-unavailable", str(exc), 503, request.url.path)
+
+
+def hostnames_router(
+    rt: HostnamesRuntime,
+    openapi: Callable[[], dict[str, Any]],
+    *,
+    clock: Callable[[], float] = time.time,
+    dependencies: Sequence[Any] = (),
+) -> APIRouter:
+    """The ``/v1/hostnames`` endpoints and the OpenAPI document; ``dependencies`` run first
+    (the admin API's trust checks)."""
+    api = APIRouter(dependencies=list(dependencies))
+    problems = PROBLEMS
+
+    @api.get(OPENAPI_PATH, include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(openapi())
 
     async def describe(entry: HostnameEntry) -> Hostname:
         return await _describe(rt, entry, clock())
