@@ -283,7 +283,7 @@ class CertificateManager:
             self.events.emit(kind, name, {"hostname": name, **data})
 
     async def _expiring(self, rec: CertRecord, now: float) -> None:
-        """Tell once per certificate (across replicas: a lease is the marker) that a wanted
+        """Tell once per certificate (across replicas: a stored marker) that a wanted
         certificate has under ``EXPIRING_NOTICE`` left and no renewal has replaced it."""
         if self.events is None or not self.events.enabled:
             return
@@ -292,13 +292,16 @@ class CertificateManager:
         notice = min(EXPIRING_NOTICE, (rec.not_after - rec.not_before) / 4)
         if rec.not_after - now > notice or rec.not_after <= now:
             return
-        ttl = rec.not_after - now + 86400.0
+        # A stored marker says "told" to every replica and across restarts (two replicas
+        # passing at the same instant may both tell: events are at least once anyway).
+        marker = f"expiring/{rec.serial}"
         try:
-            first = await self.storage.try_lock(f"expiring-{rec.serial}", self.owner, ttl)
+            if await self.storage.get(marker) is not None:
+                return
+            await self.storage.put(marker, _iso(rec.not_after).encode())
         except StorageError:
             return
-        if first:
-            self._emit("certificate.expiring", rec.name, _cert_data(rec))
+        self._emit("certificate.expiring", rec.name, _cert_data(rec))
 
     def start_issue(self, name: str) -> None:
         """Acquire ``name`` in the background now (the registry API's "issue at once")."""

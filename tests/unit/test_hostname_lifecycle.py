@@ -4,6 +4,7 @@ grace ends in a purge. Real FileStorage, the real internal CA, a clock the test 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -184,3 +185,41 @@ async def test_registry_follows_another_process_and_overrides_the_route(
         while not registry.is_removed("a.example.com"):
             await trio.sleep(0.01)
     assert registry.route_for("a.example.com", base) is base
+
+
+async def test_failed_renewals_make_failed_events_and_one_expiring_event(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from edgeproxy.events import Events
+    from edgeproxy.issuers.base import IssuanceError
+
+    mgr, storage, issuer, _, clock = await setup(tmp_path, allow=["*.example.test"])
+    # Nobody listens at this URL: events stay in the outbox, where the test reads them.
+    # (Its clock is the real one: on the manager's shifted clock every event would look 28
+    # days old and be dropped as undeliverable.)
+    events = Events(storage, url="http://127.0.0.1:9/hooks", secret=b"k")
+    await nursery.start(events.run)
+    mgr.events = events
+    await nursery.start(mgr.run)
+    await mgr.context_for("late.example.test")
+
+    async def refuse(*args: object, **kwargs: object) -> object:
+        raise IssuanceError("urn:ietf:params:acme:error:caa", "CAA forbids this CA")
+
+    issuer.issue = refuse  # type: ignore[method-assign]
+    clock.offset = 28 * DAY  # 2 days left of 30: renewal overdue and failing
+    await mgr.maintenance_once()
+    clock.offset += 3600  # past the retry backoff: fails again, but "expiring" only once
+    await mgr.maintenance_once()
+    await trio.sleep(0.2)  # the emits are queued in the background
+    kinds = []
+    for event in await storage.due_events(time.time() + DAY, 100):
+        doc = json.loads(event.body)
+        assert doc["subject"] == "late.example.test"
+        kinds.append(doc["type"].removeprefix("net.edgeproxy."))
+        if doc["type"].endswith("failed"):
+            assert doc["data"]["type"] == "urn:ietf:params:acme:error:caa"
+            assert doc["data"]["detail"] == "CAA forbids this CA" and doc["data"]["hint"]
+    assert kinds.count("certificate.issued") == 1
+    assert kinds.count("certificate.failed") == 2
+    assert kinds.count("certificate.expiring") == 1
