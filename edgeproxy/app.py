@@ -21,7 +21,7 @@ import httpx
 import trio
 
 from . import metrics
-from .certs.challenges import ChallengeResponder
+from .certs.challenges import ChallengeResponder, HttpChallenges
 from .certs.manager import CertificateManager
 from .certs.policy import OnDemandPolicy
 from .certs.static import StaticCertificates
@@ -32,6 +32,8 @@ from .hostnames.registry import HostnameRegistry
 from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
 from .names import InvalidName, validate_hostname
+from .proxy.http import HttpListener, HttpSettings
+from .proxy.senders import AddressSet
 from .proxy.server import Proxy, Settings, open_listeners
 from .storage.base import Storage
 from .tls.tickets import TicketKeys
@@ -102,12 +104,20 @@ def build_events(cfg: Config, storage: Storage) -> Events:
                   lease_ttl=max(3.0, cfg.storage.lock_ttl))  # fmt: skip
 
 
-def build_issuer(cfg: Config, storage: Storage, challenges: ChallengeResponder) -> Issuer:
+def build_issuer(
+    cfg: Config,
+    storage: Storage,
+    challenges: ChallengeResponder,
+    http_challenges: HttpChallenges | None = None,
+) -> Issuer:
     if cfg.tls.issuer == "internal":
         return InternalIssuer(storage, key_type=cfg.tls.key_type)
+    from .acme.client import ChallengeSolver
     from .issuers.acme import AcmeIssuer
 
-    return AcmeIssuer.from_config(cfg.acme, storage, challenges, lock_ttl=cfg.storage.lock_ttl)
+    solvers: dict[str, ChallengeSolver] = {"tls-alpn-01": challenges}
+    solvers["http-01"] = http_challenges or HttpChallenges(storage)
+    return AcmeIssuer.from_config(cfg.acme, storage, solvers, lock_ttl=cfg.storage.lock_ttl)
 
 
 def build_policy(
@@ -140,7 +150,9 @@ class Runtime:
     issuer: Issuer
     hostnames: HostnameRegistry
     events: Events
+    http_challenges: HttpChallenges
     admin_bound: tuple[str, int] | None = None
+    http: HttpListener | None = None  # the plain-HTTP listener, when [http] listen is set
 
 
 def load_static_certificates(cfg: Config) -> StaticCertificates:
@@ -179,7 +191,8 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     storage = storage or build_storage(cfg)
     refuse_unsafe_storage(storage)
     challenges = ChallengeResponder(storage)
-    issuer = build_issuer(cfg, storage, challenges)
+    http_challenges = HttpChallenges(storage)
+    issuer = build_issuer(cfg, storage, challenges, http_challenges)
     static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     events = build_events(cfg, storage)
@@ -202,10 +215,32 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         per_domain_metrics=cfg.admin.per_domain_metrics,
         lock_ttl=cfg.storage.lock_ttl,
         listen_ports=[a.port for a in cfg.server.listen_addresses()],
+        http_ports=[a.port for a in cfg.http.listen_addresses()],
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
-    return Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames, events)
+    rt = Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames, events, http_challenges)
+    if cfg.http.listen:
+        h = cfg.http
+        mode = cfg.http_proxy_mode()
+        rt.http = HttpListener(
+            HttpSettings(
+                proxy_protocol=mode,
+                timeout=h.timeout,
+                max_connections=h.max_connections,
+                max_header_bytes=h.max_header_bytes,
+                proxy_senders=AddressSet(cfg.http_proxy_senders()) if mode != "off" else None,
+            ),
+            key_authorization=http_challenges.key_authorization,
+            serves=functools.partial(_serves, rt),
+        )
+    return rt
+
+
+def _serves(rt: Runtime, name: str) -> bool:
+    """May port 80 redirect ``name`` to HTTPS? Only a name with a route whose certificate
+    this process has or may get without asking anyone (no ask request per HTTP request)."""
+    return rt.proxy.settings.routes.match(name) is not None and rt.certs.may_serve(name)
 
 
 def apply_reload(rt: Runtime, new: Config) -> None:
@@ -245,6 +280,14 @@ async def run_process(
         raise ConfigError(
             [f"server.listen: cannot listen ({exc.strerror}) (free the port or change it)"]
         ) from None
+    try:
+        http_listeners = await open_listeners(cfg.http.listen_addresses(), reuse_port=reuse_port)
+    except OSError as exc:
+        for sock in listeners:
+            sock.close()
+        raise ConfigError(
+            [f"http.listen: cannot listen ({exc.strerror}) (free the port or change it)"]
+        ) from None
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.hostnames.run)
         await nursery.start(rt.events.run)
@@ -260,6 +303,9 @@ async def run_process(
         await nursery.start(rt.proxy.serve, listeners)
         # Port 0 in the config (tests, demo): hints name the port actually bound.
         rt.certs.listen_ports = tuple(port for _, port in rt.proxy.bound)
+        if rt.http is not None:
+            await nursery.start(rt.http.serve, http_listeners)
+            rt.certs.http_ports = tuple(port for _, port in rt.http.bound)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             log.info(
                 "edgeproxy listening on %s",

@@ -265,6 +265,7 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
         ("next attempt", "next_attempt"),
     ):
         click.echo(f"{label:16} {_fmt_ts(r.get(key))}")
+    click.echo(f"{'challenge':16} {r.get('challenge_type') or '-'}")
     click.echo(f"{'renewal source':16} {r.get('renewal_source') or '-'}")
     if r.get("renewal_reason"):
         click.echo(f"{'renewal reason':16} {r['renewal_reason']}")
@@ -590,6 +591,13 @@ async def _with_storage(cfg: Config, what: str, grace: float) -> list[str]:
     help="The port the CA connects to.",
 )
 @click.option(
+    "--http-port",
+    default=80,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="The port the CA fetches HTTP-01 from (checked when acme.challenges has http-01).",
+)
+@click.option(
     "--nameserver", metavar="HOST:PORT", help="Resolve with this DNS server, not the system's."
 )
 @click.option(
@@ -602,6 +610,7 @@ def doctor(
     name: str,
     as_json: bool,
     port: int,
+    http_port: int,
     nameserver: str | None,
     connect_to: str | None,
 ) -> None:
@@ -615,6 +624,7 @@ def doctor(
             name,
             as_json=as_json,
             port=port,
+            http_port=http_port,
             nameserver=nameserver,
             connect_to=connect_to,
             echo=click.echo,

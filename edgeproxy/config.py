@@ -81,28 +81,15 @@ class ServerConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, v: list[str]) -> list[str]:
-        for item in v:
-            hp = parse_hostport(item, what="a listen address")
-            try:
-                ipaddress.ip_address(hp.host)
-            except ValueError:
-                if hp.host != "localhost":
-                    raise ValueError(
-                        f'{item!r}: listen on an IP address (e.g. "0.0.0.0:443" or "[::]:443")'
-                    ) from None
-        return v
+        return _check_listen_list(v, 443)
+
+    def listen_addresses(self) -> list[HostPort]:
+        return [parse_hostport(x, what="a listen address") for x in self.listen]
 
     @field_validator("proxy_protocol_from")
     @classmethod
     def _check_proxy_from(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError(
-                "an empty list refuses every connection: list the load balancer's networks "
-                '(e.g. ["10.0.0.0/16"])'
-            )
-        return [str(parse_network(item)) for item in v]
+        return _check_proxy_from_list(v)
 
     @model_validator(mode="after")
     def _proxy_from_matches_mode(self) -> ServerConfig:
@@ -120,12 +107,65 @@ class ServerConfig(_Model):
             )
         return self
 
-    def listen_addresses(self) -> list[HostPort]:
-        return [parse_hostport(x, what="a listen address") for x in self.listen]
-
     def proxy_senders(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The networks allowed to send PROXY headers ([] when proxy_protocol is off)."""
         return [parse_network(x) for x in self.proxy_protocol_from or ()]
+
+
+def _check_proxy_from_list(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    if not v:
+        raise ValueError(
+            "an empty list refuses every connection: list the load balancer's networks "
+            '(e.g. ["10.0.0.0/16"])'
+        )
+    return [str(parse_network(item)) for item in v]
+
+
+def _check_listen_list(v: list[str], example_port: int) -> list[str]:
+    for item in v:
+        hp = parse_hostport(item, what="a listen address")
+        try:
+            ipaddress.ip_address(hp.host)
+        except ValueError:
+            if hp.host != "localhost":
+                raise ValueError(
+                    f"{item!r}: listen on an IP address (e.g. "
+                    f'"0.0.0.0:{example_port}" or "[::]:{example_port}")'
+                ) from None
+    return v
+
+
+ChallengeType = Literal["tls-alpn-01", "http-01"]
+
+
+def _default_challenges() -> list[ChallengeType]:
+    return ["tls-alpn-01"]
+
+
+class HttpConfig(_Model):
+    """The plain-HTTP listener (port 80): ACME HTTP-01 answers and redirects to HTTPS."""
+
+    listen: list[str] = Field(default_factory=list)  # empty: no plain-HTTP listener
+    proxy_protocol: ProxyMode | None = None  # None: as [server] proxy_protocol
+    proxy_protocol_from: list[str] | None = None  # None: as [server] proxy_protocol_from
+    timeout: Annotated[float, Field(gt=0, le=300)] = 10.0  # PROXY header + whole request
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_header_bytes: Annotated[int, Field(ge=1024, le=65536)] = 8192
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        return _check_listen_list(v, 80)
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _check_proxy_from(cls, v: list[str] | None) -> list[str] | None:
+        return _check_proxy_from_list(v)
+
+    def listen_addresses(self) -> list[HostPort]:
+        return [parse_hostport(x, what="a listen address") for x in self.listen]
 
 
 def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -243,6 +283,15 @@ class AcmeConfig(_Model):
     profile: str | None = None
     preferred_chain: str | None = None
     key_type: KeyType = "ec256"
+    # In order of preference: when one fails validation for a name, the next is tried at once.
+    challenges: list[ChallengeType] = Field(default_factory=_default_challenges, min_length=1)
+
+    @field_validator("challenges")
+    @classmethod
+    def _unique(cls, v: list[ChallengeType]) -> list[ChallengeType]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: list each challenge type once")
+        return v
 
     @field_validator("directory")
     @classmethod
@@ -409,6 +458,7 @@ class OnboardingConfig(_Model):
 
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     acme: AcmeConfig = Field(default_factory=AcmeConfig)
@@ -421,12 +471,33 @@ class Config(_Model):
     routes: list[RouteConfig] = Field(min_length=1)
     certificates: list[CertificateFileConfig] = Field(default_factory=list)
 
+    def http_proxy_mode(self) -> str:
+        """The port-80 listener's PROXY protocol: its own setting, else [server]'s."""
+        return self.http.proxy_protocol or self.server.proxy_protocol
+
+    def http_proxy_senders(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Who may send PROXY headers to the port-80 listener: its own list, else [server]'s."""
+        if self.http.proxy_protocol_from is not None:
+            return [parse_network(x) for x in self.http.proxy_protocol_from]
+        return self.server.proxy_senders()
+
     @model_validator(mode="after")
     def _one_default(self) -> Config:
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise ValueError(f"routes {defaults} all set default = true; keep exactly one")
         od = self.on_demand
+        if self.http.listen and self.http_proxy_mode() != "off" and not self.http_proxy_senders():
+            raise ValueError(
+                f'http.proxy_protocol = "{self.http_proxy_mode()}" needs '
+                "http.proxy_protocol_from (or server.proxy_protocol_from): the load balancer's "
+                "networks, the only peers that may send PROXY headers"
+            )
+        if self.tls.issuer == "acme" and "http-01" in self.acme.challenges and not self.http.listen:
+            raise ValueError(
+                'acme.challenges has "http-01" but http.listen is empty: the CA validates '
+                'HTTP-01 on port 80 (set http.listen = ["0.0.0.0:80"])'
+            )
         if self.tls.issuer == "acme" and not (od.ask or od.allow or od.registry):
             raise ValueError(
                 'issuer "acme" needs an allow-check: set on_demand.ask, on_demand.allow or '

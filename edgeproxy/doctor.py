@@ -1,5 +1,8 @@
 """``edgeproxy doctor NAME``: can the CA reach this deployment's TLS-ALPN-01 answer for NAME?
 
+(And, with HTTP-01 in ``acme.challenges``, its HTTP-01 answer on port 80: a self-test token
+published the same way under the HTTP-01 key and fetched with Host = NAME.)
+
 Owns: the onboarding diagnosis of one custom domain, end to end, as the CA would see it:
 the customer's DNS (does NAME point at ``onboarding.target``?), the TCP path to port 443, and
 a real ``acme-tls/1`` handshake carrying SNI = NAME that only an edgeproxy reading *this*
@@ -70,6 +73,7 @@ __all__ = [
     "dns_fix",
     "doctor_command",
     "judge_dns",
+    "judge_http01",
     "judge_silence",
     "judge_tls",
     "parse_nameserver",
@@ -82,6 +86,7 @@ Verdict = Literal[
     "tls_terminated_in_front",
     "proxy_protocol_mismatch",
     "not_edgeproxy",
+    "http01_unreachable",
     "error",
 ]
 
@@ -98,6 +103,7 @@ _SUMMARY: Final[Mapping[str, str]] = {
     "tls_terminated_in_front": "something in front of edgeproxy terminates TLS",
     "proxy_protocol_mismatch": "the load balancer's and edgeproxy's PROXY protocol settings differ",
     "not_edgeproxy": "the server reached is not an edgeproxy reading this deployment's storage",
+    "http01_unreachable": "the CA cannot fetch edgeproxy's HTTP-01 answer for {name} on port 80",
     "error": "the diagnosis could not finish or the result is ambiguous",
 }
 
@@ -883,8 +889,13 @@ async def diagnose(
     connect_to: str | None = None,
     timeout: float = 5.0,  # noqa: ASYNC109 (a budget per step; running out is a finding)
     proxy_protocol: str | None = None,
+    http_port: int | None = None,
 ) -> Diagnosis:
     """Check DNS, TCP and the acme-tls/1 answer for ``name`` as the CA would.
+
+    With ``http_port`` (HTTP-01 enabled: 80, as the CA uses), also fetch an HTTP-01 self-test
+    token from every address on that port, proving port 80 reaches this deployment's
+    ``[http]`` listener.
 
     ``targets`` are what custom domains must point at (``onboarding.target``); ``storage`` is
     the deployment's, where the self-test token is published; ``nameserver`` (host, port)
@@ -938,6 +949,8 @@ async def diagnose(
                 await _probe_path(
                     report, name, key_authorization, address, port, how, timeout, proxy_protocol
                 )
+        if http_port is not None:
+            await _probe_http01(report, storage, name, addresses, http_port, how, timeout)
     finally:
         if published:
             with trio.CancelScope(shield=True):
@@ -1079,6 +1092,121 @@ async def _probe_path(
         report.verdict = verdict
 
 
+# --- HTTP-01 (port 80) ----------------------------------------------------------------------
+
+
+_FIX_HTTP01: Final = (
+    "the load balancer must forward TCP {port} untouched to edgeproxy's [http] listen address "
+    "(and send the PROXY header exactly when [http] proxy_protocol expects one), and every "
+    "replica must share this deployment's storage"
+)
+
+
+def judge_http01(
+    name: str,
+    key_authorization: str,
+    where: str,
+    port: int,
+    status: int | None,
+    body: bytes,
+    error: str | None,
+) -> tuple[Verdict, Finding]:
+    """Turn one HTTP-01 self-test fetch into a finding (pure)."""
+    fix = _FIX_HTTP01.format(port=port)
+    if error is not None:
+        return "http01_unreachable", Finding(
+            "http-01", False, f"GET of the self-test token from {where} failed: {error}", fix
+        )
+    if status == 200 and body.strip() == key_authorization.encode():
+        return "ok", Finding(
+            "http-01", True, f"{where} answered this deployment's HTTP-01 self-test for {name}"
+        )
+    return "http01_unreachable", Finding(
+        "http-01",
+        False,
+        f"{where} answered HTTP {status} {body[:_KEEP_RECEIVED]!r}, not this deployment's "
+        "HTTP-01 self-test token: another server answers port 80, or an edgeproxy with "
+        "other storage",
+        fix,
+    )
+
+
+async def _fetch_http01(
+    address: str, port: int, name: str, token: str, step_timeout: float
+) -> tuple[int | None, bytes, str | None]:
+    """(status, body, error) of ``GET /.well-known/acme-challenge/TOKEN`` with Host NAME."""
+    import h11
+
+    conn = await _connect(address, port, step_timeout)
+    if isinstance(conn, str):
+        return None, b"", f"could not connect: {conn}"
+    client = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="GET",
+        target=f"/.well-known/acme-challenge/{token}",
+        headers=[("Host", name), ("User-Agent", "edgeproxy-doctor"), ("Connection", "close")],
+    )
+    status: int | None = None
+    body = b""
+    try:
+        with trio.fail_after(step_timeout):
+            await conn.send_all(
+                (client.send(request) or b"") + (client.send(h11.EndOfMessage()) or b"")
+            )
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await conn.receive_some(_READ))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += bytes(event.data)
+                    if len(body) > _READ:
+                        break
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    except trio.TooSlowError:
+        return status, body, f"no complete answer within {step_timeout:g}s"
+    except (h11.ProtocolError, trio.BrokenResourceError, OSError) as exc:
+        return status, body, f"not an HTTP answer ({exc})"
+    finally:
+        await trio.aclose_forcefully(conn)
+    return status, body, None
+
+
+async def _probe_http01(
+    report: _Report,
+    storage: Storage,
+    name: str,
+    addresses: Sequence[str],
+    port: int,
+    how: str,
+    step_timeout: float,
+) -> None:
+    from .certs.challenges import http_challenge_key
+
+    token = f"{_TOKEN_PREFIX}{secrets.token_urlsafe(24)}"
+    key_authorization = f"{token}.{secrets.token_urlsafe(32)}"
+    key = http_challenge_key(token)
+    try:
+        await storage.put_challenge(key, key_authorization, SELF_TEST_TTL)
+    except (StorageError, OSError) as exc:
+        report.add(
+            Finding("http-01", False, f"could not publish the HTTP-01 self-test: {exc}"), "error"
+        )
+        return
+    try:
+        for address in addresses:
+            status, body, error = await _fetch_http01(address, port, name, token, step_timeout)
+            verdict, finding = judge_http01(
+                name, key_authorization, f"{_hp(address, port)}{how}", port, status, body, error
+            )
+            report.add(finding, verdict)
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(StorageError, OSError):
+            await storage.delete_challenge(key)
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -1110,6 +1238,7 @@ def doctor_command(
     *,
     as_json: bool = False,
     port: int = 443,
+    http_port: int = 80,
     nameserver: str | None = None,
     connect_to: str | None = None,
     timeout: float = 5.0,
@@ -1148,6 +1277,7 @@ def doctor_command(
                 connect_to=connect_to,
                 timeout=timeout,
                 proxy_protocol=cfg.server.proxy_protocol,
+                http_port=http_port if "http-01" in cfg.acme.challenges else None,
             )
         finally:
             await store.aclose()

@@ -70,10 +70,22 @@ ACME_ORDERS = Counter(
 )
 ACME_REPLACES_DROPPED = Counter(
     "edgeproxy_acme_replaces_dropped_total",
-    "newOrder retried without 'replaces' after the CA rejected it (alreadyReplaced recovery).",
+    "newOrder retried without 'replaces' after the CA refused an order carrying it.",
 )
 CHALLENGES_ANSWERED = Counter(
-    "edgeproxy_acme_challenges_answered_total", "TLS-ALPN-01 validation handshakes answered."
+    "edgeproxy_acme_challenges_answered_total",
+    "Validation requests answered (TLS-ALPN-01 handshakes, HTTP-01 requests).",
+)
+HTTP_REQUESTS = Counter(
+    "edgeproxy_http_requests_total",
+    "Requests on the plain-HTTP listener ([http] listen), by result (challenge, redirect, "
+    "not_served, challenge_not_pending, bad_request, timeout, ...).",
+    ["result"],
+)
+CHALLENGE_FALLBACKS = Counter(
+    "edgeproxy_acme_challenge_fallbacks_total",
+    "New orders with the next challenge type after the preferred one failed validation.",
+    ["failed", "next"],
 )
 CHALLENGES_WITHOUT_PENDING = Counter(
     "edgeproxy_acme_validation_without_pending_challenge_total",

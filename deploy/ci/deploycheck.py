@@ -263,7 +263,7 @@ def proxy_protocol_on_both_sides(d: Deployed) -> Iterator[str]:
     mode = d.config.get("server", {}).get("proxy_protocol", "off")
     if lb_sends and mode not in ("v2", "any"):
         yield (
-            f'the NLB sends PROXY v2 (proxy_protocol_v2.enabled=true) but server.proxy_protocol '
+            f"the NLB sends PROXY v2 (proxy_protocol_v2.enabled=true) but server.proxy_protocol "
             f'is "{mode}": set it to "v2" in edgeproxy.toml'
         )
     if mode in ("v1", "v2") and not lb_sends:
@@ -285,24 +285,63 @@ def proxy_protocol_on_both_sides(d: Deployed) -> Iterator[str]:
             )
 
 
+def _http_listen_ports(d: Deployed) -> set[int]:
+    return {_port_of(a) for a in d.config.get("http", {}).get("listen", [])}
+
+
+@invariant
+def http01_reaches_port_80(d: Deployed) -> Iterator[str]:
+    """With HTTP-01 enabled, the CA's request to port 80 reaches edgeproxy's [http] listener,
+    with the same PROXY protocol setting as the load balancer sends."""
+    challenges = d.config.get("acme", {}).get("challenges", ["tls-alpn-01"])
+    if "http-01" not in challenges:
+        return
+    if not _http_listen_ports(d):
+        yield 'acme.challenges has "http-01" but http.listen is empty: set it (e.g. 8080)'
+    if not any(p.get("port") == 80 for p in d.edge_service["spec"].get("ports", [])):
+        yield (
+            f'Service {_name(d.edge_service)}: acme.challenges has "http-01" but the Service has '
+            "no port 80 (the CA validates HTTP-01 on port 80)"
+        )
+    annotations = d.edge_service["metadata"].get("annotations") or {}
+    lb_sends = (
+        parse_attributes(annotations.get(TARGET_GROUP_ATTRS)).get("proxy_protocol_v2.enabled")
+        == "true"
+    )
+    server_mode = d.config.get("server", {}).get("proxy_protocol", "off")
+    mode = d.config.get("http", {}).get("proxy_protocol") or server_mode
+    if lb_sends and mode not in ("v2", "any"):
+        yield (
+            f'the NLB sends PROXY v2 to port 80 too, but http.proxy_protocol is "{mode}": '
+            'set it to "v2" (or leave it unset to follow server.proxy_protocol)'
+        )
+
+
 @invariant
 def ports_line_up(d: Deployed) -> Iterator[str]:
-    """Service -> container port -> the config's listen address; admin port -> probes."""
+    """Service -> container port -> the config's listen address; admin port -> probes.
+
+    The Service's port 80 must reach [http] listen, every other port [server] listen."""
     listen_ports = {_port_of(a) for a in d.config.get("server", {}).get("listen", ["0.0.0.0:443"])}
+    http_ports = _http_listen_ports(d)
     for p in d.edge_service["spec"].get("ports", []):
         target = d.container_port(p.get("targetPort", p.get("port")))
+        wanted, key = (
+            (http_ports, "http.listen") if p.get("port") == 80 else (listen_ports, "server.listen")
+        )
         if target is None:
             yield (
                 f"Service port {p.get('port')}: targetPort {p.get('targetPort')!r} is no "
                 "container port"
             )
-        elif target not in listen_ports:
+        elif target not in wanted:
             yield (
                 f"Service port {p.get('port')} goes to container port {target}, but edgeproxy "
-                f"listens on {sorted(listen_ports)} (server.listen)"
+                f"listens on {sorted(wanted)} there ({key})"
             )
-    if any(port < 1024 for port in listen_ports):
-        yield f"server.listen {sorted(listen_ports)}: uid 10001 cannot bind ports below 1024"
+    for key, ports in (("server.listen", listen_ports), ("http.listen", http_ports)):
+        if any(port < 1024 for port in ports):
+            yield f"{key} {sorted(ports)}: uid 10001 cannot bind ports below 1024"
     admin_listen = d.config.get("admin", {}).get("listen")
     if not admin_listen:
         yield "admin.listen is unset: the probes and Prometheus need the admin API"
@@ -310,8 +349,7 @@ def ports_line_up(d: Deployed) -> Iterator[str]:
     admin_port = _port_of(admin_listen)
     if d.container_port("admin") != admin_port:
         yield (
-            f"container port 'admin' is {d.container_port('admin')}, "
-            f"admin.listen says {admin_port}"
+            f"container port 'admin' is {d.container_port('admin')}, admin.listen says {admin_port}"
         )
     liveness = _dig(d.container, "livenessProbe", "httpGet") or {}
     live_port = d.container_port(liveness.get("port", ""))
@@ -410,7 +448,10 @@ def secrets_referenced_not_shipped(d: Deployed) -> Iterator[str]:
         elif var and d.env_secret(var) is None:
             yield f"${var} ({section}.{key}) must come from a Secret (secretKeyRef)"
     inline = (
-        ("storage", "dsn"), ("admin", "token"), ("admin", "metrics_token"), ("acme", "eab_hmac_key")
+        ("storage", "dsn"),
+        ("admin", "token"),
+        ("admin", "metrics_token"),
+        ("acme", "eab_hmac_key"),
     )
     for section, key in inline:
         if d.config.get(section, {}).get(key):
@@ -442,7 +483,8 @@ def network_policy_lets_config_through(d: Deployed) -> Iterator[str]:
     """Upstreams, the ask endpoint and the ACME directory are reachable; TLS gets in."""
     pod_labels = d.deployment["spec"]["template"]["metadata"]["labels"]
     policies = [
-        p for p in d.m.all("NetworkPolicy")
+        p
+        for p in d.m.all("NetworkPolicy")
         if _labels_match(_dig(p, "spec", "podSelector", "matchLabels") or {}, pod_labels)
     ]
     if not policies:
@@ -465,43 +507,52 @@ def network_policy_lets_config_through(d: Deployed) -> Iterator[str]:
         if egress and not any(_egress_allows(p, port) for p in egress):
             yield f"NetworkPolicy egress does not allow TCP {port} ({what})"
     https = d.container_port("https")
-    tls_rules = [
+    yield from _ingress_problems(d, policies, https, "TLS", _proxy_senders(d))
+    for port in sorted(_http_listen_ports(d)):
+        yield from _ingress_problems(d, policies, port, "HTTP", _proxy_senders(d, http=True))
+
+
+def _ingress_problems(
+    d: Deployed, policies: list[Doc], port: int | None, what: str, trusted: set[str] | None
+) -> Iterator[str]:
+    """Port ``port`` is admitted from anywhere without PROXY protocol, else from exactly the
+    trusted PROXY senders' CIDRs (server.proxy_protocol_from)."""
+    rules = [
         rule
         for pol in policies
         if "Ingress" in pol["spec"].get("policyTypes", ["Ingress"])
         for rule in _dig(pol, "spec", "ingress") or []
         if not rule.get("ports")  # a rule without ports admits every port
-        or any(d.container_port(p.get("port", "")) == https for p in rule["ports"])
+        or any(d.container_port(p.get("port", "")) == port for p in rule["ports"])
     ]
-    trusted = _proxy_senders(d)
     if trusted is None:  # no PROXY protocol: clients reach the pods with their own addresses
-        if not any(not rule.get("from") for rule in tls_rules):
-            yield f"NetworkPolicy ingress must admit the TLS port {https} from anywhere (the NLB)"
+        if not any(not rule.get("from") for rule in rules):
+            yield f"NetworkPolicy ingress must admit the {what} port {port} from anywhere (the NLB)"
         return
-    if not tls_rules:
-        yield f"NetworkPolicy ingress admits nothing to the TLS port {https}: the NLB is shut out"
+    if not rules:
+        yield f"NetworkPolicy ingress admits nothing to the {what} port {port}: the NLB is shut out"
         return
-    if any(not rule.get("from") for rule in tls_rules):
+    if any(not rule.get("from") for rule in rules):
         yield (
-            f"NetworkPolicy ingress admits the TLS port {https} from anywhere, but only the NLB "
+            f"NetworkPolicy ingress admits the {what} port {port} from anywhere, but only the NLB "
             "may send PROXY headers: admit it from ipBlock entries with the CIDRs of "
             "server.proxy_protocol_from"
         )
         return
     blocks: set[str] = set()
-    for rule in tls_rules:
+    for rule in rules:
         for peer in rule["from"]:
             cidr = _dig(peer, "ipBlock", "cidr")
             if cidr is None:
                 yield (
-                    f"NetworkPolicy ingress to the TLS port {https} admits {peer} (not an "
+                    f"NetworkPolicy ingress to the {what} port {port} admits {peer} (not an "
                     "ipBlock): only the NLB's subnets (server.proxy_protocol_from) belong there"
                 )
             else:
                 blocks.add(_normal_cidr(cidr))
     if blocks != trusted:
         yield (
-            f"NetworkPolicy ingress to the TLS port {https} admits {sorted(blocks)} but "
+            f"NetworkPolicy ingress to the {what} port {port} admits {sorted(blocks)} but "
             f"server.proxy_protocol_from is {sorted(trusted)}: list the same CIDRs, the NLB's "
             "subnets, in both (a missing one refuses the NLB there, an extra one admits others)"
         )
@@ -514,10 +565,14 @@ def _normal_cidr(cidr: str) -> str:
         return cidr  # edgeproxy check names it; here it simply matches nothing
 
 
-def _proxy_senders(d: Deployed) -> set[str] | None:
-    """server.proxy_protocol_from as normalised CIDRs; None when proxy_protocol is off."""
+def _proxy_senders(d: Deployed, *, http: bool = False) -> set[str] | None:
+    """server.proxy_protocol_from as normalised CIDRs; None when proxy_protocol is off (for
+    ``http``: the port-80 listener's mode, which follows server.proxy_protocol unless set)."""
     server = d.config.get("server", {})
-    if server.get("proxy_protocol", "off") == "off":
+    mode = server.get("proxy_protocol", "off")
+    if http:
+        mode = d.config.get("http", {}).get("proxy_protocol") or mode
+    if mode == "off":
         return None
     return {_normal_cidr(str(c)) for c in server.get("proxy_protocol_from") or ()}
 
@@ -548,16 +603,14 @@ def monitoring_lines_up(d: Deployed) -> Iterator[str]:
     service = services[0]
     if service is d.edge_service:
         yield (
-            "ServiceMonitor selects the load balancer Service: metrics must stay inside "
-            "the cluster"
+            "ServiceMonitor selects the load balancer Service: metrics must stay inside the cluster"
         )
     admin_port = d.container_port("admin")
     for ep in _dig(monitor, "spec", "endpoints") or []:
         port = next((p for p in service["spec"]["ports"] if p.get("name") == ep.get("port")), None)
         if port is None:
             yield (
-                f"ServiceMonitor endpoint port {ep.get('port')!r} is not a port of "
-                f"{_name(service)}"
+                f"ServiceMonitor endpoint port {ep.get('port')!r} is not a port of {_name(service)}"
             )
         elif d.container_port(port.get("targetPort", port["port"])) != admin_port:
             yield f"ServiceMonitor endpoint {ep.get('port')!r} does not reach the admin port"
@@ -584,8 +637,7 @@ def monitoring_lines_up(d: Deployed) -> Iterator[str]:
     for rule_doc in rules:
         for other in sorted(_rule_jobs(rule_doc) - {job}):
             yield (
-                f'PrometheusRule selects job="{other}" but the ServiceMonitor produces '
-                f'job="{job}"'
+                f'PrometheusRule selects job="{other}" but the ServiceMonitor produces job="{job}"'
             )
 
 
@@ -594,7 +646,8 @@ def availability(d: Deployed) -> Iterator[str]:
     """Replicas, zone spread, PDB and HPA all aim at the same pods."""
     pod_labels = d.deployment["spec"]["template"]["metadata"]["labels"]
     zones = [
-        c for c in d.pod.get("topologySpreadConstraints", [])
+        c
+        for c in d.pod.get("topologySpreadConstraints", [])
         if c.get("topologyKey") == "topology.kubernetes.io/zone"
     ]
     if not zones:

@@ -1,14 +1,20 @@
-"""Pending TLS-ALPN-01 challenges: published by the issuing process, answered by any.
+"""Pending TLS-ALPN-01 and HTTP-01 challenges: published by the issuing process, answered by any.
 
 ``present`` writes the key authorization to storage (so whichever worker or replica the CA
 reaches can answer) and to a local map (so this process answers without a storage round trip).
 The data path asks ``context_for(name)`` and gets an ``SSL.Context`` with the RFC 8737
 certificate, or None when no challenge is pending here: the caller then sends a deliberate
 ``unrecognized_name`` alert and logs why, instead of the mysterious ``internal_error``.
+
+``HttpChallenges`` does the same for HTTP-01 (RFC 8555 s8.3), keyed by token: the port-80
+listener asks ``key_authorization(token)``. Tokens are mixed-case base64url and storage keys
+are lower case, so a token is stored under its SHA-256; the stored key authorization starts
+with the token itself, which is checked on the way out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 
@@ -75,3 +81,45 @@ class ChallengeResponder:
             while len(self._contexts) > _MAX_CONTEXTS:
                 self._contexts.popitem(last=False)
         return ctx
+
+
+def http_challenge_key(token: str) -> str:
+    """The storage name of a pending HTTP-01 challenge (never a hostname: no dots after it)."""
+    return "http-01." + hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+class HttpChallenges:
+    """A ``ChallengeSolver`` for HTTP-01 and the lookup the port-80 listener answers from."""
+
+    challenge_type = "http-01"
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._local: dict[str, str] = {}
+
+    async def present(self, identifier: str, token: str, key_authorization: str) -> None:
+        self._local[token] = key_authorization
+        await self._storage.put_challenge(
+            http_challenge_key(token), key_authorization, CHALLENGE_TTL
+        )
+
+    async def cleanup(self, identifier: str, token: str) -> None:
+        self._local.pop(token, None)
+        try:
+            await self._storage.delete_challenge(http_challenge_key(token))
+        except StorageError as exc:
+            log.warning("could not withdraw HTTP-01 challenge for %s: %s", identifier, exc)
+
+    async def key_authorization(self, token: str) -> str | None:
+        """The key authorization to serve for ``token``, or None when none is pending."""
+        found = self._local.get(token)
+        if found is None:
+            try:
+                found = await self._storage.get_challenge(http_challenge_key(token))
+            except StorageError as exc:
+                log.warning("HTTP-01 challenge lookup failed: %s", exc)
+                return None
+        # RFC 8555 s8.1: keyAuthorization = token || '.' || thumbprint.
+        if found is None or not found.startswith(token + "."):
+            return None
+        return found

@@ -119,6 +119,7 @@ class CertificateManager:
         session_tickets: bool = True,
         per_domain_metrics: bool = False,
         listen_ports: Sequence[int] = (443,),
+        http_ports: Sequence[int] = (),
         registry: HostnameRegistry | None = None,
         events: Events | None = None,
         removal_grace: float = 7 * 86400.0,
@@ -149,6 +150,7 @@ class CertificateManager:
         self.per_domain_metrics = per_domain_metrics
         # The ports the CA's validation must reach us on, named in hints (not always 443).
         self.listen_ports = tuple(listen_ports)
+        self.http_ports = tuple(http_ports)
         self.clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._identities = IdentityContexts(session_tickets=session_tickets)
@@ -221,6 +223,21 @@ class CertificateManager:
                 name, st.last_error_type.rsplit(":", 1)[-1], st.last_error or ""
             )
         raise CertificateUnavailable(name, "unavailable")
+
+    def may_serve(self, name: str) -> bool:
+        """Does this process hold, or may it get without asking anyone, a certificate for
+        ``name``? In memory only: the plain-HTTP listener asks it for every request."""
+        if name in self._cache or self.static.match(name) is not None:
+            return True
+        st = self._status.get(name)
+        if st is not None and st.state in ("valid", "renewing", "issuing"):
+            return True
+        registry = self.policy.registry
+        if registry is not None and registry.is_removed(name):
+            return False
+        if self.policy.registry_allows and registry is not None and registry.is_registered(name):
+            return True
+        return self.policy.static_allows(name)
 
     def on_storage_change(self, key: str) -> None:
         """Another process or replica changed ``key`` (PostgreSQL LISTEN/NOTIFY): if it is a
@@ -490,9 +507,17 @@ class CertificateManager:
                         CertificateIssuerPrivateKeyTypes,
                         generate_private_key(self.key_type),  # type: ignore[arg-type]
                     )
-                    issued = await self.issuer.issue(name, key, replacing=replacing)
+                    # The challenge type that worked last time goes first (a CDN in front
+                    # may break TLS-ALPN-01 for good; no need to learn that on every renewal).
+                    prefer = old.challenge_type if old is not None else None
+                    issued = await self.issuer.issue(name, key, replacing=replacing, prefer=prefer)
                     rec = CertRecord.build(
-                        name, issued.issuer_id, issued.chain_pem, key, self.clock()
+                        name,
+                        issued.issuer_id,
+                        issued.chain_pem,
+                        key,
+                        self.clock(),
+                        challenge_type=issued.challenge_type,
                     )
                     await self.storage.put(cert_key(name), rec.to_json(), secret=True)
         except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
@@ -506,6 +531,7 @@ class CertificateManager:
                     retry_after=exc.retry_after,
                     challenge_type=exc.challenge_type,
                     serving_until=serving_until,
+                    earlier=exc.earlier,
                 )
                 metrics.ACME_ORDERS.labels("failed").inc()
                 if renewing:
@@ -583,6 +609,7 @@ class CertificateManager:
                 state="valid",
                 not_after=rec.not_after,
                 issuer=rec.issuer_id,
+                challenge_type=rec.challenge_type,
                 failures=0,
                 last_error=None,
                 last_error_type=None,
@@ -635,6 +662,7 @@ class CertificateManager:
         challenge_type: str | None = None,
         serving_until: float | None = None,
         ordered: bool = True,
+        earlier: tuple[str, ...] = (),
     ) -> None:
         """Record a failure. ``ordered=False`` (and every refusal): it happened before any
         order, so unless the name already has a status it is remembered in bounded memory
@@ -651,7 +679,7 @@ class CertificateManager:
             error_type,
             detail,
             challenge_type=challenge_type,
-            listen_ports=self.listen_ports,
+            listen_ports=self.http_ports if challenge_type == "http-01" else self.listen_ports,
             serving_until=serving_until,
         )
         if (state == "denied" or not ordered) and name not in self._status:
@@ -671,6 +699,10 @@ class CertificateManager:
             level = logging.DEBUG if state == "denied" else logging.WARNING
             log.log(level, "certificate for %s not ordered: %s: %s", name, error_type, detail)
             return
+        if challenge_type is not None:
+            detail = f"{challenge_type}: {detail}"
+        if earlier:
+            detail = "".join(f"{e}; then " for e in earlier) + detail
         # A cached certificate keeps being served while renewal fails: keep its state visible.
         if state == "failing" and name in self._cache:
             state = "renewing"

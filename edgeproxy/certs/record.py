@@ -7,7 +7,7 @@ with an old certificate (the "stale or torn files" incident). Pure data and (de)
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -87,6 +87,8 @@ class CertRecord:
     not_after: float
     serial: str
     issued_at: float
+    # The ACME challenge type that validated: the next order for this name starts with it.
+    challenge_type: str | None = None
 
     @property
     def lifetime(self) -> float:
@@ -94,6 +96,8 @@ class CertRecord:
 
     def to_json(self) -> bytes:
         d = asdict(self)
+        if d["challenge_type"] is None:
+            del d["challenge_type"]  # records without it stay readable by older versions
         d["format"] = FORMAT_VERSION
         return json.dumps(d, sort_keys=True).encode()
 
@@ -103,7 +107,8 @@ class CertRecord:
             d = json.loads(raw)
             if not isinstance(d, dict) or d.pop("format", None) != FORMAT_VERSION:
                 raise RecordError("unknown record format")
-            rec = cls(**d)
+            # Fields a newer version added are ignored (replicas mid-upgrade share storage).
+            rec = cls(**{k: v for k, v in d.items() if k in _RECORD_FIELDS})
         except (ValueError, TypeError) as exc:
             raise RecordError(f"unparseable certificate record: {exc}") from None
         rec.verify()
@@ -131,6 +136,7 @@ class CertRecord:
         chain_pem: bytes,
         key: CertificateIssuerPrivateKeyTypes,
         now: float,
+        challenge_type: str | None = None,
     ) -> CertRecord:
         chain = x509.load_pem_x509_certificates(chain_pem)
         leaf = chain[0]
@@ -143,6 +149,7 @@ class CertRecord:
             not_after=leaf.not_valid_after_utc.timestamp(),
             serial=format(leaf.serial_number, "x"),
             issued_at=now,
+            challenge_type=challenge_type,
         )
         rec.verify()
         return rec
@@ -153,6 +160,9 @@ class CertRecord:
     def private_key(self) -> CertificateIssuerPrivateKeyTypes:
         key = serialization.load_pem_private_key(self.key_pem.encode(), password=None)
         return key  # type: ignore[return-value]
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(CertRecord))
 
 
 def iso(ts: float | None) -> str | None:

@@ -175,6 +175,7 @@ class DomainStatus:
     last_error_type: str | None = None
     hint: str | None = None
     issuer: str | None = None
+    challenge_type: str | None = None  # the ACME challenge that validated the current certificate
     updated_at: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -2,8 +2,9 @@
 
 Owns the account (key created once, under a storage lock so replicas share one account, and
 registered or found again by key) and the translation of ACME failures into ``IssuanceError``
-types the certificate manager understands. The TLS-ALPN-01 challenge is answered by the data
-path through the ``ChallengeResponder`` it is given.
+types the certificate manager understands, and the order of challenge types: each solver it is
+given (TLS-ALPN-01 answered by the data path, HTTP-01 by the port-80 listener) is tried in
+``acme.challenges`` order, the next one at once when one fails validation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import ssl
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,11 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from .. import metrics
 from ..acme import ari
-from ..acme.client import AcmeClient, ChallengeSolver
+from ..acme.client import AcmeClient, CertificateChain, ChallengeSolver
 from ..acme.errors import (
     AcmeError,
     AcmeProblem,
     AcmeTransportError,
+    ChallengeUnavailable,
     OrderInvalid,
     Subproblem,
 )
@@ -60,7 +63,7 @@ class AcmeIssuer:
         *,
         directory: str,
         storage: Storage,
-        solver: ChallengeSolver,
+        solvers: Sequence[ChallengeSolver],
         email: str | None = None,
         trust: str = "",
         eab: tuple[str, bytes] | None = None,
@@ -71,7 +74,10 @@ class AcmeIssuer:
         self.directory = directory
         self._lock_ttl = lock_ttl
         self._storage = storage
-        self._solver = solver
+        if not solvers:
+            raise ValueError("AcmeIssuer needs at least one challenge solver")
+        # In order of preference (acme.challenges); a validation failure moves to the next.
+        self._solvers = tuple(solvers)
         self._email = email
         self._verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=trust) if trust else True
@@ -85,8 +91,14 @@ class AcmeIssuer:
 
     @classmethod
     def from_config(
-        cls, cfg: AcmeConfig, storage: Storage, solver: ChallengeSolver, *, lock_ttl: float = 30.0
+        cls,
+        cfg: AcmeConfig,
+        storage: Storage,
+        solvers: Mapping[str, ChallengeSolver],
+        *,
+        lock_ttl: float = 30.0,
     ) -> AcmeIssuer:
+        """``solvers`` by challenge type; ``cfg.challenges`` picks and orders them."""
         import os
 
         eab = None
@@ -98,7 +110,7 @@ class AcmeIssuer:
         return cls(
             directory=cfg.directory,
             storage=storage,
-            solver=solver,
+            solvers=[solvers[t] for t in cfg.challenges],
             email=cfg.email,
             trust=cfg.trust,
             eab=eab,
@@ -180,39 +192,86 @@ class AcmeIssuer:
         private_key: CertificateIssuerPrivateKeyTypes,
         *,
         replacing: bytes | None = None,
+        prefer: str | None = None,
     ) -> IssuedCertificate:
-        try:
-            client = await self._get_client()
-            replaces = None
-            if replacing is not None:
-                try:
-                    replaces = ari.cert_id(x509.load_pem_x509_certificates(replacing)[0])
-                except (ValueError, AcmeError):
-                    replaces = None
+        """Order with each challenge type in turn until one validates.
+
+        ``prefer`` (the type that worked for this name last time) goes first. When a type
+        fails validation, or the CA does not offer it, a new order with the next type
+        follows at once; any other failure (rate limit, CA down) ends the attempt.
+        """
+        solvers = sorted(self._solvers, key=lambda s: s.challenge_type != prefer)
+        failed: list[str] = []
+        for i, solver in enumerate(solvers):
             try:
-                chain = await client.issue(
-                    [name],
-                    private_key,
-                    self._solver,
-                    profile=self._profile,
-                    replaces=replaces,
-                    preferred_chain=self._preferred_chain,
+                chain = await self._issue_with(name, private_key, replacing, solver)
+            except (OrderInvalid, ChallengeUnavailable) as exc:
+                validation = isinstance(exc, ChallengeUnavailable) or exc.challenge_type
+                if not validation or i + 1 == len(solvers):
+                    raise self._translate(exc, name, failed) from None
+                following = solvers[i + 1].challenge_type
+                log.warning(
+                    "%s did not validate for %s (%s); ordering again with %s",
+                    solver.challenge_type,
+                    name,
+                    exc,
+                    following,
                 )
-            finally:
-                self._report_stats(client)
-        except OrderInvalid as exc:
+                metrics.CHALLENGE_FALLBACKS.labels(solver.challenge_type, following).inc()
+                failed.append(f"{solver.challenge_type}: {_problem_text(exc, name)}")
+            except AcmeError as exc:
+                raise self._translate(exc, name, failed) from None
+            else:
+                return IssuedCertificate(
+                    chain_pem=chain.pem, issuer_id=self.id, challenge_type=solver.challenge_type
+                )
+        raise AssertionError("unreachable: the last solver's failure is raised above")
+
+    async def _issue_with(
+        self,
+        name: str,
+        private_key: CertificateIssuerPrivateKeyTypes,
+        replacing: bytes | None,
+        solver: ChallengeSolver,
+    ) -> CertificateChain:
+        client = await self._get_client()
+        replaces = None
+        if replacing is not None:
+            try:
+                replaces = ari.cert_id(x509.load_pem_x509_certificates(replacing)[0])
+            except (ValueError, AcmeError):
+                replaces = None
+        try:
+            return await client.issue(
+                [name],
+                private_key,
+                solver,
+                profile=self._profile,
+                replaces=replaces,
+                preferred_chain=self._preferred_chain,
+            )
+        finally:
+            self._report_stats(client)
+
+    def _translate(self, exc: AcmeError, name: str, earlier: list[str]) -> IssuanceError:
+        """The ``IssuanceError`` for the manager; ``earlier`` are the challenge types that
+        failed before this one (shown in the status, not used for the hint)."""
+        before = tuple(earlier)
+        if isinstance(exc, OrderInvalid):
             problem = _most_specific(exc.problem, name)
             ptype = problem.type if problem else "urn:ietf:params:acme:error:orderInvalid"
             detail = problem.detail if problem else str(exc)
-            raise IssuanceError(ptype, detail, challenge_type=exc.challenge_type) from None
-        except AcmeProblem as exc:
+            return IssuanceError(ptype, detail, challenge_type=exc.challenge_type, earlier=before)
+        if isinstance(exc, ChallengeUnavailable):
+            return IssuanceError("challenge_unavailable", str(exc), earlier=before)
+        if isinstance(exc, AcmeProblem):
             said = _most_specific(exc, name) or exc
-            raise IssuanceError(said.type, said.detail, retry_after=exc.retry_after) from None
-        except AcmeTransportError as exc:
-            raise IssuanceError("unreachable", f"{self.directory}: {exc}") from None
-        except AcmeError as exc:
-            raise IssuanceError("acme", str(exc)) from None
-        return IssuedCertificate(chain_pem=chain.pem, issuer_id=self.id)
+            return IssuanceError(
+                said.type, said.detail, retry_after=exc.retry_after, earlier=before
+            )
+        if isinstance(exc, AcmeTransportError):
+            return IssuanceError("unreachable", f"{self.directory}: {exc}", earlier=before)
+        return IssuanceError("acme", str(exc), earlier=before)
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
         try:
@@ -269,6 +328,14 @@ def _most_specific(problem: AcmeProblem | None, name: str) -> Subproblem | AcmeP
         if sub.identifier is None or sub.identifier.lower() == name.lower():
             return sub
     return problem
+
+
+def _problem_text(exc: OrderInvalid | ChallengeUnavailable, name: str) -> str:
+    if isinstance(exc, OrderInvalid):
+        problem = _most_specific(exc.problem, name)
+        if problem is not None:
+            return f"{problem.type.rsplit(':', 1)[-1]}: {problem.detail}"
+    return str(exc)
 
 
 def _count_acme_response(endpoint: str, status: int) -> None:

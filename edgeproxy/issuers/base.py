@@ -29,6 +29,7 @@ def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> str:
 class IssuedCertificate:
     chain_pem: bytes  # leaf first, then intermediates
     issuer_id: str  # stable id of who issued it (ACME directory URL, or "internal")
+    challenge_type: str | None = None  # the ACME challenge that validated (None: no ACME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +53,13 @@ class Issuer(Protocol):
         private_key: CertificateIssuerPrivateKeyTypes,
         *,
         replacing: bytes | None = None,
+        prefer: str | None = None,
     ) -> IssuedCertificate:
         """Issue a certificate for ``name``.
 
         ``replacing`` is the PEM chain of the certificate this one renews, when that one came
         from this same issuer: an ACME issuer turns it into an ARI ``replaces`` CertID.
+        ``prefer`` is the challenge type that validated for this name last time: tried first.
         """
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
@@ -81,6 +84,7 @@ class IssuanceError(Exception):
         *,
         retry_after: float | None = None,
         challenge_type: str | None = None,
+        earlier: tuple[str, ...] = (),
     ) -> None:
         super().__init__(f"{error_type}: {detail}")
         self.error_type = error_type
@@ -88,6 +92,8 @@ class IssuanceError(Exception):
         self.retry_after = retry_after
         # Set when a validation failed: which challenge type the CA tried (for the hint).
         self.challenge_type = challenge_type
+        # Failures of other challenge types tried before this one, for the status.
+        self.earlier = earlier
 
 
 class RenewalInfoError(IssuanceError):

@@ -157,6 +157,7 @@ class InternalIssuer:
         private_key: CertificateIssuerPrivateKeyTypes,
         *,
         replacing: bytes | None = None,
+        prefer: str | None = None,
     ) -> IssuedCertificate:
         return await self.issue_for([x509.DNSName(name)], private_key)
 

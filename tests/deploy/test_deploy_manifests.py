@@ -108,10 +108,14 @@ def _ctr(edit: Callable[[dict[str, Any]], None]) -> Callable[[list[dict[str, Any
 
 
 def _add_secret(docs: list[dict[str, Any]]) -> None:
-    docs.append({
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "edgeproxy-secrets"},
-        "stringData": {"dsn": "postgresql://edgeproxy:hunter2@db/edgeproxy"},
-    })
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "edgeproxy-secrets"},
+            "stringData": {"dsn": "postgresql://edgeproxy:hunter2@db/edgeproxy"},
+        }
+    )
 
 
 def _rules_job(docs: list[dict[str, Any]]) -> None:
@@ -267,6 +271,32 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
         _pod(lambda p: p.pop("topologySpreadConstraints")),
         "topology.kubernetes.io/zone",
     ),
+    "http-01 without port 80 on the service": (
+        lambda docs: _one(docs, "Service", "edgeproxy")["spec"].update(
+            ports=[
+                p for p in _one(docs, "Service", "edgeproxy")["spec"]["ports"] if p["port"] != 80
+            ]
+        ),
+        "the Service has no port 80",
+    ),
+    "port 80 without the PROXY header the nlb sends": (
+        _edit_config(
+            'listen = ["0.0.0.0:8080"]', 'listen = ["0.0.0.0:8080"]\nproxy_protocol = "off"'
+        ),
+        'http.proxy_protocol is "off"',
+    ),
+    "port 80 blocked by the network policy": (
+        lambda docs: _one(docs, "NetworkPolicy")["spec"]["ingress"][0].update(
+            ports=[{"port": "https", "protocol": "TCP"}]
+        ),
+        "admits nothing to the HTTP port 8080",
+    ),
+    "service port 80 to the tls listener": (
+        lambda docs: next(
+            p for p in _one(docs, "Service", "edgeproxy")["spec"]["ports"] if p["port"] == 80
+        ).update(targetPort="https"),
+        "edgeproxy listens on [8080] there (http.listen)",
+    ),
 }
 
 
@@ -320,7 +350,9 @@ def test_smoke_client_speaks_proxy_v2_as_edgeproxy_parses_it() -> None:
     assert parsed is not None
     got, rest = parsed
     assert (got.command, got.source, got.destination) == (
-        "PROXY", ("203.0.113.7", 40000), ("127.0.0.1", 8443)
+        "PROXY",
+        ("203.0.113.7", 40000),
+        ("127.0.0.1", 8443),
     )
     assert rest == b"\x16\x03\x01"
     local = ProxyHeaderParser("v2").feed(smoke.proxy_v2_local())

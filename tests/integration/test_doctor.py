@@ -435,3 +435,36 @@ async def test_another_acme_responder_with_another_digest_is_not_edgeproxy(
     assert "acmeIdentifier digest is not the one of our self-test token" in finding(d, "tls").detail
     assert other_client.hellos.get(NAME) == 1
     assert await no_challenge_left(tmp_path)
+
+
+@needs_haproxy
+async def test_http01_port_80_is_checked_through_haproxy_and_a_dead_port_named(
+    tmp_path: Path, mock_dns: MockDns, haproxies: HAProxies
+) -> None:
+    """HTTP-01 enabled: doctor fetches a self-test token from port 80 (here HAProxy, PROXY v2,
+    in front of edgeproxy's [http] listener) and withdraws it; a port nothing answers on is
+    its own verdict, naming port 80's fix."""
+    from edgeproxy.certs.challenges import http_challenge_key
+
+    await mock_dns.cname(NAME, TARGET)
+    await mock_dns.a(TARGET, LB_ADDRESS)
+    cfg = proxy_config(tmp_path, "v2")
+    cfg["http"] = {"listen": ["127.0.0.1:0"], "proxy_protocol": "v2"}
+    async with running_proxy(tmp_path, cfg) as p:
+        assert p.rt.http is not None
+        http_port = p.rt.http.bound[0][1]
+        tls_lb = await haproxies.start(p.port, server_options="send-proxy-v2")
+        http_lb = await haproxies.start(http_port, server_options="send-proxy-v2")
+        good = await doctor(tmp_path, mock_dns, tls_lb, http_port=http_lb)
+        bad = await doctor(tmp_path, mock_dns, tls_lb, http_port=free_port(LB_ADDRESS))
+    assert good.verdict == "ok", good.render()
+    assert [f.check for f in good.findings] == ["dns", "storage", "tcp", "tls", "http-01"]
+    assert bad.verdict == "http01_unreachable", bad.render()
+    assert "could not connect" in finding(bad, "http-01").detail
+    assert "[http] listen" in (finding(bad, "http-01").fix or "")
+    storage = FileStorage(tmp_path / "state")
+    try:
+        left = [n for n, _ in await storage.list_challenges() if n.startswith("http-01.")]
+    finally:
+        await storage.aclose()
+    assert left == [] and http_challenge_key("x").startswith("http-01.")

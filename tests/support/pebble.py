@@ -177,12 +177,14 @@ def start_pebble(
     tmp_path: Path,
     *,
     tls_port: int,
+    http_port: int | None = None,
     env: dict[str, str] | None = None,
     eab_keys: dict[str, str] | None = None,
     validity: int | None = None,
 ) -> Pebble:
     """Start pebble (+ its DNS) in ``tmp_path``; returns once the directory answers.
 
+    ``http_port`` is where HTTP-01 validations go (default: a port nothing listens on).
     ``env`` adds to/overrides ``PEBBLE_VA_NOSLEEP=1`` (e.g. ``PEBBLE_WFE_NONCEREJECT``,
     ``PEBBLE_ALTERNATE_ROOTS``, ``PEBBLE_AUTHZREUSE``). ``eab_keys`` (kid -> base64url HMAC
     key) makes External Account Binding required. ``validity`` sets
@@ -199,14 +201,16 @@ def start_pebble(
     cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     leaf.private_key_pem.write_to_path(str(key_path))
 
-    acme_port, mgmt_port, http_port = free_port(), free_port(), free_port()
+    acme_port, mgmt_port = free_port(), free_port()
+    if http_port is None:
+        http_port = free_port()  # nothing listens there: only TLS-ALPN-01 can succeed
     dns_port, dns_mgmt_port = free_port(), free_port()
     config: dict[str, Any] = {
         "listenAddress": f"127.0.0.1:{acme_port}",
         "managementListenAddress": f"127.0.0.1:{mgmt_port}",
         "certificate": str(cert_path),
         "privateKey": str(key_path),
-        "httpPort": http_port,  # nothing listens there: only TLS-ALPN-01 can succeed
+        "httpPort": http_port,
         "tlsPort": tls_port,
         "ocspResponderURL": "",
         "externalAccountBindingRequired": eab_keys is not None,

@@ -22,10 +22,10 @@ class CountingIssuer(InternalIssuer):
 
     calls: int = 0
 
-    async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
         self.calls += 1
         await trio.sleep(0.05)  # let concurrent handshakes pile up on the single flight
-        return await super().issue(name, private_key, replacing=replacing)
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 def make_manager(
@@ -136,7 +136,7 @@ async def test_issuer_failure_is_recorded_with_backoff(
     from edgeproxy.issuers.base import IssuanceError
 
     class FailingIssuer(CountingIssuer):
-        async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
             self.calls += 1
             raise IssuanceError(
                 "urn:ietf:params:acme:error:connection", "could not connect to 127.0.0.1:443"
@@ -166,11 +166,11 @@ async def test_a_failed_renewal_carries_a_hint_saying_the_old_certificate_serves
     from edgeproxy.issuers.base import IssuanceError
 
     class RenewalFails(CountingIssuer):
-        async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
             if self.calls:
                 self.calls += 1
                 raise IssuanceError("urn:ietf:params:acme:error:malformed", "no renewal for you")
-            return await super().issue(name, private_key, replacing=replacing)
+            return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
     storage = FileStorage(tmp_path / "state")
     mgr = CertificateManager(

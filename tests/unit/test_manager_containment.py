@@ -63,11 +63,11 @@ class TrappedIssuer(InternalIssuer):
         self.broken: set[str] = set()
         self.issued: list[str] = []
 
-    async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
         if name in self.broken:
             raise Bug(f"injected issuer failure for {name}")
         self.issued.append(name)
-        return await super().issue(name, private_key, replacing=replacing)
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 def make(tmp_path: Path, **kw: object) -> tuple[CertificateManager, TrappedStorage, TrappedIssuer]:
