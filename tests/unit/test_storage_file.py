@@ -440,3 +440,22 @@ async def test_hostname_page_reads_only_its_own_files_among_many(
     assert len(reads) == 100
     last = await storage.list_hostnames(after="h004999.example.com", limit=100)
     assert [e.hostname for e in last] == ["z.example.com"]
+
+
+async def test_hostname_journal_rotation_tells_readers_to_reload(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, reader = FileStorage(root), FileStorage(root)
+    monkeypatch.setattr(FileStorage, "JOURNAL_MAX", 200)
+    marker, _ = await reader.hostname_changes(None)
+    await writer.add_hostname(HostnameEntry("a.example.com", None, "{}", 1.0))
+    marker, names = await reader.hostname_changes(marker)
+    assert names == ["a.example.com"]
+    for i in range(20):  # past 200 bytes: the journal is replaced by an empty one
+        await writer.add_hostname(HostnameEntry(f"n{i:02d}.example.com", None, "{}", 1.0))
+    assert (root / "hostnames" / ".journal").stat().st_size < 200
+    marker, names = await reader.hostname_changes(marker)
+    assert names is None  # what changed before the rotation is unknown: reload everything
+    await writer.remove_hostname("a.example.com", 2.0)
+    _, names = await reader.hostname_changes(marker)
+    assert names == ["a.example.com"]
