@@ -8,7 +8,9 @@ finish) and established ones are never shed for this; when only those hold the s
 newcomer is refused as before.
 
 The bystander's latency while the attacker churns is printed (``pytest -s``), not asserted.
-``EDGEPROXY_SHED_SECONDS`` sets how long the attacker holds its sockets (default 30).
+``EDGEPROXY_SHED_SECONDS`` sets how long the attacker holds its sockets (default 30), and
+``EDGEPROXY_SHED_SECONDS_10K`` the same for the 10,000-socket case (default 15, to keep the
+suite lean on 2 cores; 30 for the full figure).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SHED = "edgeproxy_connections_shed_total"
 REFUSED = "edgeproxy_connections_refused_total"
 CLOSED = "edgeproxy_connections_closed_total"
 HOLD_SECONDS = float(os.environ.get("EDGEPROXY_SHED_SECONDS", "30"))
+HOLD_SECONDS_10K = float(os.environ.get("EDGEPROXY_SHED_SECONDS_10K", "15"))
 
 
 async def _config(tmp_path: Path, echo_upstream: str, **server: Any) -> tuple[Path, dict[str, Any]]:
@@ -51,7 +54,12 @@ async def _config(tmp_path: Path, echo_upstream: str, **server: Any) -> tuple[Pa
 
 
 async def _hold_and_serve(
-    tmp_path: Path, echo_upstream: str, silent: int, nofile: int | None, **server: Any
+    tmp_path: Path,
+    echo_upstream: str,
+    silent: int,
+    nofile: int | None,
+    seconds: float,
+    **server: Any,
 ) -> None:
     ca, cfg = await _config(tmp_path, echo_upstream, **server)
     async with edgeproxy_process(tmp_path, cfg, nofile=nofile) as ep:
@@ -60,13 +68,13 @@ async def _hold_and_serve(
             pass
         async with SilentHolder(ep.port, silent) as holder:
             async with NormalClient(ep.port, NORMAL, ca, interval=0.2, min_ok=0) as normal:
-                await trio.sleep(HOLD_SECONDS)
+                await trio.sleep(seconds)
             shed = await ep.metric(SHED, reason="max_handshakes") + await ep.metric(
                 SHED, reason="hello_timeout_scaled"
             )
             refused = await ep.metric(REFUSED, limit="max_handshakes")
         print(
-            f"\n[{silent} silent connections churned for {HOLD_SECONDS:g}s] normal client: "
+            f"\n[{silent} silent connections churned for {seconds:g}s] normal client: "
             f"{normal.result.summary()}; attacker: {holder.counts}; shed {shed:g}, "
             f"refused {refused:g}"
         )
@@ -74,7 +82,7 @@ async def _hold_and_serve(
         # and requests kept completing: one every 0.2 s unloaded; a 2-core machine shared
         # with the attacker and other work manages far fewer, so the bound is loose.
         assert not normal.result.errors, normal.result.errors[:5]
-        assert len(normal.result.seconds) >= HOLD_SECONDS / 10, normal.result.summary()
+        assert len(normal.result.seconds) >= seconds / 10, normal.result.summary()
         # The attacker's sockets were shed (and re-opened), and every shed one is counted.
         assert holder.counts["ended_by_proxy"] >= silent, holder.counts
         assert shed >= silent
@@ -83,7 +91,7 @@ async def _hold_and_serve(
         # One summary line at most every 10 s, and no access line per shed connection.
         text = ep.log_text()
         summaries = text.count("overload: shed")
-        assert 1 <= summaries <= HOLD_SECONDS / 10 + 2, summaries
+        assert 1 <= summaries <= seconds / 10 + 2, summaries
         assert "result=shed" not in text
 
 
@@ -91,7 +99,7 @@ async def test_2000_silent_connections_do_not_lock_out_a_normal_client(
     tmp_path: Path, echo_upstream: str
 ) -> None:
     # The defaults: max_handshakes = 2000, handshake_timeout = 10 s.
-    await _hold_and_serve(tmp_path, echo_upstream, 2000, None)
+    await _hold_and_serve(tmp_path, echo_upstream, 2000, None, HOLD_SECONDS)
 
 
 async def test_10000_silent_connections_at_the_descriptor_limit(
@@ -104,6 +112,7 @@ async def test_10000_silent_connections_at_the_descriptor_limit(
         echo_upstream,
         10_000,
         10_240,
+        HOLD_SECONDS_10K,
         max_handshakes=10_000,
         max_connections=10_100,
     )
