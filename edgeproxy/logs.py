@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _STD_ATTRS = frozenset(
@@ -98,3 +99,28 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     # psycopg's pool warns on every reconnect attempt during a database outage; our storage
     # layer already reports the outage once per failed operation.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+class LogThrottle:
+    """At most one line per ``interval`` seconds for one kind of event a peer can repeat at
+    will: the first is logged at once; the ones after it within the interval are only
+    counted, and that count goes into the next line logged (the metric beside it stays exact).
+    """
+
+    __slots__ = ("_clock", "_next", "_suppressed", "interval")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def admit(self) -> int | None:
+        """None: don't log this one. Else log it, with this many suppressed since the last."""
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        self._next = now + self.interval
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed

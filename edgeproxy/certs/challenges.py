@@ -10,6 +10,14 @@ certificate, or None when no challenge is pending here: the caller then sends a 
 listener asks ``key_authorization(token)``. Tokens are mixed-case base64url and storage keys
 are lower case, so a token is stored under its SHA-256; the stored key authorization starts
 with the token itself, which is checked on the way out.
+
+Anyone can send acme-tls/1 hellos, so a miss is remembered for ``negative_ttl`` (1 s; bounded
+in size) and concurrent lookups of one name share one storage read: a flood for one name costs
+about one read per second, not one per hello. The cache must never hide a real challenge:
+``present`` drops the name's entry here, and returns only ``negative_ttl`` after the challenge
+is stored, so the CA is told to validate only once every replica's miss from before the write
+has expired (a miss is dated from when its read *started*, which is before the write if it
+could not see it).
 """
 
 from __future__ import annotations
@@ -17,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
@@ -31,14 +42,37 @@ log = logging.getLogger("edgeproxy.challenges")
 
 CHALLENGE_TTL = 600.0
 _MAX_CONTEXTS = 256
+#: How long "no challenge pending for this name" is believed without asking storage again.
+NEGATIVE_TTL = 1.0
+#: Names whose miss is remembered (oldest dropped first; a dropped one costs one more read).
+_MAX_NEGATIVE = 4096
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """One storage read in flight for a name, shared by every hello that asks meanwhile."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    key_authorization: str | None = None
 
 
 class ChallengeResponder:
     challenge_type = "tls-alpn-01"
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        negative_ttl: float = NEGATIVE_TTL,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         self._storage = storage
+        self._negative_ttl = negative_ttl
+        self._clock = clock
         self._local: dict[str, str] = {}
+        # name -> when its miss stops being believed (clock time), oldest first.
+        self._absent: OrderedDict[str, float] = OrderedDict()
+        self._lookups: dict[str, _Lookup] = {}
         self._contexts: OrderedDict[tuple[str, str], SSL.Context] = OrderedDict()
         # One key for all challenge certificates: generating a key per validation is wasted
         # CPU, and the key proves nothing (the acmeIdentifier digest does).
@@ -46,7 +80,11 @@ class ChallengeResponder:
 
     async def present(self, identifier: str, token: str, key_authorization: str) -> None:
         self._local[identifier] = key_authorization
+        self._absent.pop(identifier, None)
         await self._storage.put_challenge(identifier, key_authorization, CHALLENGE_TTL)
+        # Other processes and replicas may have remembered a miss for this name just before
+        # the write; theirs have all expired by the time the CA is told to come.
+        await trio.sleep(self._negative_ttl)
 
     async def cleanup(self, identifier: str, token: str) -> None:
         self._local.pop(identifier, None)
@@ -64,11 +102,7 @@ class ChallengeResponder:
             return None
         key_auth = self._local.get(name)
         if key_auth is None:
-            try:
-                key_auth = await self._storage.get_challenge(name)
-            except StorageError as exc:
-                log.warning("challenge lookup for %s failed: %s", name, exc)
-                return None
+            key_auth = await self._lookup(name)
         if key_auth is None:
             return None
         ck = (name, key_auth)
@@ -81,6 +115,35 @@ class ChallengeResponder:
             while len(self._contexts) > _MAX_CONTEXTS:
                 self._contexts.popitem(last=False)
         return ctx
+
+    async def _lookup(self, name: str) -> str | None:
+        """The stored key authorization for ``name``, through the miss cache and one shared
+        read per name at a time."""
+        expires = self._absent.get(name)
+        if expires is not None:
+            if expires > self._clock():
+                return None
+            del self._absent[name]
+        pending = self._lookups.get(name)
+        if pending is not None:
+            await pending.done.wait()
+            return pending.key_authorization
+        pending = self._lookups[name] = _Lookup()
+        started = self._clock()
+        try:
+            pending.key_authorization = await self._storage.get_challenge(name)
+        except StorageError as exc:
+            log.warning("challenge lookup for %s failed: %s", name, exc)  # not remembered
+        else:
+            if pending.key_authorization is None and name not in self._local:
+                self._absent[name] = started + self._negative_ttl
+                self._absent.move_to_end(name)
+                while len(self._absent) > _MAX_NEGATIVE:
+                    self._absent.popitem(last=False)
+        finally:
+            del self._lookups[name]
+            pending.done.set()
+        return pending.key_authorization
 
 
 def http_challenge_key(token: str) -> str:

@@ -486,13 +486,20 @@ async def _answer_challenge(
     if ctx is None:
         info.result = "acme_no_pending_challenge"
         metrics.CHALLENGES_WITHOUT_PENDING.inc()
-        log.warning(
-            "validation attempt for %s with no pending challenge on this node (client %s): "
-            "answered unrecognized_name. If you did not expect a validation, ignore this; "
-            "otherwise check replicas share storage and the load balancer forwards TCP untouched",
-            name,
-            info.client[0],
-        )
+        # Anyone can send these (scanners do), so the long explanation is throttled.
+        suppressed = proxy.unanswered_validations.admit()
+        if suppressed is not None:
+            log.warning(
+                "validation attempt for %s with no pending challenge on this node (client %s): "
+                "answered unrecognized_name. If you did not expect a validation, ignore this; "
+                "otherwise check replicas share storage and the load balancer forwards TCP "
+                "untouched (%d more since the last such line; at most one per %.0f s, "
+                "edgeproxy_acme_validation_without_pending_challenge_total counts them all)",
+                name,
+                info.client[0],
+                suppressed,
+                proxy.unanswered_validations.interval,
+            )
         await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
         return
     conn = new_server_connection(ctx, alpn=(ACME_TLS_ALPN,))

@@ -42,6 +42,7 @@ from .. import metrics
 from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
 from ..config import Config, HostPort
+from ..logs import LogThrottle
 from ..tls.tickets import TicketKeys
 from .connection import ConnInfo, handle_connection, set_reset_on_close
 from .routes import RouteTable
@@ -61,6 +62,8 @@ _SCALE_FROM = 0.8
 _HELLO_TIMEOUT_FLOOR = 1.0
 _SWEEP_INTERVAL = 0.25  # how often the scaled timeout is applied
 _SHED_LOG_INTERVAL = 10.0  # at most one summary line per this many seconds
+# At most one "no pending challenge" line per this many seconds (the metric counts them all).
+UNANSWERED_VALIDATION_LOG_INTERVAL = 60.0
 
 
 def scaled_hello_timeout(handshake_timeout: float, in_use: int, limit: int) -> float:
@@ -153,6 +156,8 @@ class Proxy:
         self.draining = False
         self.bound: list[tuple[str, int]] = []
         self.untrusted = RefusalSummary()
+        # acme-tls/1 hellos for names with no pending challenge: anyone can send them.
+        self.unanswered_validations = LogThrottle(UNANSWERED_VALIDATION_LOG_INTERVAL)
         self._accept_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()

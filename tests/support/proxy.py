@@ -20,6 +20,7 @@ import trio
 from edgeproxy.app import Runtime, run_process
 from edgeproxy.config import load_config_data
 from edgeproxy.issuers.internal import InternalIssuer
+from edgeproxy.storage.base import Storage
 
 
 @dataclass
@@ -49,10 +50,14 @@ def base_config(tmp_path: Path, routes: list[dict[str, Any]], **sections: Any) -
 
 
 @asynccontextmanager
-async def running_proxy(tmp_path: Path, cfg_data: dict[str, Any]) -> AsyncIterator[RunningProxy]:
+async def running_proxy(
+    tmp_path: Path, cfg_data: dict[str, Any], *, storage: Storage | None = None
+) -> AsyncIterator[RunningProxy]:
+    """``run_process`` in this trio run; ``storage`` replaces the configured one (a test's
+    instrumented wrapper around a real backend)."""
     cfg = load_config_data(cfg_data)
     async with trio.open_nursery() as nursery:
-        rt: Runtime = await nursery.start(functools.partial(run_process, cfg))
+        rt: Runtime = await nursery.start(functools.partial(run_process, cfg, storage=storage))
         host, port = rt.proxy.bound[0]
         ca_path = None
         if isinstance(rt.issuer, InternalIssuer):
