@@ -12,6 +12,7 @@ import functools
 import gc
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -248,6 +249,37 @@ def apply_reload(rt: Runtime, new: Config) -> None:
     rt.proxy.reload(Settings.from_config(new))
     rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client, registry=rt.hostnames)
     rt.cfg = new
+
+
+def raise_fd_limit(max_handshakes: int) -> int:
+    """Soft ``RLIMIT_NOFILE`` up to the hard limit; warn when ``max_handshakes`` does not fit.
+
+    Every connection before its ClientHello holds a descriptor, and shedding starts only at
+    ``server.max_handshakes``: if descriptors run out first, accept fails (EMFILE) and every
+    newcomer waits, which is the lock-out shedding exists to prevent. systemd's default soft
+    limit (1024) is below the default ``max_handshakes`` (2000); the hard limit rarely is.
+    Returns the soft limit in force. Called by the CLI and worker entry points only.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    # Listeners, storage, logs and upstream sockets of connections past their hello.
+    margin = 100
+    if soft < max_handshakes + margin:
+        log.warning(
+            "server.max_handshakes = %d but this process may open only %d descriptors: silent "
+            "connections can use them all before shedding starts (raise LimitNOFILE / ulimit -n "
+            "to at least %d, or lower max_handshakes)",
+            max_handshakes,
+            soft,
+            max_handshakes + margin,
+        )
+    return soft
 
 
 def tune_gc_for_serving() -> None:

@@ -88,9 +88,10 @@ def run(config_path: Path) -> None:
         from .workers import run_supervisor
 
         sys.exit(run_supervisor(cfg, config_path))
-    from .app import run_process, tune_gc_for_serving
+    from .app import raise_fd_limit, run_process, tune_gc_for_serving
 
     tune_gc_for_serving()
+    raise_fd_limit(cfg.server.max_handshakes)
     try:
         trio.run(lambda: run_process(cfg, config_path=config_path))
     except (ConfigError, BaseExceptionGroup) as exc:

@@ -472,7 +472,7 @@ def worker_main(config_path: Path) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from .app import run_process, tune_gc_for_serving
+    from .app import raise_fd_limit, run_process, tune_gc_for_serving
     from .logs import setup_logging
 
     setup_logging(cfg.log.format, cfg.log.level)
@@ -480,6 +480,7 @@ def worker_main(config_path: Path) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
     tune_gc_for_serving()
+    raise_fd_limit(cfg.server.max_handshakes)
     try:
         trio.run(
             partial(

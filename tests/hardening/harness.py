@@ -170,6 +170,7 @@ async def edgeproxy_process(
     *,
     name: str = "edgeproxy",
     nofile: int | None = None,
+    rlimit: tuple[int, int] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[EdgeproxyProcess]:
     """``edgeproxy run`` on ``cfg``; killed and reaped at exit, pass or fail."""
@@ -188,11 +189,12 @@ async def edgeproxy_process(
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     try:
-        if nofile:
+        if nofile or rlimit:
             # prlimit(2) on the child (no preexec_fn: this process runs threads). It is still
-            # importing Python at this point, long before it opens its listener.
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (nofile, hard))
+            # importing Python at this point, long before it opens its listener. ``nofile``
+            # sets the hard limit too: edgeproxy raises its soft limit to the hard one.
+            limits = rlimit or (nofile, nofile)
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limits)
         await wait_accepting(port, proc, log_path)
         if admin_port is not None:
             await wait_accepting(admin_port, proc, log_path)

@@ -16,6 +16,7 @@ suite lean on 2 cores; 30 for the full figure).
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,30 @@ async def test_the_silent_timeout_shrinks_as_the_handshake_slots_fill(
         assert await ep.metric(CLOSED, reason="handshake_timeout") == 0
         for sock in silent:
             sock.close()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+async def test_the_descriptor_limit_is_raised_so_shedding_starts_before_emfile(
+    tmp_path: Path, echo_upstream: str
+) -> None:
+    # systemd's default soft limit (1024) is under the default max_handshakes (2000): the
+    # proxy raises its soft limit to the hard one, or accept would fail (EMFILE) first and
+    # the silent sockets would lock everyone out all the same.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    ca, cfg = await _config(tmp_path, echo_upstream)
+    async with edgeproxy_process(tmp_path, cfg, rlimit=(1024, hard)) as ep:
+        assert _soft_nofile(ep.pid) == hard
+        assert "may open only" not in ep.log_text()
+    # A hard limit under it cannot be raised: the operator is told what to change.
+    ca, cfg = await _config(tmp_path, echo_upstream)
+    async with edgeproxy_process(tmp_path, cfg, name="low", rlimit=(1500, 1500)) as ep:
+        assert (
+            "server.max_handshakes = 2000 but this process may open only 1500 descriptors"
+            in ep.log_text()
+        )
