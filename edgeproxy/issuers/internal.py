@@ -45,6 +45,10 @@ def family_of(key_type: str) -> Family:
     return "rsa" if key_type.startswith("rsa") else "ec"
 
 
+def _family_of_key(key: object) -> Family:
+    return "rsa" if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey) else "ec"
+
+
 def _new_ca_key(family: Family) -> _CAKey:
     if family == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -167,7 +171,7 @@ class InternalIssuer:
         """A leaf for several names, IP addresses included (``names[0]`` is the subject):
         the demo's certificate for localhost, 127.0.0.1 and ::1."""
         # The leaf's own family signs it: an RSA-only client must verify the chain too.
-        family: Family = "rsa" if isinstance(private_key, rsa.RSAPrivateKey) else "ec"
+        family = _family_of_key(private_key)
         ca_cert, ca_key = await self._load_or_create(family)
         now = datetime.now(UTC)
         cert = (
@@ -193,4 +197,17 @@ class InternalIssuer:
         return IssuedCertificate(chain_pem=chain, issuer_id=ISSUER_ID)
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
-        return None
+        """Renew now a leaf signed by the other family's CA, else no opinion.
+
+        Before the CA followed the key type, RSA leaves were signed by the ECDSA CA; such a
+        stored certificate is replaced at the next maintenance pass instead of serving
+        RSA-only clients ``handshake_failure`` until its normal renewal.
+        """
+        try:
+            leaf, signer = x509.load_pem_x509_certificates(chain_pem)[:2]
+        except ValueError:
+            return None
+        if _family_of_key(leaf.public_key()) == _family_of_key(signer.public_key()):
+            return None
+        now = datetime.now(UTC)
+        return RenewalWindow(start=now - timedelta(hours=1), end=now)

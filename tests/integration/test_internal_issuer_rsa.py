@@ -7,13 +7,17 @@ tlsfuzzer) gets ``handshake_failure`` from OpenSSL. The CA follows the key type 
 
 from __future__ import annotations
 
+import json
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.x509.oid import NameOID
 
 from edgeproxy.issuers.internal import CA_KEY, RSA_CA_KEY, InternalIssuer
 from edgeproxy.storage.file import FileStorage
@@ -104,3 +108,40 @@ async def test_ecdsa_default_still_refuses_an_rsa_only_client(tmp_path: Path) ->
         reply = await read_until_closed(stream, limit=10)
         await stream.aclose()
     assert reply[:1] == b"\x15" and reply[-1] == 40, reply  # handshake_failure
+
+
+async def test_a_stored_rsa_leaf_under_the_ecdsa_ca_is_renewed_at_once(tmp_path: Path) -> None:
+    # What the issuer produced before the CA followed the key type: an RSA leaf under the
+    # ECDSA CA. The issuer asks for it to be replaced now (a renewal window already open).
+    storage = FileStorage(str(tmp_path / "state"))
+    ec_issuer = InternalIssuer(storage)
+    ec_ca = x509.load_pem_x509_certificate(await ec_issuer.ca_certificate_pem())
+    ec_chain = (
+        await ec_issuer.issue("x.example.test", ec.generate_private_key(ec.SECP256R1()))
+    ).chain_pem
+    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_key = serialization.load_pem_private_key(
+        json.loads((await storage.get(CA_KEY)) or b"{}")["key_pem"].encode(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.now(UTC)
+    old_leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x.example.test")]))
+        .issuer_name(ec_ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+        .sign(ca_key, hashes.SHA256())
+    )
+    mixed = old_leaf.public_bytes(serialization.Encoding.PEM) + ec_ca.public_bytes(
+        serialization.Encoding.PEM
+    )
+    issuer = InternalIssuer(storage, key_type="rsa2048")
+    window = await issuer.renewal_window(mixed)
+    assert window is not None and window.start <= datetime.now(UTC)
+    # A leaf under its own family's CA: no opinion, the usual schedule applies.
+    assert await issuer.renewal_window(ec_chain) is None
+    rsa_chain = (await issuer.issue("x.example.test", leaf_key)).chain_pem
+    assert await issuer.renewal_window(rsa_chain) is None
