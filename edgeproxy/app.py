@@ -115,10 +115,16 @@ def build_issuer(
         return InternalIssuer(storage, key_type=cfg.tls.key_type)
     from .acme.client import ChallengeSolver
     from .issuers.acme import AcmeIssuer
+    from .issuers.fallback import FallbackIssuer
 
-    solvers: dict[str, ChallengeSolver] = {"tls-alpn-01": challenges}
-    solvers["http-01"] = http_challenges or HttpChallenges(storage)
-    return AcmeIssuer.from_config(cfg.acme, storage, solvers, lock_ttl=cfg.storage.lock_ttl)
+    by_type: dict[str, ChallengeSolver] = {"tls-alpn-01": challenges}
+    by_type["http-01"] = http_challenges or HttpChallenges(storage)
+    solvers = [by_type[t] for t in cfg.acme.challenges]
+    members = [
+        AcmeIssuer.from_config(one, storage, solvers, lock_ttl=cfg.storage.lock_ttl)
+        for one in cfg.acme.issuer_configs()
+    ]
+    return members[0] if len(members) == 1 else FallbackIssuer(members)
 
 
 def build_policy(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -273,7 +274,11 @@ class TLSConfig(_Model):
         return normalize_name(v) if v else v
 
 
-class AcmeConfig(_Model):
+class AcmeIssuerConfig(_Model):
+    """One ACME CA: its directory, account binding, profile and trust."""
+
+    # A short label for metrics and status (default: the directory's host name).
+    name: str | None = None
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str | None = None
     trust: str = ""
@@ -282,15 +287,12 @@ class AcmeConfig(_Model):
     eab_hmac_key_env: str | None = None
     profile: str | None = None
     preferred_chain: str | None = None
-    key_type: KeyType = "ec256"
-    # In order of preference: when one fails validation for a name, the next is tried at once.
-    challenges: list[ChallengeType] = Field(default_factory=_default_challenges, min_length=1)
 
-    @field_validator("challenges")
+    @field_validator("name")
     @classmethod
-    def _unique(cls, v: list[ChallengeType]) -> list[ChallengeType]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"{v}: list each challenge type once")
+    def _label(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", v):
+            raise ValueError(f"{v!r}: use lower-case letters, digits, '.', '_' or '-'")
         return v
 
     @field_validator("directory")
@@ -311,13 +313,64 @@ class AcmeConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _eab_pair(self) -> AcmeConfig:
+    def _eab_pair(self) -> Self:
         has_key = bool(self.eab_hmac_key or self.eab_hmac_key_env)
         if bool(self.eab_kid) != has_key:
             raise ValueError(
                 "set both acme.eab_kid and acme.eab_hmac_key (or eab_hmac_key_env), or neither"
             )
         return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (urlsplit(self.directory).hostname or "ca").lower()
+
+
+class AcmeConfig(AcmeIssuerConfig):
+    """``[acme]``: one CA in the table itself, or an ordered ``[[acme.issuers]]`` list."""
+
+    key_type: KeyType = "ec256"
+    # In order of preference: when one fails validation for a name, the next is tried at once.
+    challenges: list[ChallengeType] = Field(default_factory=_default_challenges, min_length=1)
+    # In order: when one cannot issue for a name, the next is tried at once; renewals start
+    # again with the first.
+    issuers: list[AcmeIssuerConfig] = Field(default_factory=list)
+
+    @field_validator("challenges")
+    @classmethod
+    def _unique(cls, v: list[ChallengeType]) -> list[ChallengeType]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: list each challenge type once")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        if not self.issuers:
+            return self
+        per_issuer = set(AcmeIssuerConfig.model_fields) - {"email"}
+        both = sorted(per_issuer & self.model_fields_set)
+        if both:
+            raise ValueError(
+                f"acme.{', acme.'.join(both)} set beside [[acme.issuers]]: put them in each "
+                "[[acme.issuers]] entry (only email is shared)"
+            )
+        directories = [i.directory for i in self.issuers]
+        if len(set(directories)) != len(directories):
+            raise ValueError("[[acme.issuers]] lists a directory twice")
+        labels = [i.label for i in self.issuers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"[[acme.issuers]] names {labels} repeat: give each a unique name")
+        return self
+
+    def issuer_configs(self) -> list[AcmeIssuerConfig]:
+        """The CAs in order of preference (the single [acme] form is a list of one)."""
+        if not self.issuers:
+            fields = {k: getattr(self, k) for k in AcmeIssuerConfig.model_fields}
+            return [AcmeIssuerConfig(**fields)]
+        return [
+            i if i.email is not None else i.model_copy(update={"email": self.email})
+            for i in self.issuers
+        ]
 
 
 class OnDemandConfig(_Model):

@@ -82,6 +82,16 @@ HTTP_REQUESTS = Counter(
     "not_served, challenge_not_pending, bad_request, timeout, ...).",
     ["result"],
 )
+ISSUER_ORDERS = Counter(
+    "edgeproxy_acme_issuer_orders_total",
+    "Issuance attempts per configured ACME CA (acme.issuers name), by outcome.",
+    ["issuer", "outcome"],
+)
+ISSUER_FALLBACKS = Counter(
+    "edgeproxy_acme_issuer_fallbacks_total",
+    "Names handed to the next ACME CA after one could not issue.",
+    ["failed", "next"],
+)
 CHALLENGE_FALLBACKS = Counter(
     "edgeproxy_acme_challenge_fallbacks_total",
     "New orders with the next challenge type after the preferred one failed validation.",

@@ -497,11 +497,13 @@ def network_policy_lets_config_through(d: Deployed) -> Iterator[str]:
     ask = d.config.get("on_demand", {}).get("ask")
     if ask:
         wanted.setdefault(_url_port(ask), f"on_demand.ask {ask}")
-    directory = d.config.get("acme", {}).get(
-        "directory", "https://acme-v02.api.letsencrypt.org/directory"
-    )
+    acme = d.config.get("acme", {})
+    directories = [i.get("directory", "") for i in acme.get("issuers", [])] or [
+        acme.get("directory", "https://acme-v02.api.letsencrypt.org/directory")
+    ]
     if d.config.get("tls", {}).get("issuer", "acme") == "acme":
-        wanted.setdefault(_url_port(directory), f"acme.directory {directory}")
+        for directory in directories:
+            wanted.setdefault(_url_port(directory), f"acme directory {directory}")
     for port, what in sorted(wanted.items()):
         egress = [p for p in policies if "Egress" in p["spec"].get("policyTypes", [])]
         if egress and not any(_egress_allows(p, port) for p in egress):

@@ -49,6 +49,7 @@ from .. import metrics
 from ..acme import ari
 from ..errors import CertificateUnavailable, LockUnavailable, OrderLimited, StorageError
 from ..issuers.base import IssuanceError, Issuer, RenewalInfoError
+from ..issuers.fallback import issuer_for
 from ..names import InvalidName, validate_hostname
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
@@ -903,8 +904,8 @@ class CertificateManager:
                 f" ({ari_state.explanation_url})" if ari_state and ari_state.explanation_url else ""
             )
             return f"a random time inside the CA's ARI window{extra}"
-        if rec.issuer_id != self.issuer.id:
-            return f"issued by {rec.issuer_id}, not the current issuer: no ARI, backstop"
+        if issuer_for(self.issuer, rec.issuer_id) is None:
+            return f"issued by {rec.issuer_id}, not a configured issuer: no ARI, backstop"
         if ari_state is None:
             return "the issuer offers no ARI (RFC 9773): backstop"
         if ari_state.error is not None:
@@ -929,13 +930,14 @@ class CertificateManager:
         return state if state.serial == rec.serial else None
 
     async def _ari_state(self, rec: CertRecord, now: float) -> AriState | None:
-        if rec.issuer_id != self.issuer.id:
+        issuer = issuer_for(self.issuer, rec.issuer_id)
+        if issuer is None:
             return None
         state = await self._stored_ari(rec)
         if state is not None and state.next_check > now:
             return state
         try:
-            window = await self.issuer.renewal_window(rec.chain_pem.encode())
+            window = await issuer.renewal_window(rec.chain_pem.encode())
         except IssuanceError as exc:
             # RFC 9773 s4.3.3: a long-term error (the CA does not know this CertID) is asked
             # about again after six hours, short-term ones with backoff; never every pass.
@@ -984,7 +986,7 @@ class CertificateManager:
     async def _replaces_allowed(self, old: CertRecord) -> bool:
         """May a renewal of ``old`` name it in ``replaces``? Not when the CA said it has no
         ARI for it: such a CA would refuse the order (it is retried without, but why ask)."""
-        if old.issuer_id != self.issuer.id:
+        if issuer_for(self.issuer, old.issuer_id) is None:
             return False
         try:
             state = await self._stored_ari(old)

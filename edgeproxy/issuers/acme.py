@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +36,7 @@ from ..acme.errors import (
     OrderInvalid,
     Subproblem,
 )
-from ..config import AcmeConfig
+from ..config import AcmeIssuerConfig
 from ..errors import StorageError
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
@@ -70,8 +70,11 @@ class AcmeIssuer:
         profile: str | None = None,
         preferred_chain: str | None = None,
         lock_ttl: float = 30.0,
+        label: str | None = None,
     ) -> None:
         self.directory = directory
+        # Short name for metrics and logs (bounded: one per configured CA).
+        self.label = label or (urlsplit(directory).hostname or "ca").lower()
         self._lock_ttl = lock_ttl
         self._storage = storage
         if not solvers:
@@ -92,13 +95,13 @@ class AcmeIssuer:
     @classmethod
     def from_config(
         cls,
-        cfg: AcmeConfig,
+        cfg: AcmeIssuerConfig,
         storage: Storage,
-        solvers: Mapping[str, ChallengeSolver],
+        solvers: Sequence[ChallengeSolver],
         *,
         lock_ttl: float = 30.0,
     ) -> AcmeIssuer:
-        """``solvers`` by challenge type; ``cfg.challenges`` picks and orders them."""
+        """One CA of ``acme.issuer_configs()``; ``solvers`` in ``acme.challenges`` order."""
         import os
 
         eab = None
@@ -110,13 +113,14 @@ class AcmeIssuer:
         return cls(
             directory=cfg.directory,
             storage=storage,
-            solvers=[solvers[t] for t in cfg.challenges],
+            solvers=solvers,
             email=cfg.email,
             trust=cfg.trust,
             eab=eab,
             profile=cfg.profile,
             preferred_chain=cfg.preferred_chain,
             lock_ttl=lock_ttl,
+            label=cfg.label,
         )
 
     @property

@@ -200,3 +200,57 @@ def test_bad_proxy_protocol_from_entries_are_refused_with_a_fix(entry: str, says
 def test_empty_proxy_protocol_from_is_refused() -> None:
     (problem,) = _server_problems(proxy_protocol="v2", proxy_protocol_from=[])
     assert problem.startswith("server.proxy_protocol_from:") and "refuses every" in problem
+
+
+_ISSUER_BASE: dict[str, object] = {
+    "routes": [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:1"]}],
+    "on_demand": {"allow": ["*.example.test"]},
+}
+
+
+def test_acme_issuers_in_order_with_shared_email_and_labels() -> None:
+    cfg = load_config_data(
+        {
+            **_ISSUER_BASE,
+            "acme": {
+                "email": "ops@example.test",
+                "issuers": [
+                    {"directory": "https://acme.one.test/dir"},
+                    {"name": "backup", "directory": "https://two.test/d", "email": "b@x.test"},
+                ],
+            },
+        }
+    )
+    got = [(i.label, i.directory, i.email) for i in cfg.acme.issuer_configs()]
+    assert got == [
+        ("acme.one.test", "https://acme.one.test/dir", "ops@example.test"),
+        ("backup", "https://two.test/d", "b@x.test"),
+    ]
+    single = load_config_data({**_ISSUER_BASE, "acme": {"directory": "https://solo.test/d"}})
+    assert [i.directory for i in single.acme.issuer_configs()] == ["https://solo.test/d"]
+
+
+@pytest.mark.parametrize(
+    ("acme", "words"),
+    [
+        (
+            {"directory": "https://a.test/d", "issuers": [{"directory": "https://b.test/d"}]},
+            "acme.directory set beside [[acme.issuers]]",
+        ),
+        (
+            {"issuers": [{"directory": "https://b.test/d"}, {"directory": "https://b.test/d"}]},
+            "lists a directory twice",
+        ),
+        (
+            {"issuers": [{"directory": "https://b.test/1"}, {"directory": "https://b.test/2"}]},
+            "give each a unique name",
+        ),
+        ({"issuers": [{"directory": "ftp://b.test/1"}]}, "is not an http(s) URL"),
+        ({"issuers": [{"directory": "https://b.test/1", "eab_kid": "k"}]}, "set both"),
+        ({"issuers": [{"name": "Bad Name", "directory": "https://b.test/1"}]}, "lower-case"),
+    ],
+)
+def test_bad_acme_issuers_are_refused(acme: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config_data({**_ISSUER_BASE, "acme": acme})
+    assert any(words in p for p in ei.value.problems), ei.value.problems
