@@ -33,11 +33,11 @@ class CountingIssuer(InternalIssuer):
         self.orders: list[str] = []
         self.fail = False
 
-    async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
         self.orders.append(name)
         if self.fail:
             raise IssuanceError("urn:ietf:params:acme:error:dns", "no such host")
-        return await super().issue(name, private_key, replacing=replacing)
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 @dataclass

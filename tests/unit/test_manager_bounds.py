@@ -28,10 +28,10 @@ class GatedIssuer(InternalIssuer):
 
     gate: trio.Event | None = None
 
-    async def issue(self, name, private_key, *, replacing=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
         if self.gate is not None:
             await self.gate.wait()
-        return await super().issue(name, private_key, replacing=replacing)
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 def make(tmp_path: Path, **kw: object) -> tuple[CertificateManager, FileStorage, GatedIssuer]:
