@@ -4,6 +4,13 @@ Owns the event format, its signature and delivery. Producers (admin API, CLI, ce
 manager) call ``emit`` (never blocks: the outbox write runs in the background) or ``publish``
 (awaits the write); nothing else about delivery concerns them.
 
+*Storage blips.* ``emit`` puts the event in a bounded in-memory queue (``MAX_PENDING``) that
+one task writes to the outbox in order, retrying a failed write with backoff until storage
+answers again: an event made while storage is down is stored late, not lost. Only a queue
+that fills up (storage down for long while events keep coming) drops the newest events,
+counted by ``edgeproxy_events_lost_total``; a process that dies loses what it had not stored
+yet. ``publish`` whose direct write fails hands its event to the same queue.
+
 Theory of operation
 -------------------
 *Durable outbox.* An event is first written to storage (``enqueue_event``), so it survives a
@@ -33,6 +40,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -60,6 +68,10 @@ TYPES = frozenset(
 SIGNATURE_HEADER = "Edgeproxy-Signature"
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 LEASE = "events-delivery"
+#: Events waiting in memory for their outbox write (storage down): beyond this they are lost.
+MAX_PENDING = 10_000
+#: Cap of the backoff between outbox write attempts while storage fails.
+STORE_RETRY_MAX = 5.0
 
 
 def new_event_id(now: float) -> str:
@@ -126,6 +138,7 @@ class Events:
         lease_ttl: float = 15.0,
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.storage = storage
         self.url = url
@@ -138,8 +151,11 @@ class Events:
         self.lease_ttl = lease_ttl
         self._http = http
         self.clock = clock
-        self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        # Made but not yet in the outbox, oldest first (written by ``_store_pending``).
+        self._pending: deque[OutboxEvent] = deque()
+        self._max_pending = max_pending
+        self._pending_wake = trio.Event()
 
     @property
     def enabled(self) -> bool:
@@ -149,53 +165,78 @@ class Events:
 
     def emit(self, kind: str, subject: str, data: Mapping[str, object]) -> None:
         """Queue an event without waiting (data path and manager callers)."""
+        if self.enabled:
+            self._queue(make_event(kind, subject, data, source=self.source, now=self.clock()))
+
+    async def publish(self, kind: str, subject: str, data: Mapping[str, object]) -> None:
+        """Queue an event and wait until it is stored (API and CLI callers); if storage
+        fails, it is left to the background writer (as ``emit`` does)."""
         if not self.enabled:
             return
         event = make_event(kind, subject, data, source=self.source, now=self.clock())
-        if self._nursery is None:
-            log.warning("event %s for %s dropped: events are not running", kind, subject)
-            return
-        self._nursery.start_soon(self._enqueue, event)
-
-    async def publish(self, kind: str, subject: str, data: Mapping[str, object]) -> None:
-        """Queue an event and wait until it is stored (API and CLI callers)."""
-        if self.enabled:
-            await self._enqueue(make_event(kind, subject, data, source=self.source,
-                                           now=self.clock()))  # fmt: skip
-
-    async def _enqueue(self, event: OutboxEvent) -> None:
         try:
-            await self.storage.enqueue_event(event)
+            await self._store(event)
         except StorageError as exc:
-            log.error("event %s could not be stored, it is lost: %s", event.id, exc)
+            log.warning("event %s not stored yet (%s): retried in the background", event.id, exc)
+            self._queue(event)
+
+    def _queue(self, event: OutboxEvent) -> None:
+        if len(self._pending) >= self._max_pending:
+            # The newest is dropped, not the oldest: the writer may be storing the head now.
+            metrics.EVENTS_LOST.inc()
+            log.error("event %s lost: %d events already wait for storage", event.id,
+                      len(self._pending))  # fmt: skip
             return
+        self._pending.append(event)
+        self._pending_wake.set()
+
+    async def _store(self, event: OutboxEvent) -> None:
+        await self.storage.enqueue_event(event)
         metrics.EVENTS_QUEUED.inc()
         self._wake.set()
+
+    async def _store_pending(self) -> None:
+        """Write queued events to the outbox in order, retrying each until storage takes it
+        (a repeated write is harmless: the outbox keeps one event per id)."""
+        delay = 0.1
+        while True:
+            if not self._pending:
+                self._pending_wake = trio.Event()
+                await self._pending_wake.wait()
+                continue
+            event = self._pending[0]
+            try:
+                await self._store(event)
+            except StorageError as exc:
+                log.warning("event %s not stored (%s); %d waiting, next try in %.1fs", event.id,
+                            exc, len(self._pending), delay)  # fmt: skip
+                await trio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+                continue
+            delay = 0.1
+            self._pending.popleft()
 
     # ------------------------------------------------------------------ delivering
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept emits; take the delivery lease whenever it is free and deliver."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             task_status.started()
             if not self.enabled:
                 await trio.sleep_forever()
-            try:
-                await self._refresh_queued()
-                while True:
-                    try:
-                        async with hold_lock(self.storage, LEASE, owner=make_owner_id(),
-                                             ttl=self.lease_ttl, wait=0):  # fmt: skip
-                            log.info("delivering events to %s", self.url)
-                            await self._deliver_forever()
-                    except LockLost:
-                        log.warning("event delivery lease lost; another process delivers")
-                    except Exception as exc:  # LockUnavailable, StorageError: retry later
-                        log.debug("not delivering events now: %s", exc)
-                    await trio.sleep(self.poll)
-            finally:
-                self._nursery = None
+            nursery.start_soon(self._store_pending)
+            await self._refresh_queued()
+            while True:
+                try:
+                    async with hold_lock(self.storage, LEASE, owner=make_owner_id(),
+                                         ttl=self.lease_ttl, wait=0):  # fmt: skip
+                        log.info("delivering events to %s", self.url)
+                        await self._deliver_forever()
+                except LockLost:
+                    log.warning("event delivery lease lost; another process delivers")
+                except Exception as exc:  # LockUnavailable, StorageError: retry later
+                    log.debug("not delivering events now: %s", exc)
+                await trio.sleep(self.poll)
 
     async def _deliver_forever(self) -> None:
         client = self._http or httpx.AsyncClient(timeout=self.timeout)

@@ -164,6 +164,10 @@ EVENTS_FAILED = Counter(
 EVENTS_DROPPED = Counter(
     "edgeproxy_events_dropped_total", "Events given up after [events] max_age undelivered."
 )
+EVENTS_LOST = Counter(
+    "edgeproxy_events_lost_total",
+    "Events never stored: made while storage failed, with the in-memory queue (10,000) full.",
+)
 EVENTS_QUEUED = Gauge(
     "edgeproxy_events_queued",
     "Events waiting in the storage outbox.",

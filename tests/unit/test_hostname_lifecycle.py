@@ -16,10 +16,13 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.config import RouteConfig
-from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.errors import CertificateUnavailable, StorageError
+from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.storage import FileStorage, HostnameEntry
+from edgeproxy.storage.base import OutboxEvent
+from tests.support.events_receiver import Receiver
 from tests.unit.test_certificate_manager import CountingIssuer
 
 DAY = 86400.0
@@ -190,7 +193,6 @@ async def test_registry_follows_another_process_and_overrides_the_route(
 async def test_failed_renewals_make_failed_events_and_one_expiring_event(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    from edgeproxy.events import Events
     from edgeproxy.issuers.base import IssuanceError
 
     mgr, storage, issuer, _, clock = await setup(tmp_path, allow=["*.example.test"])
@@ -223,3 +225,83 @@ async def test_failed_renewals_make_failed_events_and_one_expiring_event(
     assert kinds.count("certificate.issued") == 1
     assert kinds.count("certificate.failed") == 2
     assert kinds.count("certificate.expiring") == 1
+
+
+class BlinkingStorage(FileStorage):
+    """FileStorage whose outbox writes fail while ``down`` (a database restart, a full disk)."""
+
+    down = False
+    refused = 0
+
+    async def enqueue_event(self, event: OutboxEvent) -> None:
+        if self.down:
+            self.refused += 1
+            raise StorageError("enqueue_event: connection refused")
+        await super().enqueue_event(event)
+
+
+async def test_issued_and_renewed_events_arrive_signed_with_the_new_certificate(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    mgr, storage, _, _, clock = await setup(tmp_path, allow=["*.example.test"])
+    receiver = Receiver(b"k")
+    await receiver.start(nursery)
+    # The events' own clock is the real one (signatures are checked against real time).
+    events = Events(storage, url=receiver.url, secret=b"k", source="edgeproxy/test", poll=0.05)
+    await nursery.start(events.run)
+    mgr.events = events
+    await nursery.start(mgr.run)
+    await mgr.context_for("renew.example.test")
+    first = CertRecord.from_json((await storage.get(cert_key("renew.example.test"))) or b"")
+    clock.offset = 25 * DAY  # past the 2/3 point of the 30-day certificate
+    await mgr.maintenance_once()
+    second = CertRecord.from_json((await storage.get(cert_key("renew.example.test"))) or b"")
+    assert second.serial != first.serial
+    with trio.fail_after(10):
+        while len(receiver.events) < 2:
+            await trio.sleep(0.02)
+    assert receiver.bad_signatures == 0  # each verified: HMAC over "t.body", recent t
+    issued, renewed = receiver.events
+    for doc, rec in ((issued, first), (renewed, second)):
+        assert doc["specversion"] == "1.0" and doc["source"] == "edgeproxy/test"
+        assert doc["subject"] == "renew.example.test"
+        assert doc["data"] == {"hostname": "renew.example.test", "serial": rec.serial,
+                               "issuer": rec.issuer_id,
+                               "not_after": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                          time.gmtime(rec.not_after))}  # fmt: skip
+    assert issued["type"] == "net.edgeproxy.certificate.issued"
+    assert renewed["type"] == "net.edgeproxy.certificate.renewed"
+    assert issued["id"] < renewed["id"]
+
+
+async def test_an_event_made_while_storage_is_down_is_stored_and_delivered_later(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    storage = BlinkingStorage(tmp_path / "state")
+    receiver = Receiver(b"k")
+    await receiver.start(nursery)
+    events = Events(storage, url=receiver.url, secret=b"k", poll=0.05, max_pending=3)
+    await nursery.start(events.run)
+    lost = REGISTRY.get_sample_value("edgeproxy_events_lost_total") or 0.0
+    storage.down = True
+    for n in range(4):  # the fourth finds the queue full
+        events.emit("hostname.created", f"n{n}.example.test", {"hostname": f"n{n}.example.test"})
+    with trio.fail_after(5):
+        while storage.refused < 3:  # retried, not given up after one failure
+            await trio.sleep(0.02)
+    assert receiver.events == []
+    assert REGISTRY.get_sample_value("edgeproxy_events_lost_total") == lost + 1
+    storage.down = False
+    with trio.fail_after(10):
+        while len(receiver.events) < 3:
+            await trio.sleep(0.02)
+    assert [e["subject"] for e in receiver.events] == [f"n{n}.example.test" for n in range(3)]
+    # publish (the API's way) whose write fails hands the event to the same retrying queue.
+    storage.down = True
+    await events.publish("hostname.deleted", "n0.example.test", {"hostname": "n0.example.test"})
+    await trio.sleep(0.3)
+    storage.down = False
+    with trio.fail_after(10):
+        while len(receiver.events) < 4:
+            await trio.sleep(0.02)
+    assert receiver.events[-1]["type"] == "net.edgeproxy.hostname.deleted"
