@@ -9,8 +9,8 @@ newcomer is refused as before.
 
 The bystander's latency while the attacker churns is printed (``pytest -s``), not asserted.
 ``EDGEPROXY_SHED_SECONDS`` sets how long the attacker holds its sockets (default 30), and
-``EDGEPROXY_SHED_SECONDS_10K`` the same for the 10,000-socket case (default 15, to keep the
-suite lean on 2 cores; 30 for the full figure).
+``EDGEPROXY_SHED_SECONDS_10K`` the same for the 10,000-socket case (default 30, as the issue
+asks; lower it for a quick local run).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SHED = "edgeproxy_connections_shed_total"
 REFUSED = "edgeproxy_connections_refused_total"
 CLOSED = "edgeproxy_connections_closed_total"
 HOLD_SECONDS = float(os.environ.get("EDGEPROXY_SHED_SECONDS", "30"))
-HOLD_SECONDS_10K = float(os.environ.get("EDGEPROXY_SHED_SECONDS_10K", "15"))
+HOLD_SECONDS_10K = float(os.environ.get("EDGEPROXY_SHED_SECONDS_10K", "30"))
 
 
 async def _config(tmp_path: Path, echo_upstream: str, **server: Any) -> tuple[Path, dict[str, Any]]:
