@@ -1,0 +1,92 @@
+"""Time to a certificate through each path (a benchmark, not a test): run with
+``pytest bench/bench_cert_paths.py -s -p no:cacheprovider``.
+
+Against Debian's pebble (PEBBLE_VA_NOSLEEP=1), edgeproxy in-process, curl as the client: from
+connect to the first response byte of a new name's first request, 10 names per path after one
+warm-up name (which creates the ACME accounts):
+
+* TLS-ALPN-01: pebble validates on edgeproxy's TLS port;
+* HTTP-01 after a TLS-ALPN-01 failure: pebble's TLS-ALPN-01 port reaches nothing, its HTTP-01
+  port is edgeproxy's [http] listener (two orders per name);
+* second issuer: [[acme.issuers]] whose first CA drops every connection (a FaultInjector in
+  front of pebble), so each name costs the failed attempt plus the second CA's issuance.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bench.bench_on_demand import curl_times
+from tests.integration.conftest import make_pebble  # noqa: F401
+from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config
+from tests.support.pebble import FaultInjector, Pebble, Reply
+from tests.support.ports import free_port
+from tests.support.proxy import running_proxy
+from tests.support.upstreams import http_handler, start_upstream
+
+NAMES = 10
+
+
+async def measure(port: int, roots: Path, cfg: dict[str, Any], tmp_path: Path, tag: str) -> None:
+    cfg["log"] = {"level": "warning"}
+    async with running_proxy(tmp_path, cfg):
+        await curl_times(port, f"warmup-{tag}.example.test", roots)
+        times = []
+        for i in range(NAMES):
+            connect, _, ttfb = await curl_times(port, f"{tag}{i}.example.test", roots)
+            times.append(ttfb - connect)
+    print(
+        f"\n{tag}: new name, first request to first byte ({NAMES} names): median "
+        f"{statistics.median(times) * 1000:.0f} ms, worst {max(times) * 1000:.0f} ms"
+    )
+
+
+@pytest.mark.parametrize("path", ["tls-alpn-01", "http-01-after-tls-alpn-01", "second-issuer"])
+async def test_time_to_a_certificate(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],  # noqa: F811
+    path: str,
+) -> None:
+    port = free_port()
+    up = await start_upstream(nursery, http_handler(b"ok\n"))
+    roots = tmp_path / "roots.pem"
+    if path == "tls-alpn-01":
+        pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+        roots.write_bytes(pebble.roots_pem())
+        cfg = acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    elif path == "http-01-after-tls-alpn-01":
+        http_port = free_port()
+        pebble = make_pebble(tls_port=free_port(), http_port=http_port, env=NO_NONCE_CHAOS)
+        roots.write_bytes(pebble.roots_pem())
+        cfg = acme_config(
+            tmp_path,
+            port,
+            pebble.directory_url,
+            pebble.ca_bundle_path,
+            up.addr,
+            acme={"challenges": ["tls-alpn-01", "http-01"]},
+            http={"listen": [f"127.0.0.1:{http_port}"]},
+        )
+    else:
+        first = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+        second = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+        roots.write_bytes(first.roots_pem() + second.roots_pem())
+        inj = FaultInjector(first, rules=[lambda request: Reply.drop()])
+        await nursery.start(inj.serve)
+        cfg = acme_config(tmp_path, port, inj.directory_url, first.ca_bundle_path, up.addr)
+        cfg["acme"] = {
+            "issuers": [
+                {"name": "first", "directory": inj.directory_url,
+                 "trust": str(first.ca_bundle_path)},
+                {"name": "second", "directory": second.directory_url,
+                 "trust": str(second.ca_bundle_path)},
+            ]
+        }  # fmt: skip
+    await measure(port, roots, cfg, tmp_path, path.replace("-", ""))
