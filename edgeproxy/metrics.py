@@ -7,7 +7,15 @@ names): never a client address or a server name, so cardinality cannot grow with
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
+
+
+def multiprocess_mode() -> bool:
+    """Values live in per-process files ([server] workers > 1), where no series can be removed."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
 
 CONNECTIONS_ACCEPTED = Counter(
     "edgeproxy_connections_accepted_total", "TCP connections accepted by the listeners."

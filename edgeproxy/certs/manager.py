@@ -290,11 +290,14 @@ class CertificateManager:
         log.info("hostname %s removed: no longer served or renewed", name)
 
     def _drop_expiry_series(self, name: str) -> None:
-        if self.per_domain_metrics:
-            try:
-                metrics.CERTIFICATE_EXPIRY.remove(name)
-            except KeyError:
-                pass
+        if not self.per_domain_metrics:
+            return
+        if metrics.multiprocess_mode():
+            # Worker processes share values through files whose series cannot be removed:
+            # 0 says "not watched" (the gauge's readers ignore 0, as for the earliest one).
+            metrics.CERTIFICATE_EXPIRY.labels(name).set(0)
+        else:
+            metrics.CERTIFICATE_EXPIRY.remove(name)
 
     def _emit(self, kind: str, name: str, data: dict[str, object]) -> None:
         if self.events is not None:
@@ -596,7 +599,9 @@ class CertificateManager:
         else:
             ident = self._identities.identity(rec.chain(), rec.private_key())
             self._cache[rec.name] = _Cached(ident, rec)
-            if self.per_domain_metrics:
+            # A denied name served until expiry comes back here when its context is reloaded:
+            # it stays out of the per-name gauge as it is out of the earliest-expiry one.
+            if self.per_domain_metrics and not self._unwanted(rec.name):
                 metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
             self._cache.move_to_end(rec.name)
             while len(self._cache) > self._cache_size:

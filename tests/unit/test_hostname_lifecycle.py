@@ -305,3 +305,48 @@ async def test_an_event_made_while_storage_is_down_is_stored_and_delivered_later
         while len(receiver.events) < 4:
             await trio.sleep(0.02)
     assert receiver.events[-1]["type"] == "net.edgeproxy.hostname.deleted"
+
+
+def name_expiry(name: str) -> float | None:
+    return REGISTRY.get_sample_value(
+        "edgeproxy_certificate_expiry_timestamp_seconds", {"name": name}
+    )
+
+
+async def test_denied_and_removed_names_leave_the_per_name_expiry_gauge(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    storage = FileStorage(tmp_path / "state")
+    registry = HostnameRegistry(storage, clock=clock)
+    allow = ["den.gauge.test", "kept.gauge.test"]
+    mgr = CertificateManager(
+        storage=storage, issuer=CountingIssuer(storage), clock=clock, registry=registry,
+        policy=OnDemandPolicy(allow=allow, registry=registry, registry_allows=True),
+        renew_interval=3600, removal_grace=7 * DAY, per_domain_metrics=True,
+    )  # fmt: skip
+    await nursery.start(mgr.run)
+    await register(storage, registry, "rem.gauge.test")
+    for name in ("den.gauge.test", "kept.gauge.test", "rem.gauge.test"):
+        await mgr.context_for(name)
+        assert name_expiry(name) is not None
+    await remove(storage, registry, "rem.gauge.test", clock())
+    assert name_expiry("rem.gauge.test") is None  # offboarded: the series is gone at once
+    mgr.policy = OnDemandPolicy(allow=["kept.gauge.test"], registry=registry, registry_allows=True)
+    clock.offset = 25 * DAY
+    await mgr.maintenance_once()
+    st = mgr.status("den.gauge.test")
+    assert st is not None and st.state == "denied"
+    assert name_expiry("den.gauge.test") is None
+    assert name_expiry("kept.gauge.test") is not None
+    # Still served until expiry: reloading its context (cache eviction, another worker's
+    # renewal seen) must not bring the series back.
+    mgr.invalidate("den.gauge.test")
+    await mgr.context_for("den.gauge.test")
+    assert name_expiry("den.gauge.test") is None
+    # With worker processes the series cannot be removed from the shared files: it reads 0,
+    # which readers ignore like the earliest-expiry gauge's 0.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
+    await register(storage, registry, "kept.gauge.test")
+    await remove(storage, registry, "kept.gauge.test", clock())
+    assert name_expiry("kept.gauge.test") == 0
