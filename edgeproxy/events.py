@@ -213,6 +213,12 @@ class Events:
                 await trio.sleep(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX)
                 continue
+            except Exception:
+                # This task lives as long as the process, in its nursery: an exception escaping
+                # it would end both. The event is dropped (retrying would fail the same way).
+                metrics.BACKGROUND_TASK_ERRORS.labels("event").inc()
+                metrics.EVENTS_LOST.inc()
+                log.exception("event %s failed unexpectedly on its way to storage; lost", event.id)
             delay = 0.1
             self._pending.popleft()
 

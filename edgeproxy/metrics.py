@@ -189,7 +189,7 @@ BACKGROUND_TASK_ERRORS = Counter(
     ["task"],
 )
 #: The ``task`` label values of BACKGROUND_TASK_ERRORS.
-BACKGROUND_TASKS = ("acquire", "renew", "reload", "persist_status", "maintenance")
+BACKGROUND_TASKS = ("acquire", "renew", "reload", "persist_status", "maintenance", "event")
 
 # Export every label value an alert rule selects on from startup, at 0: increase() needs a
 # sample before the first event, or the first failure after a restart goes unseen.

@@ -21,8 +21,10 @@ from prometheus_client import REGISTRY
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.events import Events
 from edgeproxy.issuers.base import IssuedCertificate
 from edgeproxy.issuers.internal import InternalIssuer
+from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.file import FileStorage
 
 METRIC = "edgeproxy_background_task_errors_total"
@@ -157,5 +159,39 @@ async def test_one_renewal_failing_does_not_stop_the_others(
 
 async def test_the_metric_is_exported_at_zero_for_every_task() -> None:
     # increase() in an alert needs a sample before the first failure after a restart.
-    for task in ("acquire", "renew", "reload", "persist_status", "maintenance"):
+    for task in ("acquire", "renew", "reload", "persist_status", "maintenance", "event"):
         assert REGISTRY.get_sample_value(METRIC, {"task": task}) is not None
+
+
+class TrappedOutbox(FileStorage):
+    """Real file storage whose first event write raises ``Bug``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.trap = True
+        self.queued: list[OutboxEvent] = []
+
+    async def enqueue_event(self, event: OutboxEvent) -> None:
+        if self.trap:
+            self.trap = False
+            raise Bug("injected outbox failure")
+        await super().enqueue_event(event)
+        self.queued.append(event)
+
+
+async def test_an_event_failing_to_queue_is_counted_and_contained(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    storage = TrappedOutbox(tmp_path / "state")
+    # Nothing listens on port 9: delivery keeps failing and retrying, which is not tested here.
+    events = Events(storage, url="http://127.0.0.1:9/hook", secret=b"s" * 32, poll=3600)
+    await nursery.start(events.run)
+    before = errors("event")
+    events.emit("certificate.issued", "a.example.test", {"hostname": "a.example.test"})
+    events.emit("certificate.issued", "b.example.test", {"hostname": "b.example.test"})
+    with trio.fail_after(10):  # the writes run in a worker thread
+        while not storage.queued:
+            await trio.sleep(0.01)
+    assert errors("event") == before + 1
+    # The writer carried on with the next event.
+    assert [b"b.example.test" in e.body for e in storage.queued] == [True]
