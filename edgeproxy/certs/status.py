@@ -49,6 +49,8 @@ HINTS: dict[str, str] = {
     "storage": "storage failed: check the storage path/database is reachable and writable.",
     "lock_timeout": "another process held the issuance lock too long; it will be retried.",
     "timeout": "issuance did not finish in time; it is retried with backoff.",
+    "challenge_unavailable": "the CA offers none of the challenge types in acme.challenges "
+    "for this name (it lists the ones it offers); add one of them to acme.challenges.",
 }
 
 # Problem types that mean "the CA tried to validate and it did not work".

@@ -80,3 +80,8 @@ def test_a_failed_renewal_says_the_old_certificate_still_serves() -> None:
 def test_no_error_no_hint() -> None:
     assert hint_for(None) is None
     assert hint_for("") is None
+
+
+def test_a_ca_offering_none_of_our_challenge_types_says_so() -> None:
+    hint = hint_for("challenge_unavailable", "no http-01 challenge for 'a' (CA offered: dns-01)")
+    assert hint is not None and "acme.challenges" in hint
