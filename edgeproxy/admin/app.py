@@ -42,6 +42,7 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qs
 
@@ -222,6 +223,8 @@ class AdminApp:
         self._metrics_token = metrics_token.encode() if metrics_token is not None else None
         self._was_ready = False
         self._api = self._build_api()
+        # The status page (``ui.py``), built on first use (Jinja2 and templates load then).
+        self._ui: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -235,6 +238,11 @@ class AdminApp:
         head = method == "HEAD"
         if self._token is None and not _loopback_host(req):
             await _send(send, _foreign_host(req), head=head)
+            return
+        if req.path == "/ui" or req.path.startswith("/ui/"):
+            # The page signs its users in itself (token form, session cookie); the Host check
+            # against DNS rebinding above is the API's, here as everywhere.
+            await self._status_page()(dict(scope), receive, send)
             return
         if is_hostnames_path(req.path):
             length = req.headers.get(b"content-length", b"0")
@@ -289,6 +297,15 @@ class AdminApp:
         api.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
         api.add_exception_handler(Exception, lambda request, exc: _starlette(_internal()))
         return api
+
+    def _status_page(self) -> ASGIApp:
+        if self._ui is None:
+            from .ui import make_ui
+
+            rt = cast(Any, self.rt)  # the real Runtime: registry mirror and config too
+            token = self._token.decode() if self._token is not None else None
+            self._ui = make_ui(rt, token=token, doctor=partial(_doctor, rt))
+        return cast(ASGIApp, self._ui)
 
     def _refusal(self, req: Request, needs: Access) -> Response | None:
         """Token, then cross-site: the trust checks after routing (``__call__`` did Host)."""
@@ -691,6 +708,19 @@ def _status_name(key: str) -> str | None:
 
 def _truthy(value: str) -> bool:
     return value.lower() in {"1", "true", "yes", "on"}
+
+
+async def _doctor(rt: Any, name: str) -> object:
+    """``edgeproxy doctor NAME`` for the status page's button, with this process's config."""
+    from ..doctor import diagnose
+
+    cfg = rt.cfg
+    return await diagnose(
+        name,
+        targets=list(cfg.onboarding.target),
+        storage=rt.storage,
+        proxy_protocol=cfg.server.proxy_protocol,
+    )
 
 
 def _collect_multiprocess(path: str) -> bytes:

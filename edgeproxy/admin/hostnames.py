@@ -436,7 +436,7 @@ async def describe_hostname(
     of the name, if any (else the one another process stored)."""
     name = entry.hostname
     if st is None:
-        st = await _stored_status(storage, name)
+        st = await stored_status(storage, name)
     record = await _record(storage, name)
     cert = None
     if record is not None:
@@ -480,7 +480,8 @@ def hostname_state(
     return "active" if valid else "pending"
 
 
-async def _stored_status(storage: HostnameStorage, name: str) -> DomainStatus | None:
+async def stored_status(storage: HostnameStorage, name: str) -> DomainStatus | None:
+    """The status another process stored for ``name`` (None: none, or unreadable)."""
     raw = await storage.get(status_key(name))
     if raw is None:
         return None

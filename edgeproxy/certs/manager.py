@@ -55,6 +55,7 @@ from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import ServerIdentity, generate_private_key
 from ..tls.identities import IdentityContexts
+from . import history
 from .policy import OnDemandPolicy, TokenBucket
 from .record import AriState, CertRecord, RecordError, ari_key, cert_key, lock_name, status_key
 from .renewal import RenewalPlan, backoff_delay, plan_renewal
@@ -551,10 +552,12 @@ class CertificateManager:
             if st is not None and st.last_error_type:
                 self._emit("certificate.failed", name, {"type": st.last_error_type,
                            "detail": st.last_error, "hint": st.hint})  # fmt: skip
+            await self._remember(name, renewing, st)
             return None
         metrics.ACME_ORDERS.labels("valid").inc()
         if renewing:
             metrics.RENEWALS.labels("renewed").inc()
+        await self._remember(name, renewing, None)
         self._emit("certificate.renewed" if renewing else "certificate.issued", name,
                    _cert_data(rec))  # fmt: skip
         log.info(
@@ -566,6 +569,26 @@ class CertificateManager:
         )
         self._install(rec)
         return rec
+
+    async def _remember(self, name: str, renewing: bool, failed: DomainStatus | None) -> None:
+        """Append this attempt to the name's bounded history (the status page shows it)."""
+        if failed is None:
+            outcome = "renewed" if renewing else "issued"
+            attempt = history.Attempt(self.clock(), "renew" if renewing else "issue", outcome)
+        else:
+            attempt = history.Attempt(
+                self.clock(),
+                "renew" if renewing else "issue",
+                "failed",
+                failed.last_error_type,
+                failed.last_error,
+                failed.hint,
+            )
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.lock_ttl):
+                await history.record(self.storage, name, attempt)
+        except StorageError as exc:
+            log.debug("could not record the attempt for %s in its history: %s", name, exc)
 
     def _still_good(self, current: CertRecord, old: CertRecord | None) -> bool:
         """After taking the lease: did someone else already do the work?"""
@@ -799,7 +822,8 @@ class CertificateManager:
                 continue
             name = entry.hostname
             try:
-                for key in (cert_key(name), status_key(name), ari_key(name)):
+                for key in (cert_key(name), status_key(name), ari_key(name),
+                            history.history_key(name)):  # fmt: skip
                     await self.storage.delete(key)
                 if await self.storage.purge_hostname(name, cutoff):
                     log.info("hostname %s purged (removed %s)", name, _iso(entry.removed_at))

@@ -77,6 +77,10 @@ class HostnameRegistry:
     def removed(self) -> list[HostnameEntry]:
         return list(self._removed.values())
 
+    def entries(self) -> list[HostnameEntry]:
+        """Every entry, live and removed, in no particular order."""
+        return [*self._live.values(), *self._removed.values()]
+
     def __len__(self) -> int:
         return len(self._live)
 

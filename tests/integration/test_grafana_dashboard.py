@@ -28,13 +28,14 @@ from tests.integration.test_prometheus import (
     start_prometheus,
     wait_ready,
 )
-from tests.support.fleet import ACTIVE, BROKEN, STRANGER, start_fleet
+from tests.support.fleet import ACTIVE, BROKEN, start_fleet
 from tests.support.pebble import Pebble
 
 __all__ = ["roots_file", "start_prometheus"]  # fixtures, re-used
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "edgeproxy.json"
 LATE = "late.customer.test"
+STRANGER = "stranger.customer.test"  # not registered: refused at the handshake
 LATE_REFUSED = "refused-late.customer.test"
 #: Panels the test's own traffic must move above zero (the rest may rightly stay at 0).
 MOVED = {

@@ -9,8 +9,9 @@ state with real traffic:
 - ``refused.customer.test``: failing, the CA answers its newOrder with rejectedIdentifier
   (as it does for every name starting with ``refused``);
 - ``gone.customer.test``: removed from the registry after registration;
-- a handshake for an unregistered name (refused), a plain-HTTP request on the TLS port and a
-  TLS-ALPN-01 probe with no pending challenge.
+- ``early.customer.test``: denied, visited before it was registered (the customer pointed DNS
+  here first; the allow-check refused it) and registered without issuing;
+- a plain-HTTP request on the TLS port.
 
 The Grafana dashboard test and the status page test share it.
 """
@@ -38,7 +39,7 @@ ACTIVE, BROKEN, FAILING, REMOVED = (
     "refused.customer.test",
     "gone.customer.test",
 )
-STRANGER = "stranger.customer.test"
+DENIED = "early.customer.test"
 #: The CA refuses every name starting with this (FAILING is one).
 REJECTED_PREFIX = "refused"
 REJECTED = "urn:ietf:params:acme:error:rejectedIdentifier"
@@ -57,7 +58,7 @@ def _rejects(prefix: str) -> Callable[[InjectedRequest], Reply | None]:
     def rule(r: InjectedRequest) -> Reply | None:
         names = [str(i.get("value")) for i in (r.jws_payload or {}).get("identifiers") or []]
         if r.path.endswith("/order-plz") and any(n.startswith(prefix) for n in names):
-            return Reply.problem(400, REJECTED, f"{names[0]} is on the CA's blocklist")
+            return Reply.problem(400, REJECTED, f"{names[0]} is on the CA's blocklist (<em>policy</em>)")
         return None
 
     return rule
@@ -110,7 +111,10 @@ async def start_fleet(
             assert res.returncode == 0 and res.stdout == BODY, res.stderr
             res = await curl(p, BROKEN, roots)
             assert res.returncode != 0  # the TLS side works, the upstream is closed
-            assert await handshake_fails(port, STRANGER)
+            assert await handshake_fails(port, DENIED)
+            body = {"hostname": DENIED, "issue": False}
+            assert (await api.post("/v1/hostnames", json=body)).status_code == 201
+            await _wait_state(api, DENIED, "denied")
         await _plain_http(port)
         yield Fleet(p, admin_url, roots, inj)
 

@@ -1,0 +1,120 @@
+"""Status page load times with 100,000 hostnames (a benchmark, not a test): run with
+``pytest bench/bench_status_page.py -s -p no:cacheprovider``.
+
+100,000 registry entries on the file backend and on PostgreSQL, every 100th with a stored
+"valid" status and every 1,000th "failing", then ``edgeproxy`` in-process with the registry
+and the admin listener; times (median of 5 after the first) for ``GET /ui/`` (the first load
+builds the state index, later ones reuse it up to 5 s), a name search, a state filter and a
+page deep in the list, and a load that refreshes the index. Wall time of whole HTTP responses over loopback with httpx.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from edgeproxy.certs.record import status_key
+from edgeproxy.certs.status import DomainStatus
+from edgeproxy.storage.base import HostnameEntry, Storage
+from edgeproxy.storage.file import FileStorage
+from edgeproxy.storage.postgres import PostgresStorage
+from tests.support import postgres as pg
+from tests.support.proxy import base_config, running_proxy
+
+postgres_server = pg.postgres_server
+postgres_dsn = pg.postgres_dsn
+postgres_database = pg.postgres_database
+
+N = 100_000
+BATCH = 5_000
+
+
+def name(i: int) -> str:
+    return f"c{i:06d}.customer.test"
+
+
+async def fill(storage: Storage) -> None:
+    now = time.time()
+    for start in range(0, N, BATCH):
+        batch = [HostnameEntry(name(i), None, "{}", now) for i in range(start, start + BATCH)]
+        await storage.add_hostnames(batch)
+    for i in range(0, N, 100):
+        failing = i % 1000 == 0
+        st = DomainStatus(
+            name(i),
+            "failing" if failing else "valid",
+            not_after=now + 80 * 86400,
+            last_error_type="urn:ietf:params:acme:error:dns" if failing else None,
+            hint="check DNS" if failing else None,
+        )
+        await storage.put(status_key(name(i)), st.to_json())
+
+
+async def timed(c: httpx.AsyncClient, url: str) -> float:
+    t0 = time.perf_counter()
+    r = await c.get(url)
+    took = time.perf_counter() - t0
+    assert r.status_code == 200, r.text[:300]
+    return took
+
+
+async def measure(tmp_path: Path, storage_cfg: dict[str, Any], label: str) -> None:
+    cfg = base_config(
+        tmp_path,
+        [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
+        admin={"listen": "127.0.0.1:0"},
+        on_demand={"allow": [], "registry": True},
+        storage=storage_cfg,
+    )
+    async with running_proxy(tmp_path, cfg) as p:
+        with trio.fail_after(300):
+            while not p.rt.hostnames.loaded:
+                await trio.sleep(0.1)
+        host, port = p.rt.admin_bound or ("", 0)
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", trust_env=False,
+                                     timeout=300) as c:  # fmt: skip
+            first = await timed(c, "/ui/")
+            page = await c.get("/ui/")
+            assert f">{N}<" in page.text.replace("</span> all", "<")  # the total is counted
+            rows: dict[str, list[float]] = {}
+            for label_url in (
+                ("first page", "/ui/"),
+                ("search 'c0999'", "/ui/?q=c0999"),
+                ("search, no match", "/ui/?q=zz"),
+                ("state=failing", "/ui/?state=failing"),
+                ("page after c090000", f"/ui/?after={name(90_000)}"),
+                ("hostname page", f"/ui/hostnames/{name(1000)}"),
+            ):
+                rows[label_url[0]] = [await timed(c, label_url[1]) for _ in range(5)]
+            refreshes = []
+            for _ in range(3):  # a load that finds the index older than its 5 s refreshes it
+                await trio.sleep(5.5)
+                refreshes.append(await timed(c, "/ui/"))
+            rows["first page, index refresh"] = refreshes
+        print(f"\nstatus page, {N:,} hostnames, {label}: first load (index built) {first * 1000:.0f} ms")
+        for what, times in rows.items():
+            print(f"  {what:22s} median {statistics.median(times) * 1000:7.1f} ms "
+                  f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f})")  # fmt: skip
+
+
+async def test_status_page_file(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "state")
+    try:
+        await fill(storage)
+    finally:
+        await storage.aclose()
+    await measure(tmp_path, {"backend": "file", "path": str(tmp_path / "state")}, "file backend")
+
+
+async def test_status_page_postgres(tmp_path: Path, postgres_dsn: str) -> None:
+    storage = PostgresStorage(postgres_dsn)
+    try:
+        await fill(storage)
+    finally:
+        await storage.aclose()
+    await measure(tmp_path, {"backend": "postgres", "dsn": postgres_dsn}, "PostgreSQL")

@@ -1,0 +1,157 @@
+"""Counts by state and the state filter of the status page, fast at 100,000 hostnames.
+
+Owns one question: which state is every registered hostname in, right now? Describing a name
+exactly (``hostnames.describe_hostname``) costs two storage reads and a certificate parse,
+fine for a page of rows but not for every name on every page load. So the index keeps what it
+needs in memory: the registry mirror already holds every entry, this process's manager holds
+its statuses, and the statuses other processes stored are read once and then only when their
+``modified`` time changes (one storage listing per refresh). A refresh runs at most every
+``REFRESH`` seconds, single-flight; the names of each state are kept sorted, so a page of a
+state filter (with a name prefix) is a bisection.
+
+The state rule is ``hostnames.hostname_state`` with the status's ``not_after`` standing for the
+certificate record's: the rows on the page are described exactly, so a name whose state moved
+since the last refresh shows its new state there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from ..certs.status import DomainStatus
+from ..errors import StorageError
+from ..storage.base import HostnameEntry
+from .hostnames import STATES
+
+log = logging.getLogger("edgeproxy.admin")
+
+#: Seconds a computed index is reused.
+REFRESH = 5.0
+#: Parallel storage reads while (re)reading stored statuses.
+READ_CONCURRENCY = 16
+#: Entries per storage page when the registry mirror has not loaded yet.
+LOAD_PAGE = 1000
+_PREFIX, _SUFFIX = "status/", ".json"
+#: Greater than every character a hostname can hold (see ``prefix_start``).
+_ABOVE_NAMES = "~"
+
+
+def prefix_start(prefix: str) -> str | None:
+    """A keyset cursor just before the first name starting with ``prefix``.
+
+    Storage pages return names strictly after the cursor, so the cursor must sort below
+    ``prefix`` and above every shorter name that sorts below it: the prefix with its last
+    character lowered by one, then a character above any hostname character.
+    """
+    if not prefix:
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) - 1) + _ABOVE_NAMES
+
+
+def entry_state(entry: HostnameEntry, st: DomainStatus | None, now: float) -> str:
+    if not entry.live:
+        return "removed"
+    if st is not None and st.state in ("issuing", "denied", "failing"):
+        return st.state
+    if st is not None and st.not_after is not None and st.not_after > now:
+        return "active"
+    return "pending"
+
+
+class StateIndex:
+    def __init__(
+        self, storage: Any, registry: Any, certs: Any, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.storage = storage
+        self.registry = registry
+        self.certs = certs
+        self.clock = clock
+        self.counted_at: float | None = None
+        self._stored: dict[str, tuple[float, DomainStatus | None]] = {}
+        self._by_state: dict[str, list[str]] = {s: [] for s in STATES}
+        self._lock = trio.Lock()
+
+    async def counts(self) -> dict[str, int]:
+        await self._fresh()
+        return {s: len(names) for s, names in self._by_state.items()}
+
+    async def page(
+        self, state: str, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[str], bool]:
+        """Up to ``limit`` names in ``state`` starting with ``prefix``, after ``after``."""
+        await self._fresh()
+        names = self._by_state.get(state, [])
+        cursor = after if after is not None else prefix_start(prefix)
+        i = bisect.bisect_right(names, cursor) if cursor is not None else 0
+        found: list[str] = []
+        for name in names[i:]:
+            if not name.startswith(prefix):
+                break
+            if len(found) == limit:
+                return found, True
+            found.append(name)
+        return found, False
+
+    async def _fresh(self) -> None:
+        async with self._lock:  # single-flight: concurrent page loads share one refresh
+            if self.counted_at is not None and self.clock() - self.counted_at < REFRESH:
+                return
+            try:
+                await self._refresh_stored()
+            except StorageError as exc:
+                log.warning("status page: cannot list stored statuses: %s", exc)
+            entries = await self._entries()
+            now = self.clock()
+            by_state: dict[str, list[str]] = {s: [] for s in STATES}
+            for entry in sorted(entries, key=lambda e: e.hostname):
+                name = entry.hostname
+                st = self.certs.status(name) or self._stored.get(name, (0.0, None))[1]
+                by_state[entry_state(entry, st, now)].append(name)
+            self._by_state = by_state
+            self.counted_at = now
+
+    async def _entries(self) -> Iterable[HostnameEntry]:
+        if getattr(self.registry, "loaded", False):
+            entries: list[HostnameEntry] = self.registry.entries()
+            return entries
+        out: list[HostnameEntry] = []
+        after: str | None = None
+        while page := await self.storage.list_hostnames(after=after, limit=LOAD_PAGE):
+            out.extend(page)
+            after = page[-1].hostname
+        return out
+
+    async def _refresh_stored(self) -> None:
+        items = await self.storage.list(_PREFIX)
+        listed: dict[str, float] = {}
+        for item in items:
+            if item.key.endswith(_SUFFIX):
+                listed[item.key[len(_PREFIX) : -len(_SUFFIX)]] = item.modified
+        for gone in self._stored.keys() - listed.keys():
+            del self._stored[gone]
+        changed = [n for n, m in listed.items() if self._stored.get(n, (None,))[0] != m]
+        limiter = trio.CapacityLimiter(READ_CONCURRENCY)
+
+        async def read(name: str) -> None:
+            async with limiter:
+                try:
+                    raw = await self.storage.get(_PREFIX + name + _SUFFIX)
+                except (StorageError, ValueError):
+                    return
+            st = None
+            if raw is not None:
+                try:
+                    st = DomainStatus.from_json(raw)
+                except (ValueError, TypeError):
+                    st = None
+            self._stored[name] = (listed[name], st if st is None or st.name == name else None)
+
+        async with trio.open_nursery() as nursery:
+            for name in changed:
+                nursery.start_soon(read, name)
