@@ -77,7 +77,7 @@ def test_history_keeps_the_newest_attempts_only() -> None:
 
 
 class FailingIssuer(CountingIssuer):
-    async def issue(self, name, private_key, *, replacing=None):  # type: ignore[no-untyped-def]
+    async def issue(self, name, private_key, *, replacing=None, prefer=None):  # type: ignore[no-untyped-def]
         raise IssuanceError("urn:ietf:params:acme:error:rejectedIdentifier", "not this one")
 
 
