@@ -51,7 +51,7 @@ def _load(path: Path) -> Config:
 def _exit_on_config_errors(exc: BaseException) -> NoReturn:
     """Exit 2 listing the problems when ``exc`` is (a group of) ConfigErrors found while
     starting (a busy port, say): one line each, no traceback. Anything else is re-raised."""
-    from .workers import config_errors
+    from .errors import config_errors
 
     errors = config_errors(exc)
     if not errors:

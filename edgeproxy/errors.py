@@ -1,7 +1,8 @@
 """The root of edgeproxy's error tree.
 
 Every package raises subclasses of these so callers can tell whose fault a failure is
-(the peer's, ours, or a dependency's) without matching on message text.
+(the peer's, ours, or a dependency's) without matching on message text. ``config_errors``
+finds the ConfigErrors inside an exception group (what the CLI and each worker exit 2 on).
 """
 
 from __future__ import annotations
@@ -17,6 +18,26 @@ class ConfigError(EdgeproxyError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def config_errors(exc: BaseException) -> list[ConfigError] | None:
+    """The ConfigErrors in ``exc`` if it is one or a (nested) group of nothing else, else None.
+
+    A config problem found inside a nursery (the admin socket, say) arrives wrapped in an
+    exception group; it must still end as exit code 2, so the supervisor stops instead of
+    restarting a worker that will fail the same way.
+    """
+    if isinstance(exc, ConfigError):
+        return [exc]
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    found = []
+    for inner in exc.exceptions:
+        errors = config_errors(inner)
+        if errors is None:
+            return None
+        found.extend(errors)
+    return found
 
 
 class PeerError(EdgeproxyError):

@@ -62,7 +62,7 @@ import trio
 from prometheus_client.multiprocess import mark_process_dead
 
 from .config import Config, HostPort, load_config, parse_hostport
-from .errors import ConfigError, EdgeproxyError
+from .errors import ConfigError, EdgeproxyError, config_errors
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -502,26 +502,6 @@ def worker_main(config_path: Path) -> int:
         log.error("stopped: %s", exc)
         return 1
     return 0
-
-
-def config_errors(exc: BaseException) -> list[ConfigError] | None:
-    """The ConfigErrors in ``exc`` if it is one or a (nested) group of nothing else, else None.
-
-    A config problem found inside a nursery (the admin socket, say) arrives wrapped in an
-    exception group; it must still end as exit code 2, so the supervisor stops instead of
-    restarting a worker that will fail the same way.
-    """
-    if isinstance(exc, ConfigError):
-        return [exc]
-    if not isinstance(exc, BaseExceptionGroup):
-        return None
-    found = []
-    for inner in exc.exceptions:
-        errors = config_errors(inner)
-        if errors is None:
-            return None
-        found.extend(errors)
-    return found
 
 
 class _WorkerTag(logging.Filter):

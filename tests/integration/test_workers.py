@@ -27,10 +27,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgeproxy.errors import ConfigError
+from edgeproxy.errors import ConfigError, config_errors
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
-from edgeproxy.workers import config_errors, describe_exit, restart_delay
+from edgeproxy.workers import describe_exit, restart_delay
 from tests.support.ports import free_port
 from tests.support.upstreams import Handler, http_handler, read_http_head, start_upstream
 
