@@ -6,6 +6,8 @@
   the first TLS handshake (Python ssl, verifying the pebble chain) after the API says
   ``active``; ten names, median and spread.
 * ``edgeproxy hostnames import`` of 10,000 names, on the file backend and on PostgreSQL.
+* A fresh replica's first full load of a 100,000-entry registry, both backends: time, and the
+  memory the loaded registry holds (tracemalloc).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import trio
 
+from edgeproxy.storage import FileStorage, HostnameEntry
+from edgeproxy.storage.base import Storage
 from tests.integration.conftest import make_pebble  # noqa: F401
 from tests.integration.test_hostnames_pebble import registry_config
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
@@ -98,3 +103,43 @@ def test_import_rate(tmp_path: Path, postgres_dsn: str) -> None:
                    {**os.environ, "BENCH_DSN": postgres_dsn})  # fmt: skip
     print(f"\nhostnames import, 10,000 names: file backend {file_s:.1f} s "
           f"({10_000 / file_s:.0f}/s), PostgreSQL {pg_s:.1f} s ({10_000 / pg_s:.0f}/s)")
+
+
+async def _registry_load(storage: Storage, label: str) -> str:
+    """Fill ``storage`` with 100,000 entries, then time a fresh replica's first full load and
+    measure what the loaded registry holds (tracemalloc, on a second fresh load)."""
+    from edgeproxy.hostnames.registry import HostnameRegistry
+
+    batch = 1000
+    for start in range(0, 100_000, batch):
+        await storage.add_hostnames([
+            HostnameEntry(f"c{i:06d}.customer.test", "10.0.0.1:8080" if i % 10 == 0 else None,
+                          f'{{"customer": {i}}}', 1.75e9)
+            for i in range(start, start + batch)
+        ])  # fmt: skip
+    registry = HostnameRegistry(storage)
+    t0 = time.monotonic()
+    await registry.reload()
+    took = time.monotonic() - t0
+    assert len(registry) == 100_000
+    tracemalloc.start()
+    fresh = HostnameRegistry(storage)
+    await fresh.reload()
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(fresh) == 100_000
+    return (f"{label}: first load {took:.2f} s, {held / 2**20:.0f} MiB held "
+            f"(peak {peak / 2**20:.0f} MiB while loading)")
+
+
+async def test_registry_load_100k(tmp_path: Path, postgres_dsn: str) -> None:
+    from edgeproxy.storage.postgres import PostgresStorage
+
+    lines = [await _registry_load(FileStorage(tmp_path / "state"), "file backend")]
+    pg_storage = PostgresStorage(postgres_dsn)
+    try:
+        lines.append(await _registry_load(pg_storage, "PostgreSQL"))
+    finally:
+        await pg_storage.aclose()
+    print("\nhostname registry, 100,000 entries, one replica's initial load:\n  "
+          + "\n  ".join(lines))

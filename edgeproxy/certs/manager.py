@@ -350,6 +350,9 @@ class CertificateManager:
             self._nursery = nursery
             task_status.started()
             try:
+                if self.registry is not None:
+                    # A pass before the registry is known could renew a removed name.
+                    await self.registry.wait_loaded()
                 while True:
                     try:
                         await self.maintenance_once()

@@ -11,8 +11,15 @@ Theory of operation
 change notification (PostgreSQL LISTEN/NOTIFY, via ``on_storage_change``) wakes the poll at
 once. A full reload runs every ``resync_interval`` as a safety net for changes a feed can miss
 (see the postgres backend's notes). Writers in this process call ``apply`` with what they
-stored, so their own changes take effect before any poll. Until the first load finished,
-``loaded`` is False and nothing is known as removed or registered.
+stored, so their own changes take effect before any poll.
+
+*Serving does not wait for the load* (100,000 entries take seconds on the file backend): ``run``
+reports started at once. Until the first load finished (``loaded``), a handshake asks
+``ensure`` about its one name, which reads that entry from storage, so a registered name is
+allowed, a removed one refused and an upstream override followed from the first connection.
+Names found absent are remembered (bounded) until the load is done. The certificate manager
+waits for ``wait_loaded`` before its first maintenance pass: renewing before the registry is
+known could renew a removed name.
 
 Listeners hear of every change of one name (``add_listener``): the certificate manager uses it
 to drop the context of a removed name.
@@ -29,6 +36,7 @@ import trio
 
 from ..config import HostPort
 from ..errors import StorageError
+from ..names import InvalidName, validate_hostname
 from ..proxy.routes import Route
 from ..storage.base import HostnameEntry, Storage
 from .entries import upstream_hostport
@@ -37,6 +45,8 @@ log = logging.getLogger("edgeproxy.hostnames")
 
 #: Entries read per storage page during a full load.
 LOAD_PAGE = 1000
+#: Names remembered as unregistered by ``ensure`` while the first load runs.
+MAX_ABSENT = 10_000
 
 Listener = Callable[[str, HostnameEntry | None, HostnameEntry | None], None]
 
@@ -62,6 +72,8 @@ class HostnameRegistry:
         self._listeners: list[Listener] = []
         self._wake = trio.Event()
         self._marker: str | None = None
+        self._loaded = trio.Event()
+        self._absent: set[str] = set()
 
     # ------------------------------------------------------------------ questions (hot path)
 
@@ -96,6 +108,26 @@ class HostnameRegistry:
         self._routes[name] = (base, route)
         return route
 
+    async def ensure(self, name: str) -> None:
+        """Before the first load finished: read ``name``'s entry (if any) from storage now."""
+        if self.loaded or name in self._live or name in self._removed or name in self._absent:
+            return
+        try:
+            key = validate_hostname(name)
+            entry = await self.storage.get_hostname(key)
+        except (StorageError, InvalidName, ValueError) as exc:
+            log.debug("hostname registry: cannot look up %s yet: %s", name, exc)
+            return
+        if self.loaded:
+            return  # the load finished meanwhile and knows at least as much
+        if entry is not None:
+            self.apply(key, entry)
+        elif len(self._absent) < MAX_ABSENT:
+            self._absent.add(name)
+
+    async def wait_loaded(self) -> None:
+        await self._loaded.wait()
+
     # ------------------------------------------------------------------ changes
 
     def add_listener(self, listener: Listener) -> None:
@@ -126,9 +158,9 @@ class HostnameRegistry:
     # ------------------------------------------------------------------ loop
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load, then follow the storage until cancelled. Started after the first attempt; a
+        """Load, then follow the storage until cancelled. Started at once (see ``ensure``); a
         storage outage keeps the last known state (and is retried every poll)."""
-        started = False
+        task_status.started()
         next_resync = 0.0
         while True:
             try:
@@ -139,11 +171,6 @@ class HostnameRegistry:
                     await self.poll()
             except StorageError as exc:
                 log.warning("hostname registry: cannot read storage: %s", exc)
-            if not started:
-                # Serving must not wait on storage: until the first load succeeds, nothing is
-                # known as registered or removed (the policy's other rules still apply).
-                started = True
-                task_status.started()
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -167,6 +194,8 @@ class HostnameRegistry:
             log.info("hostname registry loaded: %d live, %d removed", len(self._live),
                      len(self._removed))  # fmt: skip
         self.loaded = True
+        self._absent.clear()
+        self._loaded.set()
 
     async def poll(self) -> None:
         marker, names = await self.storage.hostname_changes(self._marker)

@@ -277,8 +277,10 @@ async def _handshake(
         await _answer_challenge(proxy, sock, hello, parser.buffered, info)
         return None
 
-    route = s.routes.match(sni)
     registry = proxy.certs.registry
+    if registry is not None and sni is not None and not registry.loaded:
+        await registry.ensure(sni)  # a fresh process still loading the registry: ask for this one
+    route = s.routes.match(sni)
     if registry is not None and sni is not None:
         route = registry.route_for(sni, route)  # a registered name's own upstream, if it has one
     if route is None:

@@ -1,0 +1,77 @@
+"""A replica whose hostname registry loads slowly (100,000 entries take seconds on the file
+backend) serves at once: during the load a registered name is allowed and sent to its own
+upstream, a removed one refused, and no maintenance pass runs before the registry is known.
+Real FileStorage (its full listing held back by the test), the real proxy, Python ssl."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import trio
+
+from edgeproxy.storage import FileStorage, HostnameEntry
+from tests.integration.test_hostnames_pebble import refused_with_unrecognized_name
+from tests.support.proxy import base_config, running_proxy
+from tests.support.upstreams import http_handler, start_upstream
+
+
+class SlowListing(FileStorage):
+    """FileStorage whose registry listing (the full load) waits until ``release`` is set."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = trio.Event()
+        self.listings = 0
+        self.cert_listings = 0
+
+    async def list_hostnames(self, *, after: str | None = None, limit: int = 100
+                             ) -> list[HostnameEntry]:  # fmt: skip
+        self.listings += 1
+        await self.release.wait()
+        return await super().list_hostnames(after=after, limit=limit)
+
+    async def list(self, prefix: str):  # type: ignore[no-untyped-def]
+        if prefix == "certs/":
+            self.cert_listings += 1  # a maintenance pass
+        return await super().list(prefix)
+
+
+async def get(port: int, name: str, ca: Path) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname=name)
+    with trio.fail_after(20):
+        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := await tls.receive_some(65536):
+            data += chunk
+    await trio.aclose_forcefully(tls)
+    return data
+
+
+async def test_serving_starts_before_a_slow_registry_load(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    route_up = await start_upstream(nursery, http_handler(b"the SNI route\n"))
+    own_up = await start_upstream(nursery, http_handler(b"the customer's origin\n"))
+    storage = SlowListing(tmp_path / "state")
+    await storage.add_hostname(HostnameEntry("reg.customer.test", own_up.addr, "{}", 1.0))
+    await storage.add_hostname(HostnameEntry("gone.customer.test", None, "{}", 1.0))
+    await storage.remove_hostname("gone.customer.test", 2.0)
+    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": [route_up.addr]}],
+                      on_demand={"allow": [], "registry": True},
+                      hostnames={"poll_interval": 0.1})  # fmt: skip
+    # Bounded: were serving to wait for the load, the proxy would never start (the listing
+    # is released only below).
+    with trio.fail_after(30):
+        async with running_proxy(tmp_path, cfg, storage=storage) as p:
+            assert p.ca_path is not None
+            assert storage.listings >= 1 and not p.rt.hostnames.loaded
+            assert b"the customer's origin" in await get(p.port, "reg.customer.test", p.ca_path)
+            assert await refused_with_unrecognized_name(p.port, "gone.customer.test")
+            assert await refused_with_unrecognized_name(p.port, "stranger.customer.test")
+            assert storage.cert_listings == 0  # no maintenance pass on an unknown registry
+            storage.release.set()
+            while not p.rt.hostnames.loaded or storage.cert_listings == 0:
+                await trio.sleep(0.02)
+            assert b"the customer's origin" in await get(p.port, "reg.customer.test", p.ca_path)
