@@ -3,9 +3,10 @@
 Owns: the byte shuffling between a transport ``trio.abc.Stream`` and OpenSSL, the locking that
 makes one TLS connection usable from a sending and a receiving task at once, close_notify and
 half-close, the mapping of OpenSSL failures to typed errors, keeping an idle connection's
-OpenSSL buffers small, and the few low-level helpers for code that takes the ``Connection``
-over after the handshake (``proxy/pipe.py``: ``attach_socket``, ``release_idle_buffers``,
-``incoming_pending``, ``outgoing_pending``, ``TLSStream.take_delayed_output``). Must not know:
+OpenSSL buffers small, and exporting the few low-level helpers (from ``openssl_internals``)
+for code that takes the ``Connection`` over after the handshake (``proxy/pipe.py``:
+``attach_socket``, ``release_idle_buffers``, ``incoming_pending``, ``outgoing_pending``,
+``TLSStream.take_delayed_output``). Must not know:
 certificates, routes, ALPN policy (the context decides), how the ClientHello was peeked (we
 only receive the bytes already read).
 
@@ -73,8 +74,10 @@ next short read or write. With ``SSL_MODE_RELEASE_BUFFERS`` (set by our contexts
 frees its record buffers: an idle server stream measures ~28 KiB (TLSStream and OpenSSL, after
 256 KiB each way). pyOpenSSL has no public API for what this needs (BIO fill level, BIO swap,
 ``SSL_session_reused``); each is one cffi call on the binding pyOpenSSL itself uses, fenced in
-``_Internals`` below. If a future pyOpenSSL renames its private attributes we fall back to
-slower code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable`` fails.
+``Internals`` (``tls/openssl_internals.py``, which this module re-exports: the connection-level
+private calls live there alone). If a future pyOpenSSL renames its private attributes we fall
+back to slower code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable``
+fails.
 The data path's plaintext reads and writes (``read_plaintext``, ``write_plaintext``) use the
 same fence: one ``SSL_read``/``SSL_write`` on success, pyOpenSSL's error mapping on failure.
 """
@@ -84,9 +87,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import operator
-import warnings
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import trio
 from OpenSSL import SSL
@@ -99,6 +101,15 @@ from .errors import (
     TLSStreamBroken,
     describe_openssl,
     reason_from_openssl,
+)
+from .openssl_internals import (
+    Internals,
+    attach_socket,
+    incoming_pending,
+    outgoing_pending,
+    read_plaintext,
+    release_idle_buffers,
+    write_plaintext,
 )
 
 __all__ = [
@@ -122,93 +133,6 @@ _SEND_CHUNK: Final = 262144  # largest plaintext per SSL_write: bounds the outgo
 _BIO_KEEP: Final = 8192  # a BIO that has held more than this is replaced when idle
 _CLOSE_GRACE: Final = 1.0  # seconds aclose waits to put close_notify on the wire
 _ALERT_GRACE: Final = 1.0  # seconds a failing handshake waits to deliver its fatal alert
-
-
-try:
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
-    _ffi = _lib = None
-
-
-_NEEDED: Final = (
-    "BIO_get_mem_data",
-    "BIO_new",
-    "BIO_s_mem",
-    "SSL_set_bio",
-    "SSL_session_reused",
-    "SSL_read",
-    "SSL_write",
-)
-
-
-class _Internals:
-    """OpenSSL calls pyOpenSSL does not expose (or wraps at a cost the data path notices),
-    behind one feature check.
-
-    ``Connection._ssl`` / ``_into_ssl`` / ``_from_ssl`` are pyOpenSSL's SSL* and memory BIO*
-    pointers (stable names since pyOpenSSL 0.13); ``lib`` is cryptography's OpenSSL binding,
-    which pyOpenSSL itself uses for these very functions.
-    """
-
-    lib: Any = _lib
-    ffi: Any = _ffi
-    available: bool = _lib is not None and all(hasattr(_lib, name) for name in _NEEDED)
-
-    @classmethod
-    def usable_for(cls, conn: SSL.Connection) -> bool:
-        return (
-            cls.available
-            and getattr(conn, "_ssl", None) is not None
-            and getattr(conn, "_into_ssl", None) is not None
-            and getattr(conn, "_from_ssl", None) is not None
-        )
-
-    @classmethod
-    def incoming_pending(cls, conn: SSL.Connection) -> int:
-        # BIO_get_mem_data(bio, NULL) is BIO_ctrl(BIO_CTRL_INFO): the unread byte count.
-        return int(cls.lib.BIO_get_mem_data(conn._into_ssl, cls.ffi.NULL))
-
-    @classmethod
-    def outgoing_pending(cls, conn: SSL.Connection) -> int:
-        return int(cls.lib.BIO_get_mem_data(conn._from_ssl, cls.ffi.NULL))
-
-    @classmethod
-    def renew_bios(cls, conn: SSL.Connection) -> bool:
-        """Replace both (empty) memory BIOs with fresh ones, freeing their grown buffers."""
-        lib, ffi = cls.lib, cls.ffi
-        rbio = lib.BIO_new(lib.BIO_s_mem())
-        wbio = lib.BIO_new(lib.BIO_s_mem())
-        if rbio == ffi.NULL or wbio == ffi.NULL:  # pragma: no cover - out of memory
-            for bio in (rbio, wbio):
-                if bio != ffi.NULL:
-                    lib.BIO_free(bio)
-            return False
-        # Both differ from the current pair, so SSL_set_bio takes one reference to each and
-        # frees the old pair (SSL_set_bio(3), "both are different to their previous values").
-        lib.SSL_set_bio(conn._ssl, rbio, wbio)
-        conn._into_ssl = rbio
-        conn._from_ssl = wbio
-        return True
-
-    @classmethod
-    def session_reused(cls, conn: SSL.Connection) -> bool:
-        return bool(cls.lib.SSL_session_reused(conn._ssl))
-
-    # ``Connection._raise_ssl_error`` is how pyOpenSSL turns a failed call into its
-    # exceptions; calling it for failures keeps read_plaintext/write_plaintext's errors
-    # exactly those of ``recv``/``send``.
-    plaintext_calls: bool = available and hasattr(SSL.Connection, "_raise_ssl_error")
-    no_zero: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
-
-
-if not _Internals.available:  # pragma: no cover - depends on the installed pyOpenSSL
-    warnings.warn(
-        "edgeproxy.tls.stream: pyOpenSSL internals not reachable; idle TLS connections will "
-        "keep their largest BIO buffers and session_reused will read False",
-        RuntimeWarning,
-        stacklevel=1,
-    )
 
 
 class _State(enum.Enum):
@@ -303,8 +227,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.connection: SSL.Connection = connection
         # True once the peer ended the stream with a TCP EOF instead of a close_notify.
         self.ragged_eof = False
-        self._internals = _Internals.usable_for(connection)
-        if _Internals.available and getattr(connection, "_into_ssl", None) is None:
+        self._internals = Internals.usable_for(connection)
+        if Internals.available and getattr(connection, "_into_ssl", None) is None:
             raise ValueError("connection must be made with SSL.Connection(ctx, None)")
         self._state = _State.OK
         self._handshake_done = False
@@ -354,7 +278,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """True when the handshake resumed an earlier session (a session ticket)."""
         if not (self._handshake_done and self._internals):
             return False
-        return _Internals.session_reused(self.connection)
+        return Internals.session_reused(self.connection)
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -372,7 +296,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def _take_outgoing(self) -> bytes:
         conn = self.connection
         if self._internals:
-            pending = _Internals.outgoing_pending(conn)
+            pending = Internals.outgoing_pending(conn)
             if not pending:
                 return b""
             if pending > self._bio_peak:
@@ -390,9 +314,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._bio_peak <= _BIO_KEEP or not self._internals:
             return
         conn = self.connection
-        if _Internals.incoming_pending(conn) or _Internals.outgoing_pending(conn):
+        if Internals.incoming_pending(conn) or Internals.outgoing_pending(conn):
             return
-        if _Internals.renew_bios(conn):
+        if Internals.renew_bios(conn):
             self._bio_peak = 0
 
     async def _retry(
@@ -551,7 +475,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise exc
         conn = self.connection
         internals = self._internals
-        if internals and not conn.pending() and not _Internals.incoming_pending(conn):
+        if internals and not conn.pending() and not Internals.incoming_pending(conn):
             return _WANT_READ  # nothing buffered: SSL_read could only say so
         try:
             data = conn.recv(max_bytes)
@@ -559,7 +483,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if (
                 internals
                 and self._server_side
-                and _Internals.outgoing_pending(conn)
+                and Internals.outgoing_pending(conn)
                 and conn.get_protocol_version_name() == "TLSv1.2"
             ):
                 # A TLS 1.2 server read that writes without failing is OpenSSL answering a
@@ -575,7 +499,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # One SSL_read yields one record (<= 16 KiB); decrypt whatever else is already here.
         chunks = [data]
         total = len(data)
-        while total < max_bytes and (conn.pending() or _Internals.incoming_pending(conn)):
+        while total < max_bytes and (conn.pending() or Internals.incoming_pending(conn)):
             try:
                 more = conn.recv(max_bytes - total)
             except SSL.WantReadError:
@@ -777,99 +701,3 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self.transport_stream)
             raise
         await self.transport_stream.aclose()
-
-
-# ---- for code that drives the Connection itself after the handshake (proxy/pipe.py) -----------
-
-
-def release_idle_buffers(conn: SSL.Connection) -> bool:
-    """Give back the memory BIOs' grown buffers when both are empty (an idle connection).
-
-    For code that drives an ``SSL.Connection`` directly instead of through ``TLSStream``.
-    Returns False when nothing was done (pending bytes, or internals unavailable).
-    """
-    if not _Internals.usable_for(conn):
-        return False
-    if _Internals.incoming_pending(conn) or _Internals.outgoing_pending(conn):
-        return False
-    return _Internals.renew_bios(conn)
-
-
-def outgoing_pending(conn: SSL.Connection) -> int:
-    """Bytes OpenSSL has written to the outgoing memory BIO and nobody has sent yet.
-
-    -1 when unknown (pyOpenSSL internals unavailable): callers must then try ``bio_read``.
-    """
-    if _Internals.usable_for(conn):
-        return _Internals.outgoing_pending(conn)
-    return -1
-
-
-def read_plaintext(conn: SSL.Connection, size: int) -> bytes:
-    """``conn.recv(size)``, with the same results and exceptions, in fewer Python steps.
-
-    The pipe reads a record per call; pyOpenSSL's ``recv`` spends more Python on each call
-    than the call itself (flag checks, and its error mapping even on success), about a
-    tenth of the Python work of a keep-alive request. Successes are handled here; failures
-    go through pyOpenSSL's own mapping.
-    """
-    if not _Internals.plaintext_calls:
-        return conn.recv(size)
-    buf = _Internals.no_zero("char[]", size)
-    n = _Internals.lib.SSL_read(conn._ssl, buf, size)
-    if n > 0:
-        return _Internals.ffi.buffer(buf, n)[:]  # type: ignore[no-any-return]
-    conn._raise_ssl_error(conn._ssl, n)
-    return b""
-
-
-def write_plaintext(conn: SSL.Connection, data: bytes) -> int:
-    """``conn.send(data)``, with the same results and exceptions (see ``read_plaintext``).
-
-    After WantWriteError the retry must pass the same ``data`` object, as with ``send``.
-    """
-    if not _Internals.plaintext_calls:
-        return conn.send(data)
-    ffi = _Internals.ffi
-    with ffi.from_buffer(data) as ptr:
-        n = _Internals.lib.SSL_write(conn._ssl, ptr, len(data))
-    if n <= 0:
-        conn._raise_ssl_error(conn._ssl, n)
-    return int(n)
-
-
-def attach_socket(conn: SSL.Connection, fd: int) -> bool:
-    """Move a connection from its (empty) memory BIOs onto socket ``fd`` (both directions).
-
-    After the handshake, OpenSSL reading and writing the socket itself saves a copy and two
-    Python calls per chunk. Only legal when both memory BIOs are empty (nothing would be lost)
-    and the internals are reachable; returns False (and changes nothing) otherwise. The
-    connection must not be used through ``TLSStream`` or ``bio_*`` afterwards.
-    """
-    lib = _Internals.lib
-    if not (
-        _Internals.usable_for(conn)
-        and hasattr(lib, "SSL_set_fd")
-        and hasattr(lib, "SSL_OP_IGNORE_UNEXPECTED_EOF")
-    ):
-        return False
-    if _Internals.incoming_pending(conn) or _Internals.outgoing_pending(conn):
-        return False
-    if not lib.SSL_set_fd(conn._ssl, fd):
-        return False
-    # A TCP FIN without close_notify is how much of the web ends a connection: read it as
-    # an end (ZeroReturnError), not as OpenSSL 3's "unexpected eof" error.
-    conn.set_options(lib.SSL_OP_IGNORE_UNEXPECTED_EOF)
-    # SSL_set_fd freed the memory BIOs: make pyOpenSSL's bio_* refuse instead of touching
-    # freed memory (they check for None), and stop _Internals from using them.
-    conn._into_ssl = None
-    conn._from_ssl = None
-    return True
-
-
-def incoming_pending(conn: SSL.Connection) -> int:
-    """Ciphertext bytes written into the incoming BIO that OpenSSL has not consumed yet
-    (-1 when unknown)."""
-    if _Internals.usable_for(conn):
-        return _Internals.incoming_pending(conn)
-    return -1

@@ -30,7 +30,8 @@ from edgeproxy.tls.contexts import (
     new_server_connection,
 )
 from edgeproxy.tls.errors import InvalidCertificate, TLSHandshakeError
-from edgeproxy.tls.stream import TLSStream, _Internals
+from edgeproxy.tls.openssl_internals import Internals
+from edgeproxy.tls.stream import TLSStream
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -308,7 +309,7 @@ def test_tickets_from_another_context_are_not_accepted(ca: trustme.CA) -> None:
 
 
 def _session_reused(conn: SSL.Connection) -> bool:
-    return _Internals.session_reused(conn)
+    return Internals.session_reused(conn)
 
 
 # ---- ALPN ------------------------------------------------------------------------------------

@@ -670,10 +670,10 @@ def test_connection_with_a_socket_is_refused(server_ctx: SSL.Context) -> None:
 
 
 def test_openssl_internals_reachable(server_ctx: SSL.Context) -> None:
-    """If this fails, a pyOpenSSL upgrade moved what stream._Internals relies on."""
-    assert stream_module._Internals.available
-    assert stream_module._Internals.usable_for(new_server_connection(server_ctx))
-    assert stream_module._Internals.plaintext_calls
+    """If this fails, a pyOpenSSL upgrade moved what openssl_internals.Internals relies on."""
+    assert stream_module.Internals.available
+    assert stream_module.Internals.usable_for(new_server_connection(server_ctx))
+    assert stream_module.Internals.plaintext_calls
 
 
 def _pump(a: SSL.Connection, b: SSL.Connection) -> None:
@@ -697,7 +697,7 @@ def test_plaintext_calls_match_recv_and_send(
     # The pipe's read_plaintext/write_plaintext bypass pyOpenSSL's recv/send on success;
     # data and every exception the pipe tells apart must be the same (fast=False: the
     # fallback used when pyOpenSSL's internals are not reachable).
-    monkeypatch.setattr(stream_module._Internals, "plaintext_calls", fast)
+    monkeypatch.setattr(stream_module.Internals, "plaintext_calls", fast)
     server = new_server_connection(server_ctx)
     client = client_conn(client_ctx(ca))
     for _ in range(10):

@@ -1,0 +1,214 @@
+"""The OpenSSL calls the data path needs that pyOpenSSL does not expose, behind one feature check.
+
+Owns: the private calls on a live connection (pyOpenSSL's ``Connection._ssl``, ``_into_ssl``,
+``_from_ssl``, ``_raise_ssl_error`` and cryptography's OpenSSL binding): memory BIO fill
+levels, swapping a connection's grown BIOs for fresh ones, ``SSL_session_reused``, moving a
+connection from its memory BIOs onto its socket, and one-call plaintext reads and writes.
+(Putting a certificate and key on a connection, and session id contexts, are
+``tls/contexts.py``'s own private calls.) Must not know: streams, sockets beyond a file
+descriptor, anything about connections' lives. Only ``tls/stream.py`` imports this module;
+everything else reaches these helpers through ``tls.stream``'s exports.
+
+Theory of operation: each helper is one cffi call on the binding pyOpenSSL itself uses for
+the same functions. If a future pyOpenSSL renames what ``Internals`` relies on, ``available``
+(or ``usable_for``) reads False, a warning is issued once at import, and every helper falls
+back to pyOpenSSL's public (slower) calls or reports "unknown"; the unit test
+``test_openssl_internals_reachable`` then fails so the upgrade does not go unnoticed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Final
+
+from OpenSSL import SSL
+
+__all__ = [
+    "Internals",
+    "attach_socket",
+    "incoming_pending",
+    "outgoing_pending",
+    "read_plaintext",
+    "release_idle_buffers",
+    "write_plaintext",
+]
+
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
+    _ffi = _lib = None
+
+
+_NEEDED: Final = (
+    "BIO_get_mem_data",
+    "BIO_new",
+    "BIO_s_mem",
+    "SSL_set_bio",
+    "SSL_session_reused",
+    "SSL_read",
+    "SSL_write",
+)
+
+
+class Internals:
+    """OpenSSL calls pyOpenSSL does not expose (or wraps at a cost the data path notices),
+    behind one feature check.
+
+    ``Connection._ssl`` / ``_into_ssl`` / ``_from_ssl`` are pyOpenSSL's SSL* and memory BIO*
+    pointers (stable names since pyOpenSSL 0.13); ``lib`` is cryptography's OpenSSL binding,
+    which pyOpenSSL itself uses for these very functions.
+    """
+
+    lib: Any = _lib
+    ffi: Any = _ffi
+    available: bool = _lib is not None and all(hasattr(_lib, name) for name in _NEEDED)
+
+    @classmethod
+    def usable_for(cls, conn: SSL.Connection) -> bool:
+        return (
+            cls.available
+            and getattr(conn, "_ssl", None) is not None
+            and getattr(conn, "_into_ssl", None) is not None
+            and getattr(conn, "_from_ssl", None) is not None
+        )
+
+    @classmethod
+    def incoming_pending(cls, conn: SSL.Connection) -> int:
+        # BIO_get_mem_data(bio, NULL) is BIO_ctrl(BIO_CTRL_INFO): the unread byte count.
+        return int(cls.lib.BIO_get_mem_data(conn._into_ssl, cls.ffi.NULL))
+
+    @classmethod
+    def outgoing_pending(cls, conn: SSL.Connection) -> int:
+        return int(cls.lib.BIO_get_mem_data(conn._from_ssl, cls.ffi.NULL))
+
+    @classmethod
+    def renew_bios(cls, conn: SSL.Connection) -> bool:
+        """Replace both (empty) memory BIOs with fresh ones, freeing their grown buffers."""
+        lib, ffi = cls.lib, cls.ffi
+        rbio = lib.BIO_new(lib.BIO_s_mem())
+        wbio = lib.BIO_new(lib.BIO_s_mem())
+        if rbio == ffi.NULL or wbio == ffi.NULL:  # pragma: no cover - out of memory
+            for bio in (rbio, wbio):
+                if bio != ffi.NULL:
+                    lib.BIO_free(bio)
+            return False
+        # Both differ from the current pair, so SSL_set_bio takes one reference to each and
+        # frees the old pair (SSL_set_bio(3), "both are different to their previous values").
+        lib.SSL_set_bio(conn._ssl, rbio, wbio)
+        conn._into_ssl = rbio
+        conn._from_ssl = wbio
+        return True
+
+    @classmethod
+    def session_reused(cls, conn: SSL.Connection) -> bool:
+        return bool(cls.lib.SSL_session_reused(conn._ssl))
+
+    # ``Connection._raise_ssl_error`` is how pyOpenSSL turns a failed call into its
+    # exceptions; calling it for failures keeps read_plaintext/write_plaintext's errors
+    # exactly those of ``recv``/``send``.
+    plaintext_calls: bool = available and hasattr(SSL.Connection, "_raise_ssl_error")
+    no_zero: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
+
+
+if not Internals.available:  # pragma: no cover - depends on the installed pyOpenSSL
+    warnings.warn(
+        "edgeproxy.tls.stream: pyOpenSSL internals not reachable; idle TLS connections will "
+        "keep their largest BIO buffers and session_reused will read False",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+
+
+def release_idle_buffers(conn: SSL.Connection) -> bool:
+    """Give back the memory BIOs' grown buffers when both are empty (an idle connection).
+
+    For code that drives an ``SSL.Connection`` directly instead of through ``TLSStream``.
+    Returns False when nothing was done (pending bytes, or internals unavailable).
+    """
+    if not Internals.usable_for(conn):
+        return False
+    if Internals.incoming_pending(conn) or Internals.outgoing_pending(conn):
+        return False
+    return Internals.renew_bios(conn)
+
+
+def outgoing_pending(conn: SSL.Connection) -> int:
+    """Bytes OpenSSL has written to the outgoing memory BIO and nobody has sent yet.
+
+    -1 when unknown (pyOpenSSL internals unavailable): callers must then try ``bio_read``.
+    """
+    if Internals.usable_for(conn):
+        return Internals.outgoing_pending(conn)
+    return -1
+
+
+def read_plaintext(conn: SSL.Connection, size: int) -> bytes:
+    """``conn.recv(size)``, with the same results and exceptions, in fewer Python steps.
+
+    The pipe reads a record per call; pyOpenSSL's ``recv`` spends more Python on each call
+    than the call itself (flag checks, and its error mapping even on success), about a
+    tenth of the Python work of a keep-alive request. Successes are handled here; failures
+    go through pyOpenSSL's own mapping.
+    """
+    if not Internals.plaintext_calls:
+        return conn.recv(size)
+    buf = Internals.no_zero("char[]", size)
+    n = Internals.lib.SSL_read(conn._ssl, buf, size)
+    if n > 0:
+        return Internals.ffi.buffer(buf, n)[:]  # type: ignore[no-any-return]
+    conn._raise_ssl_error(conn._ssl, n)
+    return b""
+
+
+def write_plaintext(conn: SSL.Connection, data: bytes) -> int:
+    """``conn.send(data)``, with the same results and exceptions (see ``read_plaintext``).
+
+    After WantWriteError the retry must pass the same ``data`` object, as with ``send``.
+    """
+    if not Internals.plaintext_calls:
+        return conn.send(data)
+    ffi = Internals.ffi
+    with ffi.from_buffer(data) as ptr:
+        n = Internals.lib.SSL_write(conn._ssl, ptr, len(data))
+    if n <= 0:
+        conn._raise_ssl_error(conn._ssl, n)
+    return int(n)
+
+
+def attach_socket(conn: SSL.Connection, fd: int) -> bool:
+    """Move a connection from its (empty) memory BIOs onto socket ``fd`` (both directions).
+
+    After the handshake, OpenSSL reading and writing the socket itself saves a copy and two
+    Python calls per chunk. Only legal when both memory BIOs are empty (nothing would be lost)
+    and the internals are reachable; returns False (and changes nothing) otherwise. The
+    connection must not be used through ``TLSStream`` or ``bio_*`` afterwards.
+    """
+    lib = Internals.lib
+    if not (
+        Internals.usable_for(conn)
+        and hasattr(lib, "SSL_set_fd")
+        and hasattr(lib, "SSL_OP_IGNORE_UNEXPECTED_EOF")
+    ):
+        return False
+    if Internals.incoming_pending(conn) or Internals.outgoing_pending(conn):
+        return False
+    if not lib.SSL_set_fd(conn._ssl, fd):
+        return False
+    # A TCP FIN without close_notify is how much of the web ends a connection: read it as
+    # an end (ZeroReturnError), not as OpenSSL 3's "unexpected eof" error.
+    conn.set_options(lib.SSL_OP_IGNORE_UNEXPECTED_EOF)
+    # SSL_set_fd freed the memory BIOs: make pyOpenSSL's bio_* refuse instead of touching
+    # freed memory (they check for None), and stop Internals from using them.
+    conn._into_ssl = None
+    conn._from_ssl = None
+    return True
+
+
+def incoming_pending(conn: SSL.Connection) -> int:
+    """Ciphertext bytes written into the incoming BIO that OpenSSL has not consumed yet
+    (-1 when unknown)."""
+    if Internals.usable_for(conn):
+        return Internals.incoming_pending(conn)
+    return -1
