@@ -42,3 +42,24 @@ def test_retry_delay_doubles_to_the_cap_with_jitter() -> None:
     assert mid == [1.0, 2.0, 4.0, 3600.0]
     assert retry_delay(5, 3600, rand=lambda: 0.0) == 12.0
     assert retry_delay(5, 3600, rand=lambda: 1.0) == 20.0
+
+
+def test_the_readme_receiver_snippet_verifies_our_signatures() -> None:
+    # The README tells receivers how to check Edgeproxy-Signature without our package: the
+    # snippet must accept what we send and refuse a changed body or an old time.
+    import re
+    import time
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    snippets = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "def verify" in s]
+    assert len(snippets) == 1
+    space: dict[str, object] = {}
+    exec(snippets[0], space)
+    readme_verify = space["verify"]
+    body = b'{"specversion":"1.0","id":"1"}'
+    now = int(time.time())
+    assert readme_verify(SECRET, signature(SECRET, now, body), body)  # type: ignore[operator]
+    assert not readme_verify(SECRET, signature(SECRET, now, body), body + b"x")  # type: ignore[operator]
+    assert not readme_verify(SECRET, signature(SECRET, now - 3600, body), body)  # type: ignore[operator]
+    assert not readme_verify(b"other", signature(SECRET, now, body), body)  # type: ignore[operator]
