@@ -184,12 +184,22 @@ EVENTS_QUEUED = Gauge(
 CONFIG_RELOADS = Counter("edgeproxy_config_reloads_total", "SIGHUP reloads, by result.", ["result"])
 BACKGROUND_TASK_ERRORS = Counter(
     "edgeproxy_background_task_errors_total",
-    "Unexpected exceptions in the certificate manager's background work, by task: logged with "
-    "a traceback and dropped (a bug or an input nobody foresaw); the process keeps serving.",
+    "Unexpected exceptions in background work (certificate manager, events, hostname registry, "
+    "port-80 connections), by task: logged with a traceback and dropped (a bug or an input "
+    "nobody foresaw); the process keeps serving.",
     ["task"],
 )
 #: The ``task`` label values of BACKGROUND_TASK_ERRORS.
-BACKGROUND_TASKS = ("acquire", "renew", "reload", "persist_status", "maintenance", "event")
+BACKGROUND_TASKS = (
+    "acquire",
+    "renew",
+    "reload",
+    "persist_status",
+    "maintenance",
+    "event",
+    "registry",
+    "http",
+)
 
 # Export every label value an alert rule selects on from startup, at 0: increase() needs a
 # sample before the first event, or the first failure after a restart goes unseen.

@@ -34,6 +34,7 @@ from dataclasses import replace
 
 import trio
 
+from .. import metrics
 from ..config import HostPort
 from ..errors import StorageError
 from ..names import InvalidName, validate_hostname
@@ -171,6 +172,11 @@ class HostnameRegistry:
                     await self.poll()
             except StorageError as exc:
                 log.warning("hostname registry: cannot read storage: %s", exc)
+            except Exception:
+                # E.g. an entry another version wrote that this one cannot read: keep the last
+                # known state and keep following, instead of ending the process.
+                log.exception("hostname registry: update failed; keeping the last known state")
+                metrics.BACKGROUND_TASK_ERRORS.labels("registry").inc()
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
             self._wake = trio.Event()

@@ -173,6 +173,12 @@ class HttpListener:
                 status, result, client, host, target = await self._exchange(stream, client)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             result = "connection_error"
+        except Exception:
+            # A bug or an input nobody foresaw must cost this one connection, never the
+            # listener's nursery (and with it the process).
+            log.exception("port-80 connection from %s failed", client[0])
+            metrics.BACKGROUND_TASK_ERRORS.labels("http").inc()
+            result = "internal_error"
         finally:
             self.active -= 1
             await trio.aclose_forcefully(stream)
