@@ -315,12 +315,14 @@ class CertificateManager:
         if rec.not_after - now > notice or rec.not_after <= now:
             return
         # A stored marker says "told" to every replica and across restarts (two replicas
-        # passing at the same instant may both tell: events are at least once anyway).
-        marker = f"expiring/{rec.serial}"
+        # passing at the same instant may both tell: events are at least once anyway). One
+        # per name, holding the serial told about: the next certificate's notice overwrites
+        # it, and the name's purge deletes it (one per serial would pile up forever).
+        marker = expiring_key(rec.name)
         try:
-            if await self.storage.get(marker) is not None:
+            if await self.storage.get(marker) == rec.serial.encode():
                 return
-            await self.storage.put(marker, _iso(rec.not_after).encode())
+            await self.storage.put(marker, rec.serial.encode())
         except StorageError:
             return
         self._emit("certificate.expiring", rec.name, _cert_data(rec))
@@ -826,7 +828,7 @@ class CertificateManager:
             name = entry.hostname
             try:
                 for key in (cert_key(name), status_key(name), ari_key(name),
-                            history.history_key(name)):  # fmt: skip
+                            history.history_key(name), expiring_key(name)):  # fmt: skip
                     await self.storage.delete(key)
                 if await self.storage.purge_hostname(name, cutoff):
                     log.info("hostname %s purged (removed %s)", name, _iso(entry.removed_at))
@@ -1062,6 +1064,11 @@ def _task_failed(task: str, name: str) -> None:
         task,
         name,
     )
+
+
+def expiring_key(name: str) -> str:
+    """Where the serial last told about in a certificate.expiring event is kept."""
+    return f"expiring/{name}"
 
 
 def _cert_data(rec: CertRecord) -> dict[str, object]:

@@ -12,7 +12,7 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from edgeproxy.certs.manager import CertificateManager
+from edgeproxy.certs.manager import CertificateManager, expiring_key
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.config import RouteConfig
@@ -135,6 +135,11 @@ async def test_removed_names_are_not_renewed_and_purged_after_the_grace(
     await nursery.start(mgr.run)
     await register(storage, registry, "old.example.com")
     await mgr.context_for("old.example.com")
+    # Its renewal had been failing: a certificate.expiring notice was given and remembered.
+    mgr.events = Events(storage, url="http://127.0.0.1:9/hooks", secret=b"k")
+    rec = CertRecord.from_json((await storage.get(cert_key("old.example.com"))) or b"")
+    await mgr._expiring(rec, rec.not_after - 3600)
+    assert await storage.get(expiring_key("old.example.com")) == rec.serial.encode()
     await remove(storage, registry, "old.example.com", clock())
     clock.offset = 6 * DAY
     await mgr.maintenance_once()
@@ -144,6 +149,7 @@ async def test_removed_names_are_not_renewed_and_purged_after_the_grace(
     await mgr.maintenance_once()
     assert issuer.calls == 1
     assert await storage.get(cert_key("old.example.com")) is None
+    assert await storage.list("expiring/") == []  # nothing of it is left behind
     assert await storage.get_hostname("old.example.com") is None
     assert not registry.is_removed("old.example.com")
 
@@ -225,6 +231,8 @@ async def test_failed_renewals_make_failed_events_and_one_expiring_event(
     assert kinds.count("certificate.issued") == 1
     assert kinds.count("certificate.failed") == 2
     assert kinds.count("certificate.expiring") == 1
+    # One marker per name (not per serial, which would pile up over the years).
+    assert [i.key for i in await storage.list("expiring/")] == ["expiring/late.example.test"]
 
 
 class BlinkingStorage(FileStorage):
