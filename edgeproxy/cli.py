@@ -493,12 +493,16 @@ def hostnames_show(config_path: Path, name: str, as_json: bool) -> None:
 def hostnames_import(config_path: Path, file: Any) -> None:
     """Register every hostname in FILE: one per line, or JSON lines with the fields hostname,
     upstream, metadata ('-' reads stdin). Bad lines are reported with their line number and
-    skipped; the good ones are kept. Exit 0 if every line was good, 1 otherwise."""
+    skipped; the good ones are kept. Progress: a bar on a terminal, else a line a second on
+    stderr. Ctrl-C stops after the current batch of 1,000 (stored whole) and says how far it
+    got (exit 130). Exit 0 if every line was good, 1 otherwise."""
     from .hostnames.entries import BadEntry, parse_import_line
+    from .progress import Progress, stop_requests
     from .storage.base import HostnameEntry
 
     cfg = _load(config_path)
     entries: list[HostnameEntry] = []
+    line_numbers: list[int] = []
     bad = 0
     for number, line in enumerate(file, start=1):
         try:
@@ -509,20 +513,41 @@ def hostnames_import(config_path: Path, file: Any) -> None:
             continue
         if parsed is not None:
             entries.append(HostnameEntry(*parsed, created_at=time.time()))
+            line_numbers.append(number)
     counts = {"added": 0, "existing": 0}
+    stopped = False
 
     async def work(storage: Any) -> None:
-        for start in range(0, len(entries), IMPORT_BATCH):
-            results = await storage.add_hostnames(entries[start : start + IMPORT_BATCH])
-            for _, created in results:
-                counts["added" if created else "existing"] += 1
-            await _announce(cfg, storage, "hostname.created", [e for e, c in results if c])
+        nonlocal stopped
+        progress = Progress(len(entries), "hostnames")
+        # Ctrl-C stops between batches: a batch is stored whole (one sync or one commit).
+        async with stop_requests(lambda m: click.echo(m, err=True)) as stop:
+            try:
+                for start in range(0, len(entries), IMPORT_BATCH):
+                    if stop.requested:
+                        stopped = True
+                        break
+                    batch = entries[start : start + IMPORT_BATCH]
+                    results = await storage.add_hostnames(batch)
+                    for _, created in results:
+                        counts["added" if created else "existing"] += 1
+                    await _announce(cfg, storage, "hostname.created", [e for e, c in results if c])
+                    progress.advance(len(batch))
+            finally:
+                progress.close()
 
     t0 = time.monotonic()
     _storage_run(cfg, work)
     took = time.monotonic() - t0
     click.echo(f"{counts['added']} added, {counts['existing']} already registered, {bad} bad "
                f"line(s) ({took:.1f}s)")  # fmt: skip
+    if stopped:
+        done = counts["added"] + counts["existing"]
+        last = f" (up to line {line_numbers[done - 1]} of {file.name})" if done else ""
+        click.echo(f"stopped by Ctrl-C: {done} of {len(entries)} entries imported{last}, each "
+                   "whole; run the same import again to add the rest (registered names are "
+                   "skipped)", err=True)  # fmt: skip
+        sys.exit(130)
     sys.exit(1 if bad else 0)
 
 

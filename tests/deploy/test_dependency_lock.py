@@ -38,6 +38,7 @@ ADVISORIES = [
     ("starlette", "0.49.0", "CVE-2025-62727, Range header ReDoS in FileResponse"),
     ("dnspython", "2.6.0", "CVE-2023-29483, TuDoor"),
     ("jinja2", "3.1.5", "CVE-2025-27516, sandbox breakout through the attr filter"),
+    ("tqdm", "4.66.2", "CVE-2024-34062, eval of CLI arguments"),
 ]
 BUILD_ADVISORIES = [("setuptools", "78.1.0", "CVE-2025-47273, path traversal")]
 
