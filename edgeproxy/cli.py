@@ -19,7 +19,7 @@ import trio
 
 from . import __version__
 from .config import Config, config_warnings, load_config
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .logs import setup_logging
 
 _T = TypeVar("_T")
@@ -353,7 +353,12 @@ async def _announce(cfg: Config, storage: Any, kind: str, entries: list[Any]) ->
 
     events = Events(storage, url=cfg.events.url, secret=None, source=cfg.events.source)
     for entry in entries:
-        await events.publish(kind, entry.hostname, entry_event_data(entry))
+        try:
+            await events.publish(kind, entry.hostname, entry_event_data(entry))
+        except StorageError as exc:
+            # The change itself is stored; only its announcement is not (nothing here retries).
+            click.echo(f"warning: the {kind} event for {entry.hostname} could not be stored, "
+                       f"it will not be sent: {exc}", err=True)  # fmt: skip
 
 
 def _bad(exc: Exception) -> None:

@@ -156,6 +156,7 @@ class Events:
         self._pending: deque[OutboxEvent] = deque()
         self._max_pending = max_pending
         self._pending_wake = trio.Event()
+        self._running = False
 
     @property
     def enabled(self) -> bool:
@@ -169,14 +170,17 @@ class Events:
             self._queue(make_event(kind, subject, data, source=self.source, now=self.clock()))
 
     async def publish(self, kind: str, subject: str, data: Mapping[str, object]) -> None:
-        """Queue an event and wait until it is stored (API and CLI callers); if storage
-        fails, it is left to the background writer (as ``emit`` does)."""
+        """Queue an event and wait until it is stored (API and CLI callers). If storage fails,
+        a process running ``run`` leaves it to the background writer (as ``emit`` does); one
+        that does not (the CLI) gets the StorageError, since nothing would retry it."""
         if not self.enabled:
             return
         event = make_event(kind, subject, data, source=self.source, now=self.clock())
         try:
             await self._store(event)
         except StorageError as exc:
+            if not self._running:
+                raise
             log.warning("event %s not stored yet (%s): retried in the background", event.id, exc)
             self._queue(event)
 
@@ -231,18 +235,22 @@ class Events:
             if not self.enabled:
                 await trio.sleep_forever()
             nursery.start_soon(self._store_pending)
-            await self._refresh_queued()
-            while True:
-                try:
-                    async with hold_lock(self.storage, LEASE, owner=make_owner_id(),
-                                         ttl=self.lease_ttl, wait=0):  # fmt: skip
-                        log.info("delivering events to %s", self.url)
-                        await self._deliver_forever()
-                except LockLost:
-                    log.warning("event delivery lease lost; another process delivers")
-                except Exception as exc:  # LockUnavailable, StorageError: retry later
-                    log.debug("not delivering events now: %s", exc)
-                await trio.sleep(self.poll)
+            self._running = True
+            try:
+                await self._refresh_queued()
+                while True:
+                    try:
+                        async with hold_lock(self.storage, LEASE, owner=make_owner_id(),
+                                             ttl=self.lease_ttl, wait=0):  # fmt: skip
+                            log.info("delivering events to %s", self.url)
+                            await self._deliver_forever()
+                    except LockLost:
+                        log.warning("event delivery lease lost; another process delivers")
+                    except Exception as exc:  # LockUnavailable, StorageError: retry later
+                        log.debug("not delivering events now: %s", exc)
+                    await trio.sleep(self.poll)
+            finally:
+                self._running = False
 
     async def _deliver_forever(self) -> None:
         client = self._http or httpx.AsyncClient(timeout=self.timeout)

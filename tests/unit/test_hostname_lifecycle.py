@@ -358,3 +358,15 @@ async def test_denied_and_removed_names_leave_the_per_name_expiry_gauge(
     await register(storage, registry, "kept.gauge.test")
     await remove(storage, registry, "kept.gauge.test", clock())
     assert name_expiry("kept.gauge.test") == 0
+
+
+async def test_publish_without_a_running_writer_reports_the_storage_failure(
+    tmp_path: Path,
+) -> None:
+    # The CLI publishes and exits: an event it could not store must not be "queued" in a
+    # memory nobody will ever write from.
+    storage = BlinkingStorage(tmp_path / "state")
+    storage.down = True
+    events = Events(storage, url="http://127.0.0.1:9/hooks", secret=None)
+    with pytest.raises(StorageError):
+        await events.publish("hostname.created", "a.example.test", {"hostname": "a.example.test"})
