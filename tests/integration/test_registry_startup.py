@@ -1,7 +1,8 @@
-"""A replica whose hostname registry loads slowly (100,000 entries take seconds on the file
-backend) serves at once: during the load a registered name is allowed and sent to its own
-upstream, a removed one refused, and no maintenance pass runs before the registry is known.
-Real FileStorage (its full listing held back by the test), the real proxy, Python ssl."""
+"""The hostname registry in a whole process (real FileStorage, the proxy, its admin API, Python
+ssl): a replica whose registry loads slowly (100,000 entries take seconds on the file backend)
+serves at once, with a registered name allowed and sent to its own upstream, a removed one
+refused and no maintenance pass before the registry is known; and a removed name's
+certificate record is deleted once ``[hostnames] removal_grace`` is over."""
 
 from __future__ import annotations
 
@@ -75,3 +76,42 @@ async def test_serving_starts_before_a_slow_registry_load(
             while not p.rt.hostnames.loaded or storage.cert_listings == 0:
                 await trio.sleep(0.02)
             assert b"the customer's origin" in await get(p.port, "reg.customer.test", p.ca_path)
+
+
+async def test_a_short_removal_grace_ends_in_the_certificate_record_being_deleted(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # The whole process as configured ([hostnames] removal_grace, maintenance passes): within
+    # the grace the record is kept, after it the record and the entry are gone, and adding the
+    # name again then needs a new certificate.
+    import httpx
+
+    from edgeproxy.certs.record import CertRecord, cert_key
+
+    up = await start_upstream(nursery, http_handler(b"origin\n"))
+    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": [up.addr]}],
+                      on_demand={"allow": [], "registry": True}, admin={"listen": "127.0.0.1:0"},
+                      hostnames={"poll_interval": 0.1, "removal_grace": 3.0},
+                      tls={"maintenance_interval": 0.2})  # fmt: skip
+    async with running_proxy(tmp_path, cfg) as p:
+        assert p.ca_path is not None and p.rt.admin_bound is not None
+        host, port = p.rt.admin_bound
+        storage = p.rt.storage
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}",
+                                     headers={"Edgeproxy-Request": "1"}) as api:  # fmt: skip
+            assert (await api.post("/v1/hostnames", json={"hostname": "g.customer.test"})
+                    ).status_code == 201  # fmt: skip
+            assert b"origin" in await get(p.port, "g.customer.test", p.ca_path)
+            first = CertRecord.from_json((await storage.get(cert_key("g.customer.test"))) or b"")
+            assert (await api.delete("/v1/hostnames/g.customer.test")).status_code == 204
+            assert await storage.get(cert_key("g.customer.test")) is not None  # in the grace
+            with trio.fail_after(20):
+                while await storage.get_hostname("g.customer.test") is not None:
+                    await trio.sleep(0.1)
+            assert await storage.get(cert_key("g.customer.test")) is None
+            assert (await api.get("/v1/hostnames/g.customer.test")).status_code == 404
+            assert (await api.post("/v1/hostnames", json={"hostname": "g.customer.test"})
+                    ).status_code == 201  # fmt: skip
+            assert b"origin" in await get(p.port, "g.customer.test", p.ca_path)
+            again = CertRecord.from_json((await storage.get(cert_key("g.customer.test"))) or b"")
+            assert again.serial != first.serial  # the old one was really gone
