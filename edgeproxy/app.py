@@ -23,6 +23,7 @@ import trio
 
 from . import metrics
 from .certs.challenges import ChallengeResponder, HttpChallenges
+from .certs.managed import ManagedCertificates
 from .certs.manager import CertificateManager
 from .certs.policy import OnDemandPolicy
 from .certs.static import StaticCertificates
@@ -127,6 +128,31 @@ def build_issuer(
     return members[0] if len(members) == 1 else FallbackIssuer(members)
 
 
+def build_managed(cfg: Config, storage: Storage) -> ManagedCertificates | None:
+    """``[[acme.managed]]`` through the first CA, with DNS-01 as its only challenge type.
+
+    Raises ConfigError when a zone's TSIG secret is missing from the environment.
+    """
+    if not cfg.acme.managed:
+        return None
+    from .certs.dns01 import Dns01Solver, Zone
+    from .issuers.acme import AcmeIssuer
+
+    solver = Dns01Solver([Zone.from_config(z) for z in cfg.acme.dns], cfg.acme.dns_resolver)
+    issuer = AcmeIssuer.from_config(
+        cfg.acme.issuer_configs()[0], storage, [solver], lock_ttl=cfg.storage.lock_ttl
+    )
+    return ManagedCertificates(
+        [m.names for m in cfg.acme.managed],
+        storage=storage,
+        issuer=issuer,
+        key_type=cfg.tls.key_type,
+        renew_interval=max(cfg.tls.maintenance_interval, 60.0),
+        lock_ttl=cfg.storage.lock_ttl,
+        session_tickets=cfg.tls.session_tickets,
+    )
+
+
 def build_policy(
     cfg: Config,
     http: httpx.AsyncClient | None = None,
@@ -160,6 +186,7 @@ class Runtime:
     http_challenges: HttpChallenges
     admin_bound: tuple[str, int] | None = None
     http: HttpListener | None = None  # the plain-HTTP listener, when [http] listen is set
+    managed: ManagedCertificates | None = None  # [[acme.managed]], issued by DNS-01
 
 
 def load_static_certificates(cfg: Config) -> StaticCertificates:
@@ -203,6 +230,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     events = build_events(cfg, storage)
+    managed = build_managed(cfg, storage)
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
@@ -211,6 +239,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         events=events,
         removal_grace=cfg.hostnames.removal_grace,
         static=static,
+        managed=managed,
         default_sni=cfg.tls.default_sni,
         key_type=cfg.tls.key_type,
         wait=cfg.on_demand.wait,
@@ -227,6 +256,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
     rt = Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames, events, http_challenges)
+    rt.managed = managed
     if cfg.http.listen:
         h = cfg.http
         mode = cfg.http_proxy_mode()
@@ -330,6 +360,8 @@ async def run_process(
         await nursery.start(rt.hostnames.run)
         await nursery.start(rt.events.run)
         await nursery.start(rt.certs.run)
+        if rt.managed is not None:
+            await nursery.start(rt.managed.run)
         on_change = getattr(rt.storage, "on_change", None)
         if on_change is not None:
             on_change(rt.certs.on_storage_change)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .certs.policy import ask_url_problem
 from .errors import ConfigError
-from .names import InvalidName, normalize_name, normalize_pattern
+from .names import InvalidName, normalize_name, normalize_pattern, validate_hostname
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +326,68 @@ class AcmeIssuerConfig(_Model):
         return self.name or (urlsplit(self.directory).hostname or "ca").lower()
 
 
+class DnsZoneConfig(_Model):
+    """``[[acme.dns]]``: a zone edgeproxy may write DNS-01 TXT records into (RFC 2136 + TSIG)."""
+
+    zone: str
+    server: str  # the primary that takes updates, "IP:port"
+    tsig_key_name: str
+    tsig_algorithm: Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224"] = (
+        "hmac-sha256"
+    )
+    # The name of the environment variable holding the base64 secret (never the secret).
+    tsig_secret_env: str
+    # More authoritative servers that must answer the TXT before the CA is told (secondaries).
+    check_servers: list[str] = Field(default_factory=list)
+    propagation_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        v = v.strip().lower()
+        v = v if v.endswith(".") else v + "."
+        try:
+            # A label in front: a zone may be a single label (a private TLD), a name may not.
+            validate_hostname("x." + v.rstrip("."))
+        except InvalidName as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
+        return v
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        parse_hostport(v, what="acme.dns server")
+        return v
+
+    @field_validator("check_servers")
+    @classmethod
+    def _checks(cls, v: list[str]) -> list[str]:
+        for s in v:
+            parse_hostport(s, what="acme.dns check_servers")
+        return v
+
+
+class ManagedCertificateConfig(_Model):
+    """``[[acme.managed]]``: one certificate for the listed names (wildcards too), by DNS-01."""
+
+    names: list[str] = Field(min_length=1, max_length=100)
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if "*" in (n.strip() for n in v):
+            raise ValueError('"*" is no name: list *.example.net and example.net')
+        try:
+            out = [normalize_pattern(n) for n in v]
+            for n in out:
+                validate_hostname(n[2:] if n.startswith("*.") else n)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"{v}: list each name once")
+        return out
+
+
 class AcmeConfig(AcmeIssuerConfig):
     """``[acme]``: one CA in the table itself, or an ordered ``[[acme.issuers]]`` list."""
 
@@ -335,6 +397,19 @@ class AcmeConfig(AcmeIssuerConfig):
     # In order: when one cannot issue for a name, the next is tried at once; renewals start
     # again with the first.
     issuers: list[AcmeIssuerConfig] = Field(default_factory=list)
+    # DNS-01: the zones we may update, and the certificates issued through them at start-up.
+    dns: list[DnsZoneConfig] = Field(default_factory=list)
+    managed: list[ManagedCertificateConfig] = Field(default_factory=list)
+    # Where a delegated _acme-challenge CNAME outside every [[acme.dns]] zone is looked up
+    # ("IP:port"); unset: the system's resolver.
+    dns_resolver: str | None = None
+
+    @field_validator("dns_resolver")
+    @classmethod
+    def _resolver(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, what="acme.dns_resolver")
+        return v
 
     @field_validator("challenges")
     @classmethod
@@ -342,6 +417,14 @@ class AcmeConfig(AcmeIssuerConfig):
         if len(set(v)) != len(v):
             raise ValueError(f"{v}: list each challenge type once")
         return v
+
+    @model_validator(mode="after")
+    def _managed_needs_dns(self) -> Self:
+        if self.managed and not self.dns:
+            raise ValueError(
+                "[[acme.managed]] certificates are issued by DNS-01: add an [[acme.dns]] zone"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_form(self) -> Self:

@@ -56,6 +56,7 @@ from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import ServerIdentity, generate_private_key
 from ..tls.identities import IdentityContexts
 from . import history
+from .managed import ManagedCertificates
 from .policy import OnDemandPolicy, TokenBucket
 from .record import AriState, CertRecord, RecordError, ari_key, cert_key, lock_name, status_key
 from .renewal import RenewalPlan, backoff_delay, plan_renewal
@@ -107,6 +108,7 @@ class CertificateManager:
         issuer: Issuer,
         policy: OnDemandPolicy,
         static: StaticCertificates | None = None,
+        managed: ManagedCertificates | None = None,
         default_sni: str | None = None,
         key_type: str = "ec256",
         wait: float = 20.0,
@@ -139,6 +141,7 @@ class CertificateManager:
         self.issuer = issuer
         self.policy = policy
         self.static = static or StaticCertificates()
+        self.managed = managed
         self.default_sni = default_sni
         self.key_type = key_type
         self.wait = wait
@@ -197,6 +200,10 @@ class CertificateManager:
         static = self.static.match(name)
         if static is not None:
             return static
+        if self.managed is not None:
+            managed = self.managed.match(name)
+            if managed is not None:
+                return managed
         if self.registry is not None and self.registry.is_removed(name):
             raise CertificateUnavailable(name, "removed", "removed from the hostname registry")
         try:
@@ -230,6 +237,8 @@ class CertificateManager:
         """Does this process hold, or may it get without asking anyone, a certificate for
         ``name``? In memory only: the plain-HTTP listener asks it for every request."""
         if name in self._cache or self.static.match(name) is not None:
+            return True
+        if self.managed is not None and self.managed.match(name) is not None:
             return True
         st = self._status.get(name)
         if st is not None and st.state in ("valid", "renewing", "issuing"):
@@ -837,9 +846,7 @@ class CertificateManager:
                 return
             self.registry.apply(name, None)
 
-    async def _maintain(
-        self, name: str, modified: float, now: float
-    ) -> tuple[float, bool] | None:
+    async def _maintain(self, name: str, modified: float, now: float) -> tuple[float, bool] | None:
         """Plan (and if due, renew) one stored certificate: its (not_after, due), or None
         when it is not watched (gone, offboarded, or expired after a refusal)."""
         cached = self._cache.get(name)

@@ -204,11 +204,23 @@ class AcmeIssuer:
         fails validation, or the CA does not offer it, a new order with the next type
         follows at once; any other failure (rate limit, CA down) ends the attempt.
         """
+        return await self.issue_names([name], private_key, replacing=replacing, prefer=prefer)
+
+    async def issue_names(
+        self,
+        names: Sequence[str],
+        private_key: CertificateIssuerPrivateKeyTypes,
+        *,
+        replacing: bytes | None = None,
+        prefer: str | None = None,
+    ) -> IssuedCertificate:
+        """``issue`` for one certificate covering every name of ``names`` (a managed one)."""
+        name = names[0]
         solvers = sorted(self._solvers, key=lambda s: s.challenge_type != prefer)
         failed: list[str] = []
         for i, solver in enumerate(solvers):
             try:
-                chain = await self._issue_with(name, private_key, replacing, solver)
+                chain = await self._issue_with(names, private_key, replacing, solver)
             except (OrderInvalid, ChallengeUnavailable) as exc:
                 validation = isinstance(exc, ChallengeUnavailable) or exc.challenge_type
                 if not validation or i + 1 == len(solvers):
@@ -233,7 +245,7 @@ class AcmeIssuer:
 
     async def _issue_with(
         self,
-        name: str,
+        names: Sequence[str],
         private_key: CertificateIssuerPrivateKeyTypes,
         replacing: bytes | None,
         solver: ChallengeSolver,
@@ -247,7 +259,7 @@ class AcmeIssuer:
                 replaces = None
         try:
             return await client.issue(
-                [name],
+                names,
                 private_key,
                 solver,
                 profile=self._profile,

@@ -181,6 +181,7 @@ def start_pebble(
     env: dict[str, str] | None = None,
     eab_keys: dict[str, str] | None = None,
     validity: int | None = None,
+    dns_server: str | None = None,
 ) -> Pebble:
     """Start pebble (+ its DNS) in ``tmp_path``; returns once the directory answers.
 
@@ -188,7 +189,8 @@ def start_pebble(
     ``env`` adds to/overrides ``PEBBLE_VA_NOSLEEP=1`` (e.g. ``PEBBLE_WFE_NONCEREJECT``,
     ``PEBBLE_ALTERNATE_ROOTS``, ``PEBBLE_AUTHZREUSE``). ``eab_keys`` (kid -> base64url HMAC
     key) makes External Account Binding required. ``validity`` sets
-    ``certificateValidityPeriod`` in seconds. The caller must ``stop()`` the result (or use
+    ``certificateValidityPeriod`` in seconds. ``dns_server`` ("IP:port") makes pebble resolve
+    through that server (e.g. a test's bind9, for DNS-01) instead of a challtestsrv. The caller must ``stop()`` the result (or use
     it as a context manager); a failed start stops what it started and raises
     ``PebbleStartError`` with the logs.
     """
@@ -247,19 +249,21 @@ def start_pebble(
     }
     deadline = time.monotonic() + START_TIMEOUT
     try:
-        with (workdir / "challtestsrv.log").open("wb") as dns_log:
-            pebble.dns_process = subprocess.Popen(
-                [CHALLTESTSRV, *(arg for pair in dns_flags.items() for arg in pair)],
-                stdout=dns_log,
-                stderr=subprocess.STDOUT,
-                env=proc_env,
-                cwd=workdir,
-            )
-        if not _wait_tcp(dns_mgmt_port, pebble.dns_process, deadline):
-            raise PebbleStartError(f"pebble-challtestsrv did not start\n{pebble.logs()}")
+        if dns_server is None:
+            with (workdir / "challtestsrv.log").open("wb") as dns_log:
+                pebble.dns_process = subprocess.Popen(
+                    [CHALLTESTSRV, *(arg for pair in dns_flags.items() for arg in pair)],
+                    stdout=dns_log,
+                    stderr=subprocess.STDOUT,
+                    env=proc_env,
+                    cwd=workdir,
+                )
+            if not _wait_tcp(dns_mgmt_port, pebble.dns_process, deadline):
+                raise PebbleStartError(f"pebble-challtestsrv did not start\n{pebble.logs()}")
+        resolver = dns_server or f"127.0.0.1:{dns_port}"
         with (workdir / "pebble.log").open("wb") as pebble_log:
             pebble.process = subprocess.Popen(
-                [PEBBLE, "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"],
+                [PEBBLE, "-config", str(config_path), "-dnsserver", resolver],
                 stdout=pebble_log,
                 stderr=subprocess.STDOUT,
                 env=proc_env,

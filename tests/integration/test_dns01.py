@@ -1,0 +1,119 @@
+"""DNS-01 with a real bind9 and pebble (issue 16): managed certificates, wildcards included.
+
+bind9 is the authoritative server of ``wild.test``, ``customer.test`` and ``deleg.test``
+(TSIG key made at test time); pebble resolves through it. edgeproxy updates the zones with
+RFC 2136 + TSIG. ``*.wild.test`` + ``wild.test`` is one certificate through DNS-01 (both
+authorizations share ``_acme-challenge.wild.test``), served for SNI ``a.wild.test``;
+``shop.customer.test`` delegates its challenge name by CNAME into ``deleg.test``, a zone
+edgeproxy may update while ``customer.test`` is not one of its zones. Afterwards no TXT is
+left in bind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+
+from tests.integration.test_on_demand_acme import BODY, acme_config, curl, peer_cert
+from tests.support.bind import KEY_NAME, Named, named_available, start_named
+from tests.support.pebble import Pebble
+from tests.support.ports import free_port
+from tests.support.proxy import running_proxy
+from tests.support.upstreams import http_handler, start_upstream
+
+pytestmark = pytest.mark.skipif(
+    not named_available(), reason="Debian bind9 not installed (tests/run installs it)"
+)
+
+DELEGATED = "_acme-challenge.shop.customer.test"
+TARGET = "shop.acme.deleg.test"
+
+
+@pytest.fixture
+def named(tmp_path: Path) -> Iterator[Named]:
+    server = start_named(
+        tmp_path,
+        {
+            "wild.test": [],
+            "customer.test": [f"{DELEGATED}. IN CNAME {TARGET}."],
+            "deleg.test": [],
+        },
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def sans(cert: x509.Certificate) -> set[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return set(ext.value.get_values_for_type(x509.DNSName))
+
+
+async def test_wildcard_and_delegated_cname_via_dns01(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    named: Named,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EP_TEST_TSIG", named.key_secret)
+    pebble = make_pebble(tls_port=free_port(), dns_server=named.address)
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pebble.roots_pem())
+    up = await start_upstream(nursery, http_handler(BODY))
+    zone = {
+        "server": named.address,
+        "tsig_key_name": KEY_NAME,
+        "tsig_secret_env": "EP_TEST_TSIG",
+        "propagation_timeout": 10,
+    }
+    cfg = acme_config(
+        tmp_path,
+        free_port(),
+        pebble.directory_url,
+        pebble.ca_bundle_path,
+        up.addr,
+        acme={
+            "challenges": ["tls-alpn-01"],  # on-demand names; managed ones use dns-01 only
+            "dns": [{"zone": "wild.test", **zone}, {"zone": "deleg.test.", **zone}],
+            "dns_resolver": named.address,  # customer.test is not ours: look its CNAME up
+            "managed": [
+                {"names": ["*.wild.test", "wild.test"]},
+                {"names": ["shop.customer.test"]},
+            ],
+        },
+    )
+    started = time.monotonic()
+    async with running_proxy(tmp_path, cfg) as p:
+        managed = p.rt.managed
+        assert managed is not None
+        with trio.fail_after(90):
+            while managed.match("shop.customer.test") is None or managed.match("wild.test") is None:
+                assert not managed.errors, str(managed.errors) + pebble.logs()[-3000:]
+                await trio.sleep(0.1)
+        took = time.monotonic() - started
+        print(f"\ntime to two managed certificates via DNS-01 (3 names): {took:.2f}s")
+
+        # One wildcard certificate serves any one-label subdomain, and the apex.
+        for sni in ("a.wild.test", "b.wild.test", "wild.test"):
+            res = await curl(p, sni, roots)
+            assert res.returncode == 0, res.stderr.decode()
+            assert res.stdout == BODY
+            assert sans(await peer_cert(p.port, sni, roots)) == {"*.wild.test", "wild.test"}
+        assert sans(await peer_cert(p.port, "shop.customer.test", roots)) == {"shop.customer.test"}
+        # Nothing was ordered on demand for them: the managed certificate answered.
+        assert p.rt.certs.status("a.wild.test") is None
+
+    # The challenge records are gone (the delegated one from the CNAME's target zone).
+    for name in ("_acme-challenge.wild.test", DELEGATED, TARGET):
+        assert await trio.to_thread.run_sync(named.txt, name) == []
+    # ... and were written where the CNAME pointed, not beside it.
+    journal = (named.workdir / "deleg.test.db.jnl").exists()
+    assert journal, "no update ever reached deleg.test"
+    assert not (named.workdir / "customer.test.db.jnl").exists()
