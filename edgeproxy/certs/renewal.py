@@ -1,6 +1,6 @@
 """When to renew, and how long to back off: pure functions of plain values and a clock.
 
-Policy (DESIGN.md, issue 4):
+Policy (ARCHITECTURE.md, "A certificate's story"):
 * With an ARI window from the CA (RFC 9773), renew at a random time inside it.
 * Backstop regardless of ARI: renew when a third of the lifetime is left, half when the
   lifetime is under 10 days (short-lived certificates leave little room for retries).

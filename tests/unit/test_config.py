@@ -5,7 +5,7 @@ import pytest
 from edgeproxy.config import load_config, load_config_data
 from edgeproxy.errors import ConfigError
 
-# The example from DESIGN.md / README must keep working.
+# This early example config must keep working: keys may be added, old configs must still load.
 DESIGN_EXAMPLE = """
 [server]
 listen = ["0.0.0.0:443"]
