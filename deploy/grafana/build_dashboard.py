@@ -170,6 +170,13 @@ def build() -> dict[str, Any]:
         [(rate("edgeproxy_client_hellos_total", "result"), "{{result}}")],
         "ops",
     )
+    d.panel(
+        "timeseries",
+        "Plain-HTTP listener",
+        "Requests on [http] listen by result: HTTP-01 answers, redirects to HTTPS, refusals.",
+        [(rate("edgeproxy_http_requests_total", "result"), "{{result}}")],
+        "reqps",
+    )
     d.row("Upstreams")
     d.panel(
         "timeseries",
@@ -231,6 +238,21 @@ def build() -> dict[str, Any]:
         [(rate("edgeproxy_acme_orders_total", "outcome"), "{{outcome}}")],
         "ops",
     )
+    d.panel(
+        "timeseries",
+        "Certificates in memory",
+        "Certificates ready in each process's cache (at most tls.cache_size), summed.",
+        [("sum(edgeproxy_certificates_cached)", "cached")],
+    )
+    d.panel(
+        "timeseries",
+        "Maintenance passes",
+        "Wall time of a renewal pass (p99) and stored certificates examined per second.",
+        [
+            (quantile(0.99, "edgeproxy_maintenance_pass_duration_seconds"), "pass p99 (s)"),
+            (rate("edgeproxy_maintenance_names_examined_total"), "names examined/s"),
+        ],
+    )
     d.row("ACME")
     d.panel(
         "timeseries",
@@ -286,6 +308,7 @@ def build() -> dict[str, Any]:
             (rate("edgeproxy_events_delivered_total"), "delivered/s"),
             (rate("edgeproxy_events_failed_total"), "failed/s"),
             (rate("edgeproxy_events_dropped_total"), "dropped/s"),
+            (rate("edgeproxy_events_lost_total"), "lost/s (never stored)"),
             ("max(edgeproxy_events_queued)", "queued"),
         ],
     )

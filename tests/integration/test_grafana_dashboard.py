@@ -28,7 +28,7 @@ from tests.integration.test_prometheus import (
     start_prometheus,
     wait_ready,
 )
-from tests.support.fleet import ACTIVE, BROKEN, start_fleet
+from tests.support.fleet import ACTIVE, BROKEN, plain_http, start_fleet
 from tests.support.pebble import Pebble
 
 __all__ = ["roots_file", "start_prometheus"]  # fixtures, re-used
@@ -48,6 +48,9 @@ MOVED = {
     "ClientHellos by result",
     "Upstream connect failures",
     "Certificates by state",
+    "Certificates in memory",
+    "Maintenance passes",
+    "Plain-HTTP listener",
     "Earliest expiry",
     "Issuance attempts",
     "ACME requests",
@@ -91,6 +94,7 @@ async def test_every_dashboard_query_returns_series(
             assert (await curl(p, BROKEN, fleet.roots)).returncode != 0
             assert await handshake_fails(p.port, STRANGER)
             await acme_probe(p.port, ACTIVE)
+            await plain_http(fleet.http_port, ACTIVE)
             async with httpx.AsyncClient(
                 base_url=fleet.admin_url, headers={"Edgeproxy-Request": "1"}
             ) as api:

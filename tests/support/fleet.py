@@ -11,7 +11,7 @@ state with real traffic:
 - ``gone.customer.test``: removed from the registry after registration;
 - ``early.customer.test``: denied, visited before it was registered (the customer pointed DNS
   here first; the allow-check refused it) and registered without issuing;
-- a plain-HTTP request on the TLS port.
+- a plain-HTTP request on the TLS port, and one on the plain-HTTP listener.
 
 The Grafana dashboard test and the status page test share it.
 """
@@ -52,6 +52,7 @@ class Fleet:
     admin_url: str
     roots: Path
     injector: FaultInjector
+    http_port: int  # the plain-HTTP listener
 
 
 def _rejects(prefix: str) -> Callable[[InjectedRequest], Reply | None]:
@@ -89,6 +90,8 @@ async def start_fleet(
     cfg["on_demand"] = {**cfg["on_demand"], "allow": [], "registry": True}
     cfg["admin"] = {"listen": "127.0.0.1:0", **config.pop("admin", {})}
     cfg["hostnames"] = {"poll_interval": 0.2}
+    http_port = free_port()
+    cfg["http"] = {"listen": [f"127.0.0.1:{http_port}"]}
     for k, v in config.items():
         cfg[k] = {**cfg.get(k, {}), **v}
     async with running_proxy(tmp_path, cfg) as p:
@@ -115,14 +118,15 @@ async def start_fleet(
             body = {"hostname": DENIED, "issue": False}
             assert (await api.post("/v1/hostnames", json=body)).status_code == 201
             await _wait_state(api, DENIED, "denied")
-        await _plain_http(port)
-        yield Fleet(p, admin_url, roots, inj)
+        await plain_http(port)  # on the TLS port: the "this port speaks TLS" answer
+        await plain_http(http_port, ACTIVE)  # on the HTTP listener: a redirect to HTTPS
+        yield Fleet(p, admin_url, roots, inj, http_port)
 
 
-async def _plain_http(port: int) -> None:
+async def plain_http(port: int, host: str = "x") -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     try:
-        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         with trio.fail_after(10):
             while await stream.receive_some(65536):
                 pass
