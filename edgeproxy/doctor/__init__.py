@@ -35,10 +35,11 @@ proves the mismatch. Silence either way is what a load balancer that *sends* PRO
 an edgeproxy with ``proxy_protocol = "off"`` looks like, but also a balancer with no healthy
 target: from outside both are a closed connection, so the finding names both and how to tell.
 
-The package, one job per module (each imports only the ones above it):
+The package, one job per module (each imports only modules listed before it; ``render``
+names ``Diagnosis`` for type hints only):
 
-- ``report``: ``Verdict``, ``Finding``, ``Diagnosis`` and the ``Report`` collecting findings;
-  ``render``: the summary line per verdict, the text report and the ``--json`` document.
+- ``render``: the summary line per verdict, the text report and the ``--json`` document;
+  ``report``: ``Verdict``, ``Finding``, ``Diagnosis`` and the ``Report`` collecting findings.
 - ``resolve``: DNS observation (``DnsAnswer``, ``resolve_chain``).
 - ``probe``: network observation (``TlsAttempt``, ``probe_tls``, the HTTP-01 fetch).
 - ``judge``: the pure judgements (``judge_dns``, ``judge_tls``, ``judge_silence``,
