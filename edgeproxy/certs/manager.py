@@ -630,23 +630,26 @@ class CertificateManager:
     def _install(self, rec: CertRecord) -> None:
         if self.registry is not None and self.registry.is_removed(rec.name):
             return  # removed while its certificate was being loaded or issued
+        st = self._status.get(rec.name)
+        # A denied name's own certificate reloaded (cache eviction, a restart's first visitor)
+        # stays denied: served until it expires, out of the expiry gauges. A newer one means
+        # someone renewed it, so the policy allowed it again. (A "removed" status is stale
+        # here: the registry says the name is back.)
+        denied = st is not None and st.state == "denied" and st.not_after == rec.not_after
         current = self._cache.get(rec.name)
         if current is not None and current.record.serial == rec.serial:
             self._cache.move_to_end(rec.name)
         else:
             ident = self._identities.identity(rec.chain(), rec.private_key())
             self._cache[rec.name] = _Cached(ident, rec)
-            # A denied name served until expiry comes back here when its context is reloaded:
-            # it stays out of the per-name gauge as it is out of the earliest-expiry one.
-            if self.per_domain_metrics and not self._unwanted(rec.name):
+            if self.per_domain_metrics and not denied:
                 metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
             self._cache.move_to_end(rec.name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             metrics.CERTIFICATES_CACHED.set(len(self._cache))
-        st = self._status.get(rec.name)
         plan = plan_renewal(rec.not_before, rec.not_after, self.clock())
-        if st is None or st.state != "valid" or st.not_after != rec.not_after:
+        if not denied and (st is None or st.state != "valid" or st.not_after != rec.not_after):
             self._set_status(
                 rec.name,
                 state="valid",

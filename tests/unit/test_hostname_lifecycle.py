@@ -352,6 +352,14 @@ async def test_denied_and_removed_names_leave_the_per_name_expiry_gauge(
     mgr.invalidate("den.gauge.test")
     await mgr.context_for("den.gauge.test")
     assert name_expiry("den.gauge.test") is None
+    st = mgr.status("den.gauge.test")
+    assert st is not None and st.state == "denied"  # and it is still said to be denied
+    # Re-added within the grace: wanted again, back in the gauge with its kept certificate.
+    await register(storage, registry, "rem.gauge.test")
+    await mgr.context_for("rem.gauge.test")
+    st = mgr.status("rem.gauge.test")
+    assert st is not None and st.state == "valid"
+    assert name_expiry("rem.gauge.test") == st.not_after
     # With worker processes the series cannot be removed from the shared files: it reads 0,
     # which readers ignore like the earliest-expiry gauge's 0.
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
