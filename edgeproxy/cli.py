@@ -188,21 +188,37 @@ def _fmt_ts(ts: Any) -> str:
 
 async def _read_statuses(cfg: Config, name: str | None) -> list[dict[str, Any]]:
     from .app import build_storage
+    from .progress import Progress, stop_requests
 
     storage = build_storage(cfg)
     try:
         out = []
         items = await storage.list("status/")
-        for item in items:
-            if name is not None and item.key != f"status/{name}.json":
-                continue
-            raw = await storage.get(item.key)
-            if raw is None:
-                continue
+        if name is not None:
+            items = [item for item in items if item.key == f"status/{name}.json"]
+        read = 0
+        # Reading 100,000 statuses takes a while: progress on stderr, Ctrl-C between reads.
+        progress = Progress(len(items), "statuses")
+        async with stop_requests(lambda m: click.echo(m, err=True)) as stop:
             try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
+                for item in items:
+                    if stop.requested:
+                        break
+                    raw = await storage.get(item.key)
+                    read += 1
+                    progress.advance(1)
+                    if raw is None:
+                        continue
+                    try:
+                        out.append(json.loads(raw))
+                    except ValueError:
+                        continue
+            finally:
+                progress.close()
+        if stop.requested:
+            click.echo(f"stopped by Ctrl-C after reading {read} of {len(items)} statuses "
+                       "(nothing was changed)", err=True)  # fmt: skip
+            sys.exit(130)
         return out
     finally:
         await storage.aclose()
@@ -217,7 +233,8 @@ def certs() -> None:
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def certs_list(config_path: Path, as_json: bool) -> None:
-    """Every managed name with its state, expiry and next renewal."""
+    """Every managed name with its state, expiry and next renewal (progress on stderr while
+    the statuses are read; Ctrl-C stops, exit 130)."""
     cfg = _load(config_path)
     rows = _run_with_config(_read_statuses, cfg, None)
     if as_json:

@@ -1,4 +1,5 @@
-"""Progress and Ctrl-C of ``edgeproxy hostnames import``, as real subprocesses.
+"""Progress and Ctrl-C of ``edgeproxy hostnames import`` (and ``certs list``), as real
+subprocesses.
 
 10,000 JSON lines (each with an upstream and metadata, so an entry written halfway would
 show). Under a pseudo-terminal (Python's ``pty``) the command draws a tqdm bar that moves;
@@ -137,3 +138,25 @@ async def test_ctrl_c_halfway_stops_between_batches_and_keeps_every_entry_whole(
     check = subprocess.run(command(tmp_path)[:3] + ["storage", "check", "-c", str(tmp_path / "edgeproxy.toml")],
                            capture_output=True, env=env(), timeout=DEADLINE, check=False)  # fmt: skip
     assert check.returncode == 0 and b"storage OK" in check.stdout, check.stdout + check.stderr
+
+
+async def test_certs_list_shows_progress_on_stderr_and_keeps_stdout_clean(tmp_path: Path) -> None:
+    from edgeproxy.certs.record import status_key
+    from edgeproxy.certs.status import DomainStatus
+
+    config, _ = write_config(tmp_path)
+    storage = FileStorage(tmp_path / "state")
+    try:
+        for i in range(300):
+            st = DomainStatus(f"s{i:03d}.customer.test", "valid", not_after=2e9)
+            await storage.put(status_key(st.name), st.to_json())
+    finally:
+        await storage.aclose()
+    res = subprocess.run(command(tmp_path)[:3] + ["certs", "list", "--json", "-c", str(config)],
+                         capture_output=True, env=env(EDGEPROXY_PROGRESS_INTERVAL="0"),
+                         timeout=DEADLINE, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)  # stdout is the JSON alone
+    assert len(rows) == 300
+    lines = res.stderr.decode().splitlines()
+    assert lines[0] == "statuses: 1/300 (0%)" and lines[-1] == "statuses: 300/300 (100%)", lines
