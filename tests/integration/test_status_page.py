@@ -2,8 +2,8 @@
 
 The fleet (``tests.support.fleet``) holds an active name, one whose upstream is down, one the
 CA refuses (failing, with a hint), one denied and a removed one. The browser loads the page, filters by
-state, searches by name, opens the failing name's page (hint, attempt history) and runs the
-doctor; every page is screenshotted into the test's folder, and the DevTools log must show no
+state, searches by name (also with the keyboard alone), opens the failing name's page (hint,
+attempt history) and runs the doctor; every page is screenshotted into the test's folder, and the DevTools log must show no
 request to any origin but the admin listener's. With a token configured the page shows only a
 sign-in form until the token is given; the session cookie and the forms' cross-site checks are
 tested over plain HTTP too.
@@ -121,6 +121,8 @@ async def test_status_page_shows_the_fleet_filters_searches_and_explains(
             await _submit_filters(b, "removed", "sh")
             assert await _rows(b) == []
 
+            await _keyboard_only(b, origin)
+
             await b.get(f"{origin}/ui/?q=refused")
             await b.navigate(lambda: _by_css(b.driver, f"a[href='/ui/hostnames/{FAILING}']")[0].click())
             hint = await _text(b, "#hint")
@@ -153,6 +155,38 @@ async def test_status_page_shows_the_fleet_filters_searches_and_explains(
     for name in ("index", "filter-failing", "search", "hostname-failing", "hostname-doctor"):
         assert (shots / f"{name}.png").stat().st_size > 1000
     _keep_readme_screenshot(index_png)
+
+
+async def _keyboard_only(b: Browser, origin: str) -> None:
+    """Search and open a hostname with the keyboard alone: Tab to the search box, type,
+    Enter; Tab to the row's link, Enter."""
+    from selenium.webdriver.common.keys import Keys
+
+    await b.get(f"{origin}/ui/")
+
+    def tab_to(matches: Callable[[Any], bool]) -> Any:
+        body = _by_css(b.driver, "body")[0]
+        body.send_keys(Keys.TAB)
+        for _ in range(40):
+            active = b.driver.switch_to.active_element
+            if matches(active):
+                return active
+            active.send_keys(Keys.TAB)
+        raise AssertionError("Tab never reached the element")
+
+    def search() -> None:
+        box = tab_to(lambda e: e.get_attribute("id") == "q")
+        box.send_keys("sh", Keys.ENTER)
+
+    await b.navigate(search)
+    assert await _rows(b) == [(ACTIVE, "active")]
+
+    def open_row() -> None:
+        link = tab_to(lambda e: e.get_attribute("href") == f"{origin}/ui/hostnames/{ACTIVE}")
+        link.send_keys(Keys.ENTER)
+
+    await b.navigate(open_row)
+    assert await b.run(lambda: b.driver.current_url) == f"{origin}/ui/hostnames/{ACTIVE}"
 
 
 def _keep_readme_screenshot(png: Path) -> None:
