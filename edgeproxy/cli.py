@@ -104,9 +104,12 @@ def check(config_path: Path) -> None:
     """Validate a config file: exit 0 if valid, 2 listing every problem."""
     cfg = _load(config_path)
     from .app import load_static_certificates
+    from .certs.dns01 import Zone
 
     try:
         load_static_certificates(cfg)
+        for zone in cfg.acme.dns:
+            Zone.from_config(zone)  # its TSIG secret is in the environment and readable
     except ConfigError as exc:
         for p in exc.problems:
             click.echo(f"  {p}", err=True)
@@ -409,6 +412,7 @@ def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: 
         _bad(exc)
     except ValueError as exc:
         _bad(ValueError(f"--metadata is not valid JSON: {exc}"))
+
     async def work(storage: Any) -> bool:
         stored, created = await storage.add_hostname(entry)
         if created:
@@ -431,6 +435,7 @@ def hostnames_remove(config_path: Path, name: str) -> None:
         hostname = parse_hostname(name)
     except BadEntry as exc:
         _bad(exc)
+
     async def work(storage: Any) -> bool:
         if await storage.remove_hostname(hostname, time.time()) is None:
             return False

@@ -110,6 +110,16 @@ async def test_wildcard_and_delegated_cname_via_dns01(
         # Nothing was ordered on demand for them: the managed certificate answered.
         assert p.rt.certs.status("a.wild.test") is None
 
+        # Renewal: once two thirds of the lifetime have passed, the next pass orders anew and
+        # the new certificate is served.
+        first = await peer_cert(p.port, "a.wild.test", roots)
+        life = first.not_valid_after_utc.timestamp() - first.not_valid_before_utc.timestamp()
+        managed._clock = lambda: first.not_valid_before_utc.timestamp() + life * 0.7
+        assert not await managed.maintain_once(), managed.errors
+        renewed = await peer_cert(p.port, "a.wild.test", roots)
+        assert renewed.serial_number != first.serial_number
+        assert sans(renewed) == {"*.wild.test", "wild.test"}
+
     # The challenge records are gone (the delegated one from the CNAME's target zone).
     for name in ("_acme-challenge.wild.test", DELEGATED, TARGET):
         assert await trio.to_thread.run_sync(named.txt, name) == []

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import dns.name
 import pytest
+from click.testing import CliRunner
 
 from edgeproxy.app import build_managed
 from edgeproxy.certs.dns01 import Zone, challenge_name, txt_value, zone_for
+from edgeproxy.cli import main
 from edgeproxy.config import Config, DnsZoneConfig, load_config_data
 from edgeproxy.errors import ConfigError
 from tests.support.proxy import base_config
+from tests.support.tomlw import toml_dumps
 
 ZONE = {
     "zone": "example.net",
@@ -110,3 +114,22 @@ def test_secret_missing_or_unreadable(tmp_path: Path, monkeypatch: pytest.Monkey
         build_managed(cfg, storage=None)  # type: ignore[arg-type]
     assert "EP_UNIT_TSIG" in str(err.value.problems)
     assert "s3cr3t" not in str(err.value.problems)
+
+
+def test_check_names_a_missing_tsig_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = base_config(
+        tmp_path,
+        [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
+        tls={"issuer": "acme"},
+    )
+    zone = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ZONE.items())
+    path = tmp_path / "edgeproxy.toml"
+    path.write_text(
+        f'{toml_dumps(data)}\n[[acme.dns]]\n{zone}\n[[acme.managed]]\nnames = ["*.example.net"]\n'
+    )
+    monkeypatch.delenv("EP_UNIT_TSIG", raising=False)
+    res = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert res.exit_code == 2 and "EP_UNIT_TSIG" in res.output, res.output
+    monkeypatch.setenv("EP_UNIT_TSIG", base64.b64encode(b"k" * 32).decode())
+    res = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert res.exit_code == 0, res.output
