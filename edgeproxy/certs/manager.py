@@ -32,6 +32,7 @@ with it the process).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import secrets
@@ -75,6 +76,16 @@ ARI_CHECK_INTERVAL = 12 * 3600.0
 # leases and challenges): frequent enough that `storage check` stays clean, rare enough to be
 # free.
 CLEAN_INTERVAL = 600.0
+# Names read from the next-action index per storage call; a pass drains everything due.
+DUE_BATCH = 500
+# Renewals started per pass; more due ones are put off by 1-5 intervals at random, so a fleet
+# renews in small randomised batches (Let's Encrypt's ask above 10,000 names).
+RENEWALS_PER_PASS = 20
+# How often stored certificates are compared with the index (keys only, no reads): repairs
+# an index entry lost to a crash; the first pass after start does it too.
+RECONCILE_INTERVAL = 6 * 3600.0
+# A cached name past its renewal time is reloaded this often until a new one appears.
+RECHECK_INTERVAL = 600.0
 # Per-name memory is bounded everywhere, because names come from anyone who can send a
 # ClientHello. The bounds (constructor arguments, defaults here):
 # - certificate contexts: ``cache_size`` (tls.cache_size), LRU; a cold name reloads from storage;
@@ -96,8 +107,8 @@ EXPIRING_NOTICE = 7 * 86400.0
 class _Cached:
     ctx: ServerIdentity
     record: CertRecord
-    # The storage mtime the maintenance pass last read this record at (None: not yet).
-    modified: float | None = None
+    # When to look in storage for a successor (its renewal time, then every RECHECK_INTERVAL).
+    recheck_at: float = 0.0
 
 
 class CertificateManager:
@@ -172,6 +183,11 @@ class CertificateManager:
         )
         self._nursery: trio.Nursery | None = None
         self._next_clean = 0.0
+        self._next_reconcile = 0.0
+        # Names past their renewal time and not yet renewed (not_after): the due gauge.
+        self._overdue: dict[str, float] = {}
+        # (recheck_at, name) of cached names; stale entries are skipped when popped.
+        self._recheck: list[tuple[float, str]] = []
 
     # ------------------------------------------------------------------ data path
 
@@ -568,6 +584,11 @@ class CertificateManager:
                            "detail": st.last_error, "hint": st.hint})  # fmt: skip
             await self._remember(name, renewing, st)
             return None
+        try:
+            # Into the next-action index: the next pass plans it (and asks for its ARI window).
+            await self.storage.set_due(name, self.clock())
+        except StorageError as exc:
+            log.warning("could not schedule %s (the next reconciliation will): %s", name, exc)
         metrics.ACME_ORDERS.labels("valid").inc()
         if renewing:
             metrics.RENEWALS.labels("renewed").inc()
@@ -641,7 +662,9 @@ class CertificateManager:
             self._cache.move_to_end(rec.name)
         else:
             ident = self._identities.identity(rec.chain(), rec.private_key())
-            self._cache[rec.name] = _Cached(ident, rec)
+            recheck = plan_renewal(rec.not_before, rec.not_after, self.clock()).at
+            self._cache[rec.name] = _Cached(ident, rec, recheck_at=recheck)
+            self._push_recheck(recheck, rec.name)
             if self.per_domain_metrics and not denied:
                 metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
             self._cache.move_to_end(rec.name)
@@ -794,40 +817,100 @@ class CertificateManager:
             self._next_clean = now + CLEAN_INTERVAL
             await self._sweep_storage()
         try:
-            items = await self.storage.list("certs/")
+            if now >= self._next_reconcile:
+                await self._reconcile(now)
+                self._next_reconcile = now + RECONCILE_INTERVAL
+            await self._due_work(now)
         except StorageError as exc:
-            log.warning("maintenance: cannot list certificates: %s", exc)
+            log.warning("maintenance: storage unavailable, retrying next pass: %s", exc)
             return
-        earliest: float | None = None
-        due = 0
-        for item in items:
-            if not item.key.endswith(".json"):
-                continue
-            name = item.key[len("certs/") : -len(".json")]
-            metrics.MAINTENANCE_NAMES_EXAMINED.inc()
-            try:
-                seen = await self._maintain(name, item.modified, now)
-            except StorageError as exc:
-                log.warning("maintenance: %s skipped this pass: %s", name, exc)
-                continue
-            except Exception:
-                # One name's surprise must not stop the pass: the names after it still renew.
-                _task_failed("renew", name)
-                continue
-            if seen is None or self._unwanted(name):
-                continue
-            not_after, is_due = seen
-            earliest = not_after if earliest is None else min(earliest, not_after)
-            due += is_due
+        self._recheck_cached(now)
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
-        metrics.CERTIFICATE_EARLIEST_EXPIRY.set(earliest if earliest is not None else 0)
-        metrics.RENEWALS_DUE.set(due)
+        expiries = [c.record.not_after for n, c in self._cache.items() if not self._unwanted(n)]
+        expiries.extend(self._overdue.values())
+        metrics.CERTIFICATE_EARLIEST_EXPIRY.set(min(expiries) if expiries else 0)
+        metrics.RENEWALS_DUE.set(len(self._overdue))
         counts: dict[str, int] = {}
         for st in self._status.values():
             counts[st.state] = counts.get(st.state, 0) + 1
         for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"):
             metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
         await self._purge_removed(now)
+
+    async def _reconcile(self, now: float) -> None:
+        """Give every stored certificate without a next-action time one (now): stores written
+        before the index existed, or by a writer that died between its two writes. Lists keys
+        only; reads no certificate."""
+        stored = {
+            item.key[len("certs/") : -len(".json")]
+            for item in await self.storage.list("certs/")
+            if item.key.endswith(".json")
+        }
+        missing = stored.difference(await self.storage.scheduled_names())
+        for name in sorted(missing):
+            await self.storage.set_due(name, now)
+        if missing:
+            log.info("maintenance: %d stored certificate(s) added to the schedule", len(missing))
+
+    async def _due_work(self, now: float) -> None:
+        """Every name whose next-action time has come, in batches; then its next time."""
+        renewals = 0
+        while True:
+            entries = await self.storage.due_names(now, DUE_BATCH)
+            if not entries:
+                return
+            # Replicas and workers read the same index: each takes the batch in its own order,
+            # so they spread over different names instead of queueing on one lease.
+            random.shuffle(entries)
+            for entry in entries:
+                name = entry.name
+                metrics.MAINTENANCE_NAMES_EXAMINED.inc()
+                try:
+                    if renewals >= RENEWALS_PER_PASS and self._renewal_due(name, now):
+                        # Small randomised batches (Let's Encrypt's ask for large fleets).
+                        nxt: float | None = now + random.uniform(1, 5) * self.renew_interval
+                    else:
+                        nxt, renewed = await self._maintain(name, now)
+                        renewals += renewed
+                except StorageError as exc:
+                    log.warning("maintenance: %s skipped this pass: %s", name, exc)
+                    nxt = now + self.renew_interval
+                except Exception:
+                    # One name's surprise must not stop the pass: the names after it still renew.
+                    _task_failed("renew", name)
+                    nxt = now + self.renew_interval
+                if nxt is None:
+                    self._overdue.pop(name, None)
+                    await self.storage.clear_due(name)
+                else:
+                    # Never "now" again within this pass: the loop ends when nothing is due.
+                    await self.storage.set_due(name, max(nxt, now + 1.0))
+            if len(entries) < DUE_BATCH:
+                return
+
+    def _renewal_due(self, name: str, now: float) -> bool:
+        st = self._status.get(name)
+        return st is not None and st.renew_at is not None and st.renew_at <= now
+
+    def _recheck_cached(self, now: float) -> None:
+        """Cached names whose renewal time has come: another process may have renewed them
+        (the one that took the due entry). Reload those, not every cached name."""
+        while self._recheck and self._recheck[0][0] <= now:
+            at, name = heapq.heappop(self._recheck)
+            cached = self._cache.get(name)
+            if cached is None or cached.recheck_at != at:
+                continue  # evicted, or a newer certificate brought its own time
+            cached.recheck_at = now + RECHECK_INTERVAL
+            self._push_recheck(cached.recheck_at, name)
+            if self._nursery is not None:
+                self._spawn("reload", name, self._reload, name)
+
+    def _push_recheck(self, at: float, name: str) -> None:
+        heapq.heappush(self._recheck, (at, name))
+        if len(self._recheck) > 2 * self._cache_size + 1024:
+            # Evictions leave stale entries behind: keep the heap about the cache's size.
+            self._recheck = [(c.recheck_at, n) for n, c in self._cache.items()]
+            heapq.heapify(self._recheck)
 
     async def _purge_removed(self, now: float) -> None:
         """Delete what removed hostnames left once their grace is over (any replica may)."""
@@ -842,6 +925,7 @@ class CertificateManager:
                 for key in (cert_key(name), status_key(name), ari_key(name),
                             history.history_key(name), expiring_key(name)):  # fmt: skip
                     await self.storage.delete(key)
+                await self.storage.clear_due(name)
                 if await self.storage.purge_hostname(name, cutoff):
                     log.info("hostname %s purged (removed %s)", name, _iso(entry.removed_at))
             except StorageError as exc:
@@ -849,40 +933,45 @@ class CertificateManager:
                 return
             self.registry.apply(name, None)
 
-    async def _maintain(self, name: str, modified: float, now: float) -> tuple[float, bool] | None:
-        """Plan (and if due, renew) one stored certificate: its (not_after, due), or None
-        when it is not watched (gone, offboarded, or expired after a refusal)."""
+    async def _maintain(self, name: str, now: float) -> tuple[float | None, bool]:
+        """Plan (and if due, renew) one stored certificate whose time has come: (its next
+        action time, or None when it is no longer managed; whether a renewal was tried)."""
+        rec = await self._load(name)
         cached = self._cache.get(name)
-        if cached is not None and cached.modified == modified:
-            rec: CertRecord | None = cached.record
-        else:
-            rec = await self._load(name)
-            # Another process renewed it: swap the cached context now.
-            if rec is not None and cached is not None and cached.record.serial != rec.serial:
-                log.info("picked up new certificate for %s stored by another process", name)
-                self._install(rec)
-            if (now_cached := self._cache.get(name)) is not None:
-                now_cached.modified = modified
+        if rec is not None and cached is not None and cached.record.serial != rec.serial:
+            log.info("picked up new certificate for %s stored by another process", name)
+            self._install(rec)
         if rec is None:
-            return None
+            return None, False
         if self.registry is not None and self.registry.is_removed(name):
-            return None  # offboarded: not renewed, not watched (purged after the grace)
+            return None, False  # offboarded: not renewed, not watched (purged after the grace)
         st = self._status.get(name)
         if st is not None and st.state == "denied" and rec.not_after <= now:
             self.invalidate(name)  # served until it expired; now dropped
-            return None
-        plan = await self._plan(rec, now)
+            return None, False
+        plan, ari_next = await self._plan(rec, now)
         if plan.at > now:
-            return rec.not_after, False
+            self._overdue.pop(name, None)
+            return min(plan.at, ari_next if ari_next is not None else plan.at), False
         st = self._status.get(name)
+        tried = False
         if st is None or not st.next_attempt or st.next_attempt <= now:
+            tried = True
             renewed = await self._renew(rec)
             if renewed is not None:
-                # The expiry gauge speaks of what is served from now on.
-                return renewed.not_after, True
-        if not self._unwanted(name) and await self._current_serial(name) == rec.serial:
-            await self._expiring(rec, now)  # due and still not replaced
-        return rec.not_after, True
+                self._overdue.pop(name, None)
+                return now, True  # the next pass plans the new certificate (and asks ARI)
+        if not self._unwanted(name):
+            self._overdue[name] = rec.not_after
+            if await self._current_serial(name) == rec.serial:
+                await self._expiring(rec, now)  # due and still not replaced
+        else:
+            self._overdue.pop(name, None)
+        st = self._status.get(name)
+        retry = st.next_attempt if st is not None and st.next_attempt else None
+        nxt = retry if retry and retry > now else now + self.renew_interval
+        # Back at its expiry at the latest: a refused name is dropped then.
+        return (min(nxt, rec.not_after) if rec.not_after > now else nxt), tried
 
     async def _current_serial(self, name: str) -> str | None:
         cached = self._cache.get(name)
@@ -903,7 +992,8 @@ class CertificateManager:
         for item in removed:
             log.info("storage sweep: %s", item)
 
-    async def _plan(self, rec: CertRecord, now: float) -> RenewalPlan:
+    async def _plan(self, rec: CertRecord, now: float) -> tuple[RenewalPlan, float | None]:
+        """When to renew ``rec``, and when its ARI window should be asked for next."""
         ari_state = await self._ari_state(rec, now)
         window = ari_state.window if ari_state else None
         # Seeded by serial and window: every pass and every replica picks the same random
@@ -918,6 +1008,7 @@ class CertificateManager:
             rand=rand,
         )
         reason = self._renewal_reason(rec, plan, ari_state)
+        ari_next = ari_state.next_check if ari_state is not None else None
         st = self._status.get(rec.name)
         if st is None or (st.renew_at, st.renewal_source, st.ari_window, st.renewal_reason) != (
             plan.at,
@@ -935,7 +1026,7 @@ class CertificateManager:
                 issuer=rec.issuer_id,
                 **({"state": "valid"} if st is None else {}),
             )
-        return plan
+        return plan, ari_next
 
     def _renewal_reason(
         self, rec: CertRecord, plan: RenewalPlan, ari_state: AriState | None

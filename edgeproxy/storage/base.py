@@ -15,6 +15,8 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
   replica the CA reaches can answer.
 * The event outbox holds lifecycle events until one process delivered them: ids sort in
   creation order (``due_events`` returns the oldest due first), entries survive restarts.
+* The next-action index holds at most one time per name (``set_due`` replaces it);
+  ``due_names`` returns the earliest first and touches only what is due.
 * The hostname registry holds one ``HostnameEntry`` per customer hostname. Listing pages by
   hostname (``after`` is the last name of the previous page), so a cursor stays valid however
   many entries are added or removed meanwhile. ``hostname_changes`` is a cheap change feed:
@@ -88,6 +90,14 @@ class OutboxEvent:
     next_attempt: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class DueEntry:
+    """When a managed name next needs attention (renewal, ARI check, retry after a failure)."""
+
+    name: str
+    at: float  # unix time
+
+
 @runtime_checkable
 class Storage(Protocol):
     async def get(self, key: str) -> bytes | None:
@@ -131,6 +141,22 @@ class Storage(Protocol):
 
     async def list_challenges(self) -> builtins.list[tuple[str, float]]:
         """(name, expires_at) of every stored challenge, expired included."""
+
+    # -- next-action index -----------------------------------------------------------------
+    # What maintenance reads instead of every certificate: one time per name, and the names
+    # due by a time in time order, at a cost that follows the number due, not the number kept.
+
+    async def set_due(self, name: str, at: float) -> None:
+        """Record that ``name`` next needs attention at ``at`` (replacing its previous time)."""
+
+    async def due_names(self, until: float, limit: int) -> builtins.list[DueEntry]:
+        """Up to ``limit`` names whose time is at or before ``until``, earliest first."""
+
+    async def clear_due(self, name: str) -> None:
+        """Forget ``name``'s time (it is no longer managed); absent names are not an error."""
+
+    async def scheduled_names(self) -> builtins.list[str]:
+        """Every name with a time (for the rare reconciliation with the stored certificates)."""
 
     # -- hostname registry --------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ Layout (every folder 0700, created on demand, the root too)::
     hostnames/.journal                    names of changed entries, one a line, appended
     hostnames/.guard                      flock target serialising registry updates
     events/<id>.json                      event outbox, JSON {body (base64), attempts, ...}
+    due/names/<name>                      next-action time of a managed name (text float)
+    due/t<hour>/<name>                    the same time, filed under its hour (``due_names``)
 
 In lock and challenge file names a ``/`` of the name is written ``%2F``: ``%`` can never occur in
 a valid name, so the mapping is reversible and the folders stay flat.
@@ -98,7 +100,9 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import stat
 import string
@@ -113,6 +117,7 @@ import trio
 
 from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage.base import (
+    DueEntry,
     HostnameEntry,
     LockInfo,
     OutboxEvent,
@@ -138,6 +143,8 @@ _REASON_SUFFIX = ".reason"
 _GUARD_NAME = ".guard"
 _JOURNAL_NAME = ".journal"
 _ENTRY_SUFFIX = ".json"
+_DUE_BUCKET = 3600.0  # seconds per folder of the next-action index
+_DUE_BUCKET_RE = re.compile(r"t[0-9]{10}")
 _SLASH = "%2F"
 
 try:
@@ -183,6 +190,16 @@ def _decode_name(filename: str, suffix: str) -> str | None:
         return None
     name = filename[: -len(suffix)].replace(_SLASH, "/")
     return name if _is_key(name) else None
+
+
+def _parse_due(raw: bytes | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        at = float(raw)
+    except ValueError:
+        return None
+    return at if math.isfinite(at) else None
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -429,6 +446,7 @@ class FileStorage:
         self._quarantine = self._root / "quarantine"
         self._hostnames = self._root / "hostnames"
         self._events = self._root / "events"
+        self._due = self._root / "due"
         # (journal marker, sorted hostnames): the listing is reused until the journal moves.
         self._listing: tuple[str, builtins.list[str]] | None = None
         # (lease file name, owner) -> descriptor holding the flock on its ``.held`` file.
@@ -588,6 +606,24 @@ class FileStorage:
 
     async def count_events(self) -> int:
         return len(await self._run("count_events", self._event_names))
+
+    # -- next-action index ----------------------------------------------------------------------
+
+    async def set_due(self, name: str, at: float) -> None:
+        check_hostname_key(name)
+        await self._run("set_due", self._set_due_sync, name, float(at))
+
+    async def due_names(self, until: float, limit: int) -> builtins.list[DueEntry]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        return await self._run("due_names", self._due_names_sync, until, limit)
+
+    async def clear_due(self, name: str) -> None:
+        check_hostname_key(name)
+        await self._run("clear_due", self._clear_due_sync, name)
+
+    async def scheduled_names(self) -> builtins.list[str]:
+        return await self._run("scheduled_names", self._scheduled_names_sync)
 
     # -- maintenance (``edgeproxy storage check/clean``; not part of ``Storage``) ---------------
 
@@ -1071,6 +1107,80 @@ class FileStorage:
                 if len(due) >= limit:
                     break
         return due
+
+    # -- next-action index (worker thread) ------------------------------------------------------
+    # due/names/<name> holds the name's time; due/t<hour>/<name> holds it too, in the folder of
+    # its hour. A pass lists the folder names (one per hour that has names: a few thousand at
+    # most) and opens only the folders up to now. The per-name file says which hour folder
+    # holds the current entry, so a new time moves the entry; an entry whose time disagrees
+    # with the per-name file (a writer died between the two writes) is dropped when met.
+
+    def _due_bucket(self, at: float) -> Path:
+        return self._due / f"t{max(0, int(at // _DUE_BUCKET)):010d}"
+
+    def _set_due_sync(self, name: str, at: float) -> None:
+        pointer = self._due / "names" / name
+        with self._guard(self._due):
+            old = _parse_due(_read_file(pointer))
+            if old == at:
+                return
+            value = repr(at).encode()
+            self._write_atomic(self._due_bucket(at) / name, value, _PUBLIC_MODE, durable=False)
+            self._write_atomic(pointer, value, _PUBLIC_MODE, durable=False)
+            if old is not None and self._due_bucket(old) != self._due_bucket(at):
+                _unlink(self._due_bucket(old) / name)
+
+    def _clear_due_sync(self, name: str) -> None:
+        pointer = self._due / "names" / name
+        with self._guard(self._due):
+            old = _parse_due(_read_file(pointer))
+            _unlink(pointer)
+            if old is not None:
+                _unlink(self._due_bucket(old) / name)
+
+    def _due_names_sync(self, until: float, limit: int) -> builtins.list[DueEntry]:
+        try:
+            buckets = sorted(b for b in os.listdir(self._due) if _DUE_BUCKET_RE.fullmatch(b))
+        except FileNotFoundError:
+            return []
+        last = self._due_bucket(until).name
+        found: builtins.list[DueEntry] = []
+        for bucket in buckets:
+            if bucket > last or len(found) >= limit:
+                break
+            folder = self._due / bucket
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            if not names:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # drained; fails harmlessly if refilled meanwhile
+                continue
+            entries = []
+            for name in names:
+                if not _is_key(name) or "/" in name:
+                    continue  # temp files
+                at = _parse_due(_read_file(folder / name))
+                if at is None or at > until:
+                    continue
+                if _parse_due(_read_file(self._due / "names" / name)) != at:
+                    with self._guard(self._due):  # superseded: drop it unless rewritten
+                        if _parse_due(_read_file(self._due / "names" / name)) != at:
+                            _unlink(folder / name)
+                    continue
+                entries.append(DueEntry(name, at))
+            entries.sort(key=lambda e: (e.at, e.name))
+            found.extend(entries)
+        found.sort(key=lambda e: (e.at, e.name))
+        return found[:limit]
+
+    def _scheduled_names_sync(self) -> builtins.list[str]:
+        try:
+            names = os.listdir(self._due / "names")
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _is_key(n))
 
     # -- check / clean (worker thread) ----------------------------------------------------------
 

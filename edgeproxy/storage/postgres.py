@@ -102,6 +102,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage.base import (
+    DueEntry,
     HostnameEntry,
     LockInfo,
     OutboxEvent,
@@ -184,6 +185,15 @@ MIGRATIONS: tuple[str, ...] = (
         next_attempt  double precision NOT NULL
     );
     CREATE INDEX edgeproxy_events_due_idx ON edgeproxy_events (next_attempt);
+    """,
+    # 5: the next-action index: one time per managed name; maintenance reads the due ones
+    # through the index on ``at``, never the whole table.
+    """
+    CREATE TABLE edgeproxy_due (
+        name  text COLLATE "C" PRIMARY KEY,
+        at    double precision NOT NULL
+    );
+    CREATE INDEX edgeproxy_due_at_idx ON edgeproxy_due (at);
     """,
 )
 
@@ -611,6 +621,47 @@ class PostgresStorage:
     def _count_events_sync(self, conn: psycopg.Connection[Any]) -> int:
         row = conn.execute("SELECT count(*) FROM edgeproxy_events").fetchone()
         return int(row[0]) if row else 0
+
+    # -- next-action index ----------------------------------------------------------------------
+
+    async def set_due(self, name: str, at: float) -> None:
+        check_hostname_key(name)
+        await self._run("set_due", self._set_due_sync, name, float(at))
+
+    async def due_names(self, until: float, limit: int) -> builtins.list[DueEntry]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        return await self._run("due_names", self._due_names_sync, until, limit)
+
+    async def clear_due(self, name: str) -> None:
+        check_hostname_key(name)
+        await self._run("clear_due", self._clear_due_sync, name)
+
+    async def scheduled_names(self) -> builtins.list[str]:
+        return await self._run("scheduled_names", self._scheduled_names_sync)
+
+    def _set_due_sync(self, conn: psycopg.Connection[Any], name: str, at: float) -> None:
+        conn.execute(
+            "INSERT INTO edgeproxy_due (name, at) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at",
+            (name, at),
+        )
+
+    def _due_names_sync(
+        self, conn: psycopg.Connection[Any], until: float, limit: int
+    ) -> builtins.list[DueEntry]:
+        rows = conn.execute(
+            "SELECT name, at FROM edgeproxy_due WHERE at <= %s ORDER BY at, name LIMIT %s",
+            (until, limit),
+        ).fetchall()
+        return [DueEntry(str(r[0]), float(r[1])) for r in rows]
+
+    def _clear_due_sync(self, conn: psycopg.Connection[Any], name: str) -> None:
+        conn.execute("DELETE FROM edgeproxy_due WHERE name = %s", (name,))
+
+    def _scheduled_names_sync(self, conn: psycopg.Connection[Any]) -> builtins.list[str]:
+        rows = conn.execute("SELECT name FROM edgeproxy_due ORDER BY name").fetchall()
+        return [str(r[0]) for r in rows]
 
     # -- change notifications -------------------------------------------------------------------
 

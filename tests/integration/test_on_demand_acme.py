@@ -389,6 +389,7 @@ async def test_ari_window_drives_renewal_with_replaces(
         # after Retry-After; make the process look again now.
         inj.renewal_window = (timedelta(days=-2), timedelta(days=-1))
         await p.rt.storage.delete("ari/ari.example.test.json")
+        await p.rt.storage.set_due("ari.example.test", 0)  # its next action: now
         with trio.fail_after(30):
             while (
                 await peer_cert(port, "ari.example.test", roots)

@@ -768,3 +768,60 @@ async def test_outbox_keeps_events_until_deleted_oldest_due_first(
     assert await writer.count_events() == 2
     with pytest.raises(ValueError):
         await writer.enqueue_event(OutboxEvent("../x", b"", 1.0))
+
+
+# -- next-action index -------------------------------------------------------------------------
+
+
+async def test_due_names_are_the_due_ones_earliest_first(storage: Storage) -> None:
+    now = 1_800_000_000.0
+    await storage.set_due("later.example.test", now + 86400 * 30)
+    await storage.set_due("b.example.test", now - 10)
+    await storage.set_due("a.example.test", now - 7200)  # an older hour
+    await storage.set_due("c.example.test", now)
+    due = await storage.due_names(now, 100)
+    assert [(e.name, e.at) for e in due] == [
+        ("a.example.test", now - 7200),
+        ("b.example.test", now - 10),
+        ("c.example.test", now),
+    ]
+    assert [e.name for e in await storage.due_names(now, 2)] == ["a.example.test", "b.example.test"]
+    assert await storage.due_names(now - 86400, 100) == []
+
+
+async def test_a_new_time_replaces_the_old_one(storage: Storage) -> None:
+    now = 1_800_000_000.0
+    await storage.set_due("x.example.test", now - 5)
+    await storage.set_due("x.example.test", now + 3 * 86400)  # renewed: due in days
+    assert await storage.due_names(now, 100) == []
+    await storage.set_due("x.example.test", now - 1)  # and back to due, in another hour
+    assert [(e.name, e.at) for e in await storage.due_names(now, 100)] == [
+        ("x.example.test", now - 1)
+    ]
+    assert await storage.scheduled_names() == ["x.example.test"]
+
+
+async def test_clear_due_forgets_the_name(storage: Storage) -> None:
+    now = 1_800_000_000.0
+    await storage.set_due("gone.example.test", now - 5)
+    await storage.set_due("kept.example.test", now + 5)
+    await storage.clear_due("gone.example.test")
+    await storage.clear_due("never.example.test")  # absent: not an error
+    assert [e.name for e in await storage.due_names(now + 10, 100)] == ["kept.example.test"]
+    assert await storage.scheduled_names() == ["kept.example.test"]
+
+
+async def test_due_index_refuses_bad_names_and_limits(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        await storage.set_due("../escape", 1.0)
+    with pytest.raises(ValueError):
+        await storage.due_names(1.0, 0)
+
+
+async def test_two_instances_share_the_due_index(storage_factory: StorageFactory) -> None:
+    a, b = storage_factory(), storage_factory()
+    now = 1_800_000_000.0
+    await a.set_due("shared.example.test", now - 1)
+    assert [e.name for e in await b.due_names(now, 10)] == ["shared.example.test"]
+    await b.set_due("shared.example.test", now + 86400)
+    assert await a.due_names(now, 10) == []
