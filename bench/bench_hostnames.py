@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
 import statistics
 import subprocess
@@ -122,6 +123,36 @@ async def _registry_load(storage: Storage, label: str) -> str:
     await registry.reload()
     took = time.monotonic() - t0
     assert len(registry) == 100_000
+    # The periodic resync (every resync_interval) of an unchanged registry: the longest time
+    # the event loop, i.e. every handshake of this process, waited meanwhile.
+    stall = 0.0
+
+    async def ticker() -> None:
+        nonlocal stall
+        while True:
+            t = time.monotonic()
+            await trio.sleep(0.001)
+            stall = max(stall, time.monotonic() - t - 0.001)
+
+    async def resync_stall() -> tuple[float, float]:
+        nonlocal stall
+        stall = 0.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            t0 = time.monotonic()
+            await registry.reload()
+            took = time.monotonic() - t0
+            nursery.cancel_scope.cancel()
+        return took, stall
+
+    resync, unfrozen = await resync_stall()
+    # As a serving process does (app.tune_gc_for_serving, then again once the registry loaded).
+    gc.collect()
+    gc.freeze()
+    try:
+        _, frozen = await resync_stall()
+    finally:
+        gc.unfreeze()
     tracemalloc.start()
     fresh = HostnameRegistry(storage)
     await fresh.reload()
@@ -129,7 +160,9 @@ async def _registry_load(storage: Storage, label: str) -> str:
     tracemalloc.stop()
     assert len(fresh) == 100_000
     return (f"{label}: first load {took:.2f} s, {held / 2**20:.0f} MiB held "
-            f"(peak {peak / 2**20:.0f} MiB while loading)")
+            f"(peak {peak / 2**20:.0f} MiB while loading); resync {resync:.2f} s, longest "
+            f"event-loop stall {unfrozen * 1000:.0f} ms, {frozen * 1000:.0f} ms with the "
+            "loaded registry frozen out of the collector")
 
 
 async def test_registry_load_100k(tmp_path: Path, postgres_dsn: str) -> None:

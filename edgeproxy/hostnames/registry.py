@@ -190,11 +190,17 @@ class HostnameRegistry:
             for entry in page:
                 seen[entry.hostname] = entry
             after = page[-1].hostname
-        for name in [*self._live, *self._removed]:
+        # Handshakes share this event loop: 100,000 comparisons in one go held them ~0.1-0.2 s
+        # at every resync, so let them in every LOAD_PAGE entries.
+        for n, name in enumerate([*self._live, *self._removed]):
             if name not in seen:
                 self.apply(name, None)
-        for name, entry in seen.items():
+            if n % LOAD_PAGE == 0:
+                await trio.lowlevel.checkpoint()
+        for n, (name, entry) in enumerate(seen.items()):
             self.apply(name, entry)
+            if n % LOAD_PAGE == 0:
+                await trio.lowlevel.checkpoint()
         self._marker = marker
         if not self.loaded:
             log.info("hostname registry loaded: %d live, %d removed", len(self._live),
