@@ -176,6 +176,11 @@ class Dns01Solver:
         host, port = zone.server
         try:
             response = await dns.asyncquery.tcp(upd, host, port=port, timeout=QUERY_TIMEOUT)
+        except dns.tsig.PeerError as exc:
+            raise DnsUpdateError(
+                f"{what}: {host}:{port} rejected our TSIG key ({type(exc).__name__}; check "
+                "tsig_key_name, tsig_algorithm and the secret)"
+            ) from None
         except (OSError, dns.exception.DNSException) as exc:
             raise DnsUpdateError(f"{what}: update to {host}:{port} failed: {exc!r}") from None
         if response.rcode() != dns.rcode.NOERROR:

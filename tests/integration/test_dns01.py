@@ -11,6 +11,7 @@ left in bind.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import pytest
 import trio
 from cryptography import x509
 
+from edgeproxy.app import build_managed
+from edgeproxy.config import load_config_data
+from edgeproxy.storage.file import FileStorage
 from tests.integration.test_on_demand_acme import BODY, acme_config, curl, peer_cert
 from tests.support.bind import KEY_NAME, Named, named_available, start_named
 from tests.support.pebble import Pebble
@@ -127,3 +131,57 @@ async def test_wildcard_and_delegated_cname_via_dns01(
     journal = (named.workdir / "deleg.test.db.jnl").exists()
     assert journal, "no update ever reached deleg.test"
     assert not (named.workdir / "customer.test.db.jnl").exists()
+
+
+async def test_bad_dns_setups_fail_with_their_reason(
+    tmp_path: Path, make_pebble: Callable[..., Pebble], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong TSIG secret, a CNAME loop and a challenge name outside every zone: each entry
+    fails with its own reason, nothing is issued, and no TXT is left behind."""
+    server = start_named(
+        tmp_path,
+        {
+            "wild.test": [
+                "_acme-challenge.loop IN CNAME hop.wild.test.",
+                "hop IN CNAME _acme-challenge.loop.wild.test.",
+            ],
+            "other.test": [],
+        },
+    )
+    try:
+        pebble = make_pebble(tls_port=free_port(), dns_server=server.address)
+        monkeypatch.setenv("EP_TEST_TSIG", server.key_secret)
+        monkeypatch.setenv("EP_WRONG_TSIG", base64.b64encode(b"w" * 32).decode())
+        zone = {"server": server.address, "tsig_key_name": KEY_NAME, "propagation_timeout": 5}
+        cfg = acme_config(
+            tmp_path,
+            free_port(),
+            pebble.directory_url,
+            pebble.ca_bundle_path,
+            "127.0.0.1:9",
+            acme={
+                "dns": [
+                    {"zone": "wild.test", "tsig_secret_env": "EP_TEST_TSIG", **zone},
+                    {"zone": "bad.wild.test", "tsig_secret_env": "EP_WRONG_TSIG", **zone},
+                ],
+                "dns_resolver": server.address,
+                "managed": [
+                    {"names": ["*.bad.wild.test"]},
+                    {"names": ["loop.wild.test"]},
+                    {"names": ["www.other.test"]},
+                ],
+            },
+        )
+        managed = build_managed(load_config_data(cfg), FileStorage(tmp_path / "state"))
+        assert managed is not None
+        assert await managed.maintain_once()
+        errors = {names[0]: text for names, text in managed.errors.items()}
+        assert "rejected our TSIG key" in errors["*.bad.wild.test"], errors
+        assert "CNAME loop" in errors["loop.wild.test"], errors
+        assert "none of the [[acme.dns]] zones" in errors["www.other.test"], errors
+        for sni in ("a.bad.wild.test", "loop.wild.test", "www.other.test"):
+            assert managed.match(sni) is None
+        for name in ("_acme-challenge.bad.wild.test", "_acme-challenge.www.other.test"):
+            assert await trio.to_thread.run_sync(server.txt, name) == []
+    finally:
+        server.stop()
