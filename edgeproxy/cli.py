@@ -338,6 +338,48 @@ def certs_issue(config_path: Path, name: str) -> None:
     sys.exit(_run_with_config(go))
 
 
+@certs.command("import")
+@_config_option
+@click.option("--cert", "cert_path", type=click.Path(path_type=Path), required=True,
+              help="PEM chain, leaf first.")  # fmt: skip
+@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True,
+              help="The leaf's unencrypted PEM private key.")  # fmt: skip
+def certs_import(config_path: Path, cert_path: Path, key_path: Path) -> None:
+    """Adopt a certificate obtained elsewhere: served from storage at once (no ACME order) for
+    every DNS name it covers, and renewed through the configured issuer on schedule. A bad or
+    mismatched pair is reported by path and nothing of it is stored (exit 1)."""
+    from .app import build_storage
+    from .certs.importer import BadImport, import_pair, read_pair
+    from .errors import StorageError
+
+    cfg = _load(config_path)
+    try:
+        records = read_pair(cert_path, key_path)
+    except BadImport as exc:
+        click.echo(f"not imported: {exc}", err=True)
+        sys.exit(1)
+
+    async def go() -> None:
+        storage = build_storage(cfg)
+        try:
+            try:
+                imported = await import_pair(storage, records)
+            except StorageError as exc:
+                click.echo(f"not imported: storage: {exc}", err=True)
+                sys.exit(1)
+            for done in imported:
+                until = _fmt_ts(done.not_after)
+                if done.stored:
+                    click.echo(f"{done.name}: imported, valid until {until} UTC")
+                else:
+                    click.echo(f"{done.name}: kept the stored certificate (valid until {until} "
+                               "UTC, not older than this one)")  # fmt: skip
+        finally:
+            await storage.aclose()
+
+    _run_with_config(go)
+
+
 # ---------------------------------------------------------------- hostnames
 
 
