@@ -314,6 +314,7 @@ def certs_issue(config_path: Path, name: str) -> None:
     async def go() -> int:
         rt = assemble(cfg)
         try:
+            await rt.hostnames.ensure(name)  # registry = true: a registered name is allowed
             decision = await rt.certs.policy.check(name)
             if not decision.allowed:
                 click.echo(f"{name}: refused by the allow-check ({decision.detail})", err=True)
@@ -322,6 +323,11 @@ def certs_issue(config_path: Path, name: str) -> None:
                 await nursery.start(rt.certs.run)
                 rec = await rt.certs.obtain(name)
                 nursery.cancel_scope.cancel()
+            try:
+                await rt.events.flush()  # certificate.issued/failed, for the proxies to deliver
+            except StorageError as exc:
+                click.echo(f"warning: events about {name} could not be stored, they will not "
+                           f"be sent: {exc}", err=True)  # fmt: skip
             if rec is None:
                 st = rt.certs.status(name)
                 etype, err = (st.last_error_type, st.last_error) if st else ("?", "")

@@ -184,6 +184,13 @@ class Events:
             log.warning("event %s not stored yet (%s): retried in the background", event.id, exc)
             self._queue(event)
 
+    async def flush(self) -> None:
+        """Store every queued event now (a process about to exit that runs no ``run``: the
+        CLI); the StorageError of the first that fails, which stays queued with the rest."""
+        while self._pending:
+            await self._store(self._pending[0])
+            self._pending.popleft()
+
     def _queue(self, event: OutboxEvent) -> None:
         if len(self._pending) >= self._max_pending:
             # The newest is dropped, not the oldest: the writer may be storing the head now.

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
 
+from edgeproxy.storage import FileStorage
 from tests.integration.test_on_demand_acme import acme_config, peer_cert
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port
@@ -59,3 +62,32 @@ async def test_pre_issue_list_and_status(
     assert "valid" in text and "backstop" in text
     unknown = await cli("certs", "status", "never.example.test", "-c", str(config))
     assert unknown.returncode == 1 and b"not managed" in unknown.stderr
+
+
+async def test_pre_issue_of_a_registered_name_queues_its_events(
+    tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], monkeypatch: Any
+) -> None:
+    # With [on_demand] registry = true the CLI knows registered names (it runs no registry
+    # mirror), and the certificate.issued event it makes reaches the outbox before it exits.
+    port = free_port()
+    pebble = make_pebble(tls_port=port)
+    up = await start_upstream(nursery, http_handler(b"ok\n"))
+    cfg = acme_config(tmp_path, port, pebble.directory_url, pebble.ca_bundle_path, up.addr)
+    cfg["on_demand"] = {**cfg["on_demand"], "allow": [], "registry": True}
+    # Nobody listens there: events stay in the outbox, where the test reads them.
+    cfg["events"] = {"url": "http://127.0.0.1:9/hooks", "secret_env": "EP_TEST_EVENTS_SECRET"}
+    monkeypatch.setenv("EP_TEST_EVENTS_SECRET", "s3cret")
+    config = tmp_path / "edgeproxy.toml"
+    config.write_text(toml_dumps(cfg))
+    added = await cli("hostnames", "add", "reg.customer.test", "-c", str(config))
+    assert added.returncode == 0, added.stderr.decode()
+    async with running_proxy(tmp_path, cfg):
+        res = await cli("certs", "issue", "reg.customer.test", "-c", str(config))
+        assert res.returncode == 0, res.stderr.decode()
+        refused = await cli("certs", "issue", "unregistered.customer.test", "-c", str(config))
+        assert refused.returncode == 1 and b"refused by the allow-check" in refused.stderr
+    storage = FileStorage(Path(cfg["storage"]["path"]))
+    docs = [json.loads(e.body) for e in await storage.due_events(time.time() + 86400, 100)]
+    kinds = [(d["type"], d["subject"]) for d in docs]
+    assert ("net.edgeproxy.hostname.created", "reg.customer.test") in kinds
+    assert ("net.edgeproxy.certificate.issued", "reg.customer.test") in kinds
