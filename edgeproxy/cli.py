@@ -346,44 +346,67 @@ def certs_issue(config_path: Path, name: str) -> None:
 
 @certs.command("import")
 @_config_option
-@click.option("--cert", "cert_path", type=click.Path(path_type=Path), required=True,
+@click.option("--cert", "cert_path", type=click.Path(path_type=Path),
               help="PEM chain, leaf first.")  # fmt: skip
-@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True,
+@click.option("--key", "key_path", type=click.Path(path_type=Path),
               help="The leaf's unencrypted PEM private key.")  # fmt: skip
-def certs_import(config_path: Path, cert_path: Path, key_path: Path) -> None:
-    """Adopt a certificate obtained elsewhere: served from storage at once (no ACME order) for
-    every DNS name it covers, and renewed through the configured issuer on schedule. A bad or
-    mismatched pair is reported by path and nothing of it is stored (exit 1)."""
+@click.option("--from-caddy", "caddy_dir", type=click.Path(path_type=Path),
+              help="A Caddy (CertMagic) storage folder: every certificates/<issuer>/<name>/ "
+                   "<name>.crt and .key in it.")  # fmt: skip
+def certs_import(
+    config_path: Path, cert_path: Path | None, key_path: Path | None, caddy_dir: Path | None
+) -> None:
+    """Adopt certificates obtained elsewhere: served from storage at once (no ACME order) for
+    every DNS name they cover, and renewed through the configured issuer on schedule. A bad or
+    mismatched pair is reported by path and nothing of it is stored; the others are imported
+    (exit 1 when anything was skipped)."""
     from .app import build_storage
-    from .certs.importer import BadImport, import_pair, read_pair
+    from .certs.importer import BadImport, caddy_pairs, import_pair, read_pair
+    from .certs.record import CertRecord
     from .errors import StorageError
 
     cfg = _load(config_path)
-    try:
-        records = read_pair(cert_path, key_path)
-    except BadImport as exc:
-        click.echo(f"not imported: {exc}", err=True)
-        sys.exit(1)
+    single = cert_path is not None or key_path is not None
+    if (caddy_dir is not None) == single or (single and (cert_path is None or key_path is None)):
+        click.echo("give --cert and --key, or --from-caddy DIR", err=True)
+        sys.exit(2)
+    problems: list[str] = []
+    if caddy_dir is not None:
+        pairs, problems = caddy_pairs(caddy_dir)
+    else:
+        assert cert_path is not None and key_path is not None
+        pairs = [(cert_path, key_path)]
+    batches: list[list[CertRecord]] = []
+    for crt, key in pairs:
+        try:
+            batches.append(read_pair(crt, key))
+        except BadImport as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        click.echo(f"not imported: {problem}", err=True)
 
     async def go() -> None:
         storage = build_storage(cfg)
         try:
-            try:
-                imported = await import_pair(storage, records)
-            except StorageError as exc:
-                click.echo(f"not imported: storage: {exc}", err=True)
-                sys.exit(1)
-            for done in imported:
-                until = _fmt_ts(done.not_after)
-                if done.stored:
-                    click.echo(f"{done.name}: imported, valid until {until} UTC")
-                else:
-                    click.echo(f"{done.name}: kept the stored certificate (valid until {until} "
-                               "UTC, not older than this one)")  # fmt: skip
+            for records in batches:
+                try:
+                    imported = await import_pair(storage, records)
+                except StorageError as exc:
+                    click.echo(f"not imported: storage: {exc}", err=True)
+                    sys.exit(1)
+                for done in imported:
+                    until = _fmt_ts(done.not_after)
+                    if done.stored:
+                        click.echo(f"{done.name}: imported, valid until {until} UTC")
+                    else:
+                        click.echo(f"{done.name}: kept the stored certificate (valid until "
+                                   f"{until} UTC, not older than this one)")  # fmt: skip
         finally:
             await storage.aclose()
 
     _run_with_config(go)
+    if problems or not batches:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- hostnames

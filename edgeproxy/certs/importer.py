@@ -27,7 +27,7 @@ from ..tls.contexts import check_key
 from ..tls.errors import InvalidCertificate
 from .record import CertRecord, RecordError, cert_key
 
-__all__ = ["IMPORTED_ISSUER", "BadImport", "Imported", "import_pair", "read_pair"]
+__all__ = ["IMPORTED_ISSUER", "BadImport", "Imported", "caddy_pairs", "import_pair", "read_pair"]
 
 #: The issuer id of an adopted certificate (no ARI, no ``replaces`` at its renewal).
 IMPORTED_ISSUER = "imported"
@@ -100,6 +100,27 @@ def read_pair(cert_path: Path, key_path: Path, *, now: float | None = None) -> l
         except (RecordError, ValueError) as exc:
             raise BadImport(f"{cert_path}: {exc}") from None
     return records
+
+
+def caddy_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """The (certificate, key) files of a Caddy/CertMagic file storage folder, and what is wrong
+    with the rest: CertMagic keeps ``certificates/<issuer>/<name>/<name>.crt`` with ``.key``
+    (and ``.json`` metadata, not needed here) beside it."""
+    base = root / "certificates"
+    if not base.is_dir():
+        return [], [f"{root}: no certificates/ folder (not a Caddy storage folder?)"]
+    pairs: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    for issuer in sorted(p for p in base.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in issuer.iterdir() if p.is_dir()):
+            crt, key = folder / f"{folder.name}.crt", folder / f"{folder.name}.key"
+            if not crt.is_file():
+                problems.append(f"{crt}: missing")
+            elif not key.is_file():
+                problems.append(f"{key}: missing (the certificate beside it is skipped)")
+            else:
+                pairs.append((crt, key))
+    return pairs, problems
 
 
 async def import_pair(

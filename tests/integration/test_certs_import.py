@@ -5,12 +5,18 @@ reported by path with nothing stored. Real files, the real CLI, the real proxy."
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import re
+import shutil
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trustme
 from cryptography import x509
@@ -24,6 +30,9 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
+from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
+from tests.support.pebble import Pebble
+from tests.support.ports import free_port
 from tests.support.proxy import base_config, running_proxy
 from tests.support.tomlw import toml_dumps
 
@@ -172,3 +181,108 @@ async def test_imported_certificate_is_renewed_on_schedule(tmp_path: Path) -> No
     assert raw is not None
     renewed = CertRecord.from_json(raw)
     assert renewed.serial != rec.serial and renewed.issuer_id == issuer.id
+
+
+# -- from a Caddy storage folder ---------------------------------------------------------------
+
+CADDY_NAMES = ["one.caddy.example.test", "two.caddy.example.test"]
+
+
+def caddy_config(tmp_path: Path, pebble: Pebble, port: int) -> Path:
+    cfg = {
+        "admin": {"disabled": True},
+        "storage": {"module": "file_system", "root": str(tmp_path / "caddy")},
+        "apps": {
+            "http": {
+                "http_port": free_port(),  # never 80
+                "https_port": port,
+                "servers": {"s": {"listen": [f"127.0.0.1:{port}"],
+                                  "automatic_https": {"disable_redirects": True},
+                                  "routes": [{"handle": [{"handler": "static_response",
+                                                          "body": "caddy"}]}]}},
+            },
+            "tls": {
+                "certificates": {"automate": CADDY_NAMES},
+                "automation": {"policies": [{
+                    "subjects": CADDY_NAMES,
+                    "key_type": "p256",
+                    "issuers": [{
+                        "module": "acme", "ca": pebble.directory_url,
+                        "email": "caddy@example.org",
+                        "trusted_roots_pem_files": [str(pebble.ca_bundle_path)],
+                        "challenges": {"http": {"disabled": True},
+                                       "tls-alpn": {"alternate_port": port}},
+                    }],
+                }]},
+            },
+        },
+    }  # fmt: skip
+    path = tmp_path / "caddy.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def caddy_files(tmp_path: Path) -> dict[str, Path]:
+    found = {}
+    for name in CADDY_NAMES:
+        for crt in (tmp_path / "caddy" / "certificates").glob(f"*/{name}/{name}.crt"):
+            if crt.with_suffix(".key").is_file():
+                found[name] = crt
+    return found
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="Debian's caddy is not installed")
+async def test_a_caddy_storage_folder_is_adopted(
+    tmp_path: Path, make_pebble: Callable[..., Pebble]
+) -> None:
+    port = free_port()
+    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    caddy = subprocess.Popen(["caddy", "run", "--config", str(caddy_config(tmp_path, pebble, port))],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        with trio.fail_after(90):  # real CertMagic files, from real ACME orders against pebble
+            while len(caddy_files(tmp_path)) < len(CADDY_NAMES):
+                if caddy.poll() is not None:
+                    raise AssertionError(caddy.stderr.read().decode() if caddy.stderr else "")
+                await trio.sleep(0.3)
+    finally:
+        caddy.terminate()
+        caddy.wait(10)
+    validated_for_caddy = {name: pebble_validations(pebble, name) for name in CADDY_NAMES}
+    assert all(validated_for_caddy.values())
+    # A stray folder CertMagic would never write, and a key that belongs to another name.
+    stray = tmp_path / "caddy" / "certificates" / "acme-x" / "bad.example.test"
+    stray.mkdir(parents=True)
+    shutil.copy(caddy_files(tmp_path)[CADDY_NAMES[0]], stray / "bad.example.test.crt")
+    shutil.copy(caddy_files(tmp_path)[CADDY_NAMES[1]].with_suffix(".key"),
+                stray / "bad.example.test.key")  # fmt: skip
+    cfg_path = config(tmp_path)
+    res = await cli("certs", "import", "-c", str(cfg_path), "--from-caddy", str(tmp_path / "caddy"))
+    assert res.returncode == 1  # one pair skipped
+    assert str(stray / "bad.example.test.key") in res.stderr.decode()
+    for name in CADDY_NAMES:
+        assert f"{name}: imported".encode() in res.stdout, res.stdout
+    roots = tmp_path / "pebble-roots.pem"
+    roots.write_bytes(pebble.roots_pem())
+    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
+                      on_demand={"allow": []})  # fmt: skip
+    async with running_proxy(tmp_path, cfg) as p:
+        for name, crt in caddy_files(tmp_path).items():
+            ctx = ssl.create_default_context(cafile=str(roots))
+            tcp = await trio.open_tcp_stream("127.0.0.1", p.port)
+            tls = trio.SSLStream(tcp, ctx, server_hostname=name)
+            with trio.fail_after(10):
+                await tls.do_handshake()
+            der = tls.getpeercert(binary_form=True)
+            await trio.aclose_forcefully(tls)
+            assert der == x509.load_pem_x509_certificate(crt.read_bytes()).public_bytes(
+                serialization.Encoding.DER
+            )
+    # Pebble validated for Caddy's orders and no other: edgeproxy ordered nothing.
+    assert {name: pebble_validations(pebble, name) for name in CADDY_NAMES} == validated_for_caddy
+
+
+def pebble_validations(pebble: Pebble, name: str) -> int:
+    log = (pebble.workdir / "pebble.log").read_text(errors="replace")
+    return len(re.findall(rf'Pulled a task .*Value:"{re.escape(name)}"', log))
