@@ -48,6 +48,8 @@ log = logging.getLogger("edgeproxy.hostnames")
 LOAD_PAGE = 1000
 #: Names remembered as unregistered by ``ensure`` while the first load runs.
 MAX_ABSENT = 10_000
+#: How long a handshake waits for its name's entry before the first load is done.
+ENSURE_TIMEOUT = 1.0
 
 Listener = Callable[[str, HostnameEntry | None, HostnameEntry | None], None]
 
@@ -115,8 +117,10 @@ class HostnameRegistry:
             return
         try:
             key = validate_hostname(name)
-            entry = await self.storage.get_hostname(key)
-        except (StorageError, InvalidName, ValueError) as exc:
+            # Storage that is down at start must not hold every handshake for its timeout.
+            with trio.fail_after(ENSURE_TIMEOUT):
+                entry = await self.storage.get_hostname(key)
+        except (StorageError, InvalidName, ValueError, trio.TooSlowError) as exc:
             log.debug("hostname registry: cannot look up %s yet: %s", name, exc)
             return
         if self.loaded:

@@ -115,3 +115,26 @@ async def test_a_short_removal_grace_ends_in_the_certificate_record_being_delete
             assert b"origin" in await get(p.port, "g.customer.test", p.ca_path)
             again = CertRecord.from_json((await storage.get(cert_key("g.customer.test"))) or b"")
             assert again.serial != first.serial  # the old one was really gone
+
+
+class HangingStorage(SlowListing):
+    """Storage down at start in the worst way: registry reads hang instead of failing."""
+
+    async def get_hostname(self, hostname: str) -> HostnameEntry | None:
+        await self.release.wait()
+        return await super().get_hostname(hostname)
+
+
+async def test_registry_storage_hanging_at_start_does_not_hold_handshakes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    up = await start_upstream(nursery, http_handler(b"the SNI route\n"))
+    storage = HangingStorage(tmp_path / "state")
+    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": [up.addr]}],
+                      on_demand={"allow": ["*.customer.test"], "registry": True})  # fmt: skip
+    with trio.fail_after(30):  # a handshake waiting on the hanging read would never end
+        async with running_proxy(tmp_path, cfg, storage=storage) as p:
+            assert p.ca_path is not None and not p.rt.hostnames.loaded
+            # The registry cannot say; the allow pattern still lets the name through.
+            assert b"the SNI route" in await get(p.port, "any.customer.test", p.ca_path)
+            storage.release.set()
