@@ -61,6 +61,18 @@ class ChallengeUnavailable(AcmeError):
         self.offered = offered
 
 
+class SolverError(AcmeError):
+    """A challenge solver could not put its answer in place (before the CA was asked).
+
+    ``reason`` is a short token for the status and its hint (e.g. ``dns_tsig_rejected``), so
+    the operator is told what to fix without the hint parsing the message.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class Subproblem:
     """One entry of a problem's ``subproblems`` (RFC 8555 s6.7.1): which identifier failed how."""

@@ -459,9 +459,14 @@ class AdminApp:
         return json_response(200, out, *headers)
 
     async def get_domain(self, req: Request) -> Response:
-        name = _normalized(req.params["name"])
+        raw = req.params["name"]
+        # A managed wildcard certificate's status is kept under its first name, "*.example.net".
+        wildcard = raw.startswith("*.")
+        name = _normalized(raw[2:] if wildcard else raw)
         if isinstance(name, Response):
             return name
+        if wildcard:
+            name = f"*.{name}"
         st = self.rt.certs.status(name)
         if st is not None:
             return json_response(200, status_to_dict(st, source="process"))

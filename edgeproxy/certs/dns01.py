@@ -41,7 +41,7 @@ import dns.tsigkeyring
 import dns.update
 import trio
 
-from ..acme.errors import AcmeError
+from ..acme.errors import SolverError
 from ..config import DnsZoneConfig, parse_hostport
 from ..errors import ConfigError
 
@@ -121,9 +121,9 @@ def zone_for(zones: Sequence[Zone], name: dns.name.Name) -> Zone | None:
     return best
 
 
-class DnsUpdateError(AcmeError):
+class DnsUpdateError(SolverError):
     """The challenge record could not be written or seen (an AcmeError: the issuer reports
-    it as a failed attempt for the name, with the backoff of any other)."""
+    it as a failed attempt for the name, typed by ``reason`` for the status's hint)."""
 
 
 class Dns01Solver:
@@ -146,8 +146,9 @@ class Dns01Solver:
         zone = zone_for(self._zones, target)
         if zone is None:
             raise DnsUpdateError(
+                "dns_zone_not_found",
                 f"{target} (the challenge record of {identifier}) is in none of the "
-                "[[acme.dns]] zones: add its zone, or CNAME _acme-challenge into one"
+                "[[acme.dns]] zones: add its zone, or CNAME _acme-challenge into one",
             )
         self._written[(identifier, token)] = (zone, target, value)
         upd = self._update(zone)
@@ -178,15 +179,19 @@ class Dns01Solver:
             response = await dns.asyncquery.tcp(upd, host, port=port, timeout=QUERY_TIMEOUT)
         except dns.tsig.PeerError as exc:
             raise DnsUpdateError(
+                "dns_tsig_rejected",
                 f"{what}: {host}:{port} rejected our TSIG key ({type(exc).__name__}; check "
-                "tsig_key_name, tsig_algorithm and the secret)"
+                "tsig_key_name, tsig_algorithm and the secret)",
             ) from None
         except (OSError, dns.exception.DNSException) as exc:
-            raise DnsUpdateError(f"{what}: update to {host}:{port} failed: {exc!r}") from None
+            raise DnsUpdateError(
+                "dns_update_failed", f"{what}: update to {host}:{port} failed: {exc!r}"
+            ) from None
         if response.rcode() != dns.rcode.NOERROR:
             raise DnsUpdateError(
+                "dns_update_refused",
                 f"{what}: {host}:{port} refused the update ({dns.rcode.to_text(response.rcode())}"
-                "; check the TSIG key and the zone's update-policy)"
+                "; check the TSIG key and the zone's update-policy)",
             )
 
     async def _ask(
@@ -203,10 +208,12 @@ class Dns01Solver:
             if cname is None:
                 return name
             if cname in seen:
-                raise DnsUpdateError(f"CNAME loop at {name}")
+                raise DnsUpdateError("dns_cname_loop", f"CNAME loop at {name}")
             seen.add(cname)
             name = cname
-        raise DnsUpdateError(f"more than {MAX_CNAME_HOPS} CNAMEs from {min(seen)}")
+        raise DnsUpdateError(
+            "dns_cname_loop", f"more than {MAX_CNAME_HOPS} CNAMEs from {min(seen)}"
+        )
 
     async def _cname(self, name: dns.name.Name) -> dns.name.Name | None:
         zone = zone_for(self._zones, name)
@@ -224,7 +231,9 @@ class Dns01Solver:
         except dns.resolver.NXDOMAIN:
             return None
         except (OSError, dns.exception.DNSException) as exc:
-            raise DnsUpdateError(f"cannot look up CNAME {name}: {exc!r}") from None
+            raise DnsUpdateError(
+                "dns_lookup_failed", f"cannot look up CNAME {name}: {exc!r}"
+            ) from None
         if rrset is None or rrset.rdtype != dns.rdatatype.CNAME:
             return None
         return rrset[0].target.derelativize(name.parent())  # type: ignore[no-any-return]
@@ -246,8 +255,9 @@ class Dns01Solver:
                     pause = min(pause * 2, POLL_CAP)
             return
         raise DnsUpdateError(
+            "dns_propagation_timeout",
             f"TXT {name} not answered by {', '.join(f'{h}:{p}' for h, p in sorted(pending))} "
-            f"within {zone.propagation_timeout:.0f}s"
+            f"within {zone.propagation_timeout:.0f}s",
         )
 
 

@@ -11,15 +11,22 @@ names are the operator's own, listed in the config, so nobody else is asked.
 
 One entry's issuance is held under a storage lease: the replica that takes it issues, the
 others find the new record when they get the lease (or at their next pass).
+
+Each entry's status (state, expiry, renewal time, last typed error and its hint) is written
+where on-demand names keep theirs (``status/<first name>.json``), so ``edgeproxy certs
+status '*.example.net'`` and ``GET /v1/domains/*.example.net`` answer for it too. A failure
+that is the setup's (a TSIG rejection, a zone not configured, the CA's validation) is counted
+as a failed order, never as a background-task error: those are for bugs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 import trio
 from cryptography import x509
@@ -28,12 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from OpenSSL import SSL
 
 from .. import metrics
-from ..errors import StorageError
-from ..issuers.base import IssuedCertificate, private_key_pem
+from ..errors import LockUnavailable, StorageError
+from ..issuers.base import IssuanceError, IssuedCertificate, private_key_pem
 from ..storage.base import Storage
-from ..storage.locks import hold_lock, make_owner_id
+from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import build_server_context, generate_private_key
+from .record import status_key
 from .static import StaticCertificates
+from .status import DomainStatus, State, hint_for
 
 log = logging.getLogger("edgeproxy.managed")
 
@@ -55,11 +64,29 @@ def storage_key(names: Sequence[str]) -> str:
     return f"managed/{names[0]}.json"
 
 
-def due(cert: x509.Certificate, now: float) -> bool:
+RENEWAL_SOURCE = "two-thirds"  # the status's renewal_source for a managed certificate
+
+
+def renew_at(cert: x509.Certificate) -> float:
     """Renew once two thirds of the lifetime have passed (a 90-day certificate at day 60)."""
     start = cert.not_valid_before_utc.timestamp()
     end = cert.not_valid_after_utc.timestamp()
-    return now >= start + (end - start) * 2 / 3
+    return start + (end - start) * 2 / 3
+
+
+def due(cert: x509.Certificate, now: float) -> bool:
+    return now >= renew_at(cert)
+
+
+def _typed(exc: Exception, issue_timeout: float) -> tuple[str, str, str | None]:
+    """(error type, detail, challenge type) of an expected failure, as the manager types them."""
+    if isinstance(exc, IssuanceError):
+        return exc.error_type, exc.detail, exc.challenge_type
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout", f"issuance took longer than {issue_timeout:.0f}s", None
+    if isinstance(exc, StorageError):
+        return "storage", str(exc), None
+    return "lock_timeout", str(exc), None
 
 
 class ManagedCertificates:
@@ -89,6 +116,8 @@ class ManagedCertificates:
         self._loaded: dict[tuple[str, ...], tuple[bytes, SSL.Context]] = {}
         self._index = StaticCertificates()
         self.errors: dict[tuple[str, ...], str] = {}
+        self._issuer_ids: dict[tuple[str, ...], str] = {}
+        self._status: dict[tuple[str, ...], DomainStatus] = {}
 
     def match(self, name: str) -> SSL.Context | None:
         return self._index.match(name)
@@ -105,27 +134,112 @@ class ManagedCertificates:
         """Load, issue or renew every entry; True when one failed (it is retried sooner)."""
         failed = False
         for names in self.entries:
-            try:
-                await self._ensure(names)
-            except Exception as exc:
+            if not await self._maintain(names):
                 failed = True
-                self.errors[names] = str(exc)
-                metrics.BACKGROUND_TASK_ERRORS.labels("managed").inc()
-                log.error("managed certificate for %s: %s", ", ".join(names), exc)
-            else:
-                self.errors.pop(names, None)
         return failed
 
-    async def _ensure(self, names: tuple[str, ...]) -> None:
+    def status(self, names: Sequence[str]) -> DomainStatus | None:
+        return self._status.get(tuple(names))
+
+    async def _maintain(self, names: tuple[str, ...]) -> bool:
+        try:
+            chain, ordered = await self._ensure(names)
+        except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
+            await self._failed(names, exc)
+            return False
+        except Exception as exc:  # a bug: counted as one, and the other entries still run
+            self.errors[names] = str(exc)
+            metrics.BACKGROUND_TASK_ERRORS.labels("managed").inc()
+            log.exception("managed certificate for %s: %s", ", ".join(names), exc)
+            return False
+        self.errors.pop(names, None)
+        if ordered:
+            metrics.ACME_ORDERS.labels("valid").inc()
+            if ordered == "renewed":
+                metrics.RENEWALS.labels("renewed").inc()
+        await self._set_status(names, "valid", **self._served(names, chain))
+        return True
+
+    def _served(
+        self, names: tuple[str, ...], chain: list[x509.Certificate] | None
+    ) -> dict[str, object]:
+        """The status fields that describe the certificate now served (none yet: empty)."""
+        if chain is None:
+            return {}
+        return {
+            "not_after": chain[0].not_valid_after_utc.timestamp(),
+            "renew_at": renew_at(chain[0]),
+            "renewal_source": RENEWAL_SOURCE,
+            "issuer": self._issuer_ids.get(names),
+            "challenge_type": "dns-01",
+        }
+
+    async def _failed(self, names: tuple[str, ...], exc: Exception) -> None:
+        error_type, detail, challenge = _typed(exc, self._issue_timeout)
+        self.errors[names] = f"{error_type}: {detail}"
+        # Counted like an on-demand order: a failed ACME order, and a failed renewal when a
+        # certificate is held; neither is a bug (background-task errors are for those).
+        renewing = names in self._loaded
+        if isinstance(exc, IssuanceError):
+            metrics.ACME_ORDERS.labels("failed").inc()
+            if renewing:
+                metrics.RENEWALS.labels("failed").inc()
+        log.error("managed certificate for %s: %s: %s", ", ".join(names), error_type, detail)
+        now = self._clock()
+        held = self._status.get(names)
+        serving = held is not None and held.not_after is not None and held.not_after > now
+        await self._set_status(
+            names,
+            "failing",
+            failures=(held.failures if held is not None else 0) + 1,
+            last_error=detail,
+            last_error_type=error_type,
+            hint=hint_for(
+                error_type,
+                detail,
+                challenge_type=challenge or "dns-01",
+                serving_until=held.not_after if serving and held is not None else None,
+            ),
+            next_attempt=now + min(RETRY_PAUSE, self._renew_interval),
+        )
+
+    async def _set_status(self, names: tuple[str, ...], state: State, **changes: object) -> None:
+        """Update the entry's status and store it when anything but the time changed."""
+        held = self._status.get(names)
+        if held is None or state == "valid":
+            st = DomainStatus(name=names[0], state=state, names=list(names))
+        else:
+            # An attempt or a failure keeps the certificate still served and the error count.
+            st = dataclasses.replace(held, state=state)
+        for key, value in changes.items():
+            setattr(st, key, value)
+        if held is not None:
+            st.updated_at = held.updated_at
+            if st == held:
+                return
+        st.updated_at = self._clock()
+        self._status[names] = st
+        try:
+            await self._storage.put(status_key(names[0]), st.to_json())
+        except StorageError as exc:
+            log.debug("could not persist status for %s: %s", names[0], exc)
+
+    async def _ensure(
+        self, names: tuple[str, ...]
+    ) -> tuple[list[x509.Certificate], Literal["", "issued", "renewed"]]:
+        """The entry's current chain, and whether this call ordered it (and renewed one)."""
         chain = await self._read(names)
         if chain is not None and not due(chain[0], self._clock()):
-            return
+            return chain, ""
         async with hold_lock(
             self._storage, f"managed-{names[0]}", owner=self._owner, ttl=self._lock_ttl, wait=60
         ):
             chain = await self._read(names)  # another replica may have just renewed it
             if chain is not None and not due(chain[0], self._clock()):
-                return
+                return chain, ""
+            await self._set_status(
+                names, "issuing" if chain is None else "renewing", **self._served(names, chain)
+            )
             key = cast(
                 CertificateIssuerPrivateKeyTypes,
                 generate_private_key(self._key_type),  # type: ignore[arg-type]
@@ -143,7 +257,11 @@ class ManagedCertificates:
             }
             await self._storage.put(storage_key(names), json.dumps(record).encode(), secret=True)
             log.info("managed certificate issued for %s", ", ".join(names))
-        await self._read(names)
+        ordered: Literal["issued", "renewed"] = "renewed" if chain is not None else "issued"
+        chain = await self._read(names)
+        if chain is None:
+            raise StorageError(f"{storage_key(names)} vanished right after it was written")
+        return chain, ordered
 
     async def _read(self, names: tuple[str, ...]) -> list[x509.Certificate] | None:
         """The stored chain for ``names``, loaded for serving when it changed."""
@@ -156,6 +274,7 @@ class ManagedCertificates:
             chain = x509.load_pem_x509_certificates(chain_pem)
             if tuple(d["names"]) != names:
                 return None  # the entry's names changed in the config: issue anew
+            self._issuer_ids[names] = str(d.get("issuer") or "")
             held = self._loaded.get(names)
             if held is None or held[0] != chain_pem:
                 key = serialization.load_pem_private_key(d["key_pem"].encode(), password=None)

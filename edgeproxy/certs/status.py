@@ -49,9 +49,35 @@ HINTS: dict[str, str] = {
     "storage": "storage failed: check the storage path/database is reachable and writable.",
     "lock_timeout": "another process held the issuance lock too long; it will be retried.",
     "timeout": "issuance did not finish in time; it is retried with backoff.",
+    # DNS-01 (``[[acme.dns]]``, managed certificates): our side of the challenge failed.
+    "dns_tsig_rejected": "the DNS server rejected edgeproxy's TSIG signature: check the zone's "
+    "tsig_key_name, tsig_algorithm and the secret in the variable named by tsig_secret_env "
+    "(e.g. EDGEPROXY_TSIG_SECRET) match the key the server has.",
+    "dns_update_refused": "the DNS server refused the update: check the TSIG key and the zone's "
+    "update-policy (it must let this key write TXT records, e.g. `grant KEY zonesub TXT;`), and "
+    "that [[acme.dns]] server is the zone's primary.",
+    "dns_update_failed": "the DNS update could not be sent: check that the zone's [[acme.dns]] "
+    "server is its primary and is reachable over TCP from this node.",
+    "dns_zone_not_found": "the challenge record (_acme-challenge.NAME, after its CNAMEs) is "
+    "outside every configured [[acme.dns]] zone: add that zone with a TSIG key, or CNAME "
+    "_acme-challenge.NAME into a zone that is configured.",
+    "dns_cname_loop": "the CNAME chain from _acme-challenge.NAME loops or is too long: fix the "
+    "records so it ends at a name inside one of the [[acme.dns]] zones.",
+    "dns_lookup_failed": "the CNAME of _acme-challenge.NAME could not be looked up: check "
+    "acme.dns_resolver (or the zone's server) answers from this node.",
+    "dns_propagation_timeout": "the TXT record was written, but the servers named in the error "
+    "did not answer it within propagation_timeout: check those secondaries get the zone's "
+    "updates (NOTIFY/transfer) and are the right check_servers, or raise propagation_timeout.",
     "challenge_unavailable": "the CA offers none of the challenge types in acme.challenges "
     "for this name (it lists the ones it offers); add one of them to acme.challenges.",
 }
+
+_DNS01_VALIDATION = (
+    "the CA looked up the TXT record at _acme-challenge.NAME and did not find edgeproxy's "
+    "value: the servers the CA asks (the zone's NS records) must serve the zone edgeproxy "
+    "updated; list every secondary in check_servers so edgeproxy waits for all of them, and "
+    "check a _acme-challenge CNAME points into the configured zone."
+)
 
 # Problem types that mean "the CA tried to validate and it did not work".
 _VALIDATION_TYPES = frozenset({"connection", "tls", "incorrectResponse", "unauthorized"})
@@ -149,8 +175,11 @@ def hint_for(
     if not error_type:
         return None
     failure = validation_failure(error_type, detail)
-    if failure is not None:
-        hint: str | None = _validation_hint(failure, challenge_type, listen_ports)
+    if challenge_type == "dns-01" and (failure is not None or _short(error_type) == "dns"):
+        # No port is involved: the CA looked the TXT record up and did not get our value.
+        hint: str | None = _DNS01_VALIDATION
+    elif failure is not None:
+        hint = _validation_hint(failure, challenge_type, listen_ports)
     else:
         hint = HINTS.get(_short(error_type))
     if serving_until is not None:
@@ -168,7 +197,7 @@ class DomainStatus:
     state: State
     not_after: float | None = None
     renew_at: float | None = None
-    renewal_source: str | None = None  # "ari" | "backstop" | "expiring"
+    renewal_source: str | None = None  # "ari" | "backstop" | "expiring" | "two-thirds"
     renewal_reason: str | None = None  # why that source (e.g. the CA's ARI error)
     ari_window: tuple[float, float] | None = None
     next_attempt: float | None = None
@@ -178,6 +207,7 @@ class DomainStatus:
     hint: str | None = None
     issuer: str | None = None
     challenge_type: str | None = None  # the ACME challenge that validated the current certificate
+    names: list[str] | None = None  # a managed certificate's names (``name`` is the first)
     updated_at: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 

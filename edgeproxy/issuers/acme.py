@@ -34,6 +34,7 @@ from ..acme.errors import (
     AcmeTransportError,
     ChallengeUnavailable,
     OrderInvalid,
+    SolverError,
     Subproblem,
 )
 from ..config import AcmeIssuerConfig
@@ -285,6 +286,9 @@ class AcmeIssuer:
             return IssuanceError(
                 said.type, said.detail, retry_after=exc.retry_after, earlier=before
             )
+        if isinstance(exc, SolverError):
+            # Our side of the challenge failed (e.g. the DNS update): typed for the hint.
+            return IssuanceError(exc.reason, str(exc), earlier=before)
         if isinstance(exc, AcmeTransportError):
             return IssuanceError("unreachable", f"{self.directory}: {exc}", earlier=before)
         return IssuanceError("acme", str(exc), earlier=before)

@@ -12,27 +12,46 @@ left in bind.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from cryptography import x509
+from prometheus_client import REGISTRY
 
 from edgeproxy.app import build_managed
 from edgeproxy.config import load_config_data
 from edgeproxy.storage.file import FileStorage
+from tests.integration.test_certs_cli import cli
 from tests.integration.test_on_demand_acme import BODY, acme_config, curl, peer_cert
 from tests.support.bind import KEY_NAME, Named, named_available, start_named
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port
 from tests.support.proxy import running_proxy
+from tests.support.tomlw import toml_dumps
 from tests.support.upstreams import http_handler, start_upstream
 
 pytestmark = pytest.mark.skipif(
     not named_available(), reason="Debian bind9 not installed (tests/run installs it)"
 )
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def cli_config(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    """The config file the CLI reads statuses with: the same storage (our TOML writer has no
+    arrays of tables, and the CLI does not need [[acme.dns]] / [[acme.managed]])."""
+    acme = {k: v for k, v in cfg["acme"].items() if k not in ("dns", "managed")}
+    path = tmp_path / "edgeproxy.toml"
+    path.write_text(toml_dumps({**cfg, "acme": acme}))
+    return path
+
 
 DELEGATED = "_acme-challenge.shop.customer.test"
 TARGET = "shop.acme.deleg.test"
@@ -114,6 +133,16 @@ async def test_wildcard_and_delegated_cname_via_dns01(
         # Nothing was ordered on demand for them: the managed certificate answered.
         assert p.rt.certs.status("a.wild.test") is None
 
+        config = cli_config(tmp_path, cfg)
+        res = await cli("certs", "status", "*.wild.test", "--json", "-c", str(config))
+        assert res.returncode == 0, res.stderr.decode()
+        wild = json.loads(res.stdout)
+        leaf = await peer_cert(p.port, "a.wild.test", roots)
+        assert (wild["state"], wild["names"]) == ("valid", ["*.wild.test", "wild.test"]), wild
+        assert wild["not_after"] == leaf.not_valid_after_utc.timestamp()
+        assert wild["renewal_source"] == "two-thirds" and wild["issuer"]
+        assert wild["renew_at"] < wild["not_after"] and wild["last_error"] is None
+
         # Renewal: once two thirds of the lifetime have passed, the next pass orders anew and
         # the new certificate is served.
         first = await peer_cert(p.port, "a.wild.test", roots)
@@ -174,13 +203,33 @@ async def test_bad_dns_setups_fail_with_their_reason(
         )
         managed = build_managed(load_config_data(cfg), FileStorage(tmp_path / "state"))
         assert managed is not None
+        orders_failed = sample("edgeproxy_acme_orders_total", outcome="failed")
+        bugs = sample("edgeproxy_background_task_errors_total", task="managed")
         assert await managed.maintain_once()
+        # Setup mistakes are failed orders, not bugs.
+        assert sample("edgeproxy_acme_orders_total", outcome="failed") == orders_failed + 3
+        assert sample("edgeproxy_background_task_errors_total", task="managed") == bugs
         errors = {names[0]: text for names, text in managed.errors.items()}
         assert "rejected our TSIG key" in errors["*.bad.wild.test"], errors
         assert "CNAME loop" in errors["loop.wild.test"], errors
         assert "none of the [[acme.dns]] zones" in errors["www.other.test"], errors
         for sni in ("a.bad.wild.test", "loop.wild.test", "www.other.test"):
             assert managed.match(sni) is None
+        # The per-domain status says what is wrong and how to fix it, keyed by the first name.
+        config = cli_config(tmp_path, cfg)
+        res = await cli("certs", "status", "*.bad.wild.test", "--json", "-c", str(config))
+        assert res.returncode == 0, res.stderr.decode()
+        bad = json.loads(res.stdout)
+        assert (bad["state"], bad["last_error_type"]) == ("failing", "dns_tsig_rejected"), bad
+        assert bad["names"] == ["*.bad.wild.test"] and bad["failures"] == 1
+        assert "tsig_key_name" in bad["hint"] and "secret" in bad["hint"], bad
+        assert bad["not_after"] is None
+        res = await cli("certs", "list", "--json", "-c", str(config))
+        rows = {r["name"]: r for r in json.loads(res.stdout)}
+        assert rows["loop.wild.test"]["last_error_type"] == "dns_cname_loop"
+        assert "CNAME chain" in rows["loop.wild.test"]["hint"]
+        assert rows["www.other.test"]["last_error_type"] == "dns_zone_not_found"
+        assert "outside every configured" in rows["www.other.test"]["hint"]
         for name in ("_acme-challenge.bad.wild.test", "_acme-challenge.www.other.test"):
             assert await trio.to_thread.run_sync(server.txt, name) == []
     finally:

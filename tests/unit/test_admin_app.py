@@ -673,3 +673,18 @@ def test_a_metrics_token_that_would_guard_nothing_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="token"):
         make_admin_app(rt, token=token, metrics_token=metrics_token)
+
+
+async def test_a_managed_wildcard_is_found_under_its_first_name(
+    client: httpx.AsyncClient, storage: FileStorage
+) -> None:
+    st = DomainStatus("*.example.net", "failing", last_error_type="dns_tsig_rejected")
+    st.names = ["*.example.net", "example.net"]
+    await store_status(storage, st)
+    r = await client.get("/v1/domains/*.Example.NET")
+    assert r.status_code == 200
+    assert (r.json()["name"], r.json()["names"]) == ("*.example.net", st.names)
+    assert r.json()["last_error_type"] == "dns_tsig_rejected"
+    # Only "*." as a whole first label: anything else is still not a hostname.
+    assert (await client.get("/v1/domains/*example.net")).status_code == 400
+    assert (await client.get("/v1/domains/*.*.example.net")).status_code == 400

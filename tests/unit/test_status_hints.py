@@ -85,3 +85,20 @@ def test_no_error_no_hint() -> None:
 def test_a_ca_offering_none_of_our_challenge_types_says_so() -> None:
     hint = hint_for("challenge_unavailable", "no http-01 challenge for 'a' (CA offered: dns-01)")
     assert hint is not None and "acme.challenges" in hint
+
+
+def test_dns01_failures_get_hints_about_the_dns_setup() -> None:
+    assert "tsig_secret_env" in (hint_for("dns_tsig_rejected") or "")
+    assert "update-policy" in (hint_for("dns_update_refused") or "")
+    assert "outside every configured" in (hint_for("dns_zone_not_found") or "")
+    assert "loops" in (hint_for("dns_cname_loop") or "")
+    assert "propagation_timeout" in (hint_for("dns_propagation_timeout") or "")
+
+
+@pytest.mark.parametrize("kind", ["unauthorized", "incorrectResponse", "dns", "connection"])
+def test_a_failed_dns01_validation_is_about_the_txt_record_not_a_port(kind: str) -> None:
+    hint = hint_for(f"{ACME}{kind}", "No TXT records found", challenge_type="dns-01") or ""
+    assert "TXT record" in hint and "check_servers" in hint
+    assert "port" not in hint
+    # The same problem for an on-demand challenge still points at the ports.
+    assert "port 443" in (hint_for(f"{ACME}unauthorized", "x", challenge_type="tls-alpn-01") or "")
