@@ -165,8 +165,9 @@ async def test_wildcard_and_delegated_cname_via_dns01(
 async def test_bad_dns_setups_fail_with_their_reason(
     tmp_path: Path, make_pebble: Callable[..., Pebble], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A wrong TSIG secret, a CNAME loop and a challenge name outside every zone: each entry
-    fails with its own reason, nothing is issued, and no TXT is left behind."""
+    """A wrong TSIG secret, a CNAME loop, a challenge name outside every zone and a secondary
+    that never answers the TXT: each entry fails with its own typed reason and hint in its
+    status, counted as a failed order, nothing is issued, and no TXT is left behind."""
     server = start_named(
         tmp_path,
         {
@@ -182,6 +183,7 @@ async def test_bad_dns_setups_fail_with_their_reason(
         monkeypatch.setenv("EP_TEST_TSIG", server.key_secret)
         monkeypatch.setenv("EP_WRONG_TSIG", base64.b64encode(b"w" * 32).decode())
         zone = {"server": server.address, "tsig_key_name": KEY_NAME, "propagation_timeout": 5}
+        silent = f"127.0.0.1:{free_port()}"
         cfg = acme_config(
             tmp_path,
             free_port(),
@@ -190,7 +192,14 @@ async def test_bad_dns_setups_fail_with_their_reason(
             "127.0.0.1:9",
             acme={
                 "dns": [
-                    {"zone": "wild.test", "tsig_secret_env": "EP_TEST_TSIG", **zone},
+                    # A secondary that never answers: the TXT is written, never seen there.
+                    {
+                        "zone": "wild.test",
+                        "tsig_secret_env": "EP_TEST_TSIG",
+                        **zone,
+                        "check_servers": [silent],
+                        "propagation_timeout": 1,
+                    },
                     {"zone": "bad.wild.test", "tsig_secret_env": "EP_WRONG_TSIG", **zone},
                 ],
                 "dns_resolver": server.address,
@@ -198,6 +207,7 @@ async def test_bad_dns_setups_fail_with_their_reason(
                     {"names": ["*.bad.wild.test"]},
                     {"names": ["loop.wild.test"]},
                     {"names": ["www.other.test"]},
+                    {"names": ["slow.wild.test"]},
                 ],
             },
         )
@@ -207,7 +217,7 @@ async def test_bad_dns_setups_fail_with_their_reason(
         bugs = sample("edgeproxy_background_task_errors_total", task="managed")
         assert await managed.maintain_once()
         # Setup mistakes are failed orders, not bugs.
-        assert sample("edgeproxy_acme_orders_total", outcome="failed") == orders_failed + 3
+        assert sample("edgeproxy_acme_orders_total", outcome="failed") == orders_failed + 4
         assert sample("edgeproxy_background_task_errors_total", task="managed") == bugs
         errors = {names[0]: text for names, text in managed.errors.items()}
         assert "rejected our TSIG key" in errors["*.bad.wild.test"], errors
@@ -230,7 +240,14 @@ async def test_bad_dns_setups_fail_with_their_reason(
         assert "CNAME chain" in rows["loop.wild.test"]["hint"]
         assert rows["www.other.test"]["last_error_type"] == "dns_zone_not_found"
         assert "outside every configured" in rows["www.other.test"]["hint"]
-        for name in ("_acme-challenge.bad.wild.test", "_acme-challenge.www.other.test"):
+        slow = rows["slow.wild.test"]
+        assert slow["last_error_type"] == "dns_propagation_timeout", slow
+        assert silent in slow["last_error"] and "propagation_timeout" in slow["hint"]
+        for name in (
+            "_acme-challenge.bad.wild.test",
+            "_acme-challenge.www.other.test",
+            "_acme-challenge.slow.wild.test",
+        ):
             assert await trio.to_thread.run_sync(server.txt, name) == []
     finally:
         server.stop()
