@@ -59,7 +59,17 @@ from ..tls.identities import IdentityContexts
 from . import history
 from .managed import ManagedCertificates
 from .policy import OnDemandPolicy, TokenBucket
-from .record import AriState, CertRecord, RecordError, ari_key, cert_key, lock_name, status_key
+from .record import (
+    AriState,
+    Backoff,
+    CertRecord,
+    RecordError,
+    ari_key,
+    backoff_key,
+    cert_key,
+    lock_name,
+    status_key,
+)
 from .renewal import RenewalPlan, backoff_delay, plan_renewal
 from .static import StaticCertificates
 from .status import DomainStatus, State, hint_for
@@ -535,6 +545,12 @@ class CertificateManager:
                     if current is not None and not force and self._still_good(current, old):
                         self._install(current)
                         return current
+                    shared = await self._stored_backoff(name)
+                    if shared is not None and shared.next_attempt > self.clock():
+                        # Another worker or replica (or this process before a restart) failed
+                        # for this name: wait as it does (forced orders too).
+                        self._adopt_backoff(name, shared, renewing)
+                        return None
                     replacing = None
                     if old is not None and await self._replaces_allowed(old):
                         replacing = old.chain_pem.encode()
@@ -545,7 +561,14 @@ class CertificateManager:
                     # The challenge type that worked last time goes first (a CDN in front
                     # may break TLS-ALPN-01 for good; no need to learn that on every renewal).
                     prefer = old.challenge_type if old is not None else None
-                    issued = await self.issuer.issue(name, key, replacing=replacing, prefer=prefer)
+                    try:
+                        issued = await self.issuer.issue(
+                            name, key, replacing=replacing, prefer=prefer
+                        )
+                    except IssuanceError as exc:
+                        # Recorded before the lease is released: whoever takes it next sees it.
+                        await self._store_backoff(name, shared, exc.retry_after)
+                        raise
                     rec = CertRecord.build(
                         name,
                         issued.issuer_id,
@@ -585,6 +608,7 @@ class CertificateManager:
             await self._remember(name, renewing, st)
             return None
         try:
+            await self.storage.delete(backoff_key(name))
             # Into the next-action index: the next pass plans it (and asks for its ARI window).
             await self.storage.set_due(name, self.clock())
         except StorageError as exc:
@@ -604,6 +628,44 @@ class CertificateManager:
         )
         self._install(rec)
         return rec
+
+    async def _stored_backoff(self, name: str) -> Backoff | None:
+        raw = await self.storage.get(backoff_key(name))
+        if raw is None:
+            return None
+        try:
+            return Backoff.from_json(raw)
+        except RecordError:
+            return None  # unreadable: as if none (the next failure rewrites it)
+
+    async def _store_backoff(
+        self, name: str, previous: Backoff | None, retry_after: float | None
+    ) -> None:
+        failures = (previous.failures if previous is not None else 0) + 1
+        delay = backoff_delay(failures - 1, base=self.backoff_base, cap=self.backoff_max)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        try:
+            await self.storage.put(
+                backoff_key(name), Backoff(failures, self.clock() + delay).to_json()
+            )
+        except StorageError as exc:
+            log.warning("could not record the backoff for %s: %s", name, exc)
+
+    def _adopt_backoff(self, name: str, shared: Backoff, renewing: bool) -> None:
+        st = self._status.get(name)
+        if st is not None and st.next_attempt == shared.next_attempt:
+            return
+        self._set_status(
+            name,
+            state="renewing" if renewing else "failing",
+            failures=shared.failures,
+            next_attempt=shared.next_attempt,
+            last_error=(st.last_error if st is not None and st.last_error else
+                        f"{shared.failures} failed attempt(s) recorded in storage"),
+            last_error_type=(st.last_error_type if st is not None and st.last_error_type
+                             else "backoff"),
+        )  # fmt: skip
 
     async def _remember(self, name: str, renewing: bool, failed: DomainStatus | None) -> None:
         """Append this attempt to the name's bounded history (the status page shows it)."""
@@ -922,7 +984,7 @@ class CertificateManager:
                 continue
             name = entry.hostname
             try:
-                for key in (cert_key(name), status_key(name), ari_key(name),
+                for key in (cert_key(name), status_key(name), ari_key(name), backoff_key(name),
                             history.history_key(name), expiring_key(name)):  # fmt: skip
                     await self.storage.delete(key)
                 await self.storage.clear_due(name)

@@ -28,6 +28,32 @@ def status_key(name: str) -> str:
     return f"status/{name}.json"
 
 
+def backoff_key(name: str) -> str:
+    """Failed attempts and the next allowed one, shared by every process (``Backoff``)."""
+    return f"backoff/{name}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Consecutive failed orders for a name and when the next may start: written under the
+    name's lease before it is released, read under it before ordering, so no worker or replica
+    (nor a restart) orders before ``next_attempt``."""
+
+    failures: int
+    next_attempt: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Backoff:
+        try:
+            d = json.loads(raw)
+            return cls(int(d["failures"]), float(d["next_attempt"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RecordError(f"unparseable backoff record: {exc}") from None
+
+
 def ari_key(name: str) -> str:
     """ARI state lives apart from the record: refreshing it must never race a renewal's write."""
     return f"ari/{name}.json"
