@@ -148,10 +148,16 @@ async def test_wildcard_and_delegated_cname_via_dns01(
         first = await peer_cert(p.port, "a.wild.test", roots)
         life = first.not_valid_after_utc.timestamp() - first.not_valid_before_utc.timestamp()
         managed._clock = lambda: first.not_valid_before_utc.timestamp() + life * 0.7
+        renewals = sample("edgeproxy_certificate_renewals_total", outcome="renewed")
         assert not await managed.maintain_once(), managed.errors
         renewed = await peer_cert(p.port, "a.wild.test", roots)
         assert renewed.serial_number != first.serial_number
         assert sans(renewed) == {"*.wild.test", "wild.test"}
+        # Both entries renewed, counted like on-demand renewals; the status follows the new one.
+        assert sample("edgeproxy_certificate_renewals_total", outcome="renewed") == renewals + 2
+        st = managed.status(("*.wild.test", "wild.test"))
+        assert st is not None and st.state == "valid"
+        assert st.not_after == renewed.not_valid_after_utc.timestamp()
 
     # The challenge records are gone (the delegated one from the CNAME's target zone).
     for name in ("_acme-challenge.wild.test", DELEGATED, TARGET):
