@@ -54,6 +54,8 @@ PAGE = 50
 #: How long a sign-in lasts (seconds); the browser forgets the cookie sooner when it closes.
 SESSION_TTL = 12 * 3600
 COOKIE = "edgeproxy_ui"
+#: Seconds the first page load waits for the first count by state (then: "counting").
+FIRST_COUNT_WAIT = 2.0
 #: Seconds the doctor may take for one name before the page gives up waiting.
 DOCTOR_DEADLINE = 60.0
 #: Largest sign-in form body (a token and the field name).
@@ -229,7 +231,12 @@ class StatusPage:
             query = ""
         if after is not None and (len(after) > MAX_QUERY or not set(after) <= _SEARCH_CHARS):
             after = None
-        counts = await self.index.counts()
+        counted = await self.index.ensure(FIRST_COUNT_WAIT)
+        counts = self.index.counts() if counted else None
+        if state is not None and not counted:
+            problems.append("still counting hostnames by state: the filter works once that is "
+                            "done (reload in a few seconds)")  # fmt: skip
+            state = None
         names, more = await self._page_names(state, query, after)
         rows = await self._describe(names)
         next_url = None
@@ -240,7 +247,7 @@ class StatusPage:
             "index.html",
             400 if problems else 200,
             counts=counts,
-            total=sum(counts.values()),
+            total=sum(counts.values()) if counts is not None else None,
             states=STATES,
             state=state,
             query=query,
@@ -301,7 +308,7 @@ class StatusPage:
     ) -> tuple[list[HostnameEntry], bool]:
         """One page of entries in hostname order and whether more follow (keyset paging)."""
         if state is not None:
-            names, more = await self.index.page(state, query, after, PAGE)
+            names, more = self.index.page(state, query, after, PAGE)
             entries = [await self.rt.storage.get_hostname(n) for n in names]
             return [e for e in entries if e is not None], more
         start = after if after is not None else prefix_start(query)

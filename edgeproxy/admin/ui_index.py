@@ -5,9 +5,12 @@ exactly (``hostnames.describe_hostname``) costs two storage reads and a certific
 fine for a page of rows but not for every name on every page load. So the index keeps what it
 needs in memory: the registry mirror already holds every entry, this process's manager holds
 its statuses, and the statuses other processes stored are read once and then only when their
-``modified`` time changes (one storage listing per refresh). A refresh runs at most every
-``REFRESH`` seconds, single-flight; the names of each state are kept sorted, so a page of a
-state filter (with a name prefix) is a bisection.
+``modified`` time changes (one storage listing per refresh). A page load older than
+``REFRESH`` seconds starts a refresh in the background and is answered from the index it has
+(the page says when it was counted): with 100,000 stored statuses the first count reads them
+all (tens of seconds on the file backend) and each refresh lists them (a second or two), too
+slow to make a page wait. The names of each state are kept sorted, so a page of a state filter
+(with a name prefix) is a bisection.
 
 The state rule is ``hostnames.hostname_state`` with the status's ``not_after`` standing for the
 certificate record's: the rows on the page are described exactly, so a name whose state moved
@@ -31,8 +34,8 @@ from .hostnames import STATES
 
 log = logging.getLogger("edgeproxy.admin")
 
-#: Seconds a computed index is reused.
-REFRESH = 5.0
+#: Seconds a computed index is served before a page load starts a refresh in the background.
+REFRESH = 30.0
 #: Parallel storage reads while (re)reading stored statuses.
 READ_CONCURRENCY = 16
 #: Entries per storage page when the registry mirror has not loaded yet.
@@ -75,17 +78,31 @@ class StateIndex:
         self.counted_at: float | None = None
         self._stored: dict[str, tuple[float, DomainStatus | None]] = {}
         self._by_state: dict[str, list[str]] = {s: [] for s in STATES}
-        self._lock = trio.Lock()
+        self._refreshing = False
+        self._ready = trio.Event()
 
-    async def counts(self) -> dict[str, int]:
-        await self._fresh()
+    async def ensure(self, wait: float) -> bool:
+        """Start a refresh in the background when the index is older than ``REFRESH``; wait
+        up to ``wait`` seconds for the first one. True when an index exists (maybe stale):
+        page loads never wait for a refresh, only the very first for up to ``wait``."""
+        if not self._refreshing and (
+            self.counted_at is None or self.clock() - self.counted_at >= REFRESH
+        ):
+            self._refreshing = True
+            # A system task: the page answers now, the refresh outlives the request.
+            trio.lowlevel.spawn_system_task(self._refresh_task)
+        if self.counted_at is None:
+            with trio.move_on_after(wait):
+                await self._ready.wait()
+        return self.counted_at is not None
+
+    def counts(self) -> dict[str, int]:
         return {s: len(names) for s, names in self._by_state.items()}
 
-    async def page(
+    def page(
         self, state: str, prefix: str, after: str | None, limit: int
     ) -> tuple[list[str], bool]:
         """Up to ``limit`` names in ``state`` starting with ``prefix``, after ``after``."""
-        await self._fresh()
         names = self._by_state.get(state, [])
         cursor = after if after is not None else prefix_start(prefix)
         i = bisect.bisect_right(names, cursor) if cursor is not None else 0
@@ -98,23 +115,29 @@ class StateIndex:
             found.append(name)
         return found, False
 
-    async def _fresh(self) -> None:
-        async with self._lock:  # single-flight: concurrent page loads share one refresh
-            if self.counted_at is not None and self.clock() - self.counted_at < REFRESH:
-                return
-            try:
-                await self._refresh_stored()
-            except StorageError as exc:
-                log.warning("status page: cannot list stored statuses: %s", exc)
-            entries = await self._entries()
-            now = self.clock()
-            by_state: dict[str, list[str]] = {s: [] for s in STATES}
-            for entry in sorted(entries, key=lambda e: e.hostname):
-                name = entry.hostname
-                st = self.certs.status(name) or self._stored.get(name, (0.0, None))[1]
-                by_state[entry_state(entry, st, now)].append(name)
-            self._by_state = by_state
-            self.counted_at = now
+    async def _refresh_task(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:
+            log.exception("status page: counting hostnames by state failed")
+        finally:
+            self._refreshing = False
+
+    async def refresh(self) -> None:
+        try:
+            await self._refresh_stored()
+        except StorageError as exc:
+            log.warning("status page: cannot list stored statuses: %s", exc)
+        entries = await self._entries()
+        now = self.clock()
+        by_state: dict[str, list[str]] = {s: [] for s in STATES}
+        for entry in sorted(entries, key=lambda e: e.hostname):
+            name = entry.hostname
+            st = self.certs.status(name) or self._stored.get(name, (0.0, None))[1]
+            by_state[entry_state(entry, st, now)].append(name)
+        self._by_state = by_state
+        self.counted_at = now
+        self._ready.set()
 
     async def _entries(self) -> Iterable[HostnameEntry]:
         if getattr(self.registry, "loaded", False):

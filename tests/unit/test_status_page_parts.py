@@ -110,3 +110,57 @@ def test_entry_state_follows_the_status() -> None:
     assert entry_state(live, None, 50.0) == "pending"
     for s in ("issuing", "failing", "denied"):
         assert entry_state(live, DomainStatus("a.example.test", s, not_after=100.0), 50.0) == s  # type: ignore[arg-type]
+
+
+class GatedStorage:
+    """Storage whose status listing waits for ``gate``: a recount in progress, held open."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def list(self, prefix: str) -> list[object]:
+        await self.gate.wait()
+        return []
+
+    async def get(self, key: str) -> bytes | None:
+        return None
+
+
+class Mirror:
+    loaded = True
+
+    def __init__(self) -> None:
+        self.items: list[HostnameEntry] = []
+
+    def entries(self) -> list[HostnameEntry]:
+        return list(self.items)
+
+
+class NoStatuses:
+    def status(self, name: str) -> None:
+        return None
+
+
+async def test_the_index_never_makes_a_page_wait_for_a_recount() -> None:
+    from edgeproxy.admin.ui_index import REFRESH, StateIndex
+
+    storage, mirror, now = GatedStorage(), Mirror(), [1000.0]
+    mirror.items.append(HostnameEntry("a.example.test", None, "{}", 1.0))
+    index = StateIndex(storage, mirror, NoStatuses(), clock=lambda: now[0])
+    assert await index.ensure(0.05) is False  # the first count is still running
+    storage.gate.set()
+    with trio.fail_after(10):
+        while not await index.ensure(0):
+            await trio.sleep(0.01)
+    assert index.counts()["pending"] == 1
+
+    mirror.items.append(HostnameEntry("b.example.test", None, "{}", 1.0))
+    storage.gate = trio.Event()  # the next recount hangs until we open it
+    now[0] += REFRESH + 1
+    with trio.fail_after(5):  # answered from the old count at once, recount in the background
+        assert await index.ensure(10) is True
+    assert index.counts()["pending"] == 1
+    storage.gate.set()
+    with trio.fail_after(10):
+        while index.counts()["pending"] != 2:
+            await trio.sleep(0.01)
