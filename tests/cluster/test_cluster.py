@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psycopg
 from cryptography import x509
 
@@ -167,3 +168,39 @@ def test_postgres_restart_during_traffic(cluster: Cluster) -> None:
         time.sleep(1)
     assert r.returncode == 0, r.stderr
     Path(cluster.tmp / "done").write_text("ok")
+
+
+def test_a_failing_name_stays_within_its_validation_budget(cluster: Cluster) -> None:
+    # The name resolves (pebble's DNS) to an address where nothing listens: every validation
+    # fails. Visitors ask every replica for 40 s, all three restart, 40 s more: the backoff
+    # in storage keeps the validations at pebble within Let's Encrypt's 5 per hostname per
+    # hour, however many replicas and restarts (each on its own would retry at once).
+    name = "dead-cname.example.test"
+    port = cluster.pebble.dns_management_port
+    assert port
+    add = httpx.post(f"http://127.0.0.1:{port}/add-a",
+                     json={"host": name, "addresses": ["127.0.0.77"]}, timeout=10)  # fmt: skip
+    assert add.status_code == 200, add.text
+
+    def visit_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for ip in REPLICA_IPS:
+                try:
+                    replica_cert(cluster, ip, name)
+                    raise AssertionError(f"{name} was served by {ip}")
+                except (ssl.SSLError, OSError):
+                    pass  # refused: no certificate
+            time.sleep(0.5)
+
+    visit_for(40)
+    before_restart = validations(cluster, name)
+    assert before_restart >= 1  # it was tried
+    for ip in REPLICA_IPS:
+        cluster.kill_replica(ip)
+    for ip in REPLICA_IPS:
+        cluster.start_replica(ip)
+    visit_for(40)
+    total = validations(cluster, name)
+    print(f"validation attempts for {name}: {before_restart} before the restart, {total} in all")
+    assert total <= 5

@@ -101,6 +101,7 @@ class Pebble:
     tls_port: int
     dns_port: int
     workdir: Path
+    dns_management_port: int = 0  # pebble-challtestsrv's HTTP management (0: not ours)
     process: subprocess.Popen[bytes] | None = None
     dns_process: subprocess.Popen[bytes] | None = None
 
@@ -233,6 +234,7 @@ def start_pebble(
         https_ca=ca,
         tls_port=tls_port,
         dns_port=dns_port,
+        dns_management_port=dns_mgmt_port if dns_server is None else 0,
         workdir=workdir,
     )
     # Only the mock DNS: every A query answers 127.0.0.1 and AAAA nothing, so pebble's VA
