@@ -115,8 +115,12 @@ EXPIRING_NOTICE = 7 * 86400.0
 
 @dataclass(slots=True)
 class _Cached:
+    """What a cached name keeps: the identity it is served with, and of its record only what
+    is asked of it without a storage read (maintenance reads the full record when due)."""
+
     ctx: ServerIdentity
-    record: CertRecord
+    serial: str
+    not_after: float
     # When to look in storage for a successor (its renewal time, then every RECHECK_INTERVAL).
     recheck_at: float = 0.0
 
@@ -296,7 +300,7 @@ class CertificateManager:
             self.invalidate(name)
             return
         cached = self._cache.get(name)
-        if cached is None or cached.record.serial != rec.serial:
+        if cached is None or cached.serial != rec.serial:
             log.info("loaded new certificate for %s stored by another replica", name)
             self._install(rec)
 
@@ -720,12 +724,12 @@ class CertificateManager:
         # here: the registry says the name is back.)
         denied = st is not None and st.state == "denied" and st.not_after == rec.not_after
         current = self._cache.get(rec.name)
-        if current is not None and current.record.serial == rec.serial:
+        if current is not None and current.serial == rec.serial:
             self._cache.move_to_end(rec.name)
         else:
             ident = self._identities.identity(rec.chain(), rec.private_key())
             recheck = plan_renewal(rec.not_before, rec.not_after, self.clock()).at
-            self._cache[rec.name] = _Cached(ident, rec, recheck_at=recheck)
+            self._cache[rec.name] = _Cached(ident, rec.serial, rec.not_after, recheck_at=recheck)
             self._push_recheck(recheck, rec.name)
             if self.per_domain_metrics and not denied:
                 metrics.CERTIFICATE_EXPIRY.labels(rec.name).set(rec.not_after)
@@ -888,7 +892,7 @@ class CertificateManager:
             return
         self._recheck_cached(now)
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
-        expiries = [c.record.not_after for n, c in self._cache.items() if not self._unwanted(n)]
+        expiries = [c.not_after for n, c in self._cache.items() if not self._unwanted(n)]
         expiries.extend(self._overdue.values())
         metrics.CERTIFICATE_EARLIEST_EXPIRY.set(min(expiries) if expiries else 0)
         metrics.RENEWALS_DUE.set(len(self._overdue))
@@ -1000,7 +1004,7 @@ class CertificateManager:
         action time, or None when it is no longer managed; whether a renewal was tried)."""
         rec = await self._load(name)
         cached = self._cache.get(name)
-        if rec is not None and cached is not None and cached.record.serial != rec.serial:
+        if rec is not None and cached is not None and cached.serial != rec.serial:
             log.info("picked up new certificate for %s stored by another process", name)
             self._install(rec)
         if rec is None:
@@ -1038,7 +1042,7 @@ class CertificateManager:
     async def _current_serial(self, name: str) -> str | None:
         cached = self._cache.get(name)
         if cached is not None:
-            return cached.record.serial
+            return cached.serial
         current = await self._load(name)
         return current.serial if current is not None else None
 

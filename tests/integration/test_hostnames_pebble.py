@@ -145,7 +145,7 @@ async def test_renewal_after_removal_from_ask_or_registry_makes_no_order(
             while (st := p.rt.certs.status("asked.customer.test")) is None or st.state != "denied":
                 await trio.sleep(0.1)
         assert st.last_error_type == "denied" and "404" in (st.last_error or "")
-        expires = max(c.record.not_after for c in p.rt.certs._cache.values())
+        expires = max(c.not_after for c in p.rt.certs._cache.values())
         with trio.fail_after(30):
             while time.time() < expires + 2:
                 await trio.sleep(0.2)
