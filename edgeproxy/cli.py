@@ -38,6 +38,10 @@ _config_option = click.option(
 )
 
 
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
 def _load(path: Path) -> Config:
     try:
         return load_config(path)
@@ -191,7 +195,7 @@ def _fmt_ts(ts: Any) -> str:
 
 async def _read_statuses(cfg: Config, name: str | None) -> list[dict[str, Any]]:
     from .app import build_storage
-    from .progress import Progress, stop_requests
+    from .progress import run_steps
 
     storage = build_storage(cfg)
     try:
@@ -199,27 +203,20 @@ async def _read_statuses(cfg: Config, name: str | None) -> list[dict[str, Any]]:
         items = await storage.list("status/")
         if name is not None:
             items = [item for item in items if item.key == f"status/{name}.json"]
-        read = 0
         # Reading 100,000 statuses takes a while: progress on stderr, Ctrl-C between reads.
-        progress = Progress(len(items), "statuses")
-        async with stop_requests(lambda m: click.echo(m, err=True)) as stop:
-            try:
-                for item in items:
-                    if stop.requested:
-                        break
-                    raw = await storage.get(item.key)
-                    read += 1
-                    progress.advance(1)
-                    if raw is None:
-                        continue
-                    try:
-                        out.append(json.loads(raw))
-                    except ValueError:
-                        continue
-            finally:
-                progress.close()
-        if stop.requested:
-            click.echo(f"stopped by Ctrl-C after reading {read} of {len(items)} statuses "
+
+        async def read(item: Any) -> int:
+            raw = await storage.get(item.key)
+            if raw is not None:
+                try:
+                    out.append(json.loads(raw))
+                except ValueError:
+                    pass  # a corrupt status is left out of the listing
+            return 1
+
+        result = await run_steps(items, read, total=len(items), what="statuses", say=_say)
+        if result.stopped:
+            click.echo(f"stopped by Ctrl-C after reading {result.steps} of {len(items)} statuses "
                        "(nothing was changed)", err=True)  # fmt: skip
             sys.exit(130)
         return out
@@ -359,11 +356,14 @@ def certs_import(
     """Adopt certificates obtained elsewhere: served from storage at once (no ACME order) for
     every DNS name they cover, and renewed through the configured issuer on schedule. A bad or
     mismatched pair is reported by path and nothing of it is stored; the others are imported
-    (exit 1 when anything was skipped)."""
+    (exit 1 when anything was skipped). Progress as for `hostnames import`: a bar on a
+    terminal, else a line a second on stderr; Ctrl-C stops after the pair in flight (stored
+    whole) and says how many were imported (exit 130)."""
     from .app import build_storage
     from .certs.importer import BadImport, caddy_pairs, import_pair, read_pair
     from .certs.record import CertRecord
     from .errors import StorageError
+    from .progress import StepsDone, run_steps
 
     cfg = _load(config_path)
     single = cert_path is not None or key_path is not None
@@ -377,34 +377,55 @@ def certs_import(
         assert cert_path is not None and key_path is not None
         pairs = [(cert_path, key_path)]
     batches: list[list[CertRecord]] = []
-    for crt, key in pairs:
-        try:
-            batches.append(read_pair(crt, key))
-        except BadImport as exc:
-            problems.append(str(exc))
+    try:
+        for crt, key in pairs:
+            try:
+                batches.append(read_pair(crt, key))
+            except BadImport as exc:
+                problems.append(str(exc))
+    except KeyboardInterrupt:  # still checking: nothing is written yet
+        click.echo(f"stopped by Ctrl-C while checking pair {len(batches) + 1} of {len(pairs)}: "
+                   "nothing was imported", err=True)  # fmt: skip
+        sys.exit(130)
     for problem in problems:
         click.echo(f"not imported: {problem}", err=True)
 
-    async def go() -> None:
+    async def go() -> tuple[StepsDone | None, str | None]:
         storage = build_storage(cfg)
+
+        async def store(records: list[CertRecord]) -> int:
+            # One step per pair: Ctrl-C waits until every record of the pair in flight is stored.
+            for done in await import_pair(storage, records):
+                until = _fmt_ts(done.not_after)
+                if done.stored:
+                    click.echo(f"{done.name}: imported, valid until {until} UTC")
+                else:
+                    click.echo(f"{done.name}: kept the stored certificate (valid until "
+                               f"{until} UTC, not older than this one)")  # fmt: skip
+            return 1
+
+        result: StepsDone | None = None
+        failure: str | None = None
         try:
-            for records in batches:
-                try:
-                    imported = await import_pair(storage, records)
-                except StorageError as exc:
-                    click.echo(f"not imported: storage: {exc}", err=True)
-                    sys.exit(1)
-                for done in imported:
-                    until = _fmt_ts(done.not_after)
-                    if done.stored:
-                        click.echo(f"{done.name}: imported, valid until {until} UTC")
-                    else:
-                        click.echo(f"{done.name}: kept the stored certificate (valid until "
-                                   f"{until} UTC, not older than this one)")  # fmt: skip
+            try:
+                result = await run_steps(batches, store, total=len(batches),
+                                         what="certificates", say=_say)  # fmt: skip
+            except* StorageError as group:
+                failure = str(group.exceptions[0])
         finally:
             await storage.aclose()
+        return result, failure
 
-    _run_with_config(go)
+    result, failure = _run_with_config(go)
+    if failure is not None:
+        click.echo(f"not imported: storage: {failure}", err=True)
+        sys.exit(1)
+    assert result is not None
+    if result.stopped:
+        click.echo(f"stopped by Ctrl-C: {result.steps} of {len(batches)} certificate pairs "
+                   "imported, each whole; run the same import again for the rest (a name whose "
+                   "stored certificate lasts as long is kept)", err=True)  # fmt: skip
+        sys.exit(130)
     if problems or not batches:
         sys.exit(1)
 
@@ -595,7 +616,7 @@ def hostnames_import(config_path: Path, file: Any) -> None:
     stderr. Ctrl-C stops after the current batch of 1,000 (stored whole) and says how far it
     got (exit 130). Exit 0 if every line was good, 1 otherwise."""
     from .hostnames.entries import BadEntry, parse_import_line
-    from .progress import Progress, stop_requests
+    from .progress import run_steps
     from .storage.base import HostnameEntry
 
     cfg = _load(config_path)
@@ -617,22 +638,18 @@ def hostnames_import(config_path: Path, file: Any) -> None:
 
     async def work(storage: Any) -> None:
         nonlocal stopped
-        progress = Progress(len(entries), "hostnames")
+
         # Ctrl-C stops between batches: a batch is stored whole (one sync or one commit).
-        async with stop_requests(lambda m: click.echo(m, err=True)) as stop:
-            try:
-                for start in range(0, len(entries), IMPORT_BATCH):
-                    if stop.requested:
-                        stopped = True
-                        break
-                    batch = entries[start : start + IMPORT_BATCH]
-                    results = await storage.add_hostnames(batch)
-                    for _, created in results:
-                        counts["added" if created else "existing"] += 1
-                    await _announce(cfg, storage, "hostname.created", [e for e, c in results if c])
-                    progress.advance(len(batch))
-            finally:
-                progress.close()
+        async def store(batch: list[HostnameEntry]) -> int:
+            results = await storage.add_hostnames(batch)
+            for _, created in results:
+                counts["added" if created else "existing"] += 1
+            await _announce(cfg, storage, "hostname.created", [e for e, c in results if c])
+            return len(batch)
+
+        batches = [entries[i : i + IMPORT_BATCH] for i in range(0, len(entries), IMPORT_BATCH)]
+        result = await run_steps(batches, store, total=len(entries), what="hostnames", say=_say)
+        stopped = result.stopped
 
     t0 = time.monotonic()
     _storage_run(cfg, work)

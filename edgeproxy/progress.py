@@ -8,7 +8,8 @@ Commands report whole steps (``advance``): a bar never claims work that is not s
 
 ``stop_requests`` turns SIGINT into a request the command checks between steps, so Ctrl-C
 never interrupts a step halfway (a storage batch is written whole or not at all) and the
-command can say how far it got.
+command can say how far it got. ``run_steps`` is the loop every such command shares: one
+bar, Ctrl-C checked before each step, and the count of whole steps done.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeVar
 
 import trio
 from tqdm import tqdm
+
+_T = TypeVar("_T")
 
 #: Seconds between plain progress lines when stderr is not a terminal.
 PLAIN_INTERVAL = 1.0
@@ -117,3 +121,34 @@ async def stop_requests(say: Callable[[str], None]) -> AsyncIterator[StopRequest
                 yield stop
             finally:
                 nursery.cancel_scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class StepsDone:
+    steps: int  # whole steps completed, in order
+    stopped: bool  # Ctrl-C ended the run before the last step
+
+
+async def run_steps(
+    steps: Sequence[_T],
+    step: Callable[[_T], Awaitable[int]],
+    *,
+    total: int,
+    what: str,
+    say: Callable[[str], None],
+) -> StepsDone:
+    """Await ``step`` on each of ``steps`` in order; each returns how many of ``total`` items
+    of ``what`` it finished (the bar's advance). Ctrl-C is only honoured between steps, so a
+    step is always finished or never started. An exception from a step ends the run."""
+    progress = Progress(total, what)
+    done = 0
+    async with stop_requests(say) as stop:
+        try:
+            for item in steps:
+                if stop.requested:
+                    return StepsDone(done, stopped=True)
+                progress.advance(await step(item))
+                done += 1
+        finally:
+            progress.close()
+    return StepsDone(done, stopped=False)

@@ -52,11 +52,12 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
 
-def test_on_a_terminal_a_progress_bar_moves(tmp_path: Path) -> None:
+def on_a_terminal(cmd: list[str]) -> str:
+    """Everything ``cmd`` writes to a 100x24 pseudo-terminal; it must exit 0."""
     main_fd, child_fd = pty.openpty()
     fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100x24
-    proc = subprocess.Popen(command(tmp_path), stdin=child_fd, stdout=child_fd, stderr=child_fd,
-                            env=env(), close_fds=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=child_fd, stdout=child_fd, stderr=child_fd, env=env(),
+                            close_fds=True)  # fmt: skip
     os.close(child_fd)
     out = b""
     deadline = time.monotonic() + DEADLINE
@@ -75,14 +76,41 @@ def test_on_a_terminal_a_progress_bar_moves(tmp_path: Path) -> None:
         out += chunk
     os.close(main_fd)
     assert proc.wait(timeout=DEADLINE) == 0, out.decode(errors="replace")
-    text = out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def interrupted(cmd: list[str], what: str, after: int) -> tuple[bytes, bytes]:
+    """Run ``cmd`` with a progress line per step, SIGINT it once ``after`` items of ``what``
+    are reported done; its stdout and the rest of its stderr (it must exit 130)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env(EDGEPROXY_PROGRESS_INTERVAL="0"))  # fmt: skip
+    assert proc.stderr is not None
+    seen = 0
+    while seen < after:
+        line = proc.stderr.readline().decode()
+        assert line, "the import ended before it could be interrupted"
+        if m := re.match(rf"{what}: (\d+)/", line):
+            seen = int(m.group(1))
+    proc.send_signal(signal.SIGINT)
+    out, err_rest = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130, err_rest
+    return out, err_rest
+
+
+def assert_bar_moved(text: str, total: int) -> None:
+    """``text`` shows a tqdm bar that went forward through ``total`` items."""
     # tqdm redraws one line with carriage returns: "  30%|███       | 3000/10000 ..."
-    frames = re.findall(r"(\d+)%\|[^|]*\| ?(\d+)/10000", text)
+    frames = re.findall(rf"(\d+)%\|[^|]*\| ?(\d+)/{total}", text)
     done = [int(count) for _, count in frames]
     assert "\r" in text
-    assert done and done[-1] == N, text[-500:]
-    assert len(set(done)) >= 3 and any(0 < d < N for d in done), done  # it moved
+    assert done and done[-1] == total, text[-500:]
+    assert len(set(done)) >= 3 and any(0 < d < total for d in done), done  # it moved
     assert done == sorted(done)
+
+
+def test_on_a_terminal_a_progress_bar_moves(tmp_path: Path) -> None:
+    text = on_a_terminal(command(tmp_path))
+    assert_bar_moved(text, N)
     assert f"{N} added, 0 already registered, 0 bad line(s)" in text
 
 
@@ -102,18 +130,8 @@ def test_without_a_terminal_plain_periodic_lines(tmp_path: Path) -> None:
 async def test_ctrl_c_halfway_stops_between_batches_and_keeps_every_entry_whole(
     tmp_path: Path,
 ) -> None:
-    proc = subprocess.Popen(command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env(EDGEPROXY_PROGRESS_INTERVAL="0"))  # fmt: skip
-    assert proc.stderr is not None
-    seen = 0
-    while seen < 3000:  # a progress line per batch: interrupt after the third
-        line = proc.stderr.readline().decode()
-        assert line, "the import ended before it could be interrupted"
-        if m := re.match(r"hostnames: (\d+)/", line):
-            seen = int(m.group(1))
-    proc.send_signal(signal.SIGINT)
-    out, err_rest = proc.communicate(timeout=DEADLINE)
-    assert proc.returncode == 130, err_rest
+    # A progress line per batch: interrupt after the third.
+    out, err_rest = interrupted(command(tmp_path), "hostnames", 3000)
     m = re.search(rb"stopped by Ctrl-C: (\d+) of 10000 entries imported \(up to line (\d+) of",
                   err_rest)  # fmt: skip
     assert m is not None, err_rest
