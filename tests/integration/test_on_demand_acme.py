@@ -19,6 +19,7 @@ import trio
 from cryptography import x509
 
 from edgeproxy.certs.record import cert_key
+from tests.support.ask import serve_ask
 from tests.support.pebble import FaultInjector, InjectedRequest, Pebble, Reply
 from tests.support.ports import free_port
 from tests.support.proxy import RunningProxy, base_config, running_proxy
@@ -193,34 +194,14 @@ async def ask_server(
     nursery: trio.Nursery, allowed: set[str], *, delay: float = 0.0
 ) -> tuple[str, trio.CancelScope]:
     """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise, after ``delay``."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    scope = trio.CancelScope()
 
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            data += chunk
-        target = data.split(b" ", 2)[1].decode()
-        name = target.split("domain=", 1)[1] if "domain=" in target else ""
-        status = b"200 OK" if name in allowed else b"404 Not Found"
+    async def respond(target: bytes) -> bytes:
+        text = target.decode()
+        name = text.split("domain=", 1)[1] if "domain=" in text else ""
         await trio.sleep(delay)
-        await stream.send_all(
-            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        await stream.aclose()
+        return b"200 OK" if name in allowed else b"404 Not Found"
 
-    async def serve() -> None:
-        with scope:
-            await trio.serve_listeners(handle, listeners)
-        for lst in listeners:
-            await lst.aclose()
-
-    nursery.start_soon(serve)
-    return f"http://127.0.0.1:{port}/allowed", scope
+    return await serve_ask(nursery, respond)
 
 
 async def test_ask_endpoint_down_refuses_new_names_but_serves_cached(

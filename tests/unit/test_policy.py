@@ -8,32 +8,20 @@ import trio
 from edgeproxy.certs.policy import OnDemandPolicy, TokenBucket
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import ConfigError
+from tests.support.ask import serve_ask
 
 
 async def ask_endpoint(
     nursery: trio.Nursery, allowed: set[str], hits: list[str], delay: float = 0.0
 ) -> str:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            data += chunk
-        name = data.split(b" ", 2)[1].decode().split("domain=", 1)[-1]
+    async def respond(target: bytes) -> bytes:
+        name = target.decode().split("domain=", 1)[-1]
         hits.append(name)
         await trio.sleep(delay)
-        status = b"204 No Content" if name in allowed else b"403 Forbidden"
-        await stream.send_all(
-            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        await stream.aclose()
+        return b"204 No Content" if name in allowed else b"403 Forbidden"
 
-    nursery.start_soon(trio.serve_listeners, handle, listeners)
-    return f"http://127.0.0.1:{port}/check"
+    url, _ = await serve_ask(nursery, respond, "/check")
+    return url
 
 
 async def test_static_patterns_before_ask(nursery: trio.Nursery) -> None:
@@ -131,22 +119,13 @@ async def test_one_http_client_serves_every_ask(nursery: trio.Nursery) -> None:
 
 async def recording_endpoint(nursery: trio.Nursery, targets: list[bytes]) -> str:
     """An HTTP/1.1 server that records each request-target as sent and allows everything."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
 
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            data += chunk
-        targets.append(data.split(b" ", 2)[1])
-        await stream.send_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-        await stream.aclose()
+    async def respond(target: bytes) -> bytes:
+        targets.append(target)
+        return b"204 No Content"
 
-    nursery.start_soon(trio.serve_listeners, handle, listeners)
-    return f"http://127.0.0.1:{port}"
+    url, _ = await serve_ask(nursery, respond, "")
+    return url
 
 
 @pytest.mark.parametrize(
