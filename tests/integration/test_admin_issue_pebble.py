@@ -14,8 +14,7 @@ import httpx
 import trio
 
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config, new_orders
-from tests.support.pebble import FaultInjector, Pebble
-from tests.support.ports import free_port
+from tests.support.pebble import Pebble, injected_pebble_for_proxy
 from tests.support.proxy import running_proxy
 from tests.support.upstreams import http_handler, start_upstream
 
@@ -25,10 +24,7 @@ SCRIPTED = {"Edgeproxy-Request": "1"}
 async def test_forced_admin_orders_obey_the_order_rate_limit(
     tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble]
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
-    inj = FaultInjector(pebble)
-    await nursery.start(inj.serve)
+    port, pebble, inj = await injected_pebble_for_proxy(nursery, make_pebble, env=NO_NONCE_CHAOS)
     up = await start_upstream(nursery, http_handler(b"ok\n"))
     cfg = acme_config(
         tmp_path,

@@ -22,8 +22,7 @@ from tests.integration.test_on_demand_acme import (
     new_orders,
     roots_file,
 )
-from tests.support.pebble import FaultInjector, Pebble
-from tests.support.ports import free_port
+from tests.support.pebble import Pebble, injected_pebble_for_proxy
 from tests.support.proxy import RunningProxy, running_proxy
 from tests.support.upstreams import http_handler, start_upstream
 
@@ -79,11 +78,8 @@ async def test_added_hostname_is_issued_before_a_visitor_and_served_from_its_ups
     make_pebble: Callable[..., Pebble],
     roots_file: Callable[[Pebble], Path],
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+    port, pebble, inj = await injected_pebble_for_proxy(nursery, make_pebble, env=NO_NONCE_CHAOS)
     roots = roots_file(pebble)
-    inj = FaultInjector(pebble)
-    await nursery.start(inj.serve)
     route_up = await start_upstream(nursery, http_handler(ROUTE_BODY))
     entry_up = await start_upstream(nursery, http_handler(ENTRY_BODY))
     name = "shop.customer.test"
@@ -120,12 +116,11 @@ async def test_renewal_after_removal_from_ask_or_registry_makes_no_order(
     make_pebble: Callable[..., Pebble],
     roots_file: Callable[[Pebble], Path],
 ) -> None:
-    port = free_port()
     # 10 s certificates: renewal is due after about 5 s, expiry after 10.
-    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS, validity=10)
+    port, pebble, inj = await injected_pebble_for_proxy(
+        nursery, make_pebble, env=NO_NONCE_CHAOS, validity=10
+    )
     roots = roots_file(pebble)
-    inj = FaultInjector(pebble)
-    await nursery.start(inj.serve)
     up = await start_upstream(nursery, http_handler(ROUTE_BODY))
     allowed = {"asked.customer.test"}
     ask_url, _ = await ask_server(nursery, allowed)

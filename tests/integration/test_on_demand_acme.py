@@ -20,7 +20,13 @@ from cryptography import x509
 
 from edgeproxy.certs.record import cert_key
 from tests.support.ask import serve_ask
-from tests.support.pebble import FaultInjector, InjectedRequest, Pebble, Reply
+from tests.support.pebble import (
+    FaultInjector,
+    InjectedRequest,
+    Pebble,
+    Reply,
+    injected_pebble_for_proxy,
+)
 from tests.support.ports import free_port
 from tests.support.proxy import RunningProxy, base_config, running_proxy
 from tests.support.upstreams import echo, http_handler, start_upstream
@@ -140,11 +146,8 @@ async def test_twenty_concurrent_handshakes_make_one_order(
     make_pebble: Callable[..., Pebble],
     roots_file: Callable[[Pebble], Path],
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port, env=NO_NONCE_CHAOS)
+    port, pebble, inj = await injected_pebble_for_proxy(nursery, make_pebble, env=NO_NONCE_CHAOS)
     roots = roots_file(pebble)
-    inj = FaultInjector(pebble)
-    await nursery.start(inj.serve)
     up = await start_upstream(nursery, http_handler(BODY))
     async with running_proxy(
         tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)
@@ -170,10 +173,7 @@ async def test_twenty_concurrent_handshakes_make_one_order(
 async def test_refused_names_make_no_acme_request(
     tmp_path: Path, nursery: trio.Nursery, make_pebble: Callable[..., Pebble], sni: str
 ) -> None:
-    port = free_port()
-    pebble = make_pebble(tls_port=port)
-    inj = FaultInjector(pebble)
-    await nursery.start(inj.serve)
+    port, pebble, inj = await injected_pebble_for_proxy(nursery, make_pebble)
     up = await start_upstream(nursery, http_handler(BODY))
     async with running_proxy(
         tmp_path, acme_config(tmp_path, port, inj.directory_url, pebble.ca_bundle_path, up.addr)

@@ -58,6 +58,7 @@ __all__ = [
     "PebbleStartError",
     "Reply",
     "TlsAlpnResponder",
+    "injected_pebble_for_proxy",
     "pebble_available",
     "pebble_for_proxy",
     "reject_first_replaces",
@@ -172,6 +173,20 @@ def pebble_for_proxy(make_pebble: Callable[..., Pebble], roots: Path) -> tuple[i
     pebble = make_pebble(tls_port=port)
     roots.write_bytes(pebble.roots_pem())
     return port, pebble
+
+
+async def injected_pebble_for_proxy(
+    nursery: trio.Nursery, make_pebble: Callable[..., Pebble], **pebble_args: Any
+) -> tuple[int, Pebble, FaultInjector]:
+    """(port, pebble, injector) for an issuing proxy that talks to pebble through a
+    ``FaultInjector`` served in ``nursery`` (point the proxy at ``injector.directory_url``):
+    pebble validates tls-alpn-01 against ``port``, the port the proxy must listen on.
+    ``pebble_args`` go to ``make_pebble`` (``env``, ``validity``, ...)."""
+    port = free_port()
+    pebble = make_pebble(tls_port=port, **pebble_args)
+    inj = FaultInjector(pebble)
+    await nursery.start(inj.serve)
+    return port, pebble, inj
 
 
 def start_pebble(
