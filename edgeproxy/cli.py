@@ -677,7 +677,8 @@ def storage() -> None:
 @storage.command("check")
 @_config_option
 def storage_check(config_path: Path) -> None:
-    """Report leftover temp files, stale locks, corrupt records, bad permissions."""
+    """Report leftover temp files, stale locks, corrupt records, bad permissions, an unsafe
+    storage root, and secret values stored in clear or under another encryption key."""
     cfg = _load(config_path)
     problems = _run_with_config(_with_storage, cfg, "check", 0.0)
     for p in problems:
