@@ -19,25 +19,24 @@ import trio
 from edgeproxy.admin.app import make_admin_app
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
-from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
-from edgeproxy.issuers.internal import InternalIssuer
+from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.file import FileStorage
+from tests.support.managers import HookedIssuer
 from tests.unit.test_admin_app import ProxyState
 
 SCRIPTED = {"Edgeproxy-Request": "1"}
 
 
-class CountingIssuer(InternalIssuer):
+class CountingIssuer(HookedIssuer):
     def __init__(self, storage: FileStorage) -> None:
         super().__init__(storage)
         self.orders: list[str] = []
         self.fail = False
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def before_issue(self, name: str) -> None:
         self.orders.append(name)
         if self.fail:
             raise IssuanceError("urn:ietf:params:acme:error:dns", "no such host")
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 @dataclass

@@ -16,36 +16,25 @@ import trio
 import trio.testing
 
 from edgeproxy.certs.manager import CertificateManager
-from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.errors import CertificateUnavailable
-from edgeproxy.issuers.base import IssuedCertificate
-from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
+from tests.support.managers import HookedIssuer, manager_for
 
 
-class GatedIssuer(InternalIssuer):
+class GatedIssuer(HookedIssuer):
     """The real internal CA; with ``gate`` set, every issuance waits for it."""
 
     gate: trio.Event | None = None
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def before_issue(self, name: str) -> None:
         if self.gate is not None:
             await self.gate.wait()
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 def make(tmp_path: Path, **kw: object) -> tuple[CertificateManager, FileStorage, GatedIssuer]:
     storage = FileStorage(tmp_path / "state")
     issuer = GatedIssuer(storage)
-    mgr = CertificateManager(
-        storage=storage,
-        issuer=issuer,
-        policy=OnDemandPolicy(allow=["*.allowed.test"]),
-        wait=5,
-        renew_interval=3600,
-        **kw,  # type: ignore[arg-type]
-    )
-    return mgr, storage, issuer
+    return manager_for(storage, issuer, "*.allowed.test", **kw), storage, issuer
 
 
 def random_names(n: int) -> list[str]:

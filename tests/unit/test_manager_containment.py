@@ -19,13 +19,11 @@ import trio.testing
 from prometheus_client import REGISTRY
 
 from edgeproxy.certs.manager import CertificateManager
-from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.events import Events
-from edgeproxy.issuers.base import IssuedCertificate
-from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.file import FileStorage
+from tests.support.managers import HookedIssuer, manager_for
 
 METRIC = "edgeproxy_background_task_errors_total"
 
@@ -57,7 +55,7 @@ class TrappedStorage(FileStorage):
         return await super().get(key)
 
 
-class TrappedIssuer(InternalIssuer):
+class TrappedIssuer(HookedIssuer):
     """The real internal CA, raising ``Bug`` for the names in ``broken``."""
 
     def __init__(self, storage: FileStorage) -> None:
@@ -65,25 +63,16 @@ class TrappedIssuer(InternalIssuer):
         self.broken: set[str] = set()
         self.issued: list[str] = []
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def before_issue(self, name: str) -> None:
         if name in self.broken:
             raise Bug(f"injected issuer failure for {name}")
         self.issued.append(name)
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
 
 def make(tmp_path: Path, **kw: object) -> tuple[CertificateManager, TrappedStorage, TrappedIssuer]:
     storage = TrappedStorage(tmp_path / "state")
     issuer = TrappedIssuer(storage)
-    mgr = CertificateManager(
-        storage=storage,
-        issuer=issuer,
-        policy=OnDemandPolicy(allow=["*.example.test"]),
-        wait=5,
-        renew_interval=3600,
-        **kw,  # type: ignore[arg-type]
-    )
-    return mgr, storage, issuer
+    return manager_for(storage, issuer, "*.example.test", **kw), storage, issuer
 
 
 async def still_serves(mgr: CertificateManager, name: str) -> None:

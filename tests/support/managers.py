@@ -1,0 +1,38 @@
+"""The real CertificateManager over real storage and the real internal CA, for the manager tests.
+
+``HookedIssuer`` is the internal CA with one overridable step in front of every issuance (wait on
+a gate, count, raise an injected failure); ``manager_for`` builds the manager the way those tests
+share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeproxy.certs.manager import CertificateManager
+from edgeproxy.certs.policy import OnDemandPolicy
+from edgeproxy.issuers.base import IssuedCertificate
+from edgeproxy.issuers.internal import InternalIssuer
+from edgeproxy.storage.base import Storage
+
+
+class HookedIssuer(InternalIssuer):
+    """The real internal CA; ``before_issue`` runs first and may wait, count or raise."""
+
+    async def before_issue(self, name: str) -> None:
+        """Nothing by default: subclasses add what their test observes or injects."""
+
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        await self.before_issue(name)
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+
+
+def manager_for(
+    storage: Storage, issuer: InternalIssuer, allow: str, **kw: Any
+) -> CertificateManager:
+    """A manager ordering for names matching ``allow``; a 5 s handshake wait and an hourly
+    maintenance pass (tests drive renewals by hand) unless ``kw`` says otherwise."""
+    args: dict[str, Any] = {"wait": 5, "renew_interval": 3600, **kw}
+    return CertificateManager(
+        storage=storage, issuer=issuer, policy=OnDemandPolicy(allow=[allow]), **args
+    )
