@@ -54,11 +54,13 @@ class IdentityContexts:
         if not chain:
             raise InvalidCertificate("no_certificate", "the chain is empty")
         servable = check_key(chain[0], key)
-        chain_id = hashlib.sha256(b"".join(c.public_bytes(Encoding.DER) for c in chain[1:]))
-        ctx = self._by_chain.get(chain_id.digest())
+        chain_id = hashlib.sha256(
+            b"".join(c.public_bytes(Encoding.DER) for c in chain[1:])
+        ).digest()
+        ctx = self._by_chain.get(chain_id)
         if ctx is None:
             ctx = chain_context(chain[1:], session_tickets=self.session_tickets)
-            self._by_chain[chain_id.digest()] = ctx
+            self._by_chain[chain_id] = ctx
         leaf = crypto.X509.from_cryptography(chain[0])
         pkey = crypto.PKey.from_cryptography_key(servable)
         sid = hashlib.sha256(chain[0].public_bytes(Encoding.DER)).digest()
