@@ -223,10 +223,9 @@ class CertificateManager:
                     None, "no_sni", "client sent no SNI and tls.default_sni is unset"
                 )
             name = self.default_sni
-        hit = self._cache.get(name)
-        if hit is not None:
-            self._cache.move_to_end(name)
-            return hit.ctx
+        cached = self.cached_context(name)
+        if cached is not None:
+            return cached
         static = self.static.match(name)
         if static is not None:
             return static
