@@ -473,9 +473,19 @@ async def _announce(cfg: Config, storage: Any, kind: str, entries: list[Any]) ->
                        f"it will not be sent: {exc}", err=True)  # fmt: skip
 
 
-def _bad(exc: Exception) -> None:
+def _bad(exc: Exception) -> NoReturn:
     click.echo(f"error: {getattr(exc, 'detail', exc)}", err=True)
     sys.exit(2)
+
+
+def _hostname_arg(name: str) -> str:
+    """The NAME argument as a registry hostname; exit 2 with the reason when it is none."""
+    from .hostnames.entries import BadEntry, parse_hostname
+
+    try:
+        return parse_hostname(name)
+    except BadEntry as exc:
+        _bad(exc)
 
 
 async def _describe(storage: Any, entry: Any) -> dict[str, Any]:
@@ -520,13 +530,8 @@ def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: 
 @click.argument("name")
 def hostnames_remove(config_path: Path, name: str) -> None:
     """Stop serving and renewing NAME (its certificate is kept for [hostnames] removal_grace)."""
-    from .hostnames.entries import BadEntry, parse_hostname
-
     cfg = _load(config_path)
-    try:
-        hostname = parse_hostname(name)
-    except BadEntry as exc:
-        _bad(exc)
+    hostname = _hostname_arg(name)
 
     async def work(storage: Any) -> bool:
         if await storage.remove_hostname(hostname, time.time()) is None:
@@ -576,13 +581,8 @@ def hostnames_list(config_path: Path, state: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def hostnames_show(config_path: Path, name: str, as_json: bool) -> None:
     """One hostname: entry, state, certificate, last error."""
-    from .hostnames.entries import BadEntry, parse_hostname
-
     cfg = _load(config_path)
-    try:
-        hostname = parse_hostname(name)
-    except BadEntry as exc:
-        _bad(exc)
+    hostname = _hostname_arg(name)
 
     async def work(storage: Any) -> dict[str, Any] | None:
         entry = await storage.get_hostname(hostname)
