@@ -13,8 +13,6 @@ feed within ``[hostnames] poll_interval``).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import builtins
 import logging
 import time
@@ -28,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..acme.jws import b64url, b64url_decode
 from ..certs.record import CertRecord, RecordError, cert_key, iso, status_key
 from ..certs.status import DomainStatus
 from ..errors import StorageError
@@ -396,13 +395,13 @@ async def _existing(rt: HostnamesRuntime, name: str) -> HostnameEntry:
 
 
 def _encode_cursor(name: str) -> str:
-    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+    return b64url(name.encode())
 
 
 def _decode_cursor(cursor: str) -> str:
     try:
-        name = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
+        name = b64url_decode(cursor).decode("ascii")
+    except ValueError:  # not base64url, or not ASCII
         name = ""
     if not name or name != name.strip() or "/" in name:
         raise ProblemError("invalid-query", f"cursor {cursor!r} is not one this API handed out")

@@ -20,7 +20,6 @@ is never in the config file, and never logged (dnspython's keyring holds it).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import os
@@ -42,6 +41,7 @@ import dns.update
 import trio
 
 from ..acme.errors import SolverError
+from ..acme.jws import b64url
 from ..config import DnsZoneConfig, parse_hostport
 from ..errors import ConfigError
 
@@ -57,7 +57,7 @@ POLL_CAP = 2.0
 def txt_value(key_authorization: str) -> str:
     """The TXT record's value: base64url(SHA-256(key authorization)), unpadded (s8.4)."""
     digest = hashlib.sha256(key_authorization.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return b64url(digest)
 
 
 def challenge_name(identifier: str) -> dns.name.Name:
