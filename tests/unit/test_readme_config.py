@@ -80,3 +80,41 @@ def _model_keys_all() -> dict[str, bool]:
     out: dict[str, bool] = {}
     _model_keys(Config, "", out)
     return out
+
+
+def test_every_bound_is_documented() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    ranges = " ".join(readme.split("\nRanges (", 1)[1].split("\n\n", 1)[0].split())
+    wrong = []
+    for key, is_table in _model_keys_all().items():
+        if is_table:
+            continue
+        bounds = {type(m).__name__: m for m in _field(key).metadata}
+        if "Le" not in bounds:
+            continue
+        high = _num(bounds["Le"].le)
+        if "Ge" in bounds:
+            text = f"`{key}` {_num(bounds['Ge'].ge)}-{high}"
+        else:
+            assert bounds["Gt"].gt == 0, key  # the text says "above 0" for durations
+            text = f"`{key}` up to {high}"
+        if text not in ranges:
+            wrong.append(text)
+    assert wrong == []
+
+
+def _field(key: str) -> typing.Any:
+    model: type[BaseModel] = Config
+    *tables, leaf = key.split(".")
+    for table in tables:
+        ann = model.model_fields[table].annotation
+        model = next(
+            a
+            for a in (ann, *typing.get_args(ann))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        )
+    return model.model_fields[leaf]
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
