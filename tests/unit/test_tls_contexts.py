@@ -8,7 +8,6 @@ policy (versions, ciphers, ALPN, tickets, key checks) is a plain synchronous tes
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
 
 import pytest
 import trio
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from edgeproxy.tls.contexts import (
     ACME_TLS_ALPN,
@@ -30,97 +29,18 @@ from edgeproxy.tls.contexts import (
     new_server_connection,
 )
 from edgeproxy.tls.errors import InvalidCertificate, TLSHandshakeError
-from edgeproxy.tls.openssl_internals import Internals
 from edgeproxy.tls.stream import TLSStream
+from tests.support.tlsmem import (
+    chain_and_key,
+    client_connection,
+    client_context,
+    drain,
+    exchange,
+    handshake,
+    session_reused,
+)
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def _drain(conn: SSL.Connection) -> bytes:
-    out = []
-    while True:
-        try:
-            out.append(conn.bio_read(65536))
-        except SSL.WantReadError:
-            return b"".join(out)
-
-
-def handshake(server: SSL.Connection, client: SSL.Connection) -> None:
-    """Run both handshakes to completion over memory BIOs; the first failure propagates."""
-    done = {"server": False, "client": False}
-    for _ in range(20):
-        for name, conn in (("client", client), ("server", server)):
-            if not done[name]:
-                try:
-                    conn.do_handshake()
-                    done[name] = True
-                except SSL.WantReadError:
-                    pass
-        moved = False
-        for src, dst in ((client, server), (server, client)):
-            data = _drain(src)
-            if data:
-                dst.bio_write(data)
-                moved = True
-        if all(done.values()) and not moved:
-            return
-    raise AssertionError("handshake did not finish")
-
-
-def exchange(server: SSL.Connection, client: SSL.Connection, data: bytes) -> bytes:
-    """Server sends ``data`` (with any post-handshake messages); the client reads it back."""
-    server.sendall(data)
-    client.bio_write(_drain(server))
-    got = b""
-    while len(got) < len(data):
-        got += client.recv(65536)
-    return got
-
-
-def client_connection(
-    ca: trustme.CA | None = None,
-    *,
-    ctx: SSL.Context | None = None,
-    alpn: Sequence[bytes] = (),
-    sni: bytes = b"example.test",
-    max_version: int | None = None,
-    min_version: int | None = None,
-    ciphers: bytes | None = None,
-    tls13_suites: bytes | None = None,
-) -> SSL.Connection:
-    if ctx is None:
-        ctx = client_context(ca, max_version=max_version, min_version=min_version)
-        if ciphers is not None:
-            ctx.set_cipher_list(ciphers)
-        if tls13_suites is not None:
-            ctx.set_tls13_ciphersuites(tls13_suites)
-    conn = SSL.Connection(ctx, None)
-    conn.set_connect_state()
-    conn.set_tlsext_host_name(sni)
-    if alpn:
-        conn.set_alpn_protos(list(alpn))
-    return conn
-
-
-def client_context(
-    ca: trustme.CA | None, *, max_version: int | None = None, min_version: int | None = None
-) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    if ca is not None:
-        ctx.set_verify(SSL.VERIFY_PEER)
-        root = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-        ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(root))  # type: ignore[union-attr]
-    if min_version is not None:
-        ctx.set_min_proto_version(min_version)
-    if max_version is not None:
-        ctx.set_max_proto_version(max_version)
-    return ctx
-
-
-def chain_and_key(leaf: trustme.LeafCert) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
-    chain = load_pem_chain(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
-    return chain, key
 
 
 def self_signed(key: PrivateKeyTypes, name: str = "example.test") -> x509.Certificate:
@@ -178,7 +98,7 @@ def test_tls11_client_is_refused_with_protocol_version_alert(
     with pytest.raises(SSL.Error) as server_error:
         handshake(server, client)
     assert "unsupported protocol" in str(server_error.value)
-    client.bio_write(_drain(server))  # the alert the server queued
+    client.bio_write(drain(server))  # the alert the server queued
     with pytest.raises(SSL.Error, match="protocol version"):
         client.do_handshake()
 
@@ -269,8 +189,8 @@ def test_tickets_resume_on_the_same_context(
     second_server, second = new_server_connection(server_ctx), client_connection(ctx=cctx)
     second.set_session(session)
     handshake(second_server, second)
-    assert _session_reused(second_server)
-    assert not _session_reused(first_server)
+    assert session_reused(second_server)
+    assert not session_reused(first_server)
     assert second_server.get_servername() == b"example.test"  # kept across TLS 1.2 resumption
 
 
@@ -287,7 +207,7 @@ def test_session_tickets_can_be_turned_off(ca: trustme.CA, max_version: int) -> 
     second_server, second = new_server_connection(ctx), client_connection(ctx=cctx)
     second.set_session(session)
     handshake(second_server, second)
-    assert not _session_reused(second_server)
+    assert not session_reused(second_server)
 
 
 def test_tickets_from_another_context_are_not_accepted(ca: trustme.CA) -> None:
@@ -304,12 +224,8 @@ def test_tickets_from_another_context_are_not_accepted(ca: trustme.CA) -> None:
     server_b, client_b = new_server_connection(ctx_b), client_connection(ctx=cctx)
     client_b.set_session(session)
     handshake(server_b, client_b)
-    assert not _session_reused(server_b)
+    assert not session_reused(server_b)
     assert exchange(server_b, client_b, b"still works") == b"still works"
-
-
-def _session_reused(conn: SSL.Connection) -> bool:
-    return Internals.session_reused(conn)
 
 
 # ---- ALPN ------------------------------------------------------------------------------------
@@ -375,7 +291,7 @@ def test_challenge_context_refuses_clients_without_acme_tls() -> None:
     with pytest.raises(TLSHandshakeError) as info:
         handshake(server, client)
     assert info.value.reason == "no_application_protocol"
-    client.bio_write(_drain(server))
+    client.bio_write(drain(server))
     with pytest.raises(SSL.Error, match="no application protocol"):
         client.do_handshake()
 

@@ -14,15 +14,13 @@ from edgeproxy.tls.contexts import ServerIdentity, new_server_connection
 from edgeproxy.tls.errors import InvalidCertificate
 from edgeproxy.tls.identities import IdentityContexts
 from edgeproxy.tls.tickets import TicketKeys
-from edgeproxy.wire.clienthello import parse_client_hello
-from tests.unit.test_tls_contexts import (
-    _drain,
-    _session_reused,
+from edgeproxy.wire.clienthello import ClientHello
+from tests.support.tlsmem import (
     chain_and_key,
-    client_connection,
     client_context,
     exchange,
-    handshake,
+    proxy_handshake,
+    session_reused,
 )
 
 VERSIONS = [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION]
@@ -46,20 +44,12 @@ def connect(
     session: SSL.Session | None = None,
 ) -> tuple[SSL.Connection, SSL.Connection]:
     """One connection as the proxy makes it (ticket context first); (server, client)."""
-    client = client_connection(ctx=cctx, sni=sni.encode())
-    if session is not None:
-        client.set_session(session)
-    try:
-        client.do_handshake()
-    except SSL.WantReadError:
-        pass
-    first = _drain(client)
-    hello = parse_client_hello(first)
-    assert hello is not None
-    session_ctx = keys.context_for(hello.ticket) if keys is not None else None
-    server = new_server_connection(ident, session_ctx=session_ctx)
-    server.bio_write(first)
-    handshake(server, client)
+
+    def server_for(hello: ClientHello) -> SSL.Connection:
+        session_ctx = keys.context_for(hello.ticket) if keys is not None else None
+        return new_server_connection(ident, session_ctx=session_ctx)
+
+    server, client, _ = proxy_handshake(cctx, sni.encode(), server_for, session)
     assert exchange(server, client, b"ok") == b"ok"
     # A client freed without close_notify marks its session not resumable (OpenSSL's
     # ssl_clear_bad_session): end each connection as a browser would.
@@ -114,11 +104,11 @@ def test_a_session_resumes_only_for_its_own_certificate(
     session = client.get_session()
     assert session is not None
     server, _ = connect(a, cctx, "a.example.test", keys, session)
-    assert _session_reused(server)
+    assert session_reused(server)
     server, _ = connect(b, cctx, "b.example.test", keys, session)
-    assert not _session_reused(server)
+    assert not session_reused(server)
     server, _ = connect(a, cctx, "a.example.test", keys, session)
-    assert _session_reused(server)  # b's connection did not disturb a's binding
+    assert session_reused(server)  # b's connection did not disturb a's binding
 
 
 def test_session_tickets_off_means_no_resumption(root: trustme.CA) -> None:
@@ -129,7 +119,7 @@ def test_session_tickets_off_means_no_resumption(root: trustme.CA) -> None:
     _, client = connect(a, cctx, "a.example.test", None)
     session = client.get_session()
     server, _ = connect(a, cctx, "a.example.test", None, session)
-    assert not _session_reused(server)
+    assert not session_reused(server)
 
 
 def test_a_key_that_is_not_the_leafs_is_refused(root: trustme.CA) -> None:

@@ -31,7 +31,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from edgeproxy.tls import stream as stream_module
 from edgeproxy.tls.contexts import build_server_context, load_pem_chain, new_server_connection
@@ -44,6 +44,7 @@ from edgeproxy.tls.stream import (
     outgoing_pending,
     release_idle_buffers,
 )
+from tests.support.tlsmem import client_connection, client_context
 
 HANG_GUARD = 20  # seconds; only stops a broken test from hanging, never asserted on
 
@@ -78,15 +79,7 @@ def client_ctx(
     max_version: int | None = None,
     ciphers: bytes | None = None,
 ) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    if ca is not None:
-        ctx.set_verify(SSL.VERIFY_PEER)
-        root = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-        ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(root))  # type: ignore[union-attr]
-    if min_version is not None:
-        ctx.set_min_proto_version(min_version)
-    if max_version is not None:
-        ctx.set_max_proto_version(max_version)
+    ctx = client_context(ca, min_version=min_version, max_version=max_version)
     if ciphers is not None:
         ctx.set_cipher_list(ciphers)
     return ctx
@@ -95,12 +88,7 @@ def client_ctx(
 def client_conn(
     ctx: SSL.Context, *, sni: bytes = b"example.test", alpn: Sequence[bytes] = ()
 ) -> SSL.Connection:
-    conn = SSL.Connection(ctx, None)
-    conn.set_connect_state()
-    conn.set_tlsext_host_name(sni)
-    if alpn:
-        conn.set_alpn_protos(list(alpn))
-    return conn
+    return client_connection(ctx=ctx, sni=sni, alpn=alpn)
 
 
 async def handshake_both(*streams: trio.abc.Stream) -> None:

@@ -16,14 +16,12 @@ from edgeproxy.tls.contexts import build_server_context, new_server_connection
 from edgeproxy.tls.tickets import KEY_NAME_LENGTH, TicketKeys
 from edgeproxy.wire.clienthello import ClientHello, parse_client_hello
 from tests.support import tlsbuild
-from tests.unit.test_tls_contexts import (
-    _drain,
-    _session_reused,
+from tests.support.tlsmem import (
     chain_and_key,
-    client_connection,
     client_context,
     exchange,
-    handshake,
+    proxy_handshake,
+    session_reused,
 )
 
 HOUR = 3600.0
@@ -56,19 +54,11 @@ def connect(
     sni: bytes = b"example.test",
 ) -> tuple[SSL.Connection, SSL.Connection, ClientHello]:
     """One connection as the proxy makes it; returns (server, client, the parsed hello)."""
-    client = client_connection(ctx=cctx, sni=sni)
-    if session is not None:
-        client.set_session(session)
-    try:
-        client.do_handshake()
-    except SSL.WantReadError:
-        pass
-    first_flight = _drain(client)
-    hello = parse_client_hello(first_flight)
-    assert hello is not None
-    server = new_server_connection(cert_ctx, session_ctx=keys.context_for(hello.ticket))
-    server.bio_write(first_flight)
-    handshake(server, client)
+
+    def server_for(hello: ClientHello) -> SSL.Connection:
+        return new_server_connection(cert_ctx, session_ctx=keys.context_for(hello.ticket))
+
+    server, client, hello = proxy_handshake(cctx, sni, server_for, session)
     exchange(server, client, b"x")  # TLS 1.3 tickets arrive after the handshake
     return server, client, hello
 
@@ -91,7 +81,7 @@ def resume(
     server, client, hello = connect(keys, cert_ctx, cctx, session)
     assert exchange(server, client, b"data flows either way") == b"data flows either way"
     assert hello.ticket is not None
-    return _session_reused(server), hello.ticket
+    return session_reused(server), hello.ticket
 
 
 def resumes(
@@ -198,7 +188,7 @@ def test_a_session_for_one_certificate_never_resumes_another(ca: trustme.CA) -> 
     session = client.get_session()
     assert session is not None
     server, _, _ = connect(keys, b, cctx, session, sni=b"b.example.test")
-    assert not _session_reused(server)
+    assert not session_reused(server)
 
 
 def test_rotation_must_be_positive() -> None:
