@@ -19,17 +19,12 @@ from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.storage import FileStorage
+from tests.unit.test_admin_app import ProxyState
 from tests.unit.test_certificate_manager import CountingIssuer
 
 TOKEN = "hostnames-admin-token"
 JSON_HEADERS = {"Edgeproxy-Request": "1"}
 PROBLEM = "application/problem+json"
-
-
-@dataclass
-class ProxyState:
-    draining: bool = False
-    bound: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 8443)])
 
 
 @dataclass
