@@ -41,10 +41,12 @@ class Clock:
         return self.now
 
 
-def manager(storage: FileStorage, clock: Clock) -> CertificateManager:
-    return CertificateManager(storage=storage, issuer=FailingIssuer(storage), clock=clock,
+def manager(
+    storage: FileStorage, clock: Clock, issuer: type[FailingIssuer] = FailingIssuer
+) -> CertificateManager:
+    return CertificateManager(storage=storage, issuer=issuer(storage), clock=clock,
                               policy=OnDemandPolicy(allow=["*.example.test"]),
-                              backoff_base=60.0, wait=5.0)  # fmt: skip
+                              backoff_base=60.0, wait=10.0)  # fmt: skip
 
 
 async def handshake(mgr: CertificateManager) -> None:
@@ -88,4 +90,41 @@ async def test_backoff_is_shared_by_processes_and_kept_across_restarts(tmp_path:
         second = await stored(storage)
         assert second.failures == 2
         assert second.next_attempt - clock.now > (first.next_attempt - 1_800_000_000.0) / 2
+        nursery.cancel_scope.cancel()
+
+
+class SlowFailingIssuer(FailingIssuer):
+    """Fails only once every worker has started its own order for the name (and so waits on
+    the lease, or has already looked at storage before it)."""
+
+    workers: list[CertificateManager] = []
+
+    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        while FailingIssuer.attempts == 0 and not all(
+            (st := mgr.status(name)) is not None and st.state == "issuing"
+            for mgr in SlowFailingIssuer.workers
+        ):
+            await trio.sleep(0.01)
+        if FailingIssuer.attempts == 0:
+            await trio.sleep(0.2)  # what they read before the lease (if anything) is read now
+        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+
+
+async def test_workers_waiting_on_the_lease_read_the_backoff_it_leaves(tmp_path: Path) -> None:
+    """Visitors reach three workers at once: one orders and fails, the two waiting on its lease
+    must see the backoff it stored when they get the lease, not what storage held before."""
+    FailingIssuer.attempts = 0
+    storage = FileStorage(tmp_path / "state")
+    clock = Clock()
+    workers = [manager(storage, clock, SlowFailingIssuer) for _ in range(3)]
+    SlowFailingIssuer.workers = workers
+    async with trio.open_nursery() as nursery:
+        for mgr in workers:
+            await nursery.start(mgr.run)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as visitors:
+                for mgr in workers:
+                    visitors.start_soon(handshake, mgr)
+        assert FailingIssuer.attempts == 1
+        assert (await stored(storage)).failures == 1
         nursery.cancel_scope.cancel()
