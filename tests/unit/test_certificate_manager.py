@@ -12,7 +12,6 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.errors import CertificateUnavailable
-from edgeproxy.issuers.base import IssuedCertificate
 from edgeproxy.storage.file import FileStorage
 from tests.support.managers import HookedIssuer
 
@@ -135,7 +134,7 @@ async def test_issuer_failure_is_recorded_with_backoff(
     from edgeproxy.issuers.base import IssuanceError
 
     class FailingIssuer(CountingIssuer):
-        async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        async def before_issue(self, name: str) -> None:
             self.calls += 1
             raise IssuanceError(
                 "urn:ietf:params:acme:error:connection", "could not connect to 127.0.0.1:443"
@@ -165,11 +164,11 @@ async def test_a_failed_renewal_carries_a_hint_saying_the_old_certificate_serves
     from edgeproxy.issuers.base import IssuanceError
 
     class RenewalFails(CountingIssuer):
-        async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+        async def before_issue(self, name: str) -> None:
             if self.calls:
                 self.calls += 1
                 raise IssuanceError("urn:ietf:params:acme:error:malformed", "no renewal for you")
-            return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+            await super().before_issue(name)
 
     storage = FileStorage(tmp_path / "state")
     mgr = CertificateManager(

@@ -17,18 +17,18 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import Backoff, backoff_key
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
-from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
+from tests.support.managers import HookedIssuer
 
 NAME = "dead-cname.example.test"
 
 
-class FailingIssuer(InternalIssuer):
+class FailingIssuer(HookedIssuer):
     """Every validation fails, as for a name whose DNS points elsewhere."""
 
     attempts = 0
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def before_issue(self, name: str) -> None:
         FailingIssuer.attempts += 1
         raise IssuanceError("urn:ietf:params:acme:error:unauthorized", "wrong answer")
 
