@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeproxy.certs import inventory
 from edgeproxy.certs.inventory import clean_storage
 from edgeproxy.certs.record import CertRecord, cert_key, status_key
 from edgeproxy.storage import FileStorage, Storage
@@ -109,3 +110,15 @@ async def test_a_certificate_is_kept_until_its_not_after_has_passed(storage: Sto
     assert await cert_names(storage) == {cert_key("almost.example")}
     await clean_storage(storage, 0.0, now=NOW.timestamp() + 2)
     assert await cert_names(storage) == set()
+
+
+async def test_valid_certificates_stay_even_if_a_negative_grace_got_past_the_check(
+    storage: Storage, fleet: dict[str, CertRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second line of defence: the deletion itself compares not_after with now, so a grace
+    # check that is ever loosened or bypassed still cannot delete a valid certificate.
+    monkeypatch.setattr(inventory, "check_grace", lambda grace: grace)
+    await clean_storage(storage, -60 * DAY, now=NOW.timestamp())
+    assert await cert_names(storage) == {
+        cert_key(fleet[k].name) for k in ("valid-long", "valid-soon")
+    }
