@@ -16,7 +16,7 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import Backoff, backoff_key
 from edgeproxy.errors import CertificateUnavailable
-from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
+from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.file import FileStorage
 from tests.support.managers import HookedIssuer
 
@@ -99,7 +99,7 @@ class SlowFailingIssuer(FailingIssuer):
 
     workers: list[CertificateManager] = []
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
+    async def before_issue(self, name: str) -> None:
         while FailingIssuer.attempts == 0 and not all(
             (st := mgr.status(name)) is not None and st.state == "issuing"
             for mgr in SlowFailingIssuer.workers
@@ -107,7 +107,7 @@ class SlowFailingIssuer(FailingIssuer):
             await trio.sleep(0.01)
         if FailingIssuer.attempts == 0:
             await trio.sleep(0.2)  # what they read before the lease (if anything) is read now
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+        await super().before_issue(name)
 
 
 async def test_workers_waiting_on_the_lease_read_the_backoff_it_leaves(tmp_path: Path) -> None:
