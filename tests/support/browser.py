@@ -42,14 +42,13 @@ class Browser:
     async def navigate(self, action: Callable[[], object], timeout: float = 90) -> None:
         """Run ``action`` (a click that loads another page) and wait for that page."""
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
 
         def act() -> None:
             old = self.driver.find_element(By.TAG_NAME, "html")
             action()
             wait = WebDriverWait(self.driver, timeout)
-            wait.until(expected_conditions.staleness_of(old))
+            wait.until(lambda _: _gone(old))
             wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
         await self.run(act)
@@ -98,3 +97,16 @@ def chromium(shots: Path) -> Iterator[Browser]:
         yield Browser(driver, shots)
     finally:
         driver.quit()
+
+
+def _gone(element: Any) -> bool:
+    """Has the page that held ``element`` been replaced? selenium's ``staleness_of`` expects
+    StaleElementReferenceException, but Chromium mid-navigation may answer "Node with given id
+    does not belong to the document" as a plain WebDriverException: the node is gone too."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException is one
+        return True
+    return False
