@@ -31,8 +31,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeproxy.acme.client import AcmeClient
-from tests.support.pebble import TlsAlpnResponder, start_pebble
-from tests.support.ports import free_port
+from testkit.pebble import TlsAlpnResponder, start_pebble
+from testkit.ports import free_port
 
 
 async def _measure(

@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import trio
 
+from testkit.ports import free_port
 from tests.hardening.harness import (
     CLIENTHELLOS,
     REPO_ROOT,
@@ -57,7 +58,6 @@ from tests.hardening.harness import (
     stop_process,
     watch_until_closed,
 )
-from tests.support.ports import free_port
 
 NORMAL = "normal.example.test"
 

@@ -23,12 +23,12 @@ import pytest
 import trio
 
 from bench.bench_on_demand import curl_times
+from testkit.pebble import FaultInjector, Pebble, Reply
+from testkit.ports import free_port
+from testkit.proxy import running_proxy
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.conftest import make_pebble  # noqa: F401
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config
-from tests.support.pebble import FaultInjector, Pebble, Reply
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy
-from tests.support.upstreams import http_handler, start_upstream
 
 NAMES = 10
 

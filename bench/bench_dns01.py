@@ -21,12 +21,12 @@ import pytest
 from edgeproxy.app import build_managed, build_storage
 from edgeproxy.certs.managed import ManagedCertificates
 from edgeproxy.config import load_config_data
+from testkit.bind import KEY_NAME, Named
+from testkit.pebble import Pebble
+from testkit.ports import free_port
 from tests.integration.conftest import make_pebble  # noqa: F401
 from tests.integration.test_dns01 import named  # noqa: F401
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config
-from tests.support.bind import KEY_NAME, Named
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
 
 NAMES = 10
 

@@ -27,15 +27,15 @@ import trio
 
 from edgeproxy.storage import FileStorage, HostnameEntry
 from edgeproxy.storage.base import Storage
+from testkit import postgres as pg
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import running_proxy
+from testkit.tomlw import toml_dumps
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.conftest import make_pebble  # noqa: F401
 from tests.integration.test_hostnames_pebble import registry_config
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
-from tests.support import postgres as pg
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy
-from tests.support.tomlw import toml_dumps
-from tests.support.upstreams import http_handler, start_upstream
 
 postgres_server = pg.postgres_server
 postgres_dsn = pg.postgres_dsn

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import trio
 
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import running_proxy
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.conftest import make_pebble  # noqa: F401
 from tests.integration.test_on_demand_acme import acme_config
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy
-from tests.support.upstreams import http_handler, start_upstream
 
 
 async def curl_times(port: int, name: str, roots: Path) -> tuple[float, float, float]:

@@ -25,8 +25,8 @@ from edgeproxy.certs.status import DomainStatus
 from edgeproxy.storage.base import HostnameEntry, Storage
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.storage.postgres import PostgresStorage
-from tests.support import postgres as pg
-from tests.support.proxy import base_config, running_proxy
+from testkit import postgres as pg
+from testkit.proxy import base_config, running_proxy
 
 postgres_server = pg.postgres_server
 postgres_dsn = pg.postgres_dsn

@@ -211,7 +211,7 @@ def _backend(kind: str, workdir: Path) -> Iterator[tuple[Storage, dict[str, Any]
         path = workdir / f"state-{secrets.token_hex(3)}"
         yield FileStorage(path), {"backend": "file", "path": str(path)}
         return
-    from tests.support.postgres import running_postgres
+    from testkit.postgres import running_postgres
 
     with running_postgres() as server:
         name = f"fleet_{secrets.token_hex(4)}"

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.pebble import Pebble, start_pebble
-from tests.support.ports import free_port
+from testkit.pebble import Pebble, start_pebble
+from testkit.ports import free_port
 
 from .procs import Server, Supervisor
 from .terminators import REPO_ROOT, render

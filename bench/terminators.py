@@ -28,7 +28,7 @@ from itertools import count
 from pathlib import Path
 from typing import ClassVar, Final
 
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 from .pki import BenchPki
 from .procs import Server, Supervisor

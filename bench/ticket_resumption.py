@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.ports import free_port
-from tests.support.proxy import wait_port
+from testkit.ports import free_port
+from testkit.proxy import wait_port
 
 VERSIONS = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
 NAME = "resume.example.test"

@@ -35,7 +35,7 @@ from edgeproxy.wire.proxy_protocol import (
     build_v1,
     build_v2,
 )
-from tests.support import tlsbuild as tb
+from testkit import tlsbuild as tb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIENTHELLO_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "clienthellos"

@@ -232,7 +232,7 @@ mapfile -d '' -t prestop < <(json_argv "$PIECES/commands.json" preStop)
   || fail "preStop command ${prestop[*]} cannot run in the image"
 ok "${prestop[0]} is in the image (${prestop[*]})"
 
-free_ports() { PYTHONPATH="$ROOT" python3 -c "from tests.support.ports import free_port
+free_ports() { PYTHONPATH="$ROOT" python3 -c "from testkit.ports import free_port
 print(*(free_port() for _ in range($1)))"; }
 
 wait_for_log() {  # container, text, what

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import postgres as pg
-from tests.support.pebble import Pebble, start_pebble
-from tests.support.ports import free_port
-from tests.support.proxy import wait_port
+from testkit import postgres as pg
+from testkit.pebble import Pebble, start_pebble
+from testkit.ports import free_port
+from testkit.proxy import wait_port
 
 postgres_server = pg.postgres_server
 REPLICA_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")

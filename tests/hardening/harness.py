@@ -48,8 +48,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
-from tests.support import tlsbuild as tb
-from tests.support.tomlw import toml_dumps
+from testkit import tlsbuild as tb
+from testkit.tomlw import toml_dumps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENTHELLOS = REPO_ROOT / "tests" / "fixtures" / "clienthellos"

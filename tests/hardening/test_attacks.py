@@ -29,6 +29,8 @@ import trustme
 
 from edgeproxy.names import InvalidName, name_matches, validate_hostname
 from edgeproxy.wire.proxy_protocol import build_v2
+from testkit.pebble import FaultInjector, Pebble
+from testkit.ports import free_port
 from tests.hardening.harness import (
     CLIENTHELLOS,
     REPO_ROOT,
@@ -53,8 +55,6 @@ from tests.hardening.harness import (
     wait_until,
     watch_until_closed,
 )
-from tests.support.pebble import FaultInjector, Pebble
-from tests.support.ports import free_port
 
 NORMAL = "normal.example.test"
 CLOSED = "edgeproxy_connections_closed_total"

@@ -45,9 +45,9 @@ from cryptography import x509
 
 from edgeproxy.certs.record import CertRecord
 from edgeproxy.storage.file import FileStorage
+from testkit.pebble import Pebble
+from testkit.ports import free_port
 from tests.hardening.harness import REPO_ROOT, stop_process, toml_dumps, wait_accepting
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
 
 ROUNDS = int(os.environ.get("EDGEPROXY_CRASH_ROUNDS", "50"))
 RENEWAL_SHARE = 0.4

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from testkit.ports import free_port
 from tests.hardening.harness import (
     NormalClient,
     SilentHolder,
@@ -37,7 +38,6 @@ from tests.hardening.harness import (
     wait_until,
     watch,
 )
-from tests.support.ports import free_port
 
 NORMAL = "normal.example.test"
 SHED = "edgeproxy_connections_shed_total"

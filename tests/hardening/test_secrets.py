@@ -33,6 +33,8 @@ from OpenSSL import SSL
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import ConfigError
 from edgeproxy.tls.stream import TLSStream
+from testkit.pebble import Pebble, pebble_for_proxy
+from testkit.ports import free_port
 from tests.hardening.harness import (
     PING,
     REPO_ROOT,
@@ -44,8 +46,6 @@ from tests.hardening.harness import (
     receive_exactly,
     toml_dumps,
 )
-from tests.support.pebble import Pebble, pebble_for_proxy
-from tests.support.ports import free_port
 
 TOKEN = "hardening-admin-token-7f3c"
 # A JWS (RFC 7515) part: base64url of a JSON object starts with "eyJ" ('{"').

@@ -29,6 +29,8 @@ import trio
 from OpenSSL import SSL
 
 from edgeproxy.tls.stream import TLSStream
+from testkit.pebble import Pebble, pebble_for_proxy
+from testkit.ports import free_port
 from tests.hardening.harness import (
     PING,
     EdgeproxyProcess,
@@ -42,8 +44,6 @@ from tests.hardening.harness import (
     unexpected_log_lines,
     wait_until,
 )
-from tests.support.pebble import Pebble, pebble_for_proxy
-from tests.support.ports import free_port
 
 SOAK_SECONDS = float(os.environ.get("EDGEPROXY_SOAK_SECONDS", "75"))
 IDLE_CONNECTIONS = int(os.environ.get("EDGEPROXY_IDLE_CONNECTIONS", "2000"))

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trio
 
-from tests.support.pebble import Pebble, TlsAlpnResponder, pebble_available, start_pebble
-from tests.support.ports import free_port
+from testkit.pebble import Pebble, TlsAlpnResponder, pebble_available, start_pebble
+from testkit.ports import free_port
 
 
 @pytest.fixture

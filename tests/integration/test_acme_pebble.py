@@ -46,7 +46,7 @@ from edgeproxy.acme.ari import cert_id
 from edgeproxy.acme.client import BAD_NONCE_RETRIES, AcmeClient
 from edgeproxy.acme.jws import AccountKey
 from edgeproxy.acme.messages import split_pem_chain
-from tests.support.pebble import (
+from testkit.pebble import (
     FaultInjector,
     InjectedRequest,
     Pebble,
@@ -54,7 +54,7 @@ from tests.support.pebble import (
     TlsAlpnResponder,
     reject_first_replaces,
 )
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 MakePebble = Callable[..., Pebble]
 

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from edgeproxy.certs.challenges import NEGATIVE_TTL
 from edgeproxy.storage.file import FileStorage
-from tests.support.proxy import base_config, running_proxy
+from testkit.proxy import base_config, running_proxy
 
 METRIC = "edgeproxy_acme_validation_without_pending_challenge_total"
 N = 40

@@ -3,7 +3,7 @@
 ``edgeproxy run`` and ``edgeproxy demo`` run as real subprocesses (loopback admin, no token,
 the defaults an operator gets); requests go over TCP through hypercorn, so the path a handler
 sees is what the server decoded (``%0a`` is a newline by then). The ask endpoint is a real HTTP
-listener in the test (``tests/support/ask.py``) that records every query it receives.
+listener in the test (``testkit/ask.py``) that records every query it receives.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from urllib.parse import unquote
 import httpx
 import trio
 
-from tests.support.ask import AskRecorder, start_ask_recorder
-from tests.support.ports import free_port
-from tests.support.proxy import edgeproxy_subprocess, wait_port
-from tests.support.tomlw import toml_dumps
+from testkit.ask import AskRecorder, start_ask_recorder
+from testkit.ports import free_port
+from testkit.proxy import edgeproxy_subprocess, wait_port
+from testkit.tomlw import toml_dumps
 
 DEADLINE = 20.0  # generous bound on any single wait; never a timing assertion
 CONTROL_CHARACTERS = [*range(0x00, 0x20), 0x7F]

@@ -31,7 +31,7 @@ from edgeproxy.config import AdminConfig, Config
 from edgeproxy.demo import demo_config, start_hello_upstream
 from edgeproxy.errors import ConfigError
 from edgeproxy.storage.base import StoredItem
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 TOKEN = "integration-admin-token"
 ACCEPTED = "edgeproxy_connections_accepted_total"

@@ -33,9 +33,9 @@ from edgeproxy.acme.ari import (
     parse_renewal_info,
 )
 from edgeproxy.acme.client import AcmeClient
-from tests.support.acme2certifier import A2C, issue_with_reference_client, start_acme2certifier
+from testkit.acme2certifier import A2C, issue_with_reference_client, start_acme2certifier
 
-# What acme2certifier is told to serve (see tests/support/acme2certifier.py): a window from
+# What acme2certifier is told to serve (see testkit/acme2certifier.py): a window from
 # 85 % of the lifetime to expiry, and Retry-After: 30, below ARI's one-minute floor.
 THRESHOLD_PCT = 85.0
 SERVER_RETRY_AFTER = 30

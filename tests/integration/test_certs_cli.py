@@ -15,12 +15,12 @@ import trio
 from cryptography import x509
 
 from edgeproxy.storage import FileStorage
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import running_proxy
+from testkit.tomlw import toml_dumps
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.test_on_demand_acme import acme_config, peer_cert
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy
-from tests.support.tomlw import toml_dumps
-from tests.support.upstreams import http_handler, start_upstream
 
 EP = [sys.executable, "-m", "edgeproxy"]
 

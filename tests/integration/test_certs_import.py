@@ -30,11 +30,11 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import base_config, running_proxy
+from testkit.tomlw import toml_dumps
 from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import base_config, running_proxy
-from tests.support.tomlw import toml_dumps
 
 EP = [sys.executable, "-m", "edgeproxy"]
 NAMES = ["imp.example.test", "www.imp.example.test"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 EP = [sys.executable, "-m", "edgeproxy"]
 

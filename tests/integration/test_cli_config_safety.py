@@ -18,8 +18,8 @@ import trio
 
 from edgeproxy.certs.record import cert_key
 from edgeproxy.storage import FileStorage
-from tests.support.certrecords import cert_record as record
-from tests.support.ports import free_port
+from testkit.certrecords import cert_record as record
+from testkit.ports import free_port
 
 EP = [sys.executable, "-m", "edgeproxy"]
 ROUTE = '[[routes]]\nsni = ["*"]\ndefault = true\nupstreams = ["127.0.0.1:8080"]\n'

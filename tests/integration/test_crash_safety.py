@@ -21,9 +21,9 @@ from cryptography import x509
 
 from edgeproxy.certs.record import CertRecord
 from edgeproxy.storage.file import FileStorage
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import edgeproxy_subprocess
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import edgeproxy_subprocess
 
 
 def write_config(path: Path, port: int, pebble: Pebble, state: Path, upstream_port: int) -> None:

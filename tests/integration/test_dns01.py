@@ -26,14 +26,14 @@ from prometheus_client import REGISTRY
 from edgeproxy.app import build_managed
 from edgeproxy.config import load_config_data
 from edgeproxy.storage.file import FileStorage
+from testkit.bind import KEY_NAME, Named, named_available, start_named
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import running_proxy
+from testkit.tomlw import toml_dumps
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.test_certs_cli import cli
 from tests.integration.test_on_demand_acme import BODY, acme_config, curl, peer_cert
-from tests.support.bind import KEY_NAME, Named, named_available, start_named
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy
-from tests.support.tomlw import toml_dumps
-from tests.support.upstreams import http_handler, start_upstream
 
 pytestmark = pytest.mark.skipif(
     not named_available(), reason="Debian bind9 not installed (tests/run installs it)"

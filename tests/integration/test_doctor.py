@@ -25,9 +25,9 @@ import trustme
 
 from edgeproxy.doctor import Diagnosis, Finding, diagnose
 from edgeproxy.storage.file import FileStorage
-from tests.support.pebble import CHALLTESTSRV, TlsAlpnResponder
-from tests.support.ports import free_port
-from tests.support.proxy import RunningProxy, base_config, running_proxy, wait_port
+from testkit.pebble import CHALLTESTSRV, TlsAlpnResponder
+from testkit.ports import free_port
+from testkit.proxy import RunningProxy, base_config, running_proxy, wait_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which(CHALLTESTSRV) is None, reason="pebble-challtestsrv is not installed"

@@ -15,10 +15,10 @@ import trio
 
 from edgeproxy.events import LEASE
 from edgeproxy.storage import FileStorage
-from tests.support.events_receiver import Receiver
-from tests.support.ports import free_port
-from tests.support.proxy import base_config, edgeproxy_subprocess, running_proxy, wait_port
-from tests.support.tomlw import toml_dumps
+from testkit.events_receiver import Receiver
+from testkit.ports import free_port
+from testkit.proxy import base_config, edgeproxy_subprocess, running_proxy, wait_port
+from testkit.tomlw import toml_dumps
 
 SECRET = "events-test-secret"
 SCRIPTED = {"Edgeproxy-Request": "1"}

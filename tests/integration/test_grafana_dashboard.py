@@ -3,7 +3,7 @@
 deploy/grafana/edgeproxy.json's panels are only worth shipping if each query names real
 metrics and labels: a typo shows as an empty panel nobody notices until an incident. Here
 Debian's ``prometheus`` scrapes an edgeproxy holding pebble-issued, failing and removed names
-(``tests.support.fleet``); after a first scrape, more traffic and one more issuance happen so
+(``testkit.fleet``); after a first scrape, more traffic and one more issuance happen so
 rates have something to measure; then every panel target (Grafana's ``$__rate_interval``
 replaced by a fixed range) must return at least one series, and the traffic panels a value
 above zero.
@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from testkit.fleet import ACTIVE, BROKEN, plain_http, start_fleet
+from testkit.pebble import Pebble
 from tests.integration.test_on_demand_acme import curl, handshake_fails, roots_file
 from tests.integration.test_prometheus import (
     DEADLINE,
@@ -28,8 +30,6 @@ from tests.integration.test_prometheus import (
     start_prometheus,
     wait_ready,
 )
-from tests.support.fleet import ACTIVE, BROKEN, plain_http, start_fleet
-from tests.support.pebble import Pebble
 
 __all__ = ["roots_file", "start_prometheus"]  # fixtures, re-used
 

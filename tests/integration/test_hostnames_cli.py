@@ -9,9 +9,9 @@ from pathlib import Path
 import trio
 
 from edgeproxy.storage import FileStorage
+from testkit.proxy import base_config, running_proxy
+from testkit.tomlw import toml_dumps
 from tests.integration.test_certs_cli import cli
-from tests.support.proxy import base_config, running_proxy
-from tests.support.tomlw import toml_dumps
 
 
 def write_config(tmp_path: Path) -> tuple[Path, dict[str, object]]:

@@ -14,6 +14,9 @@ import httpx
 import trio
 from prometheus_client import REGISTRY
 
+from testkit.pebble import Pebble, injected_pebble_for_proxy
+from testkit.proxy import RunningProxy, running_proxy
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.test_on_demand_acme import (
     NO_NONCE_CHAOS,
     acme_config,
@@ -22,9 +25,6 @@ from tests.integration.test_on_demand_acme import (
     new_orders,
     roots_file,
 )
-from tests.support.pebble import Pebble, injected_pebble_for_proxy
-from tests.support.proxy import RunningProxy, running_proxy
-from tests.support.upstreams import http_handler, start_upstream
 
 __all__ = ["roots_file"]  # the fixture, re-used
 

@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from edgeproxy.certs.record import CertRecord, cert_key
+from testkit.pebble import FaultInjector, Pebble
+from testkit.ports import free_port
+from testkit.proxy import running_proxy, wait_port
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.test_on_demand_acme import BODY, NO_NONCE_CHAOS, acme_config, curl
-from tests.support.pebble import FaultInjector, Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import running_proxy, wait_port
-from tests.support.upstreams import http_handler, start_upstream
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None, reason="Debian haproxy not installed (tests/run installs it)"

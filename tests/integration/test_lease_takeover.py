@@ -21,12 +21,12 @@ import psycopg
 from cryptography import x509
 
 from edgeproxy.certs.record import cert_key, lock_name
+from testkit import postgres as pg
+from testkit.pebble import Pebble
+from testkit.ports import free_port
+from testkit.proxy import edgeproxy_subprocess
+from testkit.tomlw import toml_dumps
 from tests.integration.test_crash_safety import fetch_cert, poke, wait_for
-from tests.support import postgres as pg
-from tests.support.pebble import Pebble
-from tests.support.ports import free_port
-from tests.support.proxy import edgeproxy_subprocess
-from tests.support.tomlw import toml_dumps
 
 postgres_server = pg.postgres_server
 postgres_database = pg.postgres_database

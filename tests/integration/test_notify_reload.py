@@ -13,7 +13,7 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.postgres import PostgresStorage
-from tests.support import postgres as pg
+from testkit import postgres as pg
 
 postgres_server = pg.postgres_server
 postgres_database = pg.postgres_database

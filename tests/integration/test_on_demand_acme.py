@@ -19,17 +19,17 @@ import trio
 from cryptography import x509
 
 from edgeproxy.certs.record import cert_key
-from tests.support.ask import serve_ask
-from tests.support.pebble import (
+from testkit.ask import serve_ask
+from testkit.pebble import (
     FaultInjector,
     InjectedRequest,
     Pebble,
     Reply,
     injected_pebble_for_proxy,
 )
-from tests.support.ports import free_port
-from tests.support.proxy import RunningProxy, base_config, running_proxy
-from tests.support.upstreams import echo, http_handler, start_upstream
+from testkit.ports import free_port
+from testkit.proxy import RunningProxy, base_config, running_proxy
+from testkit.upstreams import echo, http_handler, start_upstream
 
 BODY = b"served over a pebble certificate\n"
 # Tests that count newOrder POSTs: pebble rejects 5 % of nonces by default, and a retried
@@ -485,7 +485,7 @@ async def test_a_failed_validation_hint_says_what_the_ca_met_and_names_our_port(
     (pebble: "Failed to connect") or a responder shows a certificate for another key
     authorization (pebble: "Incorrect validation certificate"). Two different hints, both
     naming the port edgeproxy listens on."""
-    from tests.support.pebble import TlsAlpnResponder
+    from testkit.pebble import TlsAlpnResponder
 
     name = "hint.example.test"
     validation_port = free_port()

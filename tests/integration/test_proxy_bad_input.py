@@ -19,8 +19,8 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from tests.support.proxy import RunningProxy, base_config, running_proxy
-from tests.support.upstreams import http_handler, silent, start_upstream
+from testkit.proxy import RunningProxy, base_config, running_proxy
+from testkit.upstreams import http_handler, silent, start_upstream
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "clienthellos"
 BODY = b"normal client served\n"

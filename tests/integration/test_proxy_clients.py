@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.support.proxy import base_config, running_proxy
-from tests.support.upstreams import http_handler, start_upstream
+from testkit.proxy import base_config, running_proxy
+from testkit.upstreams import http_handler, start_upstream
 
 BODY = b"hello from upstream\n"
 

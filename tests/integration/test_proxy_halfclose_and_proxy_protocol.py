@@ -20,10 +20,10 @@ from prometheus_client import REGISTRY
 
 from edgeproxy.tls.stream import TLSStream
 from edgeproxy.wire.proxy_protocol import V2_SIGNATURE, ProxyHeaderParser, build_v2
-from tests.support.logs import process_log
-from tests.support.ports import free_port
-from tests.support.proxy import RunningProxy, base_config, running_proxy, wait_port
-from tests.support.upstreams import (
+from testkit.logs import process_log
+from testkit.ports import free_port
+from testkit.proxy import RunningProxy, base_config, running_proxy, wait_port
+from testkit.upstreams import (
     Upstream,
     answer_after_eof,
     http_handler,

@@ -22,8 +22,8 @@ import trio
 
 from edgeproxy.proxy import connection as connection_module
 from edgeproxy.wire.proxy_protocol import build_v2
-from tests.support.proxy import RunningProxy, base_config, running_proxy
-from tests.support.upstreams import http_handler, start_upstream
+from testkit.proxy import RunningProxy, base_config, running_proxy
+from testkit.upstreams import http_handler, start_upstream
 
 BODY = b"served however the hello came\n"
 NAME = "arrival.example.test"

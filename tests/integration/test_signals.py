@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
-from tests.support.ports import free_port
-from tests.support.proxy import base_config, edgeproxy_subprocess
-from tests.support.tomlw import toml_dumps
-from tests.support.upstreams import Handler, start_upstream
+from testkit.ports import free_port
+from testkit.proxy import base_config, edgeproxy_subprocess
+from testkit.tomlw import toml_dumps
+from testkit.upstreams import Handler, start_upstream
 
 NAME = "app.example.test"
 DEADLINE = 20.0  # bound on any single wait; never a timing assertion

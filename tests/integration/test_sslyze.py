@@ -1,6 +1,6 @@
 """An outside judge of the TLS configuration: sslyze's Mozilla "intermediate" compliance check.
 
-sslyze (PyPI, its own venv: see tests/support/sslyze.py) scans a running edgeproxy the way an
+sslyze (PyPI, its own venv: see testkit/sslyze.py) scans a running edgeproxy the way an
 auditor would: protocol versions, cipher suites and their order, key exchange groups, the
 certificate's key, signature and lifetime, and the chain against the issuer's CA. Nobody here
 wrote the profile it checks against, so a default drifting from it (OpenSSL's X448 and P-521
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from testkit.sslyze import sslyze_command
 from tests.integration.test_proxy_bad_input import proxy_to_http
-from tests.support.sslyze import sslyze_command
 
 
 @pytest.mark.parametrize("key_type", ["ec256", "rsa2048"])

@@ -1,6 +1,6 @@
 """The status page ``/ui/`` in a real headless Chromium, against a real edgeproxy and pebble.
 
-The fleet (``tests.support.fleet``) holds an active name, one whose upstream is down, one the
+The fleet (``testkit.fleet``) holds an active name, one whose upstream is down, one the
 CA refuses (failing, with a hint), one denied and a removed one. The browser loads the page, filters by
 state, searches by name (also with the keyboard alone), opens the failing name's page (hint,
 attempt history) and runs the doctor; every page is screenshotted into the test's folder, and the DevTools log must show no
@@ -22,12 +22,12 @@ import pytest
 import trio
 
 from edgeproxy.admin.ui import CSP
+from testkit.browser import Browser, chromium, needs_chromium
+from testkit.fleet import ACTIVE, BROKEN, DENIED, FAILING, REMOVED, start_fleet
+from testkit.pebble import Pebble
+from testkit.proxy import base_config, running_proxy
+from testkit.upstreams import http_handler, start_upstream
 from tests.integration.test_on_demand_acme import roots_file
-from tests.support.browser import Browser, chromium, needs_chromium
-from tests.support.fleet import ACTIVE, BROKEN, DENIED, FAILING, REMOVED, start_fleet
-from tests.support.pebble import Pebble
-from tests.support.proxy import base_config, running_proxy
-from tests.support.upstreams import http_handler, start_upstream
 
 __all__ = ["roots_file"]  # the fixture, re-used
 

@@ -16,10 +16,10 @@ import trio
 from prometheus_client import REGISTRY
 
 from edgeproxy.wire.clienthello import MAX_CLIENT_HELLO_BODY
+from testkit import tlsbuild as tb
+from testkit.proxy import RunningProxy
 from tests.integration import test_proxy_bad_input as bad_input
 from tests.integration.test_proxy_bad_input import BODY, normal_client, read_until_closed
-from tests.support import tlsbuild as tb
-from tests.support.proxy import RunningProxy
 
 # The bad-input tests' proxy: internal issuer, a default route to an HTTP upstream.
 proxy = bad_input.proxy

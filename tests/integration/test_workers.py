@@ -31,8 +31,8 @@ from edgeproxy.errors import ConfigError, config_errors
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.workers import describe_exit, restart_delay
-from tests.support.ports import free_port
-from tests.support.upstreams import Handler, http_handler, read_http_head, start_upstream
+from testkit.ports import free_port
+from testkit.upstreams import Handler, http_handler, read_http_head, start_upstream
 
 T = TypeVar("T")
 Record = dict[str, Any]

@@ -21,7 +21,7 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.file import FileStorage
-from tests.support.managers import HookedIssuer
+from testkit.managers import HookedIssuer
 from tests.unit.test_admin_app import ProxyState
 
 SCRIPTED = {"Edgeproxy-Request": "1"}

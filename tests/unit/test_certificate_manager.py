@@ -13,7 +13,7 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.storage.file import FileStorage
-from tests.support.managers import HookedIssuer
+from testkit.managers import HookedIssuer
 
 
 class CountingIssuer(HookedIssuer):

@@ -1,6 +1,6 @@
 """Scenarios for the ClientHello peek: what a client sends first, and what the proxy learns.
 
-Hellos are built with tests.support.tlsbuild (so each test says exactly what the client sent)
+Hellos are built with testkit.tlsbuild (so each test says exactly what the client sent)
 or are real captures from curl, openssl, Python and Chromium (tests/fixtures/clienthellos).
 """
 
@@ -28,8 +28,8 @@ from edgeproxy.wire.clienthello import (
     parse_client_hello,
 )
 from edgeproxy.wire.tls_alert import AlertDescription
+from testkit import tlsbuild as tb
 from tests.fixtures.clienthellos import capture
-from tests.support import tlsbuild as tb
 
 FIXTURES = Path(capture.__file__).parent
 

@@ -18,8 +18,8 @@ from edgeproxy.certs.dns01 import Zone, challenge_name, txt_value, zone_for
 from edgeproxy.cli import main
 from edgeproxy.config import Config, DnsZoneConfig, load_config_data
 from edgeproxy.errors import ConfigError
-from tests.support.proxy import base_config
-from tests.support.tomlw import toml_dumps
+from testkit.proxy import base_config
+from testkit.tomlw import toml_dumps
 
 ZONE = {
     "zone": "example.net",

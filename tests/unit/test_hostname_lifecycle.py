@@ -22,7 +22,7 @@ from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.storage import FileStorage, HostnameEntry
 from edgeproxy.storage.base import OutboxEvent
-from tests.support.events_receiver import Receiver
+from testkit.events_receiver import Receiver
 from tests.unit.test_certificate_manager import CountingIssuer
 
 DAY = 86400.0

@@ -22,11 +22,11 @@ import pytest
 import trio
 
 from edgeproxy.logs import JsonFormatter, TextFormatter
-from tests.support.logs import ProcessLog, process_log
-from tests.support.pebble import pebble_available, start_pebble
-from tests.support.ports import free_port
-from tests.support.proxy import base_config, running_proxy
-from tests.support.upstreams import http_handler, start_upstream
+from testkit.logs import ProcessLog, process_log
+from testkit.pebble import pebble_available, start_pebble
+from testkit.ports import free_port
+from testkit.proxy import base_config, running_proxy
+from testkit.upstreams import http_handler, start_upstream
 
 NAME = "app.example.test"
 BODY = b"hello from upstream\n"

@@ -18,7 +18,7 @@ import trio.testing
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.storage.file import FileStorage
-from tests.support.managers import HookedIssuer, manager_for
+from testkit.managers import HookedIssuer, manager_for
 
 
 class GatedIssuer(HookedIssuer):

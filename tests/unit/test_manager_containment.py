@@ -23,7 +23,7 @@ from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.events import Events
 from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.file import FileStorage
-from tests.support.managers import HookedIssuer, manager_for
+from testkit.managers import HookedIssuer, manager_for
 
 METRIC = "edgeproxy_background_task_errors_total"
 

@@ -8,7 +8,7 @@ import trio
 from edgeproxy.certs.policy import OnDemandPolicy, TokenBucket
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import ConfigError
-from tests.support.ask import serve_ask
+from testkit.ask import serve_ask
 
 
 async def ask_endpoint(

@@ -31,7 +31,7 @@ from edgeproxy.wire.proxy_protocol import (
     build_v1,
     build_v2,
 )
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 Mode = Literal["v1", "v2", "any"]
 

@@ -18,7 +18,7 @@ from edgeproxy.certs.record import Backoff, backoff_key
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.file import FileStorage
-from tests.support.managers import HookedIssuer
+from testkit.managers import HookedIssuer
 
 NAME = "dead-cname.example.test"
 

@@ -3,7 +3,7 @@
 Issue 21, finding 11: ``storage clean --grace-days -60`` deleted three valid certificates. The
 guard lives where the deletion happens (``clean_storage``), so it holds whatever a caller
 passes; the CLI refusing the option is checked in ``tests/integration/test_cli.py``. Run on both
-backends (PostgreSQL: a real throwaway server, ``tests/support/postgres.py``).
+backends (PostgreSQL: a real throwaway server, ``testkit/postgres.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from edgeproxy.certs.inventory import clean_storage
 from edgeproxy.certs.record import CertRecord, cert_key, status_key
 from edgeproxy.storage import FileStorage, Storage
 from edgeproxy.storage.postgres import PostgresStorage
-from tests.support import postgres as pg
-from tests.support.certrecords import cert_record
+from testkit import postgres as pg
+from testkit.certrecords import cert_record
 
 postgres_server = pg.postgres_server
 postgres_database = pg.postgres_database

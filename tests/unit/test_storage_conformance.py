@@ -2,8 +2,8 @@
 
 A backend joins by adding a param to ``backend``: a way to open any number of handles on one
 shared store (each with its own clock), and a ``spec`` string with which
-``tests/support/crash_writer.py`` opens the same store from a child process. ``postgres`` runs
-against a throwaway server (``tests/support/postgres.py``), a fresh database per test.
+``testkit/crash_writer.py`` opens the same store from a child process. ``postgres`` runs
+against a throwaway server (``testkit/postgres.py``), a fresh database per test.
 
 Time is explicit: lease and challenge expiry run on a ``ManualClock`` that a test advances, and
 ``hold_lock`` tests run trio on an autojump ``MockClock``, so no test waits on the wall clock.
@@ -38,8 +38,8 @@ from edgeproxy.storage import (
     make_owner_id,
 )
 from edgeproxy.storage.postgres import PostgresStorage
-from tests.support import postgres as pg
-from tests.support.crash_writer import Children
+from testkit import postgres as pg
+from testkit.crash_writer import Children
 
 # PostgreSQL fixtures, set up only for the postgres param (one server, a database per test).
 postgres_server = pg.postgres_server

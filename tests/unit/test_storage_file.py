@@ -22,7 +22,7 @@ import trio.testing
 
 from edgeproxy.errors import StorageError
 from edgeproxy.storage import FileStorage, HostnameEntry, LockLost, Storage, hold_lock
-from tests.support.crash_writer import Children, is_complete_value
+from testkit.crash_writer import Children, is_complete_value
 from tests.unit.test_storage_conformance import wait_to_be_cancelled
 
 CHILD_DEADLINE = 60.0

@@ -23,7 +23,7 @@ from edgeproxy.errors import CorruptRecord
 from edgeproxy.storage import FileStorage
 from edgeproxy.storage.file import root_problems
 from edgeproxy.storage.sealing import generate_encryption_key
-from tests.support.certrecords import cert_record
+from testkit.certrecords import cert_record
 
 SECRET = b'{"key_pem": "-----BEGIN EC PRIVATE KEY-----\\nMHcCAQEEI..."}'
 

@@ -19,9 +19,9 @@ import trio
 from edgeproxy.errors import CorruptRecord, StorageError
 from edgeproxy.storage import HostnameEntry, LockInfo, Storage
 from edgeproxy.storage.postgres import MIGRATIONS, PostgresStorage, generate_encryption_key
-from tests.support import postgres as pg
-from tests.support.ports import free_port
-from tests.support.postgres import (
+from testkit import postgres as pg
+from testkit.ports import free_port
+from testkit.postgres import (
     PostgresDatabase,
     PostgresServer,
     postgres_available,

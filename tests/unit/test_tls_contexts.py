@@ -30,7 +30,7 @@ from edgeproxy.tls.contexts import (
 )
 from edgeproxy.tls.errors import InvalidCertificate, TLSHandshakeError
 from edgeproxy.tls.stream import TLSStream
-from tests.support.tlsmem import (
+from testkit.tlsmem import (
     chain_and_key,
     client_connection,
     client_context,

@@ -15,7 +15,7 @@ from edgeproxy.tls.errors import InvalidCertificate
 from edgeproxy.tls.identities import IdentityContexts
 from edgeproxy.tls.tickets import TicketKeys
 from edgeproxy.wire.clienthello import ClientHello
-from tests.support.tlsmem import (
+from testkit.tlsmem import (
     chain_and_key,
     client_context,
     exchange,

@@ -44,7 +44,7 @@ from edgeproxy.tls.stream import (
     outgoing_pending,
     release_idle_buffers,
 )
-from tests.support.tlsmem import client_connection, client_context
+from testkit.tlsmem import client_connection, client_context
 
 HANG_GUARD = 20  # seconds; only stops a broken test from hanging, never asserted on
 

@@ -15,8 +15,8 @@ from OpenSSL import SSL
 from edgeproxy.tls.contexts import build_server_context, new_server_connection
 from edgeproxy.tls.tickets import KEY_NAME_LENGTH, TicketKeys
 from edgeproxy.wire.clienthello import ClientHello, parse_client_hello
-from tests.support import tlsbuild
-from tests.support.tlsmem import (
+from testkit import tlsbuild
+from testkit.tlsmem import (
     chain_and_key,
     client_context,
     exchange,

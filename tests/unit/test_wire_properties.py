@@ -33,7 +33,7 @@ from edgeproxy.wire.proxy_protocol import (
     build_v1,
     build_v2,
 )
-from tests.support import tlsbuild as tb
+from testkit import tlsbuild as tb
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Mode = Literal["v1", "v2", "any"]

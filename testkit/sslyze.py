@@ -1,7 +1,7 @@
 """sslyze (PyPI) in a venv of its own, built on first use: it pins its own cryptography and
 nassl, which must never meet the project's venv.
 
-``python -m tests.support.sslyze`` builds it ahead of time (``tests/run`` does, so the suite's
+``python -m testkit.sslyze`` builds it ahead of time (``tests/run`` does, so the suite's
 timings do not include a pip install). The venv lives in ``.cache/sslyze-venv`` at the
 repository root (gitignored), or where ``EDGEPROXY_SSLYZE_VENV`` says.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 SSLYZE_REQUIREMENT = "sslyze==6.3.1"  # a known release: its Mozilla profile is part of the test
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[1]
 
 
 def venv_dir() -> Path:

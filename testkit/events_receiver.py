@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from edgeproxy.events import verify
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Child processes for storage tests that need real processes: SIGKILL, contention, races.
 
-Run as ``python -m tests.support.crash_writer MODE SPEC ...`` (``Children`` does it for you).
+Run as ``python -m testkit.crash_writer MODE SPEC ...`` (``Children`` does it for you).
 ``SPEC`` says how the child opens the storage under test, so the same modes serve every backend:
 ``file:<root>`` today; a PostgreSQL backend adds its scheme to ``open_storage``.
 
@@ -36,7 +36,7 @@ import trio
 
 from edgeproxy.storage import FileStorage, Storage, make_owner_id
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _MAGIC = b"EPV1"
 _DIGEST = 32
@@ -79,7 +79,7 @@ class Children:
     def start(self, mode: str, *args: str) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.crash_writer", mode, *args],
+            [sys.executable, "-m", "testkit.crash_writer", mode, *args],
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.PIPE,

@@ -42,7 +42,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 __all__ = [
     "PG_BIN",
@@ -137,7 +137,7 @@ class PostgresServer:
         lines += [f"port = {self.port}", f"unix_socket_directories = '{self.socket_dir}'"]
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as out:
-            out.write("\n# tests/support/postgres.py\n" + "\n".join(lines) + "\n")
+            out.write("\n# testkit/postgres.py\n" + "\n".join(lines) + "\n")
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgeproxy.acme.jws import decode_payload, decode_protected
 from edgeproxy.acme.messages import parse_links
 from edgeproxy.tls.challenge_cert import ACME_TLS_ALPN, build_challenge_certificate
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 __all__ = [
     "CHALLTESTSRV",

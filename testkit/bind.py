@@ -22,8 +22,8 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from tests.support.pebble import _stop_process
-from tests.support.ports import free_port
+from testkit.pebble import _stop_process
+from testkit.ports import free_port
 
 NAMED = "/usr/sbin/named"
 KEY_NAME = "edgeproxy-test."
