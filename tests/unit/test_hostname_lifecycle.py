@@ -12,7 +12,8 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from edgeproxy.certs.manager import CertificateManager, expiring_key
+from edgeproxy.certs.maintenance import expiring_key
+from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.config import RouteConfig

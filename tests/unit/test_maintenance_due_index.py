@@ -12,7 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from edgeproxy.certs.manager import RECONCILE_INTERVAL, CertificateManager
+from edgeproxy.certs.maintenance import RECONCILE_INTERVAL
+from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.issuers.internal import InternalIssuer

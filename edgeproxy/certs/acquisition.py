@@ -1,0 +1,324 @@
+"""The order path: a certificate for a name that has none, or needs a new one.
+
+Owns: the single-flight acquisition a handshake starts (bounded in flight), the allow-check and
+order rate limit in front of a new order, the admin API's ``issue_now`` with its limits, and
+``obtain``: under the name's storage lease re-read storage, honour a backoff shared through
+storage, issue, store key and chain as one record, then record the outcome (status, history,
+events, metrics) and install it.
+Must not know: how issuers talk to CAs, sockets, when renewals are due.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import cast
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+from .. import metrics
+from ..errors import LockUnavailable, OrderLimited, StorageError
+from ..issuers.base import IssuanceError
+from ..names import InvalidName, validate_hostname
+from ..storage.locks import LockLost, hold_lock
+from ..tls.contexts import generate_private_key
+from . import history
+from .manager_state import cert_data, iso_utc, task_failed
+from .record import Backoff, CertRecord, RecordError, backoff_key, cert_key, lock_name
+from .renewal import backoff_delay
+from .schedule import RenewalSchedule
+from .status import DomainStatus, State
+
+log = logging.getLogger("edgeproxy.certs")
+
+
+class Acquisition(RenewalSchedule):
+    """The order layer of ``CertificateManager`` (layers: ``certs/manager_state.py``)."""
+
+    def start_issue(self, name: str) -> None:
+        """Acquire ``name`` in the background now (the registry API's "issue at once")."""
+        if self._start_acquire(name) is None:
+            log.warning(
+                "hostname %s: not issued now (%d acquisitions in flight); its first visitor "
+                "will start it",
+                name,
+                self._max_inflight,
+            )
+
+    def _start_acquire(self, name: str) -> trio.Event | None:
+        """The event set when ``name``'s acquisition ends; None when too many are in flight."""
+        ev = self._inflight.get(name)
+        if ev is not None:
+            return ev
+        if len(self._inflight) >= self._max_inflight:
+            return None
+        ev = self._inflight[name] = trio.Event()
+        if self._nursery is None:
+            raise RuntimeError("CertificateManager.run() is not running")
+        self._nursery.start_soon(self._acquire_task, name, ev)
+        return ev
+
+    async def _acquire_task(self, name: str, ev: trio.Event) -> None:
+        try:
+            await self._acquire(name)
+        except Exception:
+            task_failed("acquire", name)
+        finally:
+            del self._inflight[name]
+            ev.set()
+
+    async def _acquire(self, name: str) -> None:
+        try:
+            validate_hostname(name)
+        except InvalidName as exc:
+            self._fail(name, "invalid_name", str(exc), state="denied", backoff=False)
+            return
+        now = self.clock()
+        try:
+            rec = await self._load(name)
+        except StorageError as exc:
+            self._fail(name, "storage", str(exc), backoff=False, ordered=False)
+            return
+        if rec is not None and rec.not_after > now:
+            self._install(rec)
+            return
+        st = self._status.get(name)
+        if st is not None and st.next_attempt and st.next_attempt > now and st.state == "failing":
+            return  # in backoff; the status already holds the error the handshake will report
+        decision = await self.policy.check(name)
+        if not decision.allowed:
+            self._fail(
+                name,
+                decision.reason,
+                decision.detail or decision.reason,
+                state="denied",
+                backoff=False,
+            )
+            return
+        if not self._orders.take():
+            self._fail(
+                name,
+                "order_rate_limited",
+                "on_demand.max_orders_per_minute reached",
+                backoff=False,
+                ordered=False,
+            )
+            return
+        await self.obtain(name, old=rec)
+
+    async def issue_now(self, name: str, *, force: bool = False) -> CertRecord | None:
+        """Order ``name`` now (the admin API's issue), within the limits a handshake's order
+        has: the per-name backoff after failures and ``max_orders_per_minute``, forced orders
+        included. The allow-check is the caller's. Without ``force`` a valid stored
+        certificate is returned without any order (and without spending an order token).
+
+        Raises OrderLimited when a limit says not now; returns None when the order failed
+        (the status says why).
+        """
+        now = self.clock()
+        if not force:
+            try:
+                rec = await self._load(name)
+            except StorageError as exc:
+                self._fail(name, "storage", str(exc), backoff=False, ordered=False)
+                return None
+            if rec is not None and rec.not_after > now:
+                self._install(rec)
+                return rec
+        st = self._status.get(name)
+        if st is not None and st.failures and st.next_attempt and st.next_attempt > now:
+            raise OrderLimited(
+                name,
+                "backoff",
+                st.next_attempt - now,
+                f"{st.failures} failed attempt(s), the last {st.last_error_type}: "
+                f"{st.last_error}; next attempt at {iso_utc(st.next_attempt)}",
+            )
+        if not self._orders.take():
+            raise OrderLimited(
+                name,
+                "on_demand.max_orders_per_minute",
+                self._orders.wait_time(),
+                "the order rate limit is reached (forced orders count too)",
+            )
+        return await self.obtain(name, force=force)
+
+    async def obtain(
+        self, name: str, *, old: CertRecord | None = None, force: bool = False
+    ) -> CertRecord | None:
+        """Issue (or renew) ``name`` under the storage lease; return the stored record.
+
+        Policy is the caller's business (the data path checks it before calling; the CLI and
+        admin API check it themselves). Returns None and records the failure on error.
+        """
+        renewing = old is not None
+        state: State = "renewing" if renewing else "issuing"
+        self._set_status(name, state=state)
+        try:
+            with trio.fail_after(self.issue_timeout):
+                t0 = time.monotonic()
+                # A fresh owner per attempt: a lease is re-entrant for its owner, so sharing
+                # one id across tasks would let one task extend or release another's lease.
+                async with hold_lock(
+                    self.storage,
+                    lock_name(name),
+                    owner=f"{self.owner}:{secrets.token_hex(4)}",
+                    ttl=self.lock_ttl,
+                    wait=self.issue_timeout,
+                ):
+                    metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - t0)
+                    current = await self._load(name)
+                    if current is not None and not force and self._still_good(current, old):
+                        self._install(current)
+                        return current
+                    shared = await self._stored_backoff(name)
+                    if shared is not None and shared.next_attempt > self.clock():
+                        # Another worker or replica (or this process before a restart) failed
+                        # for this name: wait as it does (forced orders too).
+                        self._adopt_backoff(name, shared, renewing)
+                        return None
+                    replacing = None
+                    if old is not None and await self._replaces_allowed(old):
+                        replacing = old.chain_pem.encode()
+                    key = cast(
+                        CertificateIssuerPrivateKeyTypes,
+                        generate_private_key(self.key_type),  # type: ignore[arg-type]
+                    )
+                    # The challenge type that worked last time goes first (a CDN in front
+                    # may break TLS-ALPN-01 for good; no need to learn that on every renewal).
+                    prefer = old.challenge_type if old is not None else None
+                    try:
+                        issued = await self.issuer.issue(
+                            name, key, replacing=replacing, prefer=prefer
+                        )
+                    except IssuanceError as exc:
+                        # Recorded before the lease is released: whoever takes it next sees it.
+                        await self._store_backoff(name, shared, exc.retry_after)
+                        raise
+                    rec = CertRecord.build(
+                        name,
+                        issued.issuer_id,
+                        issued.chain_pem,
+                        key,
+                        self.clock(),
+                        challenge_type=issued.challenge_type,
+                    )
+                    await self.storage.put(cert_key(name), rec.to_json(), secret=True)
+        except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
+            # A renewal that fails says so in its hint, with how long the old one still serves.
+            serving_until = old.not_after if old and old.not_after > self.clock() else None
+            if isinstance(exc, IssuanceError):
+                self._fail(
+                    name,
+                    exc.error_type,
+                    exc.detail,
+                    retry_after=exc.retry_after,
+                    challenge_type=exc.challenge_type,
+                    serving_until=serving_until,
+                    earlier=exc.earlier,
+                )
+                metrics.ACME_ORDERS.labels("failed").inc()
+                if renewing:
+                    metrics.RENEWALS.labels("failed").inc()
+            elif isinstance(exc, trio.TooSlowError):
+                detail = f"issuance took longer than {self.issue_timeout:.0f}s"
+                self._fail(name, "timeout", detail, serving_until=serving_until)
+            elif isinstance(exc, StorageError):
+                self._fail(name, "storage", str(exc), serving_until=serving_until)
+            else:
+                self._fail(name, "lock_timeout", str(exc), serving_until=serving_until)
+            st = self._status.get(name)
+            if st is not None and st.last_error_type:
+                self._emit("certificate.failed", name, {"type": st.last_error_type,
+                           "detail": st.last_error, "hint": st.hint})  # fmt: skip
+            await self._remember(name, renewing, st)
+            return None
+        try:
+            await self.storage.delete(backoff_key(name))
+            # Into the next-action index: the next pass plans it (and asks for its ARI window).
+            await self.storage.set_due(name, self.clock())
+        except StorageError as exc:
+            log.warning("could not schedule %s (the next reconciliation will): %s", name, exc)
+        metrics.ACME_ORDERS.labels("valid").inc()
+        if renewing:
+            metrics.RENEWALS.labels("renewed").inc()
+        await self._remember(name, renewing, None)
+        self._emit("certificate.renewed" if renewing else "certificate.issued", name,
+                   cert_data(rec))  # fmt: skip
+        log.info(
+            "certificate %s for %s (issuer %s, valid until %s)",
+            "renewed" if renewing else "issued",
+            name,
+            rec.issuer_id,
+            iso_utc(rec.not_after),
+        )
+        self._install(rec)
+        return rec
+
+    async def _stored_backoff(self, name: str) -> Backoff | None:
+        raw = await self.storage.get(backoff_key(name))
+        if raw is None:
+            return None
+        try:
+            return Backoff.from_json(raw)
+        except RecordError:
+            return None  # unreadable: as if none (the next failure rewrites it)
+
+    async def _store_backoff(
+        self, name: str, previous: Backoff | None, retry_after: float | None
+    ) -> None:
+        failures = (previous.failures if previous is not None else 0) + 1
+        delay = backoff_delay(failures - 1, base=self.backoff_base, cap=self.backoff_max)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        try:
+            await self.storage.put(
+                backoff_key(name), Backoff(failures, self.clock() + delay).to_json()
+            )
+        except StorageError as exc:
+            log.warning("could not record the backoff for %s: %s", name, exc)
+
+    def _adopt_backoff(self, name: str, shared: Backoff, renewing: bool) -> None:
+        st = self._status.get(name)
+        if st is not None and st.next_attempt == shared.next_attempt:
+            return
+        self._set_status(
+            name,
+            state="renewing" if renewing else "failing",
+            failures=shared.failures,
+            next_attempt=shared.next_attempt,
+            last_error=(st.last_error if st is not None and st.last_error else
+                        f"{shared.failures} failed attempt(s) recorded in storage"),
+            last_error_type=(st.last_error_type if st is not None and st.last_error_type
+                             else "backoff"),
+        )  # fmt: skip
+
+    async def _remember(self, name: str, renewing: bool, failed: DomainStatus | None) -> None:
+        """Append this attempt to the name's bounded history (the status page shows it)."""
+        if failed is None:
+            outcome = "renewed" if renewing else "issued"
+            attempt = history.Attempt(self.clock(), "renew" if renewing else "issue", outcome)
+        else:
+            attempt = history.Attempt(
+                self.clock(),
+                "renew" if renewing else "issue",
+                "failed",
+                failed.last_error_type,
+                failed.last_error,
+                failed.hint,
+            )
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.lock_ttl):
+                await history.record(self.storage, name, attempt)
+        except StorageError as exc:
+            log.debug("could not record the attempt for %s in its history: %s", name, exc)
+
+    def _still_good(self, current: CertRecord, old: CertRecord | None) -> bool:
+        """After taking the lease: did someone else already do the work?"""
+        if current.not_after <= self.clock():
+            return False
+        if old is None:
+            return True  # a valid certificate appeared while we waited for the lease
+        return current.serial != old.serial  # another process renewed it
