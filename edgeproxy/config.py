@@ -388,6 +388,16 @@ class ManagedCertificateConfig(_Model):
         return out
 
 
+class AcmeLimitsConfig(_Model):
+    """``[acme.limits]``: CA budgets kept by edgeproxy, shared by the cluster (certs/budgets.py).
+    Let's Encrypt's figures by default; 0 switches a limit off."""
+
+    new_orders_per_account: Annotated[int, Field(ge=0)] = 300  # per 3 hours
+    certificates_per_registered_domain: Annotated[int, Field(ge=0)] = 50  # per 7 days
+    failed_validations_per_hostname: Annotated[int, Field(ge=0)] = 5  # per hour
+    duplicate_certificates: Annotated[int, Field(ge=0)] = 5  # per exact name set, per 7 days
+
+
 class AcmeConfig(AcmeIssuerConfig):
     """``[acme]``: one CA in the table itself, or an ordered ``[[acme.issuers]]`` list."""
 
@@ -400,6 +410,7 @@ class AcmeConfig(AcmeIssuerConfig):
     # DNS-01: the zones we may update, and the certificates issued through them at start-up.
     dns: list[DnsZoneConfig] = Field(default_factory=list)
     managed: list[ManagedCertificateConfig] = Field(default_factory=list)
+    limits: AcmeLimitsConfig = Field(default_factory=AcmeLimitsConfig)
     # Where a delegated _acme-challenge CNAME outside every [[acme.dns]] zone is looked up
     # ("IP:port"); unset: the system's resolver.
     dns_resolver: str | None = None

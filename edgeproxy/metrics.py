@@ -155,6 +155,21 @@ MAINTENANCE_NAMES_EXAMINED = Counter(
 RENEWALS = Counter(
     "edgeproxy_certificate_renewals_total", "Renewal attempts, by outcome.", ["outcome"]
 )
+# [acme.limits] (certs/budgets.py): what the shared budgets leave, as this process last read
+# them from storage. Per-domain and per-name limits have one series, not one per key: the
+# budget left to the most used key this process looked at (at most 4096 keys remembered).
+ACME_BUDGET_REMAINING = Gauge(
+    "edgeproxy_acme_budget_remaining",
+    "Orders left in an [acme.limits] budget window (+Inf: limit off). Per registered domain, "
+    "hostname and name set: what the most used one seen by this process has left.",
+    ["limit"],
+    multiprocess_mode="livemin",
+)
+ACME_BUDGET_EXEMPT_ORDERS = Gauge(
+    "edgeproxy_acme_budget_exempt_orders",
+    "ARI-timed renewal orders of the account in the last 3 hours (exempt from [acme.limits]).",
+    multiprocess_mode="livemax",
+)
 STORAGE_ERRORS = Counter(
     "edgeproxy_storage_errors_total", "Storage operation errors, by operation.", ["operation"]
 )
