@@ -22,7 +22,7 @@ from edgeproxy.certs.budget_store import (
 from edgeproxy.certs.budgets import DAY, HOUR, Limits, Wait
 from edgeproxy.storage import FileStorage, Storage
 from edgeproxy.storage.postgres import PostgresStorage
-from tests.support import postgres as pg
+from testkit import postgres as pg
 
 postgres_server = pg.postgres_server
 postgres_database = pg.postgres_database
