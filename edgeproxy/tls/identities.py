@@ -1,15 +1,17 @@
 """Served certificates without a context each: one shared ``SSL.Context`` per chain, the leaf
 and key given to each connection.
 
-Owns: turning a chain and key into a ``ServerIdentity`` (the parsed leaf and key) and keeping
-the shared contexts those identities are served from. Must not know: which name has which
-identity (the certificate manager caches identities), sockets, routes.
+Owns: turning a chain and key into a ``ServerIdentity`` (the leaf's DER and the parsed key)
+and keeping the shared contexts those identities are served from. Must not know: which name
+has which identity (the certificate manager caches identities), sockets, routes.
 
-Why: an ``SSL_CTX`` holding its certificate costs about 22 KiB of process memory, the parsed
-leaf and key about 7 KiB (measured with ``bench.fleet``). A fleet of 100,000 names shares a
-handful of intermediate chains, so a context is keyed by the chain above the leaf: its extra
-chain certificates are what OpenSSL sends after each connection's own leaf. Sessions stay bound
-to one certificate through a per-leaf session id context (``contexts.new_server_connection``).
+Why: an ``SSL_CTX`` holding its certificate costs about 22 KiB of process memory, a parsed
+leaf and key about 6.5 KiB, the leaf's DER and the parsed key about 2.5 KiB (measured with
+``bench.fleet``; the leaf is parsed per connection, see ``ServerIdentity``). A fleet of
+100,000 names shares a handful of intermediate chains, so a context is keyed by the chain
+above the leaf: its extra chain certificates are what OpenSSL sends after each connection's
+own leaf. Sessions stay bound to one certificate through a per-leaf session id context
+(``contexts.new_server_connection``).
 """
 
 from __future__ import annotations
@@ -61,10 +63,8 @@ class IdentityContexts:
         if ctx is None:
             ctx = chain_context(chain[1:], session_tickets=self.session_tickets)
             self._by_chain[chain_id] = ctx
-        leaf = crypto.X509.from_cryptography(chain[0])
         pkey = crypto.PKey.from_cryptography_key(servable)
-        sid = hashlib.sha256(chain[0].public_bytes(Encoding.DER)).digest()
-        ident = ServerIdentity(leaf, pkey, sid, ctx)
+        ident = ServerIdentity(chain[0].public_bytes(Encoding.DER), pkey, ctx)
         # What OpenSSL would refuse per connection (e.g. a key below its security level) is
         # refused here, once, when the certificate is installed.
         try:
