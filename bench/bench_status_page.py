@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from edgeproxy.admin.ui_index import REFRESH
-from edgeproxy.certs.record import status_key
+from edgeproxy.certs import status_store
 from edgeproxy.certs.status import DomainStatus
 from edgeproxy.storage.base import HostnameEntry, Storage
 from edgeproxy.storage.file import FileStorage
@@ -54,7 +54,7 @@ async def fill(storage: Storage) -> None:
             last_error_type="urn:ietf:params:acme:error:dns" if failing else None,
             hint="check DNS" if failing else None,
         )
-        await storage.put(status_key(name(i)), st.to_json())
+        await status_store.write(storage, st)
 
 
 async def timed(c: httpx.AsyncClient, url: str) -> float:

@@ -195,23 +195,22 @@ def _fmt_ts(ts: Any) -> str:
 
 async def _read_statuses(cfg: Config, name: str | None) -> list[dict[str, Any]]:
     from .app import build_storage
+    from .certs import status_store
     from .progress import run_steps
 
     storage = build_storage(cfg)
     try:
         out = []
-        items = await storage.list("status/")
-        if name is not None:
-            items = [item for item in items if item.key == f"status/{name}.json"]
+        items = [n for n, _ in await status_store.listed(storage) if name in (None, n)]
         # Reading 100,000 statuses takes a while: progress on stderr, Ctrl-C between reads.
 
-        async def read(item: Any) -> int:
-            raw = await storage.get(item.key)
-            if raw is not None:
-                try:
-                    out.append(json.loads(raw))
-                except ValueError:
-                    pass  # a corrupt status is left out of the listing
+        async def read(item: str) -> int:
+            try:
+                st = await status_store.read(storage, item)
+            except status_store.UnreadableStatus:
+                st = None  # a corrupt status is left out of the listing
+            if st is not None:
+                out.append(status_store.as_record(st))
             return 1
 
         result = await run_steps(items, read, total=len(items), what="statuses", say=_say)

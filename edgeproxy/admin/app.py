@@ -54,8 +54,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response as StarletteResponse
 
+from ..certs import status_store
 from ..certs.policy import Decision
-from ..certs.record import iso, status_key
+from ..certs.record import iso
 from ..certs.status import DomainStatus
 from ..config import is_loopback_host
 from ..errors import OrderLimited, StorageError
@@ -84,8 +85,6 @@ READY_STORAGE_TIMEOUT = 2.0
 #: Parallel storage reads when collecting statuses other processes stored.
 STATUS_READ_CONCURRENCY = 16
 
-_STATUS_PREFIX = "status/"
-_STATUS_SUFFIX = ".json"
 _TIMESTAMP_FIELDS = ("not_after", "renew_at", "next_attempt", "updated_at")
 _JSON = "application/json"
 #: The header operators and scripts send with state-changing requests (any non-empty value).
@@ -408,7 +407,7 @@ class AdminApp:
         problem: tuple[str, str] | None = None
         try:
             with trio.move_on_after(READY_STORAGE_TIMEOUT) as scope:
-                await self.rt.storage.list(_STATUS_PREFIX)
+                await status_store.listed(self.rt.storage)
         except StorageError as exc:
             problem = ("storage_error", str(exc))
         else:
@@ -519,8 +518,8 @@ class AdminApp:
     # ------------------------------------------------------------------ stored statuses
 
     async def _stored_statuses(self, *, exclude: set[str]) -> list[DomainStatus]:
-        items = await self.rt.storage.list(_STATUS_PREFIX)
-        names = [n for it in items if (n := _status_name(it.key)) is not None and n not in exclude]
+        listed = await status_store.listed(self.rt.storage)
+        names = [n for n, _ in listed if n not in exclude]
         found: dict[str, DomainStatus] = {}
         limiter = trio.CapacityLimiter(STATUS_READ_CONCURRENCY)
 
@@ -541,18 +540,13 @@ class AdminApp:
 
     async def _read_stored_status(self, name: str) -> DomainStatus | None:
         try:
-            key = status_key(name)
-            raw = await self.rt.storage.get(key)
-        except ValueError:
-            return None  # not a name storage could hold (check_key refused it)
-        if raw is None:
-            return None
-        try:
-            st = DomainStatus.from_json(raw)
-        except (ValueError, TypeError) as exc:
+            return await status_store.read(self.rt.storage, name)
+        except status_store.UnreadableStatus as exc:
+            key = status_store.status_key(name)
             log.warning("admin API: stored status %s is unreadable (%s); skipped", key, exc)
             return None
-        return st if st.name == name else None
+        except ValueError:
+            return None  # not a name storage could hold (check_key refused it)
 
 
 def make_admin_app(
@@ -702,13 +696,6 @@ def _normalized(raw: str) -> str | Response:
         return validate_hostname(raw)
     except InvalidName as exc:
         return error_response(400, "invalid_name", f"{raw!r} is not a server name: {exc}")
-
-
-def _status_name(key: str) -> str | None:
-    if not (key.startswith(_STATUS_PREFIX) and key.endswith(_STATUS_SUFFIX)):
-        return None
-    name = key[len(_STATUS_PREFIX) : -len(_STATUS_SUFFIX)]
-    return name or None
 
 
 def _truthy(value: str) -> bool:

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..acme.jws import b64url, b64url_decode
-from ..certs.record import CertRecord, RecordError, cert_key, iso, status_key
+from ..certs import status_store
+from ..certs.record import CertRecord, RecordError, cert_key, iso
 from ..certs.status import DomainStatus
 from ..errors import StorageError
 from ..hostnames.entries import BadEntry, decode_metadata, encode_metadata, parse_hostname
@@ -481,14 +482,10 @@ def hostname_state(
 
 async def stored_status(storage: HostnameStorage, name: str) -> DomainStatus | None:
     """The status another process stored for ``name`` (None: none, or unreadable)."""
-    raw = await storage.get(status_key(name))
-    if raw is None:
-        return None
     try:
-        st = DomainStatus.from_json(raw)
-    except (ValueError, TypeError):
+        return await status_store.read(storage, name)
+    except status_store.UnreadableStatus:
         return None
-    return st if st.name == name else None
 
 
 async def _record(storage: HostnameStorage, name: str) -> CertRecord | None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from ..certs import status_store
 from ..certs.status import DomainStatus
 from ..errors import StorageError
 from ..storage.base import HostnameEntry
@@ -40,7 +41,6 @@ REFRESH = 30.0
 READ_CONCURRENCY = 16
 #: Entries per storage page when the registry mirror has not loaded yet.
 LOAD_PAGE = 1000
-_PREFIX, _SUFFIX = "status/", ".json"
 #: Greater than every character a hostname can hold (see ``prefix_start``).
 _ABOVE_NAMES = "~"
 
@@ -151,11 +151,7 @@ class StateIndex:
         return out
 
     async def _refresh_stored(self) -> None:
-        items = await self.storage.list(_PREFIX)
-        listed: dict[str, float] = {}
-        for item in items:
-            if item.key.endswith(_SUFFIX):
-                listed[item.key[len(_PREFIX) : -len(_SUFFIX)]] = item.modified
+        listed = dict(await status_store.listed(self.storage))
         for gone in self._stored.keys() - listed.keys():
             del self._stored[gone]
         changed = [n for n, m in listed.items() if self._stored.get(n, (None,))[0] != m]
@@ -164,16 +160,12 @@ class StateIndex:
         async def read(name: str) -> None:
             async with limiter:
                 try:
-                    raw = await self.storage.get(_PREFIX + name + _SUFFIX)
+                    st = await status_store.read(self.storage, name)
+                except status_store.UnreadableStatus:
+                    st = None
                 except (StorageError, ValueError):
                     return
-            st = None
-            if raw is not None:
-                try:
-                    st = DomainStatus.from_json(raw)
-                except (ValueError, TypeError):
-                    st = None
-            self._stored[name] = (listed[name], st if st is None or st.name == name else None)
+            self._stored[name] = (listed[name], st)
 
         async with trio.open_nursery() as nursery:
             for name in changed:

@@ -15,7 +15,8 @@ import time
 
 from ..errors import CorruptRecord, StorageError
 from ..storage.base import Storage
-from .record import CertRecord, RecordError, ari_key, status_key
+from .record import CertRecord, RecordError, ari_key
+from .status_store import status_key
 
 
 async def check_storage(storage: Storage, *, now: float | None = None) -> list[str]:

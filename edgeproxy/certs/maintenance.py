@@ -17,7 +17,8 @@ from ..errors import StorageError
 from . import history
 from .acquisition import Acquisition
 from .manager_state import cert_data, iso_utc, task_failed
-from .record import CertRecord, ari_key, backoff_key, cert_key, lock_name, status_key
+from .record import CertRecord, ari_key, backoff_key, cert_key, lock_name
+from .status_store import status_key
 
 log = logging.getLogger("edgeproxy.certs")
 

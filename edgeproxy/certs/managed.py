@@ -40,7 +40,7 @@ from ..issuers.base import IssuanceError, IssuedCertificate, private_key_pem
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import build_server_context, generate_private_key
-from .record import status_key
+from . import status_store
 from .static import StaticCertificates
 from .status import DomainStatus, State, hint_for
 
@@ -220,7 +220,7 @@ class ManagedCertificates:
         st.updated_at = self._clock()
         self._status[names] = st
         try:
-            await self._storage.put(status_key(names[0]), st.to_json())
+            await status_store.write(self._storage, st)
         except StorageError as exc:
             log.debug("could not persist status for %s: %s", names[0], exc)
 

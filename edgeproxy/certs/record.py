@@ -24,10 +24,6 @@ def cert_key(name: str) -> str:
     return f"certs/{name}.json"
 
 
-def status_key(name: str) -> str:
-    return f"status/{name}.json"
-
-
 def backoff_key(name: str) -> str:
     """Failed attempts and the next allowed one, shared by every process (``Backoff``)."""
     return f"backoff/{name}.json"

@@ -10,10 +10,9 @@ Encrypt) and pebble; a detail it does not know still gets the type's hint.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"]
@@ -211,17 +210,3 @@ class DomainStatus:
     updated_at: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> DomainStatus:
-        d = json.loads(raw)
-        if d.get("ari_window") is not None:
-            d["ari_window"] = tuple(d["ari_window"])
-        # Records written by a newer or older version (rolling upgrades share storage): keep
-        # the fields this version knows.
-        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
-
-
-_FIELDS = frozenset(f.name for f in fields(DomainStatus))

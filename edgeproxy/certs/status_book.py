@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import StorageError
+from . import status_store
 from .manager_state import ManagerState
-from .record import status_key
 from .renewal import backoff_delay
 from .status import DomainStatus, State, hint_for
 
@@ -37,12 +37,13 @@ class StatusBook(ManagerState):
         while len(self._status) > self._status_size:
             self._status.popitem(last=False)
         if self._nursery is not None:
-            self._spawn("persist_status", name, self._persist_status, st.name, st.to_json())
+            raw = status_store.encode(st)
+            self._spawn("persist_status", name, self._persist_status, st.name, raw)
         return st
 
     async def _persist_status(self, name: str, raw: bytes) -> None:
         try:
-            await self.storage.put(status_key(name), raw)
+            await self.storage.put(status_store.status_key(name), raw)
         except StorageError as exc:
             log.debug("could not persist status for %s: %s", name, exc)
 

@@ -159,7 +159,7 @@ async def test_ctrl_c_halfway_stops_between_batches_and_keeps_every_entry_whole(
 
 
 async def test_certs_list_shows_progress_on_stderr_and_keeps_stdout_clean(tmp_path: Path) -> None:
-    from edgeproxy.certs.record import status_key
+    from edgeproxy.certs import status_store
     from edgeproxy.certs.status import DomainStatus
 
     config, _ = write_config(tmp_path)
@@ -167,7 +167,7 @@ async def test_certs_list_shows_progress_on_stderr_and_keeps_stdout_clean(tmp_pa
     try:
         for i in range(300):
             st = DomainStatus(f"s{i:03d}.customer.test", "valid", not_after=2e9)
-            await storage.put(status_key(st.name), st.to_json())
+            await status_store.write(storage, st)
     finally:
         await storage.aclose()
     res = subprocess.run(command(tmp_path)[:3] + ["certs", "list", "--json", "-c", str(config)],

@@ -22,9 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy import metrics
 from edgeproxy.admin.app import AdminApp, make_admin_app
+from edgeproxy.certs import status_store
 from edgeproxy.certs.policy import OnDemandPolicy
-from edgeproxy.certs.record import status_key
 from edgeproxy.certs.status import DomainStatus
+from edgeproxy.certs.status_store import status_key
 from edgeproxy.storage.base import StoredItem
 from edgeproxy.storage.file import FileStorage
 
@@ -134,7 +135,7 @@ def break_storage(storage: FileStorage) -> None:
 
 async def store_status(storage: FileStorage, st: DomainStatus) -> None:
     """What another process's certificate manager leaves behind."""
-    await storage.put(status_key(st.name), st.to_json())
+    await status_store.write(storage, st)
 
 
 def sample_value(text: str, name: str) -> float:

@@ -17,7 +17,8 @@ import pytest
 
 from edgeproxy.certs import inventory
 from edgeproxy.certs.inventory import clean_storage
-from edgeproxy.certs.record import CertRecord, cert_key, status_key
+from edgeproxy.certs.record import CertRecord, cert_key
+from edgeproxy.certs.status_store import status_key
 from edgeproxy.storage import FileStorage, Storage
 from edgeproxy.storage.postgres import PostgresStorage
 from testkit import postgres as pg
