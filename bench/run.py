@@ -1,4 +1,4 @@
-"""Side-by-side load benchmark: edgeproxy vs HAProxy, nginx stream and hitch (and Caddy for (e)).
+"""Side-by-side load benchmark: edgeproxy vs HAProxy (also with big buffers), nginx stream, hitch, Caddy.
 
     python -m bench.run            # everything, 3 repetitions (about 15 minutes)
     python -m bench.run --smoke    # edgeproxy + HAProxy, ~1 s per workload (CI)
@@ -90,7 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         prog="python -m bench.run", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("--smoke", action="store_true", help="CI mode: seconds, not minutes")
-    parser.add_argument("--terminators", type=_csv, help="default: all four")
+    parser.add_argument(
+        "--terminators", type=_csv, help=f"subset of {','.join(TERMINATORS)} (default: all)"
+    )
     parser.add_argument("--workloads", type=_csv, help=f"subset of {','.join(ALL_WORKLOADS)}")
     parser.add_argument("--reps", type=int, help="repetitions of the rotation (default 3)")
     parser.add_argument(
@@ -116,9 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
     smoke = bool(args.smoke)
-    terminators = args.terminators or (
-        ("edgeproxy", "haproxy") if smoke else ("edgeproxy", "haproxy", "nginx-stream", "hitch")
-    )
+    terminators = args.terminators or (("edgeproxy", "haproxy") if smoke else tuple(TERMINATORS))
     unknown = [t for t in terminators if t not in TERMINATORS]
     if unknown:
         parser.error(f"unknown terminators {unknown}; choose from {', '.join(TERMINATORS)}")

@@ -8,9 +8,10 @@ computed; ``procs.Supervisor`` starts and stops what this module describes.
 Every terminator is started the same way: pinned to one CPU, one worker/thread, the same
 ECDSA P-256 certificate, TLS 1.2-1.3 with the TLS 1.3 suites in edgeproxy's order (AES-128-GCM
 first, server preference), forwarding plain TCP to the origin nginx. Session tickets are
-switched with ``OPENSSL_CONF`` (``NumTickets = 0``), which every one of them honours:
+switched with ``OPENSSL_CONF`` (``NumTickets = 0``), which every OpenSSL-based one honours:
 OpenSSL applies the ``system_default`` section to each new ``SSL_CTX``, including the OpenSSL
-bundled in the ``cryptography`` wheel that edgeproxy uses through pyOpenSSL.
+bundled in the ``cryptography`` wheel that edgeproxy uses through pyOpenSSL. Caddy (Go's
+``crypto/tls``) reads no OpenSSL configuration: its tickets are switched in its own config.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ __all__ = [
     "CONFIGS",
     "REPO_ROOT",
     "TERMINATORS",
+    "Caddy",
     "Edgeproxy",
     "Haproxy",
+    "HaproxyBigbuf",
     "Hitch",
     "NginxStream",
     "Origin",
@@ -174,8 +177,11 @@ class Terminator(ABC):
         return [p for p in cls.programs if shutil.which(p) is None]
 
     @abstractmethod
-    def command(self, stage: Stage, port: int, tag: str) -> list[str]:
-        """Write this start's config into ``stage.workdir`` and return the command line."""
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
+        """Write this start's config into ``stage.workdir`` and return the command line.
+
+        ``tickets`` matters only to a server that ignores ``OPENSSL_CONF``.
+        """
 
     def cwd(self, stage: Stage) -> Path | None:
         return None
@@ -184,11 +190,18 @@ class Terminator(ABC):
         """Share of the last second's TLS handshakes that resumed, if the server can tell."""
         return None
 
+    def env(self, stage: Stage, tag: str) -> dict[str, str]:
+        """Environment besides ``OPENSSL_CONF`` for this start."""
+        return {}
+
     def start(self, sup: Supervisor, stage: Stage, *, tickets: bool) -> Server:
         port = free_port()
         tag = f"{self.name}-{'tickets' if tickets else 'notickets'}-{next(_serial)}"
-        argv = self.command(stage, port, tag)
-        env = {"OPENSSL_CONF": str(openssl_conf(stage.workdir, tickets=tickets))}
+        argv = self.command(stage, port, tag, tickets=tickets)
+        env = {
+            "OPENSSL_CONF": str(openssl_conf(stage.workdir, tickets=tickets)),
+            **self.env(stage, tag),
+        }
         return sup.start(tag, argv, cpu=stage.cpu, env=env, port=port, cwd=self.cwd(stage))
 
 
@@ -197,7 +210,7 @@ class Edgeproxy(Terminator):
     programs = ()
     install_hint = "pip install -e . (from the repository root)"
 
-    def command(self, stage: Stage, port: int, tag: str) -> list[str]:
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
         conf = render(
             "edgeproxy.toml",
             stage.workdir / f"{tag}.toml",
@@ -220,8 +233,10 @@ class Haproxy(Terminator):
     name = "haproxy"
     programs = ("haproxy",)
     install_hint = "apt-get install -y haproxy"
+    # Lines added to the ``global`` section.
+    tune: ClassVar[tuple[str, ...]] = ()
 
-    def command(self, stage: Stage, port: int, tag: str) -> list[str]:
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
         conf = render(
             "haproxy.cfg",
             stage.workdir / f"{tag}.cfg",
@@ -231,6 +246,7 @@ class Haproxy(Terminator):
             combined_pem=stage.pki.combined_pem,
             upstream_port=stage.origin_port,
             stats_socket=self._socket(stage, tag),
+            tune_lines="".join(f"    {line}\n" for line in self.tune),
         )
         return ["haproxy", "-db", "-f", str(conf)]
 
@@ -258,6 +274,61 @@ class Haproxy(Terminator):
         return None
 
 
+class HaproxyBigbuf(Haproxy):
+    """HAProxy with 64 KiB buffers (default 16 KiB), so the bulk row compares like with like.
+
+    edgeproxy reads up to 256 KiB per upstream read in bulk; HAProxy's 16 KiB buffer caps
+    each of its reads and ``SSL_write`` calls at 16 KiB. Its manual warns that bigger buffers
+    cost memory per connection (two buffers per stream), which the (d) row shows.
+    """
+
+    name = "haproxy-bigbuf"
+    tune = ("tune.bufsize 65536",)
+
+
+class Caddy(Terminator):
+    """Caddy (Go) as an HTTP reverse proxy terminating TLS with the same certificate.
+
+    Unlike the others it is an HTTP proxy: it parses each request and keeps its own
+    keep-alive pool to the origin (so the origin sees a few connections in (d), not one per
+    client), which is what its users run. Nothing but the listener: admin endpoint off,
+    automatic HTTPS off (no ACME, no redirect listener), OCSP stapling off for anything it
+    would manage (the bench leaf names no OCSP responder, so the loaded one fetches nothing:
+    its log says so), HTTP/3 off (no UDP listener), config not persisted, state in the run's
+    directory. Go's TLS ignores ``OPENSSL_CONF``, so tickets are switched in its config.
+    """
+
+    name = "caddy"
+    programs = ("caddy",)
+    install_hint = "apt-get install -y caddy"
+
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
+        conf = render(
+            "caddy-terminator.json",
+            stage.workdir / f"{tag}.json",
+            port=port,
+            http_port=free_port(),
+            tag=tag,
+            workdir=stage.workdir,
+            upstream_port=stage.origin_port,
+            cert_pem=stage.pki.cert_pem,
+            key_pem=stage.pki.key_pem,
+            tickets_disabled="false" if tickets else "true",
+        )
+        return ["caddy", "run", "--config", str(conf)]
+
+    def env(self, stage: Stage, tag: str) -> dict[str, str]:
+        home = stage.workdir / f"{tag}-home"
+        home.mkdir(exist_ok=True)
+        # One OS thread running Go code, like the others' one worker; state under the run.
+        return {
+            "GOMAXPROCS": "1",
+            "HOME": str(home),
+            "XDG_DATA_HOME": str(home / "data"),
+            "XDG_CONFIG_HOME": str(home / "config"),
+        }
+
+
 class NginxStream(Terminator):
     name = "nginx-stream"
     programs = ("nginx",)
@@ -268,7 +339,7 @@ class NginxStream(Terminator):
     def missing(cls) -> list[str]:
         return super().missing() + ([] if cls.MODULE.exists() else ["libnginx-mod-stream"])
 
-    def command(self, stage: Stage, port: int, tag: str) -> list[str]:
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
         conf = render(
             "nginx-stream.conf",
             stage.workdir / f"{tag}.conf",
@@ -290,7 +361,7 @@ class Hitch(Terminator):
     programs = ("hitch",)
     install_hint = "apt-get install -y hitch"
 
-    def command(self, stage: Stage, port: int, tag: str) -> list[str]:
+    def command(self, stage: Stage, port: int, tag: str, *, tickets: bool) -> list[str]:
         (stage.workdir / "hitch-ocsp").mkdir(exist_ok=True)
         conf = render(
             "hitch.conf",
@@ -307,5 +378,5 @@ class Hitch(Terminator):
 
 
 TERMINATORS: Final[dict[str, type[Terminator]]] = {
-    t.name: t for t in (Edgeproxy, Haproxy, NginxStream, Hitch)
+    t.name: t for t in (Edgeproxy, Haproxy, HaproxyBigbuf, NginxStream, Hitch, Caddy)
 }
