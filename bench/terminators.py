@@ -254,20 +254,25 @@ class Haproxy(Terminator):
     def _socket(stage: Stage, tag: str) -> Path:
         return stage.workdir / f"{tag}.sock"
 
-    def session_reuse_pct(self, stage: Stage, server: Server) -> float | None:
-        # ``show info`` derives SslFrontendSessionReuse_pct from the handshake and key
-        # computation rates over the last second: read it right after the load stops.
+    def stats_command(self, stage: Stage, server: Server, command: str) -> str | None:
+        """One command on the server's stats socket and its answer (None: no answer)."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5)
                 sock.connect(str(self._socket(stage, server.name)))
-                sock.sendall(b"show info\n")
+                sock.sendall(command.encode() + b"\n")
                 data = b""
                 while chunk := sock.recv(65536):
                     data += chunk
         except OSError:
             return None
-        for line in data.decode(errors="replace").splitlines():
+        return data.decode(errors="replace")
+
+    def session_reuse_pct(self, stage: Stage, server: Server) -> float | None:
+        # ``show info`` derives SslFrontendSessionReuse_pct from the handshake and key
+        # computation rates over the last second: read it right after the load stops.
+        info = self.stats_command(stage, server, "show info")
+        for line in (info or "").splitlines():
             key, _, value = line.partition(":")
             if key == "SslFrontendSessionReuse_pct":
                 return float(value)
