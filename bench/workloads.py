@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -170,8 +170,13 @@ def measure_idle(
     cpu: int | None,
     settle: float,
     timeout: float = 300.0,
+    while_held: Callable[[], object] | None = None,
 ) -> IdleResult:
-    """RSS of the terminator before and after ``count`` idle TLS connections are opened."""
+    """RSS of the terminator before and after ``count`` idle TLS connections are opened.
+
+    ``while_held`` runs once the connections are open and settled, before they are closed
+    (``bench.idle_memory`` takes its heap snapshot there).
+    """
     before = server.rss_kib()
     argv = ["taskset", "-c", str(cpu)] if cpu is not None else []
     argv += [sys.executable, "-m", "bench.idle_client", "--port", str(server.port)]
@@ -189,6 +194,8 @@ def measure_idle(
         time.sleep(settle)  # let allocators and the kernel settle before reading RSS
         after = server.rss_kib()
         at_origin = origin_connections(origin)
+        if while_held is not None:
+            while_held()
         client.stdin.close()
         client.wait(timeout=60)
     finally:
