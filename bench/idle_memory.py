@@ -54,7 +54,7 @@ from bench.procs import Server, Supervisor, pin_self, raise_nofile_limit
 from bench.run import FD_HEADROOM, cpus
 from bench.terminators import REPO_ROOT, Edgeproxy, Origin, Stage, openssl_conf, start_origin
 from bench.workloads import measure_idle
-from tests.support.ports import free_port
+from testkit.ports import free_port
 
 LARGE: Final = 512  # pymalloc's limit: bigger requests go to malloc
 CONTROL_ENV: Final = "BENCH_IDLE_MEMORY_DIR"
