@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,13 @@ def test_row_serves_the_origin_with_tickets_as_labelled(
 def _buffer_size(bench: Bench, term: Haproxy) -> int:
     server = term.start(bench.sup, bench.stage, tickets=True)
     try:
-        pools = term.stats_command(bench.stage, server, "show pools")
+        # HAProxy may accept TLS a moment before its stats socket exists.
+        deadline = time.monotonic() + 10
+        while (pools := term.stats_command(bench.stage, server, "show pools")) is None:
+            assert time.monotonic() < deadline, "no answer on the stats socket"
+            time.sleep(0.05)
     finally:
         bench.sup.stop(server)
-    assert pools is not None
     # e.g. "  - Pool buffer (16384 bytes) : 2 allocated (32768 bytes), ..."
     found = re.search(r"Pool buffer \((\d+) bytes\)", pools)
     assert found, pools
