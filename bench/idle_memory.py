@@ -29,7 +29,6 @@ with a JSON file, so no signal handler or trio code of edgeproxy's is touched.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -54,38 +53,11 @@ from bench.procs import Server, Supervisor, pin_self, raise_nofile_limit
 from bench.run import FD_HEADROOM, cpus
 from bench.terminators import REPO_ROOT, Edgeproxy, Origin, Stage, openssl_conf, start_origin
 from bench.workloads import measure_idle
+from testkit.malloc import malloc_in_use
 from testkit.ports import free_port
 
 LARGE: Final = 512  # pymalloc's limit: bigger requests go to malloc
 CONTROL_ENV: Final = "BENCH_IDLE_MEMORY_DIR"
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _malloc_in_use() -> int | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 def _rss_kib() -> int:
@@ -100,7 +72,7 @@ def _state(tracing: bool) -> dict[str, Any]:
     types = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
     state: dict[str, Any] = {
         "rss_kib": _rss_kib(),
-        "malloc_in_use": _malloc_in_use(),
+        "malloc_in_use": malloc_in_use(),
         "types": dict(types),
     }
     if tracing:

@@ -9,8 +9,6 @@ streams (handshake failures, EOFs, half-close, tickets, renegotiation, cancellat
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import gc
 import inspect
@@ -44,13 +42,12 @@ from edgeproxy.tls.stream import (
     outgoing_pending,
     release_idle_buffers,
 )
+from testkit.malloc import malloc_in_use
 from testkit.tlsmem import client_connection, client_context
 
 HANG_GUARD = 20  # seconds; only stops a broken test from hanging, never asserted on
 
 # ---- fixtures and helpers --------------------------------------------------------------------
-
-
 
 
 @pytest.fixture(scope="module")
@@ -713,36 +710,6 @@ def test_plaintext_calls_match_recv_and_send(
         stream_module.read_plaintext(server, 65536)
 
 
-def _malloc_in_use() -> int | None:
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return None
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallinfo2"):
-        return None
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in (
-                "arena",
-                "ordblks",
-                "smblks",
-                "hblks",
-                "hblkhd",
-                "usmblks",
-                "fsmblks",
-                "uordblks",
-                "fordblks",
-                "keepcost",
-            )
-        ]
-
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
 async def _idle_server_bytes(server_ctx: SSL.Context, cctx: SSL.Context, n: int) -> float:
     """Heap bytes an idle server TLSStream holds after 256 KiB each way plus a short tail."""
     pairs = []
@@ -758,10 +725,10 @@ async def _idle_server_bytes(server_ctx: SSL.Context, cctx: SSL.Context, n: int)
     clients = [c for _, c in pairs]
     del pairs
     gc.collect()
-    before = _malloc_in_use()
+    before = malloc_in_use()
     del servers
     gc.collect()
-    after = _malloc_in_use()
+    after = malloc_in_use()
     del clients
     assert before is not None and after is not None
     return (before - after) / n
@@ -776,7 +743,7 @@ async def _send_burst(stream: TLSStream) -> None:
 async def test_idle_connection_stays_within_the_memory_budget(
     ca: trustme.CA, server_ctx: SSL.Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if _malloc_in_use() is None:
+    if malloc_in_use() is None:
         pytest.skip("needs glibc mallinfo2")
     cctx = client_ctx(ca)
     per_connection = await _idle_server_bytes(server_ctx, cctx, 100)
