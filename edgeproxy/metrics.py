@@ -95,6 +95,20 @@ ISSUER_ORDERS = Counter(
     "Issuance attempts per configured ACME CA (acme.issuers name), by outcome.",
     ["issuer", "outcome"],
 )
+# One series per configured CA (acme.issuers name): the account-wide pause after the CA said
+# rateLimited (or 503 with Retry-After), shared by every replica through storage.
+ACME_ACCOUNT_PAUSED = Gauge(
+    "edgeproxy_acme_account_paused",
+    "1 while new orders to this CA account are paused by its rateLimited/503 Retry-After.",
+    ["issuer"],
+    multiprocess_mode="livemax",
+)
+ACME_ACCOUNT_PAUSED_UNTIL = Gauge(
+    "edgeproxy_acme_account_paused_until_timestamp_seconds",
+    "Unix time the account's pause ends (0 when not paused).",
+    ["issuer"],
+    multiprocess_mode="livemax",
+)
 ISSUER_FALLBACKS = Counter(
     "edgeproxy_acme_issuer_fallbacks_total",
     "Names handed to the next ACME CA after one could not issue.",

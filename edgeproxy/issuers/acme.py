@@ -10,10 +10,10 @@ given (TLS-ALPN-01 answered by the data path, HTTP-01 by the port-80 listener) i
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
@@ -41,6 +41,14 @@ from ..config import AcmeIssuerConfig
 from ..errors import StorageError
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
+from .account_pause import (
+    ACCOUNT_PAUSED,
+    AccountPause,
+    AccountPauses,
+    account_stem,
+    iso_time,
+    pauses_account,
+)
 from .base import (
     IssuanceError,
     IssuedCertificate,
@@ -53,9 +61,7 @@ log = logging.getLogger("edgeproxy.acme")
 
 
 def account_key_name(directory: str) -> str:
-    host = urlsplit(directory).hostname or "ca"
-    digest = hashlib.sha256(directory.encode()).hexdigest()[:12]
-    return f"acme/accounts/{host.lower()}-{digest}.json"
+    return f"acme/accounts/{account_stem(directory)}.json"
 
 
 class AcmeIssuer:
@@ -72,6 +78,7 @@ class AcmeIssuer:
         preferred_chain: str | None = None,
         lock_ttl: float = 30.0,
         label: str | None = None,
+        pauses: AccountPauses | None = None,
     ) -> None:
         self.directory = directory
         # Short name for metrics and logs (bounded: one per configured CA).
@@ -92,6 +99,10 @@ class AcmeIssuer:
         self._client: AcmeClient | None = None
         self._client_lock = trio.Lock()
         self._reported: dict[str, int] = {}
+        # The account-wide pause after the CA said rateLimited (shared with the manager).
+        self._pauses = pauses
+        if pauses is not None:
+            pauses.watch(directory, self.label)
 
     @classmethod
     def from_config(
@@ -101,6 +112,7 @@ class AcmeIssuer:
         solvers: Sequence[ChallengeSolver],
         *,
         lock_ttl: float = 30.0,
+        pauses: AccountPauses | None = None,
     ) -> AcmeIssuer:
         """One CA of ``acme.issuer_configs()``; ``solvers`` in ``acme.challenges`` order."""
         import os
@@ -122,6 +134,7 @@ class AcmeIssuer:
             preferred_chain=cfg.preferred_chain,
             lock_ttl=lock_ttl,
             label=cfg.label,
+            pauses=pauses,
         )
 
     @property
@@ -217,6 +230,10 @@ class AcmeIssuer:
     ) -> IssuedCertificate:
         """``issue`` for one certificate covering every name of ``names`` (a managed one)."""
         name = names[0]
+        if self._pauses is not None:
+            pause = await self._pauses.current(self.directory)
+            if pause is not None:
+                raise self._paused(pause)
         solvers = sorted(self._solvers, key=lambda s: s.challenge_type != prefer)
         failed: list[str] = []
         for i, solver in enumerate(solvers):
@@ -237,6 +254,16 @@ class AcmeIssuer:
                 metrics.CHALLENGE_FALLBACKS.labels(solver.challenge_type, following).inc()
                 failed.append(f"{solver.challenge_type}: {_problem_text(exc, name)}")
             except AcmeError as exc:
+                if (
+                    self._pauses is not None
+                    and isinstance(exc, AcmeProblem)
+                    and pauses_account(exc.type, exc.status, exc.retry_after)
+                ):
+                    pause = await self._pauses.record(
+                        self.directory, reason=exc.type, detail=exc.detail,
+                        retry_after=exc.retry_after,
+                    )  # fmt: skip
+                    raise self._paused(pause) from None
                 raise self._translate(exc, name, failed) from None
             else:
                 return IssuedCertificate(
@@ -269,6 +296,15 @@ class AcmeIssuer:
             )
         finally:
             self._report_stats(client)
+
+    def _paused(self, pause: AccountPause) -> IssuanceError:
+        short = pause.reason.rsplit(":", 1)[-1]
+        return IssuanceError(
+            ACCOUNT_PAUSED,
+            f"new orders to CA {pause.label} are paused until {iso_time(pause.until)} "
+            f"(it answered {short}: {pause.detail})",
+            retry_after=max(0.0, pause.until - time.time()),
+        )
 
     def _translate(self, exc: AcmeError, name: str, earlier: list[str]) -> IssuanceError:
         """The ``IssuanceError`` for the manager; ``earlier`` are the challenge types that
