@@ -31,6 +31,7 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .events import Events
 from .hostnames.registry import HostnameRegistry
+from .issuers.account_pause import AccountPauses
 from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
 from .names import InvalidName, validate_hostname
@@ -111,6 +112,7 @@ def build_issuer(
     storage: Storage,
     challenges: ChallengeResponder,
     http_challenges: HttpChallenges | None = None,
+    pauses: AccountPauses | None = None,
 ) -> Issuer:
     if cfg.tls.issuer == "internal":
         return InternalIssuer(storage, key_type=cfg.tls.key_type)
@@ -122,13 +124,17 @@ def build_issuer(
     by_type["http-01"] = http_challenges or HttpChallenges(storage)
     solvers = [by_type[t] for t in cfg.acme.challenges]
     members = [
-        AcmeIssuer.from_config(one, storage, solvers, lock_ttl=cfg.storage.lock_ttl)
+        AcmeIssuer.from_config(
+            one, storage, solvers, lock_ttl=cfg.storage.lock_ttl, pauses=pauses
+        )
         for one in cfg.acme.issuer_configs()
     ]
     return members[0] if len(members) == 1 else FallbackIssuer(members)
 
 
-def build_managed(cfg: Config, storage: Storage) -> ManagedCertificates | None:
+def build_managed(
+    cfg: Config, storage: Storage, pauses: AccountPauses | None = None
+) -> ManagedCertificates | None:
     """``[[acme.managed]]`` through the first CA, with DNS-01 as its only challenge type.
 
     Raises ConfigError when a zone's TSIG secret is missing from the environment.
@@ -140,7 +146,8 @@ def build_managed(cfg: Config, storage: Storage) -> ManagedCertificates | None:
 
     solver = Dns01Solver([Zone.from_config(z) for z in cfg.acme.dns], cfg.acme.dns_resolver)
     issuer = AcmeIssuer.from_config(
-        cfg.acme.issuer_configs()[0], storage, [solver], lock_ttl=cfg.storage.lock_ttl
+        cfg.acme.issuer_configs()[0], storage, [solver], lock_ttl=cfg.storage.lock_ttl,
+        pauses=pauses,
     )
     return ManagedCertificates(
         [m.names for m in cfg.acme.managed],
@@ -226,11 +233,13 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     refuse_unsafe_storage(storage)
     challenges = ChallengeResponder(storage)
     http_challenges = HttpChallenges(storage)
-    issuer = build_issuer(cfg, storage, challenges, http_challenges)
+    # One view of the CA accounts' pauses, shared by the issuers and the manager.
+    pauses = AccountPauses(storage)
+    issuer = build_issuer(cfg, storage, challenges, http_challenges, pauses)
     static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     events = build_events(cfg, storage)
-    managed = build_managed(cfg, storage)
+    managed = build_managed(cfg, storage, pauses)
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
@@ -252,6 +261,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         lock_ttl=cfg.storage.lock_ttl,
         listen_ports=[a.port for a in cfg.server.listen_addresses()],
         http_ports=[a.port for a in cfg.http.listen_addresses()],
+        account_pauses=pauses,
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)

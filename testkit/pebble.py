@@ -14,7 +14,10 @@ What this owns and how the pieces meet:
   the certificate from ``edgeproxy.tls.challenge_cert``. It is also a ``ChallengeSolver``.
 - ``FaultInjector`` sits between an ACME client and pebble (HTTPS on its own port, h11 on
   trio), relays everything, adds ``renewalInfo`` to the directory (pebble 2.4 has no ARI) and
-  answers requests matched by its ``rules`` with canned replies instead of relaying them.
+  answers requests matched by its ``rules`` with canned replies instead of relaying them
+  (``rate_limited``: a CA's ``rateLimited`` with Retry-After). It learns the directory's
+  endpoint names, so ``count("newOrder")`` counts requests per endpoint. ``serve_in_thread``
+  runs it beside a test that drives real processes with blocking calls.
 
 Nothing here knows about edgeproxy beyond the challenge certificate builder; it is shared by
 the integration tests and ``bench/acme_issuance.py``.
@@ -29,8 +32,10 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,7 +66,9 @@ __all__ = [
     "injected_pebble_for_proxy",
     "pebble_available",
     "pebble_for_proxy",
+    "rate_limited",
     "reject_first_replaces",
+    "serve_in_thread",
     "start_pebble",
 ]
 
@@ -406,9 +413,11 @@ class Reply:
         return cls(0)
 
     @classmethod
-    def problem(cls, status: int, type_: str, detail: str) -> Reply:
+    def problem(
+        cls, status: int, type_: str, detail: str, *headers: tuple[str, str]
+    ) -> Reply:
         body = json.dumps({"type": type_, "detail": detail, "status": status}).encode()
-        return cls(status, body, (("Content-Type", "application/problem+json"),))
+        return cls(status, body, (("Content-Type", "application/problem+json"), *headers))
 
 
 @dataclass
@@ -422,6 +431,8 @@ class InjectedRequest:
     jws_payload: dict[str, Any] | None = None
     jws_url: str | None = None
     injected: bool = False
+    endpoint: str | None = None  # the directory's name for the path (newOrder, newNonce, ...)
+    at: float = field(default_factory=time.time)
 
 
 Rule = Callable[[InjectedRequest], Reply | None]
@@ -435,6 +446,27 @@ _HOP_BY_HOP = {
     "upgrade",
     "proxy-connection",
 }
+
+
+def rate_limited(
+    retry_after: str, *, endpoint: str = "newOrder", status: int = 429
+) -> Rule:
+    """A rule answering every request to ``endpoint`` (a directory name) with a
+    ``rateLimited`` problem (RFC 8555 s6.6) and ``Retry-After: retry_after`` (as sent:
+    delta-seconds or an HTTP-date). Add it to ``FaultInjector.rules`` and remove it again to
+    switch the CA's limit on and off."""
+
+    def rule(request: InjectedRequest) -> Reply | None:
+        if request.endpoint != endpoint:
+            return None
+        return Reply.problem(
+            status,
+            "urn:ietf:params:acme:error:rateLimited",
+            "too many new orders recently (injected)",
+            ("Retry-After", retry_after),
+        )
+
+    return rule
 
 
 def reject_first_replaces(
@@ -474,6 +506,13 @@ class FaultInjector:
     renewal_retry_after: int = 21600
     seen: list[InjectedRequest] = field(default_factory=list)
     port: int = 0
+    # Path -> directory name (newOrder, newNonce, ...), learnt from the directory it relays.
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def count(self, endpoint: str, *, since: float = 0.0) -> int:
+        """Requests to ``endpoint`` (a directory name, e.g. "newOrder") seen at or after the
+        time ``since``, relayed or answered by a rule alike."""
+        return sum(1 for r in list(self.seen) if r.endpoint == endpoint and r.at >= since)
 
     @property
     def base_url(self) -> str:
@@ -550,6 +589,7 @@ class FaultInjector:
     def _record(self, request: h11.Request, body: bytes) -> InjectedRequest:
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         seen = InjectedRequest(request.method.decode(), request.target.decode(), headers, body)
+        seen.endpoint = self.endpoints.get(seen.path.split("?", 1)[0])
         if seen.method == "POST" and body:
             try:
                 jose = json.loads(body)
@@ -580,10 +620,14 @@ class FaultInjector:
             headers=[(k, v) for k, v in seen.headers.items() if k not in _HOP_BY_HOP],
         )
         payload = response.content.replace(self.pebble.base_url.encode(), self.base_url.encode())
-        if seen.path == "/dir" and self.advertise_renewal_info:
+        if seen.path == "/dir" and response.status_code == 200:
             directory = json.loads(payload)
-            directory["renewalInfo"] = f"{self.base_url}/renewal-info"
-            payload = json.dumps(directory).encode()
+            if self.advertise_renewal_info:
+                directory["renewalInfo"] = f"{self.base_url}/renewal-info"
+                payload = json.dumps(directory).encode()
+            for name, url in directory.items():
+                if isinstance(url, str) and url.startswith(self.base_url):
+                    self.endpoints[url[len(self.base_url) :]] = name
         headers = [
             (k, v.replace(self.pebble.base_url, self.base_url))
             for k, v in response.headers.multi_items()
@@ -607,3 +651,38 @@ class FaultInjector:
             ("Retry-After", str(self.renewal_retry_after)),
         ]
         return 200, headers, body
+
+
+@contextmanager
+def serve_in_thread(injector: FaultInjector) -> Iterator[FaultInjector]:
+    """Serve ``injector`` from its own trio loop in a thread, for tests that drive real
+    processes with blocking calls (the injector keeps answering while the test sleeps).
+    Rules and counts are plain attributes, safe to change and read from the test's thread."""
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            state["token"], state["scope"] = trio.lowlevel.current_trio_token(), scope
+            async with trio.open_nursery() as nursery:
+                await nursery.start(injector.serve)
+                started.set()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the test's thread below
+            state["error"] = exc
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name="fault-injector", daemon=True)
+    thread.start()
+    started.wait(30)
+    if "error" in state or not injector.port:
+        raise RuntimeError(f"the fault injector did not start: {state.get('error')!r}")
+    try:
+        yield injector
+    finally:
+        trio.from_thread.run_sync(state["scope"].cancel, trio_token=state["token"])
+        thread.join(10)

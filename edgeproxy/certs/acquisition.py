@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from .. import metrics
 from ..errors import LockUnavailable, OrderLimited, StorageError
+from ..issuers.account_pause import ACCOUNT_PAUSED
 from ..issuers.base import IssuanceError
 from ..names import InvalidName, validate_hostname
 from ..storage.locks import LockLost, hold_lock
@@ -29,7 +30,7 @@ from .manager_state import cert_data, iso_utc, task_failed
 from .record import Backoff, CertRecord, RecordError, backoff_key, cert_key, lock_name
 from .renewal import backoff_delay
 from .schedule import RenewalSchedule
-from .status import DomainStatus, State
+from .status import DomainStatus, State, hint_for
 
 log = logging.getLogger("edgeproxy.certs")
 
@@ -85,7 +86,8 @@ class Acquisition(RenewalSchedule):
             self._install(rec)
             return
         st = self._status.get(name)
-        if st is not None and st.next_attempt and st.next_attempt > now and st.state == "failing":
+        if (st is not None and st.next_attempt and st.next_attempt > now
+                and st.state in ("failing", "account_paused")):  # fmt: skip
             return  # in backoff; the status already holds the error the handshake will report
         decision = await self.policy.check(name)
         if not decision.allowed:
@@ -179,6 +181,8 @@ class Acquisition(RenewalSchedule):
                         # for this name: wait as it does (forced orders too).
                         self._adopt_backoff(name, shared, renewing)
                         return None
+                    if await self._account_paused(name, old):
+                        return None
                     replacing = None
                     if old is not None and await self._replaces_allowed(old):
                         replacing = old.chain_pem.encode()
@@ -194,6 +198,11 @@ class Acquisition(RenewalSchedule):
                             name, key, replacing=replacing, prefer=prefer
                         )
                     except IssuanceError as exc:
+                        if exc.error_type == ACCOUNT_PAUSED:
+                            # The account's wait, not this name's failure: no backoff step.
+                            until = self.clock() + (exc.retry_after or 0.0)
+                            await self._hold_for_pause(name, old, exc.detail, until)
+                            return None
                         # Recorded before the lease is released: whoever takes it next sees it.
                         await self._store_backoff(name, shared, exc.retry_after)
                         raise
@@ -256,6 +265,42 @@ class Acquisition(RenewalSchedule):
         )
         self._install(rec)
         return rec
+
+    async def _account_paused(self, name: str, old: CertRecord | None) -> bool:
+        """The gate before a new order: is every CA account this name could go to paused
+        after a rateLimited (read fresh: an order costs far more than one storage read)?"""
+        if self.account_pauses is None:
+            return False
+        pause = await self.account_pauses.blocking(fresh=True)
+        if pause is None:
+            return False
+        short = pause.reason.rsplit(":", 1)[-1]
+        detail = (f"new orders to CA {pause.label} are paused until {iso_utc(pause.until)} "
+                  f"(it answered {short}: {pause.detail})")  # fmt: skip
+        await self._hold_for_pause(name, old, detail, pause.until)
+        return True
+
+    async def _hold_for_pause(
+        self, name: str, old: CertRecord | None, detail: str, until: float
+    ) -> None:
+        """``name`` waits for its CA account's pause to end: status ``account_paused`` until
+        then, and a next-action entry at that time so it is ordered then by whichever process
+        takes it (``Maintenance._maintain``), with no visitor needed."""
+        until = max(until, self.clock() + 1.0)
+        serving_until = old.not_after if old and old.not_after > self.clock() else None
+        self._set_status(
+            name,
+            state="account_paused",
+            next_attempt=until,
+            last_error=detail,
+            last_error_type=ACCOUNT_PAUSED,
+            hint=hint_for(ACCOUNT_PAUSED, detail, serving_until=serving_until),
+        )
+        log.info("certificate for %s waits: %s", name, detail)
+        try:
+            await self.storage.set_due(name, until)
+        except StorageError as exc:
+            log.warning("could not schedule %s after the account pause: %s", name, exc)
 
     async def _stored_backoff(self, name: str) -> Backoff | None:
         raw = await self.storage.get(backoff_key(name))

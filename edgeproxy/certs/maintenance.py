@@ -14,7 +14,7 @@ import time
 
 from .. import metrics
 from ..errors import StorageError
-from . import history
+from . import history, status_store
 from .acquisition import Acquisition
 from .manager_state import cert_data, iso_utc, task_failed
 from .record import CertRecord, ari_key, backoff_key, cert_key, lock_name
@@ -65,6 +65,8 @@ class Maintenance(Acquisition):
             log.warning("maintenance: storage unavailable, retrying next pass: %s", exc)
             return
         self._recheck_cached(now)
+        if self.account_pauses is not None:
+            await self.account_pauses.active()  # every replica's gauge follows storage
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
         expiries = [c.not_after for n, c in self._cache.items() if not self._unwanted(n)]
         expiries.extend(self._overdue.values())
@@ -73,7 +75,8 @@ class Maintenance(Acquisition):
         counts: dict[str, int] = {}
         for st in self._status.values():
             counts[st.state] = counts.get(st.state, 0) + 1
-        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"):
+        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing", "removed",
+                      "account_paused"):  # fmt: skip
             metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
         await self._purge_removed(now)
 
@@ -141,6 +144,8 @@ class Maintenance(Acquisition):
             log.info("picked up new certificate for %s stored by another process", name)
             self._install(rec)
         if rec is None:
+            if await self._waited_for_pause(name):
+                self.start_issue(name)  # its account's pause is over: order it now
             return None, False
         if self.registry is not None and self.registry.is_removed(name):
             return None, False  # offboarded: not renewed, not watched (purged after the grace)
@@ -171,6 +176,17 @@ class Maintenance(Acquisition):
         nxt = retry if retry and retry > now else now + self.renew_interval
         # Back at its expiry at the latest: a refused name is dropped then.
         return (min(nxt, rec.not_after) if rec.not_after > now else nxt), tried
+
+    async def _waited_for_pause(self, name: str) -> bool:
+        """A name with no certificate yet that some process held back for an account pause
+        (its status says so, in memory or as stored by that process)."""
+        st = self._status.get(name)
+        if st is None:
+            try:
+                st = await status_store.read(self.storage, name)
+            except status_store.UnreadableStatus:
+                return False
+        return st is not None and st.state == "account_paused"
 
     async def _renew(self, rec: CertRecord) -> CertRecord | None:
         """Renew ``rec`` unless someone is at it or the policy refuses: the new record, or

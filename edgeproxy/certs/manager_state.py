@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import metrics
+from ..issuers.account_pause import AccountPauses
 from ..issuers.base import Issuer
 from ..storage.base import Storage
 from ..storage.locks import make_owner_id
@@ -109,8 +110,11 @@ class ManagerState:
         unordered_size: int = UNORDERED_REMEMBERED,
         max_inflight: int = MAX_INFLIGHT,
         clock: Callable[[], float] = time.time,
+        account_pauses: AccountPauses | None = None,
     ) -> None:
         self.storage = storage
+        # The CA accounts' pauses after a rateLimited (shared with the ACME issuers).
+        self.account_pauses = account_pauses
         self.registry = registry
         self.events = events
         self.removal_grace = removal_grace

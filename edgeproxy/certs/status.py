@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-State = Literal["allowed", "denied", "issuing", "valid", "renewing", "failing", "removed"]
+State = Literal[
+    "allowed", "denied", "issuing", "valid", "renewing", "failing", "removed", "account_paused"
+]
 
 ValidationFailure = Literal["refused", "timeout", "alert", "incorrect", "connect"]
 
@@ -33,6 +35,11 @@ HINTS: dict[str, str] = {
     "rejectedIdentifier": "the CA will not issue for this name (policy or blocklist); "
     "nothing to retry until the name changes.",
     "rateLimited": "the CA's rate limit was hit; edgeproxy retries after the CA's Retry-After.",
+    "account_paused": "the CA rate-limited this ACME account (rateLimited, or 503 with "
+    "Retry-After): no new order goes to it from any replica until the time in next_attempt, "
+    "then this name is ordered by itself. Certificates already issued keep being served. If "
+    "it recurs, spread orders out (on_demand.max_orders_per_minute) or ask the CA for a "
+    "higher limit.",
     "serverInternal": "the CA had an internal error; edgeproxy retries with backoff.",
     "externalAccountRequired": "the CA requires External Account Binding: set acme.eab_kid and "
     "acme.eab_hmac_key.",
