@@ -275,6 +275,19 @@ def build() -> dict[str, Any]:
     )
     d.panel(
         "timeseries",
+        "CA budget",
+        "Per CA (acme.issuers name): 1 while its ACME account is paused after the CA answered "
+        "rateLimited or 503 with Retry-After (no replica sends it new orders until the pause "
+        "ends; waiting names are ordered then).",
+        [
+            (
+                "max by (issuer) (edgeproxy_acme_account_paused)",
+                "{{issuer}} paused",
+            ),
+        ],
+    )
+    d.panel(
+        "timeseries",
         "Challenges",
         "TLS-ALPN-01 validations answered, and validation handshakes with no pending "
         "challenge (the load balancer or shared storage is wrong when these rise).",

@@ -149,7 +149,7 @@ def paused_gauge(ip: str, admin: int) -> float:
 
 
 def test_rate_limited_pauses_every_replica_until_retry_after(
-    replicas: tuple[FaultInjector, int, int, Path],
+    tmp_path: Path, postgres_dsn: str, replicas: tuple[FaultInjector, int, int, Path]
 ) -> None:
     inj, port, admin, roots = replicas
     a, b, c = REPLICAS
@@ -170,6 +170,14 @@ def test_rate_limited_pauses_every_replica_until_retry_after(
     until = float(str(first["next_attempt"]))
     assert refused[0].at + RETRY_AFTER - 1 <= until <= refused[0].at + RETRY_AFTER + 1
     assert "paused until" in str(first["last_error"]) and first["hint"]
+
+    # The CLI reads the same from storage (started now, read while the pause lasts).
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "edgeproxy", "certs", "status", "first.example.test",
+         "-c", str(tmp_path / f"replica-{c}.toml")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "EDGEPROXY_TEST_DSN": postgres_dsn},
+    )  # fmt: skip
 
     # While paused: new names at every replica wait, names already issued keep being served.
     mark = time.time()
@@ -193,6 +201,10 @@ def test_rate_limited_pauses_every_replica_until_retry_after(
         rounds += 1
     assert rounds >= 1 and len(waiting) >= len(REPLICAS)
     assert inj.count("newOrder", since=mark) == 0
+    out = cli.communicate(timeout=60)[0]
+    assert re.search(r"^state +account_paused$", out, re.M), out
+    assert re.search(r"^hint +the CA rate-limited this ACME account", out, re.M), out
+    assert "paused until" in out, out
 
     # After Retry-After: every waiting name is ordered with no visitor asking again.
     deadline = until + 60

@@ -2,7 +2,8 @@
 
 Each pebble has its own ports, state and roots; both validate TLS-ALPN-01 against edgeproxy.
 The first sits behind a ``FaultInjector`` that plays it unreachable (every connection dropped)
-or rate limited (newOrder answered 429 ``rateLimited``), and then recovers.
+or rate limited (newOrder answered 429 ``rateLimited``, which pauses its account for the
+Retry-After), and then recovers.
 """
 
 from __future__ import annotations
@@ -93,5 +94,11 @@ async def test_the_second_issuer_takes_over_and_renewals_go_back_to_the_first(
         with trio.fail_after(30):
             while (st := p.rt.certs.status("three.example.test")) is None or not st.last_error:
                 await trio.sleep(0.1)
-        assert st.last_error.startswith("issuer first: rateLimited: too many new orders"), st
+        # The first's rateLimited paused its account: skipped at once, saying until when.
+        assert st.last_error.startswith(
+            "issuer first: account_paused: new orders to CA first are paused until"
+        ), st
+        assert "(it answered rateLimited: too many new orders recently)" in st.last_error, st
+        orders = [r for r in inj.seen if r.jws_payload and "identifiers" in r.jws_payload]
+        assert sum(1 for r in orders if r.injected) == 1  # no second order went to it
         assert st.last_error_type == "unreachable", st
