@@ -112,9 +112,10 @@ class Acquisition(RenewalSchedule):
 
     async def issue_now(self, name: str, *, force: bool = False) -> CertRecord | None:
         """Order ``name`` now (the admin API's issue), within the limits a handshake's order
-        has: the per-name backoff after failures and ``max_orders_per_minute``, forced orders
-        included. The allow-check is the caller's. Without ``force`` a valid stored
-        certificate is returned without any order (and without spending an order token).
+        has: the per-name backoff after failures, the CA account's pause after a rateLimited
+        and ``max_orders_per_minute``, forced orders included. The allow-check is the
+        caller's. Without ``force`` a valid stored certificate is returned without any order
+        (and without spending an order token).
 
         Raises OrderLimited when a limit says not now; returns None when the order failed
         (the status says why).
@@ -138,6 +139,9 @@ class Acquisition(RenewalSchedule):
                 f"{st.failures} failed attempt(s), the last {st.last_error_type}: "
                 f"{st.last_error}; next attempt at {iso_utc(st.next_attempt)}",
             )
+        pause = await self.account_pauses.blocking() if self.account_pauses else None
+        if pause is not None:
+            raise OrderLimited(name, "acme_account_paused", pause.until - now, pause.describe())
         if not self._orders.take():
             raise OrderLimited(
                 name,
@@ -274,10 +278,7 @@ class Acquisition(RenewalSchedule):
         pause = await self.account_pauses.blocking(fresh=True)
         if pause is None:
             return False
-        short = pause.reason.rsplit(":", 1)[-1]
-        detail = (f"new orders to CA {pause.label} are paused until {iso_utc(pause.until)} "
-                  f"(it answered {short}: {pause.detail})")  # fmt: skip
-        await self._hold_for_pause(name, old, detail, pause.until)
+        await self._hold_for_pause(name, old, pause.describe(), pause.until)
         return True
 
     async def _hold_for_pause(

@@ -125,6 +125,14 @@ class AccountPause:
             )
         return pause
 
+    def describe(self) -> str:
+        """What a waiting name's status says (the CA's own words included)."""
+        short = self.reason.rsplit(":", 1)[-1]
+        return (
+            f"new orders to CA {self.label} are paused until {iso_time(self.until)} "
+            f"(it answered {short}: {self.detail})"
+        )
+
     def as_dict(self) -> dict[str, object]:
         return {
             **asdict(self),

@@ -46,7 +46,6 @@ from .account_pause import (
     AccountPause,
     AccountPauses,
     account_stem,
-    iso_time,
     pauses_account,
 )
 from .base import (
@@ -298,12 +297,8 @@ class AcmeIssuer:
             self._report_stats(client)
 
     def _paused(self, pause: AccountPause) -> IssuanceError:
-        short = pause.reason.rsplit(":", 1)[-1]
         return IssuanceError(
-            ACCOUNT_PAUSED,
-            f"new orders to CA {pause.label} are paused until {iso_time(pause.until)} "
-            f"(it answered {short}: {pause.detail})",
-            retry_after=max(0.0, pause.until - time.time()),
+            ACCOUNT_PAUSED, pause.describe(), retry_after=max(0.0, pause.until - time.time())
         )
 
     def _translate(self, exc: AcmeError, name: str, earlier: list[str]) -> IssuanceError:

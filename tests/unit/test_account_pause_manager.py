@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.record import backoff_key, cert_key
-from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.errors import CertificateUnavailable, OrderLimited
 from edgeproxy.issuers.account_pause import (
     ACCOUNT_PAUSED,
     RATE_LIMITED,
@@ -110,6 +110,10 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
             assert got is not None and got.state == "account_paused", got
             assert got.next_attempt is not None and abs(got.next_attempt - st.next_attempt) < 1
         await refused(one, "a.example.test")  # asked again: still waiting, no order
+        with pytest.raises(OrderLimited) as limited:  # the admin API's issue, forced or not
+            await two.issue_now("d.example.test", force=True)
+        assert limited.value.limit == "acme_account_paused"
+        assert 58 < limited.value.retry_after <= 60 and "paused until" in limited.value.detail
         assert LimitedCA.orders == ["a.example.test"]
         due = {e.name: e.at for e in await storage.due_names(clock.now + 61, 10)}
         assert set(due) == {"a.example.test", "b.example.test", "c.example.test"}
