@@ -63,7 +63,7 @@ class IdentityContexts:
         if ctx is None:
             ctx = chain_context(chain[1:], session_tickets=self.session_tickets)
             self._by_chain[chain_id] = ctx
-        pkey = crypto.PKey.from_cryptography_key(servable)
+        pkey = crypto.PKey.from_cryptography_key(servable)._pkey
         ident = ServerIdentity(chain[0].public_bytes(Encoding.DER), pkey, ctx)
         # What OpenSSL would refuse per connection (e.g. a key below its security level) is
         # refused here, once, when the certificate is installed.
