@@ -253,6 +253,10 @@ async def _command(rt: Runtime, probe: _Probe, cmd: str, args: list[str]) -> dic
             rt.certs._install(rec)
         await _settle(rt)
         return {"cached": len(rt.certs._cache)}
+    if cmd == "gc":
+        t0 = time.perf_counter()
+        gc.collect()
+        return {"full_gc_ms": (time.perf_counter() - t0) * 1e3, "tracked": len(gc.get_objects())}
     if cmd == "rss":
         await _settle(rt)
         gc.collect()
@@ -388,6 +392,7 @@ def _memory(storage_cfg: dict[str, Any], n: int, log: Path) -> dict[str, Any]:
         mid = server.ask("rss")["rss_kib"]
         server.ask("load", half, n)
         after = server.ask("rss")
+        out["with_all_cached"] = server.ask("gc")
     finally:
         server.close()
     assert after["cached"] == n, after
