@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +61,7 @@ from ..certs.record import iso
 from ..certs.status import DomainStatus
 from ..config import is_loopback_host
 from ..errors import OrderLimited, StorageError
+from ..issuers.account_pause import stored_pauses
 from ..names import InvalidName, validate_hostname
 from ..storage.base import StoredItem
 from .hostnames import (
@@ -457,6 +459,15 @@ class AdminApp:
         out.sort(key=lambda d: str(d["name"]))
         return json_response(200, out, *headers)
 
+    async def acme_accounts(self, req: Request) -> Response:
+        """The CA accounts' pauses after a rateLimited, as storage holds them for every
+        replica."""
+        try:
+            pauses = await stored_pauses(self.rt.storage, time.time())
+        except StorageError as exc:
+            return error_response(503, "storage_error", str(exc))
+        return json_response(200, {"accounts": pauses})
+
     async def get_domain(self, req: Request) -> Response:
         raw = req.params["name"]
         # A managed wildcard certificate's status is kept under its first name, "*.example.net".
@@ -567,6 +578,7 @@ LEGACY_ROUTES: tuple[tuple[str, tuple[str, ...], Handler, Access], ...] = (
     ("/v1/domains", ("GET", "HEAD"), AdminApp.list_domains, Access.ADMIN),
     ("/v1/domains/{name}", ("GET", "HEAD"), AdminApp.get_domain, Access.ADMIN),
     ("/v1/domains/{name}/issue", ("POST",), AdminApp.issue, Access.ADMIN),
+    ("/v1/acme/accounts", ("GET", "HEAD"), AdminApp.acme_accounts, Access.ADMIN),
 )
 _PATH_NEEDS = {path: needs for path, _, _, needs in LEGACY_ROUTES if "{" not in path}
 _NO_STORE = (b"cache-control", b"no-store")

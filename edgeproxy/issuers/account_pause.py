@@ -28,6 +28,7 @@ backs off the name that met it, by the same Retry-After.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -35,11 +36,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from .. import metrics
 from ..errors import StorageError
-from ..storage.base import Storage
+from ..storage.base import Storage, StoredItem
 
 log = logging.getLogger("edgeproxy.acme")
 
@@ -265,6 +267,30 @@ class AccountPauses:
             return
         metrics.ACME_ACCOUNT_PAUSED.labels(label).set(1 if pause is not None else 0)
         metrics.ACME_ACCOUNT_PAUSED_UNTIL.labels(label).set(pause.until if pause else 0)
+
+
+class PauseReader(Protocol):
+    async def get(self, key: str, /) -> bytes | None: ...
+
+    async def list(self, prefix: str = "", /) -> builtins.list[StoredItem]: ...
+
+
+async def stored_pauses(storage: PauseReader, now: float) -> list[dict[str, object]]:
+    """Every account's pause record in storage (the admin API's ``/v1/acme/accounts``, the
+    same on every replica): the record with ``paused`` (still in force at ``now``), or the
+    key and why it cannot be read."""
+    out: list[dict[str, object]] = []
+    for item in await storage.list(PAUSE_PREFIX):
+        raw = await storage.get(item.key)
+        if raw is None:
+            continue  # deleted meanwhile
+        try:
+            pause = AccountPause.from_json(raw, item.key)
+        except PauseRecordError as exc:
+            out.append({"key": item.key, "error": str(exc)})
+            continue
+        out.append({"key": item.key, **pause.as_dict(), "paused": pause.until > now})
+    return out
 
 
 def iso_time(ts: float) -> str:

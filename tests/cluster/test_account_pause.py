@@ -141,6 +141,13 @@ def domain(ip: str, admin: int, name: str) -> dict[str, object]:
     return dict(r.json())
 
 
+def account(ip: str, admin: int) -> dict[str, object]:
+    r = httpx.get(f"http://{ip}:{admin}/v1/acme/accounts", timeout=10)
+    assert r.status_code == 200, r.text
+    (only,) = r.json()["accounts"]
+    return dict(only)
+
+
 def paused_gauge(ip: str, admin: int) -> float:
     text = httpx.get(f"http://{ip}:{admin}/metrics", timeout=10).text
     m = re.search(rf'^edgeproxy_acme_account_paused\{{issuer="{ISSUER}"\}} (\S+)$', text, re.M)
@@ -198,6 +205,9 @@ def test_rate_limited_pauses_every_replica_until_retry_after(
             assert st["state"] == "account_paused", st
             assert abs(float(str(st["next_attempt"])) - until) < 1.0, st
             assert paused_gauge(ip, admin) == 1.0
+            acct = account(ip, admin)
+            assert acct["paused"] is True and acct["label"] == ISSUER, acct
+            assert abs(float(str(acct["until"])) - until) < 1.0, acct
         rounds += 1
     assert rounds >= 1 and len(waiting) >= len(REPLICAS)
     assert inj.count("newOrder", since=mark) == 0
@@ -215,6 +225,13 @@ def test_rate_limited_pauses_every_replica_until_retry_after(
     assert min(r.at for r in resumed) >= until - 0.5  # none before Retry-After
     for name, ip in waiting.items():
         assert served(ip, port, name, roots)
+    print(
+        f"\nnewOrder at the injector: {len(refused)} answered rateLimited (Retry-After "
+        f"{RETRY_AFTER}), 0 of {len(waiting)} waiting names ordered in {rounds} round(s) of "
+        f"visits to {len(REPLICAS)} replicas during the pause, {len(resumed)} after it "
+        f"(first {min(r.at for r in resumed) - until:+.1f}s after Retry-After), "
+        f"{inj.count('newOrder')} in all"
+    )
     for ip in REPLICAS:
         gauge_deadline = time.time() + 10
         while paused_gauge(ip, admin) != 0.0 and time.time() < gauge_deadline:

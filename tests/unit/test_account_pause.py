@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgeproxy import metrics
 from edgeproxy.acme.messages import parse_retry_after, problem_from_response
+from edgeproxy.admin.app import make_admin_app
 from edgeproxy.errors import StorageError
 from edgeproxy.issuers.account_pause import (
     DEFAULT_PAUSE,
@@ -212,3 +216,37 @@ async def test_storage_trouble_keeps_the_last_known_answer(tmp_path: Path) -> No
     assert await p.current(CA, fresh=True) == got  # still paused: a blip is not the end
     other = pauses(storage, clock)
     assert await other.current(CA, fresh=True) is None  # and a blip invents no pause
+
+
+# ---------------------------------------------------------------- the admin API's view
+
+
+@dataclass
+class AdminRuntime:
+    """The admin app reads only storage for /v1/acme/accounts."""
+
+    storage: FileStorage
+    certs: object = None
+    proxy: object = None
+
+
+async def test_admin_api_lists_every_accounts_pause_from_storage(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "state")
+    clock = Clock()
+    clock.now = time.time()
+    p = pauses(storage, clock)
+    p.watch(OTHER, "ca2")
+    await p.record(CA, reason=RATE_LIMITED, detail="slow down", retry_after=120.0)
+    clock.now -= 3600  # a pause recorded an hour ago, long over
+    await p.record(OTHER, reason="about:blank", detail="busy", retry_after=60.0)
+    await storage.put("acme/pause/broken-0123456789ab.json", b"{not json")
+    app = make_admin_app(AdminRuntime(storage), token=None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9901") as c:
+        r = await c.get("/v1/acme/accounts")
+    assert r.status_code == 200, r.text
+    by_label = {a.get("label", "broken"): a for a in r.json()["accounts"]}
+    assert by_label["ca1"]["paused"] is True and by_label["ca1"]["directory"] == CA
+    assert by_label["ca1"]["reason"] == RATE_LIMITED and by_label["ca1"]["until_iso"]
+    assert by_label["ca2"]["paused"] is False  # over: listed, not in force
+    assert "unreadable" in by_label["broken"]["error"]  # named, not a 500
