@@ -1,5 +1,6 @@
 """The admin HTTP API, an ASGI application on FastAPI: metrics, health, readiness, domain status,
-and (from ``hostnames.py``) the hostname registry with its OpenAPI document.
+the CA accounts' pauses, and (from ``hostnames.py``) the hostname registry with its OpenAPI
+document.
 
 Owns the admin endpoints: their routing table, bearer-token auth, status codes and JSON shapes.
 Routing is FastAPI's (``_build_api``); the handlers of the first endpoints keep their small

@@ -3,8 +3,10 @@
 Owns: the single-flight acquisition a handshake starts (bounded in flight), the allow-check and
 order rate limit in front of a new order, the admin API's ``issue_now`` with its limits, and
 ``obtain``: under the name's storage lease re-read storage, honour a backoff shared through
-storage, issue, store key and chain as one record, then record the outcome (status, history,
-events, metrics) and install it.
+storage and the CA account's pause after a rateLimited (``issuers/account_pause.py``: one gate,
+``_account_paused``; a held name waits in state ``account_paused`` with a next-action entry at
+the pause's end), issue, store key and chain as one record, then record the outcome (status,
+history, events, metrics) and install it.
 Must not know: how issuers talk to CAs, sockets, when renewals are due.
 """
 

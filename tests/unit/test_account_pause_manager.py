@@ -91,6 +91,9 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
         one, two = replica(storage, clock), replica(storage, clock)
         for mgr in (one, two):
             await nursery.start(mgr.run)
+        LimitedCA.limited = False
+        await two.context_for("old.example.test")  # issued before the CA's limit, cached
+        LimitedCA.orders, LimitedCA.limited = [], True
         await refused(one, "a.example.test")
         assert LimitedCA.orders == ["a.example.test"]
         LimitedCA.limited = False  # only edgeproxy's own pause holds orders back from here
@@ -109,6 +112,14 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
             got = mgr.status(name)
             assert got is not None and got.state == "account_paused", got
             assert got.next_attempt is not None and abs(got.next_attempt - st.next_attempt) < 1
+        # A renewal waits too, and its certificate keeps being served meanwhile.
+        renewing = await two._load("old.example.test")
+        assert renewing is not None
+        assert await two.obtain("old.example.test", old=renewing, force=True) is None
+        held = two.status("old.example.test")
+        assert held is not None and held.state == "account_paused", held
+        assert held.hint and "still served until" in held.hint
+        assert two.cached_context("old.example.test") is not None
         await refused(one, "a.example.test")  # asked again: still waiting, no order
         with pytest.raises(OrderLimited) as limited:  # the admin API's issue, forced or not
             await two.issue_now("d.example.test", force=True)
@@ -116,7 +127,9 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
         assert 58 < limited.value.retry_after <= 60 and "paused until" in limited.value.detail
         assert LimitedCA.orders == ["a.example.test"]
         due = {e.name: e.at for e in await storage.due_names(clock.now + 61, 10)}
-        assert set(due) == {"a.example.test", "b.example.test", "c.example.test"}
+        assert {"a.example.test", "b.example.test", "c.example.test"} <= set(due)
+        assert due["old.example.test"] == held.next_attempt
+        del due["old.example.test"]
 
         # The pause ends: a maintenance pass orders every waiting name, no visitor needed.
         clock.now += 61
