@@ -22,6 +22,7 @@ import trio.testing
 
 from edgeproxy.errors import StorageError
 from edgeproxy.storage import FileStorage, HostnameEntry, LockLost, Storage, hold_lock
+from edgeproxy.storage.file.registry import RegistryFiles
 from testkit.crash_writer import Children, is_complete_value
 from tests.unit.test_storage_conformance import wait_to_be_cancelled
 
@@ -310,7 +311,7 @@ async def test_busy_guard_is_waited_for_off_the_event_loop_and_bounded(
 ) -> None:
     await storage.put("warm", b"up")
     make_folder(root / "locks")
-    storage.GUARD_TIMEOUT = 5.0
+    storage._tree.GUARD_TIMEOUT = 5.0
     fd = os.open(root / "locks/.guard", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process in the middle of a lease update
@@ -329,7 +330,7 @@ async def test_busy_guard_is_waited_for_off_the_event_loop_and_bounded(
             fd = -1
         assert results == [True]
 
-        storage.GUARD_TIMEOUT = 0.2
+        storage._tree.GUARD_TIMEOUT = 0.2
         fd = os.open(root / "locks/.guard", os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(StorageError, match="guard stayed busy"):
@@ -425,16 +426,16 @@ async def test_hostname_page_reads_only_its_own_files_among_many(
         (folder / f"{name}.json").write_text(json.dumps(record))
     await storage.add_hostname(HostnameEntry("z.example.com", None, "{}", 1.0))  # moves journal
 
-    import edgeproxy.storage.file as file_module
+    import edgeproxy.storage.file.registry as registry_module
 
-    real_read = file_module._read_file
+    real_read = registry_module.read_file
     reads: list[Path] = []
 
     def counting_read(path: Path) -> bytes | None:
         reads.append(path)
         return real_read(path)
 
-    monkeypatch.setattr(file_module, "_read_file", counting_read)
+    monkeypatch.setattr(registry_module, "read_file", counting_read)
     page = await storage.list_hostnames(after="h001999.example.com", limit=100)
     assert [e.hostname for e in page] == [f"h{i:06d}.example.com" for i in range(2_000, 2_100)]
     assert len(reads) == 100
@@ -446,7 +447,7 @@ async def test_hostname_journal_rotation_tells_readers_to_reload(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer, reader = FileStorage(root), FileStorage(root)
-    monkeypatch.setattr(FileStorage, "JOURNAL_MAX", 200)
+    monkeypatch.setattr(RegistryFiles, "JOURNAL_MAX", 200)
     marker, _ = await reader.hostname_changes(None)
     await writer.add_hostname(HostnameEntry("a.example.com", None, "{}", 1.0))
     marker, names = await reader.hostname_changes(marker)
