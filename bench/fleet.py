@@ -254,9 +254,13 @@ async def _command(rt: Runtime, probe: _Probe, cmd: str, args: list[str]) -> dic
         await _settle(rt)
         return {"cached": len(rt.certs._cache)}
     if cmd == "gc":
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         gc.collect()
-        return {"full_gc_ms": (time.perf_counter() - t0) * 1e3, "tracked": len(gc.get_objects())}
+        return {
+            "full_gc_ms": (time.perf_counter() - t0) * 1e3,
+            "full_gc_cpu_ms": (time.thread_time() - c0) * 1e3,
+            "tracked": len(gc.get_objects()),
+        }
     if cmd == "rss":
         await _settle(rt)
         gc.collect()
