@@ -22,6 +22,8 @@ import httpx
 import trio
 
 from . import metrics
+from .certs.budget_store import CaBudgets
+from .certs.budgets import Limits
 from .certs.challenges import ChallengeResponder, HttpChallenges
 from .certs.managed import ManagedCertificates
 from .certs.manager import CertificateManager
@@ -228,6 +230,23 @@ def load_static_certificates(cfg: Config) -> StaticCertificates:
     return static
 
 
+def acme_limits(cfg: Config) -> Limits:
+    lim = cfg.acme.limits
+    return Limits(
+        new_orders_per_account=lim.new_orders_per_account,
+        certificates_per_registered_domain=lim.certificates_per_registered_domain,
+        failed_validations_per_hostname=lim.failed_validations_per_hostname,
+        duplicate_certificates=lim.duplicate_certificates,
+    )
+
+
+def build_budgets(cfg: Config, storage: Storage, issuer: Issuer) -> CaBudgets | None:
+    """[acme.limits], counted under the (first) CA's account; none for the internal issuer."""
+    if cfg.tls.issuer != "acme":
+        return None
+    return CaBudgets(storage, acme_limits(cfg), account=issuer.id)
+
+
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     storage = storage or build_storage(cfg)
     refuse_unsafe_storage(storage)
@@ -262,6 +281,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         listen_ports=[a.port for a in cfg.server.listen_addresses()],
         http_ports=[a.port for a in cfg.http.listen_addresses()],
         account_pauses=pauses,
+        budgets=build_budgets(cfg, storage, issuer),
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
@@ -294,6 +314,8 @@ def apply_reload(rt: Runtime, new: Config) -> None:
     """Swap what can change without restarting: routes, limits, policy."""
     rt.proxy.reload(Settings.from_config(new))
     rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client, registry=rt.hostnames)
+    if rt.certs.budgets is not None:
+        rt.certs.budgets.limits = acme_limits(new)
     rt.cfg = new
 
 

@@ -17,7 +17,7 @@ import builtins
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import trio
 from fastapi import APIRouter, FastAPI, Query, Request, Response
@@ -45,8 +45,9 @@ MAX_BODY = 64 * 1024
 #: Parallel storage reads when describing a page of hostnames.
 READ_CONCURRENCY = 16
 
-State = Literal["pending", "issuing", "active", "failing", "denied", "removed"]
-STATES: tuple[str, ...] = ("pending", "issuing", "active", "failing", "denied", "removed")
+# rate_limited: waiting for an [acme.limits] budget, ordered at its next_attempt.
+State = Literal["pending", "issuing", "active", "failing", "rate_limited", "denied", "removed"]
+STATES: tuple[str, ...] = get_args(State)
 
 _TITLES = {
     "invalid-hostname": "Invalid hostname",
@@ -477,6 +478,8 @@ def hostname_state(
             return "denied"
         if st.state == "failing":
             return "failing"
+        if st.state == "rate_limited":
+            return "rate_limited"
     return "active" if valid else "pending"
 
 

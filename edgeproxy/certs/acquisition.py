@@ -28,6 +28,8 @@ from ..names import InvalidName, validate_hostname
 from ..storage.locks import LockLost, hold_lock
 from ..tls.contexts import generate_private_key
 from . import history
+from .budget_store import Admitted
+from .budgets import HOUR, OrderKind, Wait, prune
 from .manager_state import cert_data, iso_utc, task_failed
 from .record import Backoff, CertRecord, RecordError, backoff_key, cert_key, lock_name
 from .renewal import backoff_delay
@@ -88,9 +90,11 @@ class Acquisition(RenewalSchedule):
             self._install(rec)
             return
         st = self._status.get(name)
-        if (st is not None and st.next_attempt and st.next_attempt > now
-                and st.state in ("failing", "account_paused")):  # fmt: skip
-            return  # in backoff; the status already holds the error the handshake will report
+        waiting = st is not None and st.state in ("failing", "account_paused", "rate_limited")
+        if st is not None and waiting and st.next_attempt and st.next_attempt > now:
+            # In backoff, its account paused, or queued for a CA budget: the status already
+            # holds the error the handshake will report, and no storage or CA is asked.
+            return
         decision = await self.policy.check(name)
         if not decision.allowed:
             self._fail(
@@ -144,6 +148,8 @@ class Acquisition(RenewalSchedule):
         pause = await self.account_pauses.blocking() if self.account_pauses else None
         if pause is not None:
             raise OrderLimited(name, "acme_account_paused", pause.until - now, pause.describe())
+        if (limited := self._budget_limited(name, now)) is not None:
+            raise limited
         if not self._orders.take():
             raise OrderLimited(
                 name,
@@ -151,19 +157,39 @@ class Acquisition(RenewalSchedule):
                 self._orders.wait_time(),
                 "the order rate limit is reached (forced orders count too)",
             )
-        return await self.obtain(name, force=force)
+        rec = await self.obtain(name, force=force)
+        if rec is None and (limited := self._budget_limited(name, self.clock())) is not None:
+            raise limited  # the budgets in storage said wait (another replica spent them)
+        return rec
+
+    def _budget_limited(self, name: str, now: float) -> OrderLimited | None:
+        """The name waits for an [acme.limits] budget: as the admin API's 429."""
+        st = self._status.get(name)
+        if st is None or st.last_error_type != "rate_limited" or not st.next_attempt:
+            return None
+        if st.next_attempt <= now:
+            return None
+        limit = st.extra.get("limit", "acme.limits")
+        return OrderLimited(name, limit, st.next_attempt - now, st.last_error or limit)
 
     async def obtain(
-        self, name: str, *, old: CertRecord | None = None, force: bool = False
+        self,
+        name: str,
+        *,
+        old: CertRecord | None = None,
+        force: bool = False,
+        ari_timed: bool = False,
     ) -> CertRecord | None:
         """Issue (or renew) ``name`` under the storage lease; return the stored record.
 
         Policy is the caller's business (the data path checks it before calling; the CLI and
-        admin API check it themselves). Returns None and records the failure on error.
+        admin API check it themselves). Returns None and records the failure on error, or
+        the wait when a CA budget is used up. ``ari_timed``: a renewal at the time the CA's
+        ARI window asked for (exempt from the budgets, as Let's Encrypt exempts it).
         """
         renewing = old is not None
         state: State = "renewing" if renewing else "issuing"
-        self._set_status(name, state=state)
+        self._set_status(name, state=state, extra={})
         try:
             with trio.fail_after(self.issue_timeout):
                 t0 = time.monotonic()
@@ -189,6 +215,11 @@ class Acquisition(RenewalSchedule):
                         return None
                     if await self._account_paused(name, old):
                         return None
+                    # The one "may a new order go now?" gate of [acme.limits].
+                    admitted = await self._admit(name, renewing, ari_timed, shared)
+                    if isinstance(admitted, Wait):
+                        await self._wait_for_budget(name, admitted, renewing)
+                        return None
                     replacing = None
                     if old is not None and await self._replaces_allowed(old):
                         replacing = old.chain_pem.encode()
@@ -204,13 +235,18 @@ class Acquisition(RenewalSchedule):
                             name, key, replacing=replacing, prefer=prefer
                         )
                     except IssuanceError as exc:
+                        if admitted is not None and self.budgets is not None:
+                            # No certificate: its certificate units go back to the budgets.
+                            await self.budgets.refund([name], admitted.at)
                         if exc.error_type == ACCOUNT_PAUSED:
                             # The account's wait, not this name's failure: no backoff step.
                             until = self.clock() + (exc.retry_after or 0.0)
                             await self._hold_for_pause(name, old, exc.detail, until)
                             return None
                         # Recorded before the lease is released: whoever takes it next sees it.
-                        await self._store_backoff(name, shared, exc.retry_after)
+                        await self._store_backoff(
+                            name, shared, exc.retry_after, validation=exc.challenge_type is not None
+                        )
                         raise
                     rec = CertRecord.build(
                         name,
@@ -315,18 +351,60 @@ class Acquisition(RenewalSchedule):
             return None  # unreadable: as if none (the next failure rewrites it)
 
     async def _store_backoff(
-        self, name: str, previous: Backoff | None, retry_after: float | None
+        self,
+        name: str,
+        previous: Backoff | None,
+        retry_after: float | None,
+        *,
+        validation: bool = False,
     ) -> None:
         failures = (previous.failures if previous is not None else 0) + 1
         delay = backoff_delay(failures - 1, base=self.backoff_base, cap=self.backoff_max)
         if retry_after is not None:
             delay = max(delay, retry_after)
+        now = self.clock()
+        # The failed validations of the last hour ride along ([acme.limits]).
+        validations = prune(previous.validations if previous else (), now, HOUR)
+        if validation:
+            validations = (*validations, now)
         try:
             await self.storage.put(
-                backoff_key(name), Backoff(failures, self.clock() + delay).to_json()
+                backoff_key(name), Backoff(failures, now + delay, validations).to_json()
             )
         except StorageError as exc:
             log.warning("could not record the backoff for %s: %s", name, exc)
+
+    async def _admit(
+        self, name: str, renewing: bool, ari_timed: bool, shared: Backoff | None
+    ) -> Admitted | Wait | None:
+        """[acme.limits]: may this order go now (and if so it is counted)? None: no budgets."""
+        if self.budgets is None:
+            return None
+        kind: OrderKind = "ari" if renewing and ari_timed else "renewal" if renewing else "new"
+        failures = shared.validations if shared is not None else ()
+        return await self.budgets.admit([name], kind, failures)
+
+    async def _wait_for_budget(self, name: str, wait: Wait, renewing: bool) -> None:
+        """Queue the name until the budget has room: its status says which limit and until
+        when, and the next-action index brings it back to maintenance then."""
+        detail = f"{wait.explain()}: the order waits until {iso_utc(wait.until)}"
+        hint = (
+            f"no order was sent: the name is ordered at {iso_utc(wait.until)}. To go sooner, "
+            f"raise acme.limits.{wait.limit} (only as far as your CA allows) or wait."
+        )
+        if renewing:
+            hint = "the current certificate is still served meanwhile; " + hint
+        self._set_status(
+            name,
+            state="renewing" if renewing else "rate_limited",
+            next_attempt=wait.until,
+            last_error=detail,
+            last_error_type="rate_limited",
+            hint=hint,
+            extra={"limit": f"acme.limits.{wait.limit}"},
+        )
+        log.warning("certificate for %s: %s", name, detail)
+        await self.storage.set_due(name, wait.until)
 
     def _adopt_backoff(self, name: str, shared: Backoff, renewing: bool) -> None:
         st = self._status.get(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import get_args
 
 from .. import metrics
 from ..errors import StorageError
@@ -18,6 +19,7 @@ from . import history, status_store
 from .acquisition import Acquisition
 from .manager_state import cert_data, iso_utc, task_failed
 from .record import CertRecord, ari_key, backoff_key, cert_key, lock_name
+from .status import State
 from .status_store import status_key
 
 log = logging.getLogger("edgeproxy.certs")
@@ -75,9 +77,10 @@ class Maintenance(Acquisition):
         counts: dict[str, int] = {}
         for st in self._status.values():
             counts[st.state] = counts.get(st.state, 0) + 1
-        for state in ("allowed", "denied", "issuing", "valid", "renewing", "failing", "removed",
-                      "account_paused"):  # fmt: skip
+        for state in get_args(State):
             metrics.CERTIFICATES.labels(state).set(counts.get(state, 0))
+        if self.budgets is not None:
+            self.budgets.update_metrics()  # windows empty with time, orders or not
         await self._purge_removed(now)
 
     async def _reconcile(self, now: float) -> None:
@@ -144,9 +147,7 @@ class Maintenance(Acquisition):
             log.info("picked up new certificate for %s stored by another process", name)
             self._install(rec)
         if rec is None:
-            if await self._waited_for_pause(name):
-                self.start_issue(name)  # its account's pause is over: order it now
-            return None, False
+            return await self._order_waiting(name, now), False
         if self.registry is not None and self.registry.is_removed(name):
             return None, False  # offboarded: not renewed, not watched (purged after the grace)
         st = self._status.get(name)
@@ -161,7 +162,7 @@ class Maintenance(Acquisition):
         tried = False
         if st is None or not st.next_attempt or st.next_attempt <= now:
             tried = True
-            renewed = await self._renew(rec)
+            renewed = await self._renew(rec, ari_timed=plan.source == "ari")
             if renewed is not None:
                 self._overdue.pop(name, None)
                 return now, True  # the next pass plans the new certificate (and asks ARI)
@@ -177,20 +178,40 @@ class Maintenance(Acquisition):
         # Back at its expiry at the latest: a refused name is dropped then.
         return (min(nxt, rec.not_after) if rec.not_after > now else nxt), tried
 
-    async def _waited_for_pause(self, name: str) -> bool:
-        """A name with no certificate yet that some process held back for an account pause
-        (its status says so, in memory or as stored by that process)."""
+    async def _order_waiting(self, name: str, now: float) -> float | None:
+        """A name with no certificate whose time came: one some process held back for its
+        account's pause, or queued for an [acme.limits] budget (its status says so, in memory
+        or as stored by that process or a previous run), is ordered now, as its first
+        handshake would. Its next time, or None when it is done with the index."""
         st = self._status.get(name)
         if st is None:
             try:
                 st = await status_store.read(self.storage, name)
             except status_store.UnreadableStatus:
-                return False
-        return st is not None and st.state == "account_paused"
+                st = None
+        if st is None:
+            return None
+        if st.state == "account_paused":
+            self.start_issue(name)  # its account's pause is over: order it now
+            return None
+        if st.state != "rate_limited":
+            return None
+        if self.registry is not None and self.registry.is_removed(name):
+            return None
+        ev = self._start_acquire(name)
+        if ev is None:
+            return now + self.renew_interval  # too many in flight: next pass
+        await ev.wait()
+        if await self.storage.get(cert_key(name)) is not None:
+            return now  # issued: the next pass plans it
+        st = self._status.get(name)
+        if st is not None and st.state == "rate_limited" and st.next_attempt:
+            return st.next_attempt  # still over a budget (another replica spent it)
+        return None  # failed or refused: as any new name, its next visitor tries again
 
-    async def _renew(self, rec: CertRecord) -> CertRecord | None:
+    async def _renew(self, rec: CertRecord, *, ari_timed: bool = False) -> CertRecord | None:
         """Renew ``rec`` unless someone is at it or the policy refuses: the new record, or
-        None when there is none (yet)."""
+        None when there is none (yet). ``ari_timed``: at the CA's ARI moment."""
         # Someone (here or elsewhere) may be renewing right now: don't queue behind them;
         # the next pass sees their result.
         if rec.name in self._inflight:
@@ -213,7 +234,7 @@ class Maintenance(Acquisition):
             self._fail(rec.name, decision.reason, detail, state="denied")
             return None
         log.info("renewing %s (not after %s)", rec.name, iso_utc(rec.not_after))
-        return await self.obtain(rec.name, old=rec)
+        return await self.obtain(rec.name, old=rec, ari_timed=ari_timed)
 
     async def _expiring(self, rec: CertRecord, now: float) -> None:
         """Tell once per certificate (across replicas: a stored marker) that a wanted

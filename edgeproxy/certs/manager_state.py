@@ -39,6 +39,7 @@ from ..storage.base import Storage
 from ..storage.locks import make_owner_id
 from ..tls.contexts import ServerIdentity
 from ..tls.identities import IdentityContexts
+from .budget_store import CaBudgets
 from .managed import ManagedCertificates
 from .policy import OnDemandPolicy, TokenBucket
 from .record import CertRecord
@@ -109,12 +110,15 @@ class ManagerState:
         status_size: int = STATUSES_REMEMBERED,
         unordered_size: int = UNORDERED_REMEMBERED,
         max_inflight: int = MAX_INFLIGHT,
+        budgets: CaBudgets | None = None,
         clock: Callable[[], float] = time.time,
         account_pauses: AccountPauses | None = None,
     ) -> None:
         self.storage = storage
         # The CA accounts' pauses after a rateLimited (shared with the ACME issuers).
         self.account_pauses = account_pauses
+        # [acme.limits]: None orders without budgets (the internal issuer, most tests).
+        self.budgets = budgets
         self.registry = registry
         self.events = events
         self.removal_grace = removal_grace

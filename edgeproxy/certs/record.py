@@ -37,6 +37,9 @@ class Backoff:
 
     failures: int
     next_attempt: float
+    # When validations failed in the last hour: [acme.limits] failed_validations_per_hostname
+    # counts them (pruned on each write, so bounded by the failures one hour can hold).
+    validations: tuple[float, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -45,8 +48,10 @@ class Backoff:
     def from_json(cls, raw: bytes) -> Backoff:
         try:
             d = json.loads(raw)
-            return cls(int(d["failures"]), float(d["next_attempt"]))
-        except (ValueError, TypeError, KeyError) as exc:
+            # Records from before the field: no validation times.
+            times = tuple(float(t) for t in d.get("validations", ()))
+            return cls(int(d["failures"]), float(d["next_attempt"]), times)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RecordError(f"unparseable backoff record: {exc}") from None
 
 

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal[
-    "allowed", "denied", "issuing", "valid", "renewing", "failing", "removed", "account_paused"
+    "allowed",
+    "denied",
+    "issuing",
+    "valid",
+    "renewing",
+    "failing",
+    "removed",
+    "account_paused",
+    "rate_limited",
 ]
 
 ValidationFailure = Literal["refused", "timeout", "alert", "incorrect", "connect"]
@@ -40,6 +48,10 @@ HINTS: dict[str, str] = {
     "then this name is ordered by itself. Certificates already issued keep being served. If "
     "it recurs, spread orders out (on_demand.max_orders_per_minute) or ask the CA for a "
     "higher limit.",
+    # Our own [acme.limits] budgets (certs/budgets.py): no order was sent.
+    "rate_limited": "an [acme.limits] budget is used up, so no order was sent: the name waits "
+    "and is ordered at its next attempt. To go sooner, raise that limit in [acme.limits] (only "
+    "as far as your CA allows) or wait.",
     "serverInternal": "the CA had an internal error; edgeproxy retries with backoff.",
     "externalAccountRequired": "the CA requires External Account Binding: set acme.eab_kid and "
     "acme.eab_hmac_key.",
