@@ -23,7 +23,8 @@ import trio
 from prometheus_client import REGISTRY
 
 from edgeproxy.certs.budget_store import account_key
-from edgeproxy.certs.record import cert_key, status_key
+from edgeproxy.certs.record import cert_key
+from edgeproxy.certs.status_store import status_key
 from testkit.pebble import FaultInjector, Pebble
 from testkit.ports import free_port
 from testkit.proxy import RunningProxy, base_config, running_proxy
