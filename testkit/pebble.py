@@ -522,10 +522,6 @@ class FaultInjector:
     def directory_url(self) -> str:
         return f"{self.base_url}/dir"
 
-    def new_orders(self) -> int:
-        """newOrder POSTs seen (a retried one counts twice: turn pebble's nonce chaos off)."""
-        return sum(1 for r in self.seen if r.method == "POST" and r.path.endswith("/order-plz"))
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         leaf = self.pebble.https_ca.issue_cert("127.0.0.1", "localhost")
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -123,11 +123,11 @@ async def test_a_name_over_the_order_budget_waits_shared_by_replicas_and_restart
         async with proxy(tmp_path, other, clock) as b:
             assert await served_serial(a.port, "first.example.test", roots) is not None
             assert await served_serial(b.port, "second.example.test", roots) is not None
-            assert inj.new_orders() == 2
+            assert inj.count("newOrder") == 2
             # The third distinct name, on either replica: refused at once, nothing ordered.
             assert await served_serial(b.port, waiting, roots) is None
             assert await served_serial(a.port, waiting, roots) is None
-            assert inj.new_orders() == 2
+            assert inj.count("newOrder") == 2
             raw = await a.rt.storage.get(account_key(inj.directory_url))
             assert raw is not None
             first_order = min(json.loads(raw)["orders"])
@@ -145,7 +145,7 @@ async def test_a_name_over_the_order_budget_waits_shared_by_replicas_and_restart
         # B restarts (as C) on the same storage: the budget is still spent.
         async with proxy(tmp_path, other, clock) as c:
             assert await served_serial(c.port, waiting, roots) is None
-            assert inj.new_orders() == 2
+            assert inj.count("newOrder") == 2
             st = c.rt.certs.status(waiting)
             assert st is not None and st.state == "rate_limited"
             # Three hours later (by the managers' clocks) the first order has left the window:
@@ -154,10 +154,10 @@ async def test_a_name_over_the_order_budget_waits_shared_by_replicas_and_restart
             with trio.fail_after(60):
                 while await a.rt.storage.get(cert_key(waiting)) is None:
                     await trio.sleep(0.2)
-            assert inj.new_orders() == 3
+            assert inj.count("newOrder") == 3
             assert await served_serial(a.port, waiting, roots) is not None
             assert await served_serial(c.port, waiting, roots) is not None
-    assert inj.new_orders() == 3, pebble.logs()[-2000:]
+    assert inj.count("newOrder") == 3, pebble.logs()[-2000:]
 
 
 async def test_an_ari_renewal_goes_through_an_exhausted_budget(
@@ -194,7 +194,7 @@ async def test_an_ari_renewal_goes_through_an_exhausted_budget(
         with trio.fail_after(30):
             while await served_serial(p.port, name, roots) == first:
                 await trio.sleep(0.2)
-        assert inj.new_orders() == 2
+        assert inj.count("newOrder") == 2
         raw = await p.rt.storage.get(account_key(inj.directory_url))
         assert raw is not None
         record = json.loads(raw)
