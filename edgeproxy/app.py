@@ -11,10 +11,9 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
 import resource
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import trio
 
 from . import metrics
+from .addresses import parse_hostport
 from .certs.budget_store import CaBudgets
 from .certs.budgets import Limits
 from .certs.challenges import ChallengeResponder, HttpChallenges
@@ -29,7 +29,7 @@ from .certs.managed import ManagedCertificates
 from .certs.manager import CertificateManager
 from .certs.policy import OnDemandPolicy
 from .certs.static import StaticCertificates
-from .config import Config, load_config
+from .config import Config, RouteConfig, load_config
 from .errors import ConfigError
 from .events import Events
 from .hostnames.registry import HostnameRegistry
@@ -38,47 +38,30 @@ from .issuers.base import Issuer
 from .issuers.internal import InternalIssuer
 from .names import InvalidName, validate_hostname
 from .proxy.http import HttpListener, HttpSettings
+from .proxy.routes import Route, RouteTable
 from .proxy.senders import AddressSet
 from .proxy.server import Proxy, Settings, open_listeners
+from .secret_env import (
+    admin_secrets,
+    eab_hmac_key,
+    events_secret,
+    storage_dsn,
+    storage_encryption_key,
+    tsig_secret,
+)
 from .storage.base import Storage
 from .tls.tickets import TicketKeys
 
 log = logging.getLogger("edgeproxy")
 
 
-def _encryption_key(cfg: Config) -> str | None:
-    """The at-rest key named by ``storage.encryption_key_env`` (either backend), or None."""
-    if not cfg.storage.encryption_key_env:
-        return None
-    enc = os.environ.get(cfg.storage.encryption_key_env)
-    if not enc:
-        # Silently storing keys in clear when encryption was asked for is the worst
-        # outcome: refuse to start instead.
-        raise ConfigError(
-            [
-                f"storage.encryption_key_env: environment variable "
-                f"{cfg.storage.encryption_key_env} is empty (set it to a key from "
-                "`python -c 'from edgeproxy.storage.sealing import "
-                "generate_encryption_key as g; print(g())'`)"
-            ]
-        )
-    return enc
-
-
 def build_storage(cfg: Config) -> Storage:
-    enc = _encryption_key(cfg)
+    enc = storage_encryption_key(cfg.storage)
     try:
         if cfg.storage.backend == "postgres":
             from .storage.postgres import PostgresStorage
 
-            dsn = cfg.storage.dsn
-            if cfg.storage.dsn_env:
-                dsn = os.environ.get(cfg.storage.dsn_env) or dsn
-            if not dsn:
-                raise ConfigError(
-                    [f"storage.dsn_env: environment variable {cfg.storage.dsn_env} is empty"]
-                )
-            return PostgresStorage(dsn, encryption_key=enc)
+            return PostgresStorage(storage_dsn(cfg.storage), encryption_key=enc)
         from .storage.file import FileStorage
 
         return FileStorage(cfg.storage.path, encryption_key=enc)
@@ -98,12 +81,7 @@ def refuse_unsafe_storage(storage: Storage) -> None:
 
 def build_events(cfg: Config, storage: Storage) -> Events:
     ev = cfg.events
-    secret = ev.resolved_secret()
-    if ev.url and secret is None:
-        # Unsigned events would let anyone who can reach the receiver forge them: refuse.
-        raise ConfigError(
-            [f"events.secret_env: environment variable {ev.secret_env} is empty (set it)"]
-        )
+    secret = events_secret(ev)
     return Events(storage, url=ev.url, secret=secret, source=ev.source, timeout=ev.timeout,
                   retry_max=ev.retry_max, max_age=ev.max_age,
                   lease_ttl=max(3.0, cfg.storage.lock_ttl))  # fmt: skip
@@ -127,7 +105,12 @@ def build_issuer(
     solvers = [by_type[t] for t in cfg.acme.challenges]
     members = [
         AcmeIssuer.from_config(
-            one, storage, solvers, lock_ttl=cfg.storage.lock_ttl, pauses=pauses
+            one,
+            storage,
+            solvers,
+            hmac_key=eab_hmac_key(one),
+            lock_ttl=cfg.storage.lock_ttl,
+            pauses=pauses,
         )
         for one in cfg.acme.issuer_configs()
     ]
@@ -146,9 +129,14 @@ def build_managed(
     from .certs.dns01 import Dns01Solver, Zone
     from .issuers.acme import AcmeIssuer
 
-    solver = Dns01Solver([Zone.from_config(z) for z in cfg.acme.dns], cfg.acme.dns_resolver)
+    zones = [Zone.from_config(z, tsig_secret(z)) for z in cfg.acme.dns]
+    first = cfg.acme.issuer_configs()[0]
     issuer = AcmeIssuer.from_config(
-        cfg.acme.issuer_configs()[0], storage, [solver], lock_ttl=cfg.storage.lock_ttl,
+        first,
+        storage,
+        [Dns01Solver(zones, cfg.acme.dns_resolver)],
+        hmac_key=eab_hmac_key(first),
+        lock_ttl=cfg.storage.lock_ttl,
         pauses=pauses,
     )
     return ManagedCertificates(
@@ -159,6 +147,39 @@ def build_managed(
         renew_interval=max(cfg.tls.maintenance_interval, 60.0),
         lock_ttl=cfg.storage.lock_ttl,
         session_tickets=cfg.tls.session_tickets,
+    )
+
+
+def route_table(routes: Sequence[RouteConfig]) -> RouteTable:
+    """The ``[[routes]]`` as the proxy's plain routes (file order: the first match wins)."""
+    return RouteTable(
+        [
+            Route(
+                index=i,
+                patterns=tuple(r.sni),
+                default=r.default,
+                upstreams=tuple(parse_hostport(u, what="an upstream") for u in r.upstreams),
+                send_proxy=r.send_proxy,
+                alpn=tuple(r.alpn),
+            )
+            for i, r in enumerate(routes)
+        ]
+    )
+
+
+def proxy_settings(cfg: Config) -> Settings:
+    """What the TLS listeners need from the config, as plain values."""
+    s = cfg.server
+    return Settings(
+        routes=route_table(cfg.routes),
+        proxy_protocol=s.proxy_protocol,
+        handshake_timeout=s.handshake_timeout,
+        idle_timeout=s.idle_timeout,
+        connect_timeout=s.connect_timeout,
+        max_connections=s.max_connections,
+        max_connections_per_ip=s.max_connections_per_ip,
+        max_handshakes=s.max_handshakes,
+        proxy_senders=(AddressSet(s.proxy_senders()) if s.proxy_protocol != "off" else None),
     )
 
 
@@ -284,7 +305,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         budgets=build_budgets(cfg, storage, issuer),
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
-    proxy = Proxy(Settings.from_config(cfg), certs, challenges, tickets)
+    proxy = Proxy(proxy_settings(cfg), certs, challenges, tickets)
     rt = Runtime(cfg, storage, certs, challenges, proxy, issuer, hostnames, events, http_challenges)
     rt.managed = managed
     if cfg.http.listen:
@@ -312,7 +333,7 @@ def _serves(rt: Runtime, name: str) -> bool:
 
 def apply_reload(rt: Runtime, new: Config) -> None:
     """Swap what can change without restarting: routes, limits, policy."""
-    rt.proxy.reload(Settings.from_config(new))
+    rt.proxy.reload(proxy_settings(new))
     rt.certs.policy = build_policy(new, http=rt.certs.policy.http_client, registry=rt.hostnames)
     if rt.certs.budgets is not None:
         rt.certs.budgets.limits = acme_limits(new)
@@ -412,7 +433,8 @@ async def run_process(
         if cfg.admin.listen:
             from .admin.server import serve_admin
 
-            await nursery.start(functools.partial(serve_admin, rt, reuse_port=reuse_port))
+            admin = admin_secrets(cfg.admin)
+            await nursery.start(functools.partial(serve_admin, rt, admin, reuse_port=reuse_port))
         await nursery.start(rt.proxy.serve, listeners)
         # Port 0 in the config (tests, demo): hints name the port actually bound.
         rt.certs.listen_ports = tuple(port for _, port in rt.proxy.bound)

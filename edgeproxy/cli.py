@@ -109,11 +109,12 @@ def check(config_path: Path) -> None:
     cfg = _load(config_path)
     from .app import load_static_certificates
     from .certs.dns01 import Zone
+    from .secret_env import tsig_secret
 
     try:
         load_static_certificates(cfg)
         for zone in cfg.acme.dns:
-            Zone.from_config(zone)  # its TSIG secret is in the environment and readable
+            Zone.from_config(zone, tsig_secret(zone))  # its TSIG secret is set and readable
     except ConfigError as exc:
         for p in exc.problems:
             click.echo(f"  {p}", err=True)

@@ -12,48 +12,16 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .addresses import HostPort, is_loopback_host, parse_hostport, parse_network
 from .certs.policy import ask_url_problem
 from .errors import ConfigError
 from .names import InvalidName, normalize_name, normalize_pattern, validate_hostname
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_hostport(value: str, *, what: str) -> HostPort:
-    """Parse ``host:port`` / ``[v6]:port``; raise ValueError with a fix hint."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f'{value!r} is not [IPv6]:port (write e.g. "[::]:443")')
-        port_s = rest[1:]
-    else:
-        host, sep, port_s = value.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f'{value!r} has no port (write {what} as "host:port")')
-        if ":" in host:
-            raise ValueError(f'{value!r}: put IPv6 addresses in brackets, e.g. "[::1]:443"')
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{value!r}: port must be 0-65535")
-    return HostPort(host, port)
 
 
 class _Model(BaseModel):
@@ -169,23 +137,6 @@ class HttpConfig(_Model):
         return [parse_hostport(x, what="a listen address") for x in self.listen]
 
 
-def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR (or a single address) as a network; raise ValueError with a fix hint."""
-    if "%" in value:
-        raise ValueError(f"{value!r}: a zone index has no place in a network (remove the %...)")
-    try:
-        return ipaddress.ip_network(value.strip())
-    except ValueError as exc:
-        if "host bits set" in str(exc):
-            net = ipaddress.ip_network(value.strip(), strict=False)
-            raise ValueError(
-                f"{value!r} has bits set after the prefix (write the network: {str(net)!r})"
-            ) from None
-        raise ValueError(
-            f'{value!r} is not a network (write a CIDR such as "10.0.0.0/16" or "fd00::/8")'
-        ) from None
-
-
 class AdminConfig(_Model):
     listen: str | None = "127.0.0.1:9901"
     token: str | None = None
@@ -228,26 +179,6 @@ class AdminConfig(_Model):
                 "admin.metrics_token equals admin.token: give Prometheus a different secret"
             )
         return self
-
-    def resolved_token(self) -> str | None:
-        if self.token_env:
-            return os.environ.get(self.token_env) or self.token
-        return self.token
-
-    def resolved_metrics_token(self) -> str | None:
-        if self.metrics_token_env:
-            return os.environ.get(self.metrics_token_env) or self.metrics_token
-        return self.metrics_token
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` (a name or an address without brackets) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 KeyType = Literal["ec256", "ec384", "rsa2048", "rsa4096"]
@@ -550,10 +481,6 @@ class EventsConfig(_Model):
                 "events.url needs events.secret_env (receivers must be able to verify events)"
             )
         return self
-
-    def resolved_secret(self) -> bytes | None:
-        value = os.environ.get(self.secret_env) if self.secret_env else None
-        return value.encode() if value else None
 
 
 class LogConfig(_Model):

@@ -48,7 +48,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,7 +60,8 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client.multiprocess import mark_process_dead
 
-from .config import Config, HostPort, load_config, parse_hostport
+from .addresses import HostPort, bound_socket, parse_hostport
+from .config import Config, load_config
 from .errors import ConfigError, EdgeproxyError, config_errors
 
 if TYPE_CHECKING:
@@ -140,16 +140,10 @@ def preflight(cfg: Config, workers: int) -> list[str]:
 
 
 def _probe_bind(hp: HostPort) -> str | None:
-    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR so TIME_WAIT leftovers pass; no SO_REUSEPORT so any listener fails us.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((hp.host, hp.port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
+    try:
+        bound_socket(hp).close()  # without SO_REUSEPORT: any listener there fails us
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 

@@ -56,11 +56,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response as StarletteResponse
 
+from ..addresses import is_loopback_host
 from ..certs import status_store
 from ..certs.policy import Decision
 from ..certs.record import iso
 from ..certs.status import DomainStatus
-from ..config import is_loopback_host
 from ..errors import OrderLimited, StorageError
 from ..issuers.account_pause import stored_pauses
 from ..names import InvalidName, validate_hostname

@@ -30,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from ..config import AdminConfig, Config, HostPort, is_loopback_host, parse_hostport
+from ..addresses import HostPort, bound_socket
 from ..errors import ConfigError
 from .app import AdminRuntime, ASGIApp, make_admin_app
 
@@ -43,88 +43,57 @@ _SHUTDOWN_BACKSTOP = 2.0
 
 
 class ServedRuntime(AdminRuntime, Protocol):
-    """What ``serve_admin`` needs besides the app's view: the config, a place for the address."""
-
-    @property
-    def cfg(self) -> Config: ...
+    """What ``serve_admin`` needs besides the app's view: a place for the bound address."""
 
     admin_bound: tuple[str, int] | None
 
 
+class AdminListen(Protocol):
+    """Where to listen and the tokens guarding the API (``secret_env.AdminSecrets``)."""
+
+    @property
+    def where(self) -> HostPort: ...
+
+    @property
+    def token(self) -> str | None: ...
+
+    @property
+    def metrics_token(self) -> str | None: ...
+
+
 async def serve_admin(
     rt: ServedRuntime,
+    listen: AdminListen,
     *,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin API on ``rt.cfg.admin.listen`` until cancelled.
+    """Serve the admin API on ``listen.where`` until cancelled.
 
     ``task_status.started`` receives the bound ``(host, port)`` once the socket accepts
     connections; the same tuple is stored as ``rt.admin_bound``. ``reuse_port`` lets the
     worker processes of one edgeproxy share the admin port (SO_REUSEPORT).
     """
-    admin = rt.cfg.admin
-    if not admin.listen:
-        raise ValueError("serve_admin called with admin.listen unset")
-    where = parse_hostport(admin.listen, what="the admin address")
-    token = admin.resolved_token()
-    if token is None and not is_loopback_host(where.host):
-        # Config validation accepts token_env; an unset variable must not open the API to all.
-        raise ConfigError(
-            [
-                f"admin.token_env: environment variable {admin.token_env} is empty and admin "
-                f"listens on {admin.listen} (set the variable, or listen on 127.0.0.1)"
-            ]
-        )
-    metrics_token = _metrics_token(admin, token)
-    sock = _bind(where, reuse_port=reuse_port)
+    sock = _bind(listen.where, reuse_port=reuse_port)
     try:
         bound = _addr(sock.getsockname())
         config = _hypercorn_config(os.dup(sock.fileno()))
-        app = make_admin_app(rt, token=token, metrics_token=metrics_token)
+        app = make_admin_app(rt, token=listen.token, metrics_token=listen.metrics_token)
         await _serve_until_cancelled(app, config, bound, rt, task_status)
     finally:
         sock.close()
 
 
-def _metrics_token(admin: AdminConfig, token: str | None) -> str | None:
-    """The read-only token, refused when it would grant more than metrics (or nothing)."""
-    metrics_token = admin.resolved_metrics_token()
-    if metrics_token is None:
-        return None
-    if token is None:
-        # Only reachable with an unset token_env on loopback: every endpoint is open anyway.
-        log.warning("admin.metrics_token is ignored: no admin token is set, nothing is guarded")
-        return None
-    if metrics_token == token:
-        raise ConfigError(
-            [
-                "admin.metrics_token_env: the metrics token equals the admin token "
-                "(give Prometheus a different secret)"
-            ]
-        )
-    return metrics_token
-
-
 def _bind(where: HostPort, *, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((where.host, where.port))
+        return bound_socket(where, reuse_port=reuse_port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(
             [
                 f"admin.listen: cannot listen on {where} ({exc.strerror}) "
                 "(free the port or change it)"
             ]
         ) from None
-    return sock
 
 
 def _hypercorn_config(fd: int) -> HypercornConfig:

@@ -14,15 +14,15 @@ Propagation: after the update, every server of the zone (the configured primary 
 ``check_servers``) is asked for the TXT until each returns the value, within
 ``propagation_timeout``; only then does ``present`` return and the CA get told to validate.
 
-The TSIG secret comes from the environment (``tsig_secret_env``) when the solver is built: it
-is never in the config file, and never logged (dnspython's keyring holds it).
+The TSIG secret comes from the environment (``tsig_secret_env``, read by the assembler through
+``secret_env``) when the solver is built: it is never in the config file, and never logged
+(dnspython's keyring holds it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +42,8 @@ import trio
 
 from ..acme.errors import SolverError
 from ..acme.jws import b64url
-from ..config import DnsZoneConfig, parse_hostport
+from ..addresses import parse_hostport
+from ..config import DnsZoneConfig
 from ..errors import ConfigError
 
 log = logging.getLogger("edgeproxy.dns01")
@@ -76,15 +77,8 @@ class Zone:
     propagation_timeout: float
 
     @classmethod
-    def from_config(cls, cfg: DnsZoneConfig) -> Zone:
-        secret = os.environ.get(cfg.tsig_secret_env)
-        if not secret:
-            raise ConfigError(
-                [
-                    f"acme.dns zone {cfg.zone}: environment variable {cfg.tsig_secret_env} "
-                    "(the TSIG secret, base64) is not set"
-                ]
-            )
+    def from_config(cls, cfg: DnsZoneConfig, secret: str) -> Zone:
+        """The zone's settings with its TSIG ``secret`` (``secret_env.tsig_secret``)."""
         key_name = dns.name.from_text(cfg.tsig_key_name)
         try:
             keyring = dns.tsigkeyring.from_text({cfg.tsig_key_name: (cfg.tsig_algorithm, secret)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import HostPort, parse_hostport
+from ..addresses import HostPort, parse_hostport
 from ..names import InvalidName, is_ip_literal, normalize_name, validate_hostname
 
 #: Largest metadata object, as compact UTF-8 JSON.

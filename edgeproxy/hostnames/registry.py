@@ -35,7 +35,7 @@ from dataclasses import replace
 import trio
 
 from .. import metrics
-from ..config import HostPort
+from ..addresses import HostPort
 from ..errors import StorageError
 from ..names import InvalidName, validate_hostname
 from ..proxy.routes import Route

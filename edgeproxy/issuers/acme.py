@@ -110,16 +110,13 @@ class AcmeIssuer:
         storage: Storage,
         solvers: Sequence[ChallengeSolver],
         *,
+        hmac_key: str | None = None,
         lock_ttl: float = 30.0,
         pauses: AccountPauses | None = None,
     ) -> AcmeIssuer:
-        """One CA of ``acme.issuer_configs()``; ``solvers`` in ``acme.challenges`` order."""
-        import os
-
+        """One CA of ``acme.issuer_configs()``; ``solvers`` in ``acme.challenges`` order;
+        ``hmac_key`` its external account binding key (``secret_env.eab_hmac_key``)."""
         eab = None
-        hmac_key = cfg.eab_hmac_key
-        if cfg.eab_hmac_key_env:
-            hmac_key = os.environ.get(cfg.eab_hmac_key_env) or hmac_key
         if cfg.eab_kid and hmac_key:
             eab = (cfg.eab_kid, _b64url_decode(hmac_key))
         return cls(

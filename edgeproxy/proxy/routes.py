@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import HostPort, RouteConfig, parse_hostport
+from ..addresses import HostPort
 
 
 @dataclass(slots=True)
@@ -56,22 +56,6 @@ class RouteTable:
                     self._wild.setdefault(p[2:], route)
                 else:
                     self._exact.setdefault(p, route)
-
-    @classmethod
-    def from_config(cls, routes: Sequence[RouteConfig]) -> RouteTable:
-        return cls(
-            [
-                Route(
-                    index=i,
-                    patterns=tuple(r.sni),
-                    default=r.default,
-                    upstreams=tuple(parse_hostport(u, what="an upstream") for u in r.upstreams),
-                    send_proxy=r.send_proxy,
-                    alpn=tuple(r.alpn),
-                )
-                for i, r in enumerate(routes)
-            ]
-        )
 
     def match(self, sni: str | None) -> Route | None:
         """The route for normalised ``sni`` (None: no SNI sent)."""

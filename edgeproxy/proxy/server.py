@@ -39,9 +39,9 @@ import trio
 from trio.lowlevel import wait_readable
 
 from .. import metrics
+from ..addresses import HostPort, bound_socket
 from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
-from ..config import Config, HostPort
 from ..logs import LogThrottle
 from ..tls.tickets import TicketKeys
 from .connection import ConnInfo, handle_connection, set_reset_on_close
@@ -89,21 +89,6 @@ class Settings:
     # Who may send PROXY headers; None when proxy_protocol is off (nobody sends them).
     proxy_senders: AddressSet | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> Settings:
-        s = cfg.server
-        return cls(
-            routes=RouteTable.from_config(cfg.routes),
-            proxy_protocol=s.proxy_protocol,
-            handshake_timeout=s.handshake_timeout,
-            idle_timeout=s.idle_timeout,
-            connect_timeout=s.connect_timeout,
-            max_connections=s.max_connections,
-            max_connections_per_ip=s.max_connections_per_ip,
-            max_handshakes=s.max_handshakes,
-            proxy_senders=(AddressSet(s.proxy_senders()) if s.proxy_protocol != "off" else None),
-        )
-
 
 async def open_listeners(
     addresses: Sequence[HostPort], *, reuse_port: bool = False
@@ -112,15 +97,8 @@ async def open_listeners(
     listeners = []
     try:
         for hp in addresses:
-            family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = bound_socket(hp, reuse_port=reuse_port)
             listeners.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((hp.host, hp.port))
             sock.listen(4096)
             sock.setblocking(False)
     except OSError:

@@ -26,7 +26,7 @@ import trio
 from trio.lowlevel import wait_writable
 
 from .. import metrics
-from ..config import HostPort
+from ..addresses import HostPort
 from ..errors import UpstreamError
 from .routes import Route
 

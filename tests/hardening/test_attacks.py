@@ -436,12 +436,12 @@ _EMFILE_UPSTREAM_SCRIPT = """
 import resource, socket, sys, trio
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import UpstreamError
-from edgeproxy.proxy.routes import RouteTable
+from edgeproxy.app import route_table
 from edgeproxy.proxy.upstream import UpstreamPool
 
 cfg = load_config_data({"on_demand": {"allow": ["*.example.test"]},
                         "routes": [{"default": True, "upstreams": ["127.0.0.1:9"]}]})
-route = RouteTable.from_config(cfg.routes).match(None)
+route = route_table(cfg.routes).match(None)
 pool = UpstreamPool()
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 

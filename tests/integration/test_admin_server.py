@@ -30,6 +30,7 @@ from edgeproxy.certs.status import DomainStatus
 from edgeproxy.config import AdminConfig, Config
 from edgeproxy.demo import demo_config, start_hello_upstream
 from edgeproxy.errors import ConfigError
+from edgeproxy.secret_env import admin_secrets
 from edgeproxy.storage.base import StoredItem
 from testkit.ports import free_port
 
@@ -149,7 +150,7 @@ async def start_admin(
         async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
             try:
                 with scope:
-                    await serve_admin(rt, task_status=task_status)
+                    await serve_admin(rt, admin_secrets(rt.cfg.admin), task_status=task_status)
             finally:
                 stopped.set()
 
@@ -280,7 +281,7 @@ async def test_metrics_token_equal_to_the_admin_token_is_refused(
         tmp_path, listen="127.0.0.1:0", token=TOKEN, metrics_token_env="EDGEPROXY_TEST_METRICS_TOKEN"
     )
     with pytest.raises(ConfigError, match=r"admin\.metrics_token_env"):
-        await serve_admin(HandmadeRuntime(cfg))
+        await serve_admin(HandmadeRuntime(cfg), admin_secrets(cfg.admin))
 
 
 async def test_in_flight_request_finishes_when_cancelled(
@@ -328,7 +329,7 @@ async def test_a_stuck_request_cannot_hold_shutdown(
 
             async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                 with scope:
-                    await serve_admin(rt, task_status=task_status)
+                    await serve_admin(rt, admin_secrets(rt.cfg.admin), task_status=task_status)
 
             addr = await nursery.start(run)
             nursery.start_soon(ask_ready, addr)
@@ -345,7 +346,7 @@ async def test_busy_port_is_a_config_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         rt = HandmadeRuntime(config_with_admin(tmp_path, listen=f"127.0.0.1:{port}"))
         with pytest.raises(ConfigError, match=r"admin\.listen: cannot listen"):
-            await serve_admin(rt)
+            await serve_admin(rt, admin_secrets(rt.cfg.admin))
 
 
 async def test_non_loopback_without_a_token_is_refused(
@@ -356,7 +357,7 @@ async def test_non_loopback_without_a_token_is_refused(
     monkeypatch.delenv("EDGEPROXY_TEST_UNSET_TOKEN", raising=False)
     cfg = config_with_admin(tmp_path, listen="192.0.2.1:0", token_env="EDGEPROXY_TEST_UNSET_TOKEN")
     with pytest.raises(ConfigError, match=r"admin\.token_env"):
-        await serve_admin(HandmadeRuntime(cfg))
+        await serve_admin(HandmadeRuntime(cfg), admin_secrets(cfg.admin))
 
 
 # ---------------------------------------------------------------------- a whole process

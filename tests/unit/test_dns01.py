@@ -55,10 +55,10 @@ def test_txt_value_and_challenge_name() -> None:
     assert challenge_name("a.example.net").to_text() == "_acme-challenge.a.example.net."
 
 
-def test_most_specific_zone_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EP_UNIT_TSIG", base64.b64encode(b"k" * 32).decode())
-    outer = Zone.from_config(DnsZoneConfig(**ZONE))
-    inner = Zone.from_config(DnsZoneConfig(**{**ZONE, "zone": "acme.example.net."}))
+def test_most_specific_zone_wins() -> None:
+    secret = base64.b64encode(b"k" * 32).decode()
+    outer = Zone.from_config(DnsZoneConfig(**ZONE), secret)
+    inner = Zone.from_config(DnsZoneConfig(**{**ZONE, "zone": "acme.example.net."}), secret)
     name = dns.name.from_text("_acme-challenge.x.acme.example.net")
     assert zone_for([outer, inner], name) is inner
     assert zone_for([outer, inner], dns.name.from_text("example.org")) is None

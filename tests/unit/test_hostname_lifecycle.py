@@ -12,6 +12,7 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
+from edgeproxy.app import route_table
 from edgeproxy.certs.maintenance import expiring_key
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
@@ -20,7 +21,6 @@ from edgeproxy.config import RouteConfig
 from edgeproxy.errors import CertificateUnavailable, StorageError
 from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
-from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.storage import FileStorage, HostnameEntry
 from edgeproxy.storage.base import OutboxEvent
 from testkit.events_receiver import Receiver
@@ -178,7 +178,7 @@ async def test_registry_follows_another_process_and_overrides_the_route(
     mine, theirs = FileStorage(tmp_path / "s"), FileStorage(tmp_path / "s")
     registry = HostnameRegistry(mine, poll_interval=0.05)
     await nursery.start(registry.run)
-    table = RouteTable.from_config(
+    table = route_table(
         [RouteConfig(sni=["*.example.com"], upstreams=["10.0.0.1:80"], alpn=["http/1.1"])]
     )
     base = table.match("a.example.com")

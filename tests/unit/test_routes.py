@@ -1,3 +1,4 @@
+from edgeproxy.app import route_table
 from edgeproxy.config import load_config_data
 from edgeproxy.proxy.routes import RouteTable
 
@@ -13,7 +14,7 @@ def table() -> RouteTable:
             ],
         }
     )
-    return RouteTable.from_config(cfg.routes)
+    return route_table(cfg.routes)
 
 
 def test_exact_beats_wildcard_beats_catch_all() -> None:
@@ -32,7 +33,7 @@ def test_no_match_without_catch_all() -> None:
     cfg = load_config_data(
         {"tls": {"issuer": "internal"}, "routes": [{"sni": ["a.example"], "upstreams": ["h:1"]}]}
     )
-    t = RouteTable.from_config(cfg.routes)
+    t = route_table(cfg.routes)
     assert t.match("b.example") is None
     assert t.match(None) is None
 
