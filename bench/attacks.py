@@ -6,7 +6,7 @@
 For each attack a fresh ``edgeproxy run`` (internal issuer, ``*.example.test`` allowed) is
 started, a bystander in its own process does one full request after another (TCP connect,
 verified TLS handshake, a line echoed by the upstream) and the attack from
-``tests/hardening/harness.py`` runs in this process; the upstream is an echo server in a third
+``testkit/hardening.py`` runs in this process; the upstream is an echo server in a third
 process, so neither the attackers nor the upstream share an event loop with the bystander's
 measurements. The table gives the bystander's median, p99 and max latency, its errors, and
 what the proxy did to the attackers. ``baseline`` is the same bystander with no attack.
@@ -37,9 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import trio
 
-from testkit.ports import free_port
-from tests.hardening.harness import (
-    CLIENTHELLOS,
+from testkit.clienthellos import CAPTURED
+from testkit.hardening import (
     REPO_ROOT,
     AskServer,
     Latencies,
@@ -55,9 +54,10 @@ from tests.hardening.harness import (
     random_names,
     send_and_watch,
     slowloris,
-    stop_process,
     watch_until_closed,
 )
+from testkit.ports import free_port
+from testkit.procs import kill_process
 
 NORMAL = "normal.example.test"
 
@@ -108,7 +108,7 @@ async def idle(b: Bench, port: int) -> Outcome:
 
 
 async def slowloris_500(b: Bench, port: int) -> Outcome:
-    hello = (CLIENTHELLOS / "curl-http1.1.bin").read_bytes()
+    hello = (CAPTURED / "curl-http1.1.bin").read_bytes()
     outcome, _ = await slowloris(port, 500, hello, interval=0.5, limit=60)
     return outcome
 
@@ -230,7 +230,7 @@ def print_table(rows: list[Row]) -> None:
 async def main_async(names: list[str] | None, json_path: Path | None) -> None:
     raise_nofile_limit()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.hardening.harness", "echo-upstream"],
+        [sys.executable, "-m", "testkit.hardening", "echo-upstream"],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
     )
@@ -250,7 +250,7 @@ async def main_async(names: list[str] | None, json_path: Path | None) -> None:
         if json_path is not None:
             json_path.write_text(json.dumps([asdict(r) for r in b.rows], indent=2))
     finally:
-        stop_process(upstream)
+        kill_process(upstream)
 
 
 def main() -> None:

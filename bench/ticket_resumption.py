@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from testkit.ports import free_port
+from testkit.procs import stop_process
 from testkit.proxy import wait_port
 
 VERSIONS = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
@@ -73,8 +74,7 @@ upstreams = ["127.0.0.1:{upstream}"]
         wait_port("127.0.0.1", port, timeout=60)
         yield port
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, grace=30)
 
 
 def client(version: ssl.TLSVersion) -> ssl.SSLContext:
@@ -142,8 +142,7 @@ def main() -> None:
             with edgeproxy(work, workers=2, rotation=43200, upstream=upstream_port) as p:
                 print(f"3. two workers (SO_REUSEPORT): {pairs(p, args.attempts)}")
         finally:
-            upstream.terminate()
-            upstream.wait(10)
+            stop_process(upstream, grace=10)
 
 
 if __name__ == "__main__":

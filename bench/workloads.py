@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+from testkit.procs import kill_process
+
 from .loadgen import WrkResult, run_wrk
 from .pki import BenchPki
 from .procs import Server
@@ -199,9 +201,7 @@ def measure_idle(
         client.stdin.close()
         client.wait(timeout=60)
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(timeout=10)
+        kill_process(client)
         with contextlib.suppress(Exception):
             if client.stdin is not None:
                 client.stdin.close()

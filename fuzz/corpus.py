@@ -4,7 +4,7 @@ Seeds matter more than run time: a mutation of a real Chromium hello reaches the
 walker at once, random bytes almost never do. So each target gets the real thing first:
 
 * ``client_hello``: the ClientHellos captured from curl, openssl, Python and Chromium
-  (``tests/fixtures/clienthellos``), the same hellos re-fragmented into several records,
+  (``testkit/clienthellos``), the same hellos re-fragmented into several records,
   built hellos with GREASE, ``acme-tls/1``, ECH and padding, and the not-TLS openers the
   parser classifies (HTTP, HTTP/2 preface, PROXY, SSLv2).
 * ``proxy_protocol``: headers from ``build_v1``/``build_v2`` (IPv4, IPv6, mapped, TLVs incl.
@@ -36,15 +36,14 @@ from edgeproxy.wire.proxy_protocol import (
     build_v2,
 )
 from testkit import tlsbuild as tb
+from testkit.clienthellos import CAPTURED
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CLIENTHELLO_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "clienthellos"
 DICTIONARIES = Path(__file__).resolve().parent / "dicts"
 
 
 def captured_hellos() -> dict[str, bytes]:
     """The real ClientHellos, by fixture name."""
-    return {p.stem: p.read_bytes() for p in sorted(CLIENTHELLO_FIXTURES.glob("*.bin"))}
+    return {p.stem: p.read_bytes() for p in sorted(CAPTURED.glob("*.bin"))}
 
 
 def client_hello_seeds() -> Iterator[tuple[str, bytes]]:

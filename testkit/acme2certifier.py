@@ -38,6 +38,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from testkit.procs import stop_process
+
 __all__ = ["A2C", "A2CStartError", "issue_with_reference_client", "start_acme2certifier"]
 
 # Runs in the child. Importing the WSGI module boots acme2certifier (reads the config named by
@@ -120,13 +122,7 @@ class A2C:
 
     def stop(self) -> None:
         """Terminate the server and reap it; safe to call more than once."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
 

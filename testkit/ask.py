@@ -68,3 +68,17 @@ async def start_ask_recorder(
 
     url, _ = await serve_ask(nursery, respond, path)
     return AskRecorder(url, queries)
+
+
+async def ask_server(
+    nursery: trio.Nursery, allowed: set[str], *, delay: float = 0.0
+) -> tuple[str, trio.CancelScope]:
+    """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise, after ``delay``."""
+
+    async def respond(target: bytes) -> bytes:
+        text = target.decode()
+        name = text.split("domain=", 1)[1] if "domain=" in text else ""
+        await trio.sleep(delay)
+        return b"200 OK" if name in allowed else b"404 Not Found"
+
+    return await serve_ask(nursery, respond)

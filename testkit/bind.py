@@ -22,8 +22,8 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from testkit.pebble import _stop_process
 from testkit.ports import free_port
+from testkit.procs import stop_process
 
 NAMED = "/usr/sbin/named"
 KEY_NAME = "edgeproxy-test."
@@ -60,7 +60,7 @@ class Named:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        _stop_process(self.process)
+        stop_process(self.process)
 
 
 def start_named(tmp_path: Path, zones: dict[str, list[str]]) -> Named:

@@ -27,11 +27,11 @@ from typing import Any
 import httpx
 import trio
 
+from testkit.ondemand import NO_NONCE_CHAOS, acme_config, curl, handshake_fails
 from testkit.pebble import FaultInjector, InjectedRequest, Pebble, Reply
 from testkit.ports import free_port
 from testkit.proxy import RunningProxy, running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config, curl, handshake_fails
 
 ACTIVE, BROKEN, FAILING, REMOVED = (
     "shop.customer.test",

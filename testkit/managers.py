@@ -7,13 +7,17 @@ share.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import trio
 
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.issuers.base import IssuedCertificate
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.base import Storage
+from edgeproxy.storage.file import FileStorage
 
 
 class HookedIssuer(InternalIssuer):
@@ -36,3 +40,23 @@ def manager_for(
     return CertificateManager(
         storage=storage, issuer=issuer, policy=OnDemandPolicy(allow=[allow]), **args
     )
+
+
+class CountingIssuer(HookedIssuer):
+    """The real internal CA, counting how often it is asked to issue."""
+
+    calls: int = 0
+
+    async def before_issue(self, name: str) -> None:
+        self.calls += 1
+        await trio.sleep(0.05)  # let concurrent handshakes pile up on the single flight
+
+
+def make_manager(
+    tmp_path: Path, **kw: object
+) -> tuple[CertificateManager, FileStorage, CountingIssuer]:
+    storage = FileStorage(tmp_path / "state")
+    issuer = CountingIssuer(storage)
+    policy = OnDemandPolicy(allow=["*.example.test"])
+    mgr = CertificateManager(storage=storage, issuer=issuer, policy=policy, **kw)  # type: ignore[arg-type]
+    return mgr, storage, issuer

@@ -53,6 +53,7 @@ from edgeproxy.acme.jws import decode_payload, decode_protected
 from edgeproxy.acme.messages import parse_links
 from edgeproxy.tls.challenge_cert import ACME_TLS_ALPN, build_challenge_certificate
 from testkit.ports import free_port
+from testkit.procs import stop_process
 
 __all__ = [
     "CHALLTESTSRV",
@@ -83,17 +84,6 @@ def pebble_available() -> bool:
 
 class PebbleStartError(RuntimeError):
     """pebble or challtestsrv did not come up; the message carries their logs."""
-
-
-def _stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 @dataclass
@@ -145,8 +135,8 @@ class Pebble:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        _stop_process(self.process)
-        _stop_process(self.dns_process)
+        stop_process(self.process)
+        stop_process(self.dns_process)
 
     def __enter__(self) -> Pebble:
         return self
@@ -686,3 +676,21 @@ def serve_in_thread(injector: FaultInjector) -> Iterator[FaultInjector]:
     finally:
         trio.from_thread.run_sync(state["scope"].cancel, trio_token=state["token"])
         thread.join(10)
+
+
+@contextmanager
+def pebbles(tmp_path: Path) -> Iterator[Callable[..., Pebble]]:
+    """``make(tls_port=..., env=..., ...)`` (``start_pebble``'s keywords) -> a running pebble;
+    every pebble made is stopped on leaving, pass or fail."""
+    started: list[Pebble] = []
+
+    def make(**kwargs: Any) -> Pebble:
+        pebble = start_pebble(tmp_path, **kwargs)
+        started.append(pebble)
+        return pebble
+
+    try:
+        yield make
+    finally:
+        for pebble in started:
+            pebble.stop()

@@ -2,58 +2,15 @@
 
 from __future__ import annotations
 
-import re
-import socket
 import ssl
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psycopg
-from cryptography import x509
 
-from edgeproxy.wire.proxy_protocol import build_v2
-from tests.cluster.conftest import REPLICA_IPS, Cluster
-
-
-def curl(c: Cluster, name: str, *, source: str = "127.0.0.9") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "40",
-            "--interface",
-            source,
-            "--cacert",
-            str(c.roots),
-            "--resolve",
-            f"{name}:{c.hport}:127.0.0.1",
-            f"https://{name}:{c.hport}/",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def replica_cert(c: Cluster, ip: str, name: str) -> x509.Certificate:
-    """Handshake with one replica directly (sending the PROXY v2 header it expects)."""
-    ctx = ssl.create_default_context(cafile=str(c.roots))
-    with socket.create_connection((ip, c.rport), timeout=40) as s:
-        s.sendall(build_v2(("127.0.0.50", 40000), (ip, c.rport)))
-        with ctx.wrap_socket(s, server_hostname=name) as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
-
-
-def validations(c: Cluster, name: str) -> int:
-    log = (c.pebble.workdir / "pebble.log").read_text(errors="replace")
-    return len(re.findall(rf'Pulled a task .*Value:"{re.escape(name)}"', log))
+from testkit.cluster import REPLICA_IPS, Cluster, curl, replica_cert, validations
 
 
 def issued_lines(c: Cluster, name: str) -> int:

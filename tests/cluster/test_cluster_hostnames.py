@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from edgeproxy.wire.proxy_protocol import build_v2
-from tests.cluster.conftest import REPLICA_IPS, Cluster, start_upstream
-from tests.cluster.test_cluster import validations
+from testkit.cluster import REPLICA_IPS, Cluster, start_file_server, validations
+from testkit.procs import stop_process
 
 #: The issue's propagation bound (PostgreSQL NOTIFY does it in milliseconds; the poll in 1 s).
 PROPAGATION = 2.0
@@ -61,10 +61,9 @@ def until(predicate: object, bound: float) -> float:
 
 @pytest.fixture(scope="module")
 def other_upstream(cluster: Cluster) -> Iterator[int]:
-    proc, port = start_upstream(cluster.tmp, "the tenant's own origin\n", folder="tenant-www")
+    proc, port = start_file_server(cluster.tmp, "the tenant's own origin\n", folder="tenant-www")
     yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_process(proc)
 
 
 def test_add_patch_delete_readd_across_replicas(cluster: Cluster, other_upstream: int) -> None:

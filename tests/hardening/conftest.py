@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.hardening.harness import raise_nofile_limit, serve_echo
-from tests.integration.conftest import make_pebble
-
-__all__ = ["echo_upstream", "make_pebble"]
+from testkit.hardening import raise_nofile_limit, serve_echo
 
 
 @pytest.fixture(scope="session", autouse=True)

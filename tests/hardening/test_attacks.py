@@ -29,10 +29,8 @@ import trustme
 
 from edgeproxy.names import InvalidName, name_matches, validate_hostname
 from edgeproxy.wire.proxy_protocol import build_v2
-from testkit.pebble import FaultInjector, Pebble
-from testkit.ports import free_port
-from tests.hardening.harness import (
-    CLIENTHELLOS,
+from testkit.clienthellos import CAPTURED
+from testkit.hardening import (
     REPO_ROOT,
     AskServer,
     NormalClient,
@@ -55,6 +53,8 @@ from tests.hardening.harness import (
     wait_until,
     watch_until_closed,
 )
+from testkit.pebble import FaultInjector, Pebble
+from testkit.ports import free_port
 
 NORMAL = "normal.example.test"
 CLOSED = "edgeproxy_connections_closed_total"
@@ -133,7 +133,7 @@ async def test_slowloris_hellos_are_cut_off_at_the_handshake_timeout(
     tmp_path: Path, echo_upstream: str
 ) -> None:
     state, ca, port, cfg = await start_proxy_config(tmp_path, echo_upstream, handshake_timeout=4)
-    hello = (CLIENTHELLOS / "curl-http1.1.bin").read_bytes()
+    hello = (CAPTURED / "curl-http1.1.bin").read_bytes()
     async with edgeproxy_process(tmp_path, cfg) as ep:
         timeouts = await ep.metric(CLOSED, reason="handshake_timeout")
         async with NormalClient(port, NORMAL, ca) as normal:

@@ -45,9 +45,10 @@ from cryptography import x509
 
 from edgeproxy.certs.record import CertRecord
 from edgeproxy.storage.file import FileStorage
+from testkit.hardening import REPO_ROOT, toml_dumps, wait_accepting
 from testkit.pebble import Pebble
 from testkit.ports import free_port
-from tests.hardening.harness import REPO_ROOT, stop_process, toml_dumps, wait_accepting
+from testkit.procs import kill_process
 
 ROUNDS = int(os.environ.get("EDGEPROXY_CRASH_ROUNDS", "50"))
 RENEWAL_SHARE = 0.4
@@ -108,7 +109,7 @@ class Harness:
         try:
             await wait_accepting(self.port, proc, log_path)
         except BaseException:
-            stop_process(proc)
+            kill_process(proc)
             raise
         return proc
 
@@ -259,7 +260,7 @@ async def finish_and_verify(h: Harness, roots: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(proc.wait) == 0
     finally:
-        stop_process(proc)
+        kill_process(proc)
     result = await trio.run_process(
         [sys.executable, "-m", "edgeproxy", "storage", "check", "-c", str(h.config_path)],
         capture_stdout=True,
@@ -285,7 +286,7 @@ async def issuance_phase(h: Harness, rounds: int) -> None:
             hit, at = await trio.to_thread.run_sync(kill_when, proc, marker, 15.0, delay)
             h.kills.append(Kill(proc.pid, at, f"issuance:{label}", hit))
         finally:
-            stop_process(proc)
+            kill_process(proc)
 
 
 def renewal_marker(h: Harness, names: list[str], i: int) -> tuple[Callable[[], bool], str, float]:
@@ -309,7 +310,7 @@ async def renewal_phase(h: Harness, rounds: int, roots: Path) -> None:
         for name in names:  # first issuance, undisturbed
             await fetch_leaf(h.port, name, roots)
     finally:
-        stop_process(proc)
+        kill_process(proc)
     for i in range(rounds):
         proc = await h.start()
         try:
@@ -319,7 +320,7 @@ async def renewal_phase(h: Harness, rounds: int, roots: Path) -> None:
             hit, at = await trio.to_thread.run_sync(kill_when, proc, marker, 14.0, delay)
             h.kills.append(Kill(proc.pid, at, f"renewal:{label}", hit))
         finally:
-            stop_process(proc)
+            kill_process(proc)
 
 
 async def test_sigkill_at_random_moments_keeps_storage_consistent(

@@ -22,8 +22,7 @@ from typing import Any
 
 import trio
 
-from testkit.ports import free_port
-from tests.hardening.harness import (
+from testkit.hardening import (
     NormalClient,
     SilentHolder,
     client_context,
@@ -38,6 +37,7 @@ from tests.hardening.harness import (
     wait_until,
     watch,
 )
+from testkit.ports import free_port
 
 NORMAL = "normal.example.test"
 SHED = "edgeproxy_connections_shed_total"

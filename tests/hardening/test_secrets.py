@@ -33,9 +33,7 @@ from OpenSSL import SSL
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import ConfigError
 from edgeproxy.tls.stream import TLSStream
-from testkit.pebble import Pebble, pebble_for_proxy
-from testkit.ports import free_port
-from tests.hardening.harness import (
+from testkit.hardening import (
     PING,
     REPO_ROOT,
     client_context,
@@ -46,6 +44,8 @@ from tests.hardening.harness import (
     receive_exactly,
     toml_dumps,
 )
+from testkit.pebble import Pebble, pebble_for_proxy
+from testkit.ports import free_port
 
 TOKEN = "hardening-admin-token-7f3c"
 # A JWS (RFC 7515) part: base64url of a JSON object starts with "eyJ" ('{"').

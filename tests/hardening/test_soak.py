@@ -29,9 +29,7 @@ import trio
 from OpenSSL import SSL
 
 from edgeproxy.tls.stream import TLSStream
-from testkit.pebble import Pebble, pebble_for_proxy
-from testkit.ports import free_port
-from tests.hardening.harness import (
+from testkit.hardening import (
     PING,
     EdgeproxyProcess,
     client_context,
@@ -44,6 +42,8 @@ from tests.hardening.harness import (
     unexpected_log_lines,
     wait_until,
 )
+from testkit.pebble import Pebble, pebble_for_proxy
+from testkit.ports import free_port
 
 SOAK_SECONDS = float(os.environ.get("EDGEPROXY_SOAK_SECONDS", "75"))
 IDLE_CONNECTIONS = int(os.environ.get("EDGEPROXY_IDLE_CONNECTIONS", "2000"))

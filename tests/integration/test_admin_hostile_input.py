@@ -23,6 +23,7 @@ import trio
 
 from testkit.ask import AskRecorder, start_ask_recorder
 from testkit.ports import free_port
+from testkit.procs import kill_process
 from testkit.proxy import edgeproxy_subprocess, wait_port
 from testkit.tomlw import toml_dumps
 
@@ -88,8 +89,7 @@ def edge_demo(tmp_path: Path) -> Iterator[Edge]:
         wait_port("127.0.0.1", admin)
         yield Edge(proc, f"http://127.0.0.1:{admin}", state, log)
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        kill_process(proc)
 
 
 async def assert_alive(edge: Edge, client: httpx.AsyncClient) -> None:

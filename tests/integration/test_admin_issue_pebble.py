@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import trio
 
+from testkit.ondemand import NO_NONCE_CHAOS, acme_config, new_orders
 from testkit.pebble import Pebble, injected_pebble_for_proxy
 from testkit.proxy import running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS, acme_config, new_orders
 
 SCRIPTED = {"Edgeproxy-Request": "1"}
 

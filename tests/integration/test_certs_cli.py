@@ -4,8 +4,6 @@ deployment's storage and the running proxy answers the CA's TLS-ALPN-01 validati
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,19 +13,13 @@ import trio
 from cryptography import x509
 
 from edgeproxy.storage import FileStorage
+from testkit.cli import cli
+from testkit.ondemand import acme_config, peer_cert
 from testkit.pebble import Pebble
 from testkit.ports import free_port
 from testkit.proxy import running_proxy
 from testkit.tomlw import toml_dumps
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import acme_config, peer_cert
-
-EP = [sys.executable, "-m", "edgeproxy"]
-
-
-async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process([*EP, *args], capture_stdout=True, capture_stderr=True, check=False)
 
 
 async def test_pre_issue_list_and_status(

@@ -11,7 +11,6 @@ import re
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,20 +29,14 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
+from testkit.cli import cli, config
+from testkit.ondemand import NO_NONCE_CHAOS
 from testkit.pebble import Pebble
 from testkit.ports import free_port
+from testkit.procs import stop_process
 from testkit.proxy import base_config, running_proxy
-from testkit.tomlw import toml_dumps
-from tests.integration.test_on_demand_acme import NO_NONCE_CHAOS
 
-EP = [sys.executable, "-m", "edgeproxy"]
 NAMES = ["imp.example.test", "www.imp.example.test"]
-
-
-async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process([*EP, *args], capture_stdout=True, capture_stderr=True,
-                                      check=False)  # fmt: skip
 
 
 def write_pair(tmp_path: Path, leaf: trustme.LeafCert, stem: str = "site") -> tuple[Path, Path]:
@@ -53,13 +46,6 @@ def write_pair(tmp_path: Path, leaf: trustme.LeafCert, stem: str = "site") -> tu
     return cert, key
 
 
-def config(tmp_path: Path) -> Path:
-    # allow = []: nothing can be ordered, so whatever is served came from storage.
-    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
-                      on_demand={"allow": []})  # fmt: skip
-    path = tmp_path / "edgeproxy.toml"
-    path.write_text(toml_dumps(cfg))
-    return path
 
 
 async def served_leaf(port: int, name: str, ca: trustme.CA) -> x509.Certificate:
@@ -247,8 +233,7 @@ async def test_a_caddy_storage_folder_is_adopted(
                     raise AssertionError(caddy.stderr.read().decode() if caddy.stderr else "")
                 await trio.sleep(0.3)
     finally:
-        caddy.terminate()
-        caddy.wait(10)
+        stop_process(caddy, grace=10)
     validated_for_caddy = {name: pebble_validations(pebble, name) for name in CADDY_NAMES}
     assert all(validated_for_caddy.values())
     # A stray folder CertMagic would never write, and a key that belongs to another name.

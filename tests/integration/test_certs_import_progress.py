@@ -19,13 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.storage.file import FileStorage
-from tests.integration.test_certs_import import EP, config
-from tests.integration.test_import_progress import (
-    assert_bar_moved,
-    env,
-    interrupted,
-    on_a_terminal,
-)
+from testkit.cli import EP, config
+from testkit.terminal import assert_bar_moved, env, interrupted, on_a_terminal
 
 N = 300
 DEADLINE = 60.0

@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from testkit.ports import free_port
+from testkit.procs import kill_process
 
 EP = [sys.executable, "-m", "edgeproxy"]
 
@@ -133,9 +134,7 @@ def test_demo_prints_a_curl_command_that_works(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_process(proc)
 
 
 def _start_demo(tmp_path: Path, port: int) -> subprocess.Popen[str]:
@@ -196,9 +195,7 @@ def test_demo_serves_localhost_and_127_0_0_1_and_its_ca_exists_before_the_port_o
         assert proc.returncode == 0
         assert f"curl --cacert {ca} https://localhost:{port}/" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_process(proc)
 
 
 @pytest.mark.parametrize("cmd", [["certs", "list"], ["storage", "check"]])

@@ -20,6 +20,7 @@ from edgeproxy.certs.record import cert_key
 from edgeproxy.storage import FileStorage
 from testkit.certrecords import cert_record as record
 from testkit.ports import free_port
+from testkit.procs import kill_process
 
 EP = [sys.executable, "-m", "edgeproxy"]
 ROUTE = '[[routes]]\nsni = ["*"]\ndefault = true\nupstreams = ["127.0.0.1:8080"]\n'
@@ -129,9 +130,7 @@ def run_until(cfg: Path, marker: str, env: dict[str, str] | None = None) -> tupl
                 return None, "".join(lines)
         return proc.wait(timeout=30), "".join(lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_process(proc)
 
 
 def serving_config(tmp_path: Path, body: str, root: Path) -> Path:

@@ -27,13 +27,13 @@ from edgeproxy.app import build_managed
 from edgeproxy.config import load_config_data
 from edgeproxy.storage.file import FileStorage
 from testkit.bind import KEY_NAME, Named, named_available, start_named
+from testkit.cli import cli
+from testkit.ondemand import BODY, acme_config, curl, peer_cert
 from testkit.pebble import Pebble
 from testkit.ports import free_port
 from testkit.proxy import running_proxy
 from testkit.tomlw import toml_dumps
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_certs_cli import cli
-from tests.integration.test_on_demand_acme import BODY, acme_config, curl, peer_cert
 
 pytestmark = pytest.mark.skipif(
     not named_available(), reason="Debian bind9 not installed (tests/run installs it)"

@@ -27,6 +27,7 @@ from edgeproxy.doctor import Diagnosis, Finding, diagnose
 from edgeproxy.storage.file import FileStorage
 from testkit.pebble import CHALLTESTSRV, TlsAlpnResponder
 from testkit.ports import free_port
+from testkit.procs import stop_process
 from testkit.proxy import RunningProxy, base_config, running_proxy, wait_port
 
 pytestmark = pytest.mark.skipif(
@@ -86,12 +87,7 @@ def mock_dns(tmp_path: Path) -> Iterator[MockDns]:
         wait_port("127.0.0.1", dns.management_port, timeout=10)
         yield dns
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
         log.close()
 
 
@@ -138,13 +134,7 @@ backend be
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            stop_process(proc)
 
 
 @pytest.fixture

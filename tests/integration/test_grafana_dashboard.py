@@ -20,18 +20,15 @@ import httpx
 import trio
 
 from testkit.fleet import ACTIVE, BROKEN, plain_http, start_fleet
+from testkit.ondemand import curl, handshake_fails
 from testkit.pebble import Pebble
-from tests.integration.test_on_demand_acme import curl, handshake_fails, roots_file
-from tests.integration.test_prometheus import (
+from testkit.prometheus import (
     DEADLINE,
     Prometheus,
     acme_probe,
     needs_prometheus,
-    start_prometheus,
     wait_ready,
 )
-
-__all__ = ["roots_file", "start_prometheus"]  # fixtures, re-used
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "edgeproxy.json"
 LATE = "late.customer.test"

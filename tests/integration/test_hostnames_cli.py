@@ -9,17 +9,8 @@ from pathlib import Path
 import trio
 
 from edgeproxy.storage import FileStorage
-from testkit.proxy import base_config, running_proxy
-from testkit.tomlw import toml_dumps
-from tests.integration.test_certs_cli import cli
-
-
-def write_config(tmp_path: Path) -> tuple[Path, dict[str, object]]:
-    cfg = base_config(tmp_path, [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
-                      hostnames={"poll_interval": 0.1})  # fmt: skip
-    path = tmp_path / "edgeproxy.toml"
-    path.write_text(toml_dumps(cfg))
-    return path, cfg
+from testkit.cli import cli, write_config
+from testkit.proxy import running_proxy
 
 
 async def test_import_reports_bad_lines_by_number_and_keeps_the_good_ones(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ without a new order, and renewals that stop once nobody wants a name."""
 
 from __future__ import annotations
 
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,19 +13,17 @@ import httpx
 import trio
 from prometheus_client import REGISTRY
 
+from testkit.ask import ask_server
+from testkit.ondemand import (
+    NO_NONCE_CHAOS,
+    curl,
+    new_orders,
+    refused_with_unrecognized_name,
+    registry_config,
+)
 from testkit.pebble import Pebble, injected_pebble_for_proxy
 from testkit.proxy import RunningProxy, running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import (
-    NO_NONCE_CHAOS,
-    acme_config,
-    ask_server,
-    curl,
-    new_orders,
-    roots_file,
-)
-
-__all__ = ["roots_file"]  # the fixture, re-used
 
 ROUTE_BODY = b"the SNI route's upstream\n"
 ENTRY_BODY = b"the customer's own origin\n"
@@ -39,30 +36,8 @@ def admin(p: RunningProxy) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=f"http://{host}:{port}", headers=SCRIPTED, timeout=30)
 
 
-def registry_config(tmp_path: Path, port: int, directory: str, trust: Path, up: str,
-                    **over: Any) -> dict[str, Any]:  # fmt: skip
-    cfg = acme_config(tmp_path, port, directory, trust, up, **over)
-    cfg["on_demand"] = {**cfg["on_demand"], "allow": [], "registry": True}
-    cfg["admin"] = {"listen": "127.0.0.1:0"}
-    cfg["hostnames"] = {"poll_interval": 0.2}
-    return cfg
 
 
-async def refused_with_unrecognized_name(port: int, name: str) -> bool:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
-    try:
-        with trio.fail_after(10):
-            await tls.do_handshake()
-    except ssl.SSLError as exc:
-        return "UNRECOGNIZED_NAME" in str(exc).upper()
-    except trio.BrokenResourceError as exc:
-        return "UNRECOGNIZED_NAME" in str(exc.__cause__).upper()
-    finally:
-        await trio.aclose_forcefully(tls)
-    return False
 
 
 async def wait_state(api: httpx.AsyncClient, name: str, state: str, bound: float) -> Any:

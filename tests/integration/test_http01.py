@@ -19,11 +19,12 @@ import pytest
 import trio
 
 from edgeproxy.certs.record import CertRecord, cert_key
+from testkit.ondemand import BODY, NO_NONCE_CHAOS, acme_config, curl
 from testkit.pebble import FaultInjector, Pebble
 from testkit.ports import free_port
+from testkit.procs import stop_process
 from testkit.proxy import running_proxy, wait_port
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import BODY, NO_NONCE_CHAOS, acme_config, curl
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None, reason="Debian haproxy not installed (tests/run installs it)"
@@ -56,8 +57,7 @@ backend be80
         wait_port("127.0.0.1", front)
         yield
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc, grace=10)
 
 
 def new_orders(inj: FaultInjector) -> list[str]:

@@ -23,13 +23,8 @@ from edgeproxy.issuers.internal import CA_KEY, RSA_CA_KEY, InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.tls.contexts import generate_private_key
 from testkit import tlsbuild as tb
+from testkit.http_proxy import BODY, normal_client, proxy_to_http, read_until_closed
 from testkit.proxy import RunningProxy, base_config, running_proxy
-from tests.integration.test_proxy_bad_input import (
-    BODY,
-    normal_client,
-    proxy_to_http,
-    read_until_closed,
-)
 
 RSA_PSS_RSAE_SHA256 = 0x0804
 RSA_PKCS1_SHA256 = 0x0401

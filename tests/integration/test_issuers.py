@@ -15,11 +15,11 @@ from pathlib import Path
 import trio
 
 from edgeproxy.certs.record import CertRecord, cert_key
+from testkit.ondemand import BODY, NO_NONCE_CHAOS, acme_config, curl
 from testkit.pebble import FaultInjector, InjectedRequest, Pebble, Reply
 from testkit.ports import free_port
 from testkit.proxy import RunningProxy, running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import BODY, NO_NONCE_CHAOS, acme_config, curl
 
 
 def unreachable(request: InjectedRequest) -> Reply:

@@ -25,8 +25,8 @@ from testkit import postgres as pg
 from testkit.pebble import Pebble
 from testkit.ports import free_port
 from testkit.proxy import edgeproxy_subprocess
+from testkit.syncclients import fetch_cert, poke, wait_for
 from testkit.tomlw import toml_dumps
-from tests.integration.test_crash_safety import fetch_cert, poke, wait_for
 
 postgres_server = pg.postgres_server
 postgres_database = pg.postgres_database

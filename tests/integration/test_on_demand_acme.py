@@ -19,7 +19,16 @@ import trio
 from cryptography import x509
 
 from edgeproxy.certs.record import cert_key
-from testkit.ask import serve_ask
+from testkit.ask import ask_server
+from testkit.ondemand import (
+    BODY,
+    NO_NONCE_CHAOS,
+    acme_config,
+    curl,
+    handshake_fails,
+    new_orders,
+    peer_cert,
+)
 from testkit.pebble import (
     FaultInjector,
     InjectedRequest,
@@ -28,91 +37,8 @@ from testkit.pebble import (
     injected_pebble_for_proxy,
 )
 from testkit.ports import free_port
-from testkit.proxy import RunningProxy, base_config, running_proxy
+from testkit.proxy import running_proxy
 from testkit.upstreams import echo, http_handler, start_upstream
-
-BODY = b"served over a pebble certificate\n"
-# Tests that count newOrder POSTs: pebble rejects 5 % of nonces by default, and a retried
-# newOrder is a second POST of the same order.
-NO_NONCE_CHAOS = {"PEBBLE_WFE_NONCEREJECT": "0"}
-
-
-def acme_config(
-    tmp_path: Path, port: int, directory: str, trust: Path, up: str, **over: Any
-) -> dict[str, Any]:
-    cfg = base_config(
-        tmp_path,
-        [{"sni": ["*"], "default": True, "upstreams": [up]}],
-        server={"listen": [f"127.0.0.1:{port}"]},
-        tls={"issuer": "acme", "default_sni": None, "maintenance_interval": 1.0},
-        acme={"directory": directory, "trust": str(trust), "email": "ops@example.test"},
-        on_demand={"allow": ["*.example.test"], "wait": 20},
-        storage={"lock_ttl": 5},
-    )
-    for k, v in over.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    return cfg
-
-
-async def curl(p: RunningProxy, name: str, roots: Path, *extra: str) -> Any:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            [
-                "curl",
-                "-sS",
-                "--fail",
-                "--cacert",
-                str(roots),
-                "--resolve",
-                f"{name}:{p.port}:127.0.0.1",
-                *extra,
-                f"https://{name}:{p.port}/",
-            ],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-async def peer_cert(port: int, name: str, roots: Path) -> x509.Certificate:
-    ctx = ssl.create_default_context(cafile=str(roots))
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
-    await tls.do_handshake()
-    der = tls.getpeercert(binary_form=True)
-    await trio.aclose_forcefully(tls)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
-
-
-async def handshake_fails(port: int, name: str) -> bool:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
-    try:
-        with trio.fail_after(30):
-            await tls.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError):
-        return True
-    finally:
-        await trio.aclose_forcefully(tls)
-    return False
-
-
-@pytest.fixture
-def roots_file(tmp_path: Path) -> Callable[[Pebble], Path]:
-    def write(pebble: Pebble) -> Path:
-        path = tmp_path / "pebble-roots.pem"
-        path.write_bytes(pebble.roots_pem())
-        return path
-
-    return write
-
-
-def new_orders(inj: FaultInjector) -> int:
-    return sum(1 for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz"))
 
 
 async def test_first_request_for_a_new_name_gets_a_pebble_certificate(
@@ -190,18 +116,6 @@ async def test_refused_names_make_no_acme_request(
     assert inj.seen == []
 
 
-async def ask_server(
-    nursery: trio.Nursery, allowed: set[str], *, delay: float = 0.0
-) -> tuple[str, trio.CancelScope]:
-    """A real HTTP ask endpoint: 200 for names in ``allowed``, 404 otherwise, after ``delay``."""
-
-    async def respond(target: bytes) -> bytes:
-        text = target.decode()
-        name = text.split("domain=", 1)[1] if "domain=" in text else ""
-        await trio.sleep(delay)
-        return b"200 OK" if name in allowed else b"404 Not Found"
-
-    return await serve_ask(nursery, respond)
 
 
 async def test_ask_endpoint_down_refuses_new_names_but_serves_cached(

@@ -10,17 +10,14 @@ tests by ``promtool test rules``, so CI runs both.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,25 +27,27 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from testkit.ports import free_port
+from testkit.prometheus import (
+    DEADLINE,
+    ROOT,
+    RULES,
+    Prometheus,
+    acme_probe,
+    needs_prometheus,
+    wait_ready,
+)
 from testkit.proxy import base_config, edgeproxy_subprocess
 from testkit.tomlw import toml_dumps
 from testkit.upstreams import http_handler, start_upstream
 
-ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "edgeproxy-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "edgeproxy-rules.test.yml"
-PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-DEADLINE = 20.0  # bound on any single wait; never a timing assertion
 
 BODY = b"hello from upstream\n"
 REQUEST = b"GET / HTTP/1.1\r\nHost: app.example.test\r\nConnection: close\r\n\r\n"
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool missing (Debian package prometheus; tests/run installs it)"
-)
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus missing (Debian package prometheus)"
 )
 
 
@@ -179,18 +178,6 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
         await trio.aclose_forcefully(stream)
 
 
-async def acme_probe(port: int, name: str) -> None:
-    """A TLS-ALPN-01 validation handshake for a name with no pending challenge."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["acme-tls/1"])
-    tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname=name)
-    try:
-        with pytest.raises((ssl.SSLError, trio.BrokenResourceError)):
-            await tls.do_handshake()
-    finally:
-        await trio.aclose_forcefully(tls)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
@@ -250,110 +237,12 @@ async def test_alerting_counters_are_exported_from_startup(edge: Edge) -> None:
 # ---------------------------------------------------------------------- a real Prometheus
 
 
-@dataclass
-class Prometheus:
-    url: str
-    log_path: Path
-
-    async def query(self, c: httpx.AsyncClient, promql: str) -> dict[frozenset[Any], float]:
-        r = await c.get(f"{self.url}/api/v1/query", params={"query": promql})
-        body = r.json()
-        assert r.status_code == 200 and body["status"] == "success", (promql, body)
-        return {
-            frozenset(item["metric"].items()): float(item["value"][1])
-            for item in body["data"]["result"]
-        }
-
-    async def value(self, c: httpx.AsyncClient, promql: str) -> float | None:
-        """The single value of ``promql``, None while it has no sample."""
-        result = await self.query(c, promql)
-        assert len(result) <= 1, (promql, result)
-        return next(iter(result.values()), None)
-
-    async def wait_for(self, c: httpx.AsyncClient, promql: str, expected: float) -> None:
-        with trio.move_on_after(DEADLINE):
-            while True:
-                if await self.value(c, promql) == expected:
-                    return
-                await trio.sleep(0.2)
-        got = await self.value(c, promql)
-        raise AssertionError(f"{promql} = {got}, waited for {expected}\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait(timeout=10)
 
 
-@pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
-    """``start_prometheus(admin_port)`` -> a Prometheus scraping it every second, with the
-    edgeproxy rules loaded; stopped at teardown, pass or fail."""
-    if PROMETHEUS is None:
-        pytest.skip("prometheus missing (Debian package prometheus)")
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(admin_port: int) -> Prometheus:
-        assert PROMETHEUS is not None
-        workdir = tmp_path / "prometheus"
-        workdir.mkdir()
-        config = {  # JSON is YAML
-            "global": {
-                "scrape_interval": "1s",
-                "scrape_timeout": "1s",
-                "evaluation_interval": "1s",
-            },
-            "rule_files": [str(RULES)],
-            "scrape_configs": [
-                {
-                    "job_name": "edgeproxy",
-                    "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}],
-                }
-            ],
-        }
-        (workdir / "prometheus.yml").write_text(json.dumps(config, indent=1))
-        port = free_port()
-        log_path = workdir / "prometheus.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={workdir / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={workdir / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
-        started.append(proc)
-        return Prometheus(f"http://127.0.0.1:{port}", log_path)
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            _stop(proc)
 
 
-async def wait_ready(c: httpx.AsyncClient, prom: Prometheus) -> None:
-    with trio.move_on_after(DEADLINE):
-        while True:
-            try:
-                if (await c.get(f"{prom.url}/-/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.1)
-    raise AssertionError(f"prometheus did not become ready\n{prom.logs()}")
 
 
 @needs_prometheus

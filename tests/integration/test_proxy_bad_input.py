@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from prometheus_client import REGISTRY
 
+from testkit.clienthellos import CAPTURED
+from testkit.http_proxy import BODY, normal_client, read_until_closed
 from testkit.proxy import RunningProxy, base_config, running_proxy
 from testkit.upstreams import http_handler, silent, start_upstream
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "clienthellos"
-BODY = b"normal client served\n"
 
 
 def closed(reason: str) -> float:
@@ -32,61 +27,12 @@ def closed(reason: str) -> float:
     return value or 0.0
 
 
-async def normal_client(
-    p: RunningProxy, name: str = "normal.example.test", ctx: ssl.SSLContext | None = None
-) -> bytes:
-    assert p.ca_path is not None
-    ctx = ctx or ssl.create_default_context(cafile=str(p.ca_path))
-    tcp = await trio.open_tcp_stream(p.host, p.port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
-    await tls.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    with trio.fail_after(10):
-        while True:
-            try:
-                chunk = await tls.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    await trio.aclose_forcefully(tls)
-    return data
 
 
-async def read_until_closed(stream: trio.SocketStream, limit: float = 15) -> bytes:
-    data = b""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
 
 
-@asynccontextmanager
-async def proxy_to_http(
-    tmp_path: Path, nursery: trio.Nursery, **sections: Any
-) -> AsyncIterator[RunningProxy]:
-    """The proxy these tests share (internal issuer, one default route to an HTTP upstream
-    answering BODY), with ``sections`` merged into its config."""
-    up = await start_upstream(nursery, http_handler(BODY))
-    cfg = base_config(
-        tmp_path, [{"sni": ["*"], "default": True, "upstreams": [up.addr]}], **sections
-    )
-    async with running_proxy(tmp_path, cfg) as p:
-        yield p
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path, nursery: trio.Nursery) -> RunningProxy:  # type: ignore[misc]
-    async with proxy_to_http(
-        tmp_path, nursery, server={"handshake_timeout": 1.5, "idle_timeout": 2}
-    ) as p:
-        yield p
 
 
 async def test_random_garbage_is_closed(proxy: RunningProxy) -> None:
@@ -107,7 +53,7 @@ async def test_plain_http_gets_a_400_that_says_tls(proxy: RunningProxy) -> None:
 
 
 async def test_truncated_hello_then_close(proxy: RunningProxy) -> None:
-    hello = (FIXTURES / "curl-http1.1.bin").read_bytes()
+    hello = (CAPTURED / "curl-http1.1.bin").read_bytes()
     s = await trio.open_tcp_stream(proxy.host, proxy.port)
     await s.send_all(hello[: len(hello) // 2])
     await s.send_eof()
@@ -136,7 +82,7 @@ async def test_silent_client_is_closed_at_the_handshake_timeout(proxy: RunningPr
 
 
 async def test_one_byte_per_second_client_is_cut_off(proxy: RunningProxy) -> None:
-    hello = (FIXTURES / "openssl-tls1_3.bin").read_bytes()
+    hello = (CAPTURED / "openssl-tls1_3.bin").read_bytes()
     s = await trio.open_tcp_stream(proxy.host, proxy.port)
     sent = 0
     closed = False

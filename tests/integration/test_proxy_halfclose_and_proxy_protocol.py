@@ -22,6 +22,7 @@ from edgeproxy.tls.stream import TLSStream
 from edgeproxy.wire.proxy_protocol import V2_SIGNATURE, ProxyHeaderParser, build_v2
 from testkit.logs import process_log
 from testkit.ports import free_port
+from testkit.procs import stop_process
 from testkit.proxy import RunningProxy, base_config, running_proxy, wait_port
 from testkit.upstreams import (
     Upstream,
@@ -195,8 +196,7 @@ listen stats
                 check=False,
             )
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_process(proc, grace=10)
     parsed = ProxyHeaderParser("v2").feed(up.seen[-1])
     assert parsed is not None
     header, _ = parsed

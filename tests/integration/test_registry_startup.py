@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 
 from edgeproxy.storage import FileStorage, HostnameEntry
+from testkit.ondemand import refused_with_unrecognized_name
 from testkit.proxy import base_config, running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_hostnames_pebble import refused_with_unrecognized_name
 
 
 class SlowListing(FileStorage):

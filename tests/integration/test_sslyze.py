@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from testkit.http_proxy import proxy_to_http
 from testkit.sslyze import sslyze_command
-from tests.integration.test_proxy_bad_input import proxy_to_http
 
 
 @pytest.mark.parametrize("key_type", ["ec256", "rsa2048"])

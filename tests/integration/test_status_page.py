@@ -27,9 +27,6 @@ from testkit.fleet import ACTIVE, BROKEN, DENIED, FAILING, REMOVED, start_fleet
 from testkit.pebble import Pebble
 from testkit.proxy import base_config, running_proxy
 from testkit.upstreams import http_handler, start_upstream
-from tests.integration.test_on_demand_acme import roots_file
-
-__all__ = ["roots_file"]  # the fixture, re-used
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token-for-the-page"

@@ -17,12 +17,8 @@ from prometheus_client import REGISTRY
 
 from edgeproxy.wire.clienthello import MAX_CLIENT_HELLO_BODY
 from testkit import tlsbuild as tb
+from testkit.http_proxy import BODY, normal_client, read_until_closed
 from testkit.proxy import RunningProxy
-from tests.integration import test_proxy_bad_input as bad_input
-from tests.integration.test_proxy_bad_input import BODY, normal_client, read_until_closed
-
-# The bad-input tests' proxy: internal issuer, a default route to an HTTP upstream.
-proxy = bad_input.proxy
 
 # RFC 8446 s6 AlertDescription values, spelled out here on purpose (see the module docstring).
 UNEXPECTED_MESSAGE = 10

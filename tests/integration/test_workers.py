@@ -32,6 +32,7 @@ from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.workers import describe_exit, restart_delay
 from testkit.ports import free_port
+from testkit.procs import kill_process
 from testkit.upstreams import Handler, http_handler, read_http_head, start_upstream
 
 T = TypeVar("T")
@@ -204,8 +205,7 @@ def supervise(tmp_path: Path) -> Iterator[Supervise]:
                 try:
                     sup.proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    sup.proc.kill()
-                    sup.proc.wait(timeout=10)
+                    kill_process(sup.proc)
             for pid in sup.seen_pids:
                 if _is_worker(pid):
                     os.kill(pid, signal.SIGKILL)

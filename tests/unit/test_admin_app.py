@@ -28,16 +28,13 @@ from edgeproxy.certs.status import DomainStatus
 from edgeproxy.certs.status_store import status_key
 from edgeproxy.storage.base import StoredItem
 from edgeproxy.storage.file import FileStorage
+from testkit.admin import ProxyState
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token"
 NOW = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 
 
-@dataclass
-class ProxyState:
-    draining: bool = False
-    bound: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 8443)])
 
 
 class RecordingCerts:

@@ -19,8 +19,8 @@ from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.storage import FileStorage
-from tests.unit.test_admin_app import ProxyState
-from tests.unit.test_certificate_manager import CountingIssuer
+from testkit.admin import ProxyState
+from testkit.managers import CountingIssuer
 
 TOKEN = "hostnames-admin-token"
 JSON_HEADERS = {"Edgeproxy-Request": "1"}

@@ -21,8 +21,8 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.file import FileStorage
+from testkit.admin import ProxyState
 from testkit.managers import HookedIssuer
-from tests.unit.test_admin_app import ProxyState
 
 SCRIPTED = {"Edgeproxy-Request": "1"}
 

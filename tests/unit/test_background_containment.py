@@ -18,7 +18,7 @@ from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.proxy.http import HttpListener
 from edgeproxy.proxy.server import open_listeners
 from edgeproxy.storage import FileStorage, HostnameEntry
-from tests.unit.test_http_listener import exchange, settings
+from testkit.rawhttp import exchange, settings
 
 METRIC = "edgeproxy_background_task_errors_total"
 

@@ -13,27 +13,7 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.storage.file import FileStorage
-from testkit.managers import HookedIssuer
-
-
-class CountingIssuer(HookedIssuer):
-    """The real internal CA, counting how often it is asked to issue."""
-
-    calls: int = 0
-
-    async def before_issue(self, name: str) -> None:
-        self.calls += 1
-        await trio.sleep(0.05)  # let concurrent handshakes pile up on the single flight
-
-
-def make_manager(
-    tmp_path: Path, **kw: object
-) -> tuple[CertificateManager, FileStorage, CountingIssuer]:
-    storage = FileStorage(tmp_path / "state")
-    issuer = CountingIssuer(storage)
-    policy = OnDemandPolicy(allow=["*.example.test"])
-    mgr = CertificateManager(storage=storage, issuer=issuer, policy=policy, **kw)  # type: ignore[arg-type]
-    return mgr, storage, issuer
+from testkit.managers import CountingIssuer, make_manager
 
 
 async def test_single_flight_one_issuance_for_many_handshakes(

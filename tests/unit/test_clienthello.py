@@ -1,7 +1,7 @@
 """Scenarios for the ClientHello peek: what a client sends first, and what the proxy learns.
 
 Hellos are built with testkit.tlsbuild (so each test says exactly what the client sent)
-or are real captures from curl, openssl, Python and Chromium (tests/fixtures/clienthellos).
+or are real captures from curl, openssl, Python and Chromium (testkit/clienthellos).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from edgeproxy.wire.clienthello import (
 )
 from edgeproxy.wire.tls_alert import AlertDescription
 from testkit import tlsbuild as tb
-from tests.fixtures.clienthellos import capture
+from testkit.clienthellos import capture
 
 FIXTURES = Path(capture.__file__).parent
 

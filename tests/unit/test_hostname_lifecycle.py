@@ -24,7 +24,7 @@ from edgeproxy.hostnames.registry import HostnameRegistry
 from edgeproxy.storage import FileStorage, HostnameEntry
 from edgeproxy.storage.base import OutboxEvent
 from testkit.events_receiver import Receiver
-from tests.unit.test_certificate_manager import CountingIssuer
+from testkit.managers import CountingIssuer
 
 DAY = 86400.0
 

@@ -9,9 +9,10 @@ import pytest
 import trio
 
 from edgeproxy.config import HostPort
-from edgeproxy.proxy.http import CHALLENGE_PREFIX, HttpListener, HttpSettings, decide
+from edgeproxy.proxy.http import CHALLENGE_PREFIX, HttpListener, decide
 from edgeproxy.proxy.server import open_listeners
 from edgeproxy.wire.proxy_protocol import build_v2
+from testkit.rawhttp import exchange, settings
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 KEY_AUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -59,15 +60,6 @@ def test_decide(method: str, target: str, host: str | None, status: int, result:
         assert d.token == TOKEN
 
 
-def settings(**over: object) -> HttpSettings:
-    base: dict[str, object] = {
-        "proxy_protocol": "off",
-        "timeout": 2.0,
-        "max_connections": 10,
-        "max_header_bytes": 2048,
-    }
-    base.update(over)
-    return HttpSettings(**base)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -83,17 +75,6 @@ async def listening(**over: object) -> AsyncIterator[int]:
         nursery.cancel_scope.cancel()
 
 
-async def exchange(port: int, data: bytes, *, half_close: bool = True) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(data)
-        if half_close:
-            await stream.send_eof()
-        out = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some(65536):
-                out += chunk
-    return out
 
 
 async def test_challenge_redirect_and_404_over_a_socket() -> None:

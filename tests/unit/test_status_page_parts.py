@@ -21,7 +21,7 @@ from edgeproxy.certs import history
 from edgeproxy.certs.status import DomainStatus
 from edgeproxy.issuers.base import IssuanceError
 from edgeproxy.storage.base import HostnameEntry
-from tests.unit.test_certificate_manager import CountingIssuer, make_manager
+from testkit.managers import CountingIssuer, make_manager
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=6)
 NAME = st.lists(LABEL, min_size=1, max_size=3).map(".".join)

@@ -40,6 +40,7 @@ from edgeproxy.storage import (
 from edgeproxy.storage.postgres import PostgresStorage
 from testkit import postgres as pg
 from testkit.crash_writer import Children
+from testkit.waits import wait_to_be_cancelled
 
 # PostgreSQL fixtures, set up only for the postgres param (one server, a database per test).
 postgres_server = pg.postgres_server
@@ -50,13 +51,6 @@ postgres_dsn = pg.postgres_dsn
 CHILD_DEADLINE = 60.0
 
 
-async def wait_to_be_cancelled(bound: float = 10.0) -> None:
-    """Park until cancelled, for at most ``bound`` *real* seconds.
-
-    Under ``mock_clock`` trio time stands still, so a trio timeout would never fire and a
-    broken implementation would hang the suite; this makes it fail the test instead.
-    """
-    await trio.to_thread.run_sync(time.sleep, bound, abandon_on_cancel=True)
 
 
 class ManualClock:

@@ -24,7 +24,7 @@ from edgeproxy.errors import StorageError
 from edgeproxy.storage import FileStorage, HostnameEntry, LockLost, Storage, hold_lock
 from edgeproxy.storage.file.registry import RegistryFiles
 from testkit.crash_writer import Children, is_complete_value
-from tests.unit.test_storage_conformance import wait_to_be_cancelled
+from testkit.waits import wait_to_be_cancelled
 
 CHILD_DEADLINE = 60.0
 AN_HOUR = 3600.0

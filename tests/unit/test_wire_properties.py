@@ -34,11 +34,12 @@ from edgeproxy.wire.proxy_protocol import (
     build_v2,
 )
 from testkit import tlsbuild as tb
+from testkit.clienthellos import CAPTURED
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Mode = Literal["v1", "v2", "any"]
 
-CAPTURED = sorted((Path(__file__).parent.parent / "fixtures" / "clienthellos").glob("*.bin"))
+CAPTURED_HELLOS = sorted(CAPTURED.glob("*.bin"))
 GREASE_NAMES = {v.to_bytes(2, "big") for v in tb.GREASE}
 
 # --- strategies ---------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
 @PROPERTY
 @given(
     st.one_of(
-        st.sampled_from(CAPTURED).map(Path.read_bytes),
+        st.sampled_from(CAPTURED_HELLOS).map(Path.read_bytes),
         hellos().map(lambda built: tb.to_records(built[0], [300])),
     ),
     _mutations,

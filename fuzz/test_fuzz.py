@@ -4,7 +4,7 @@
 it is imported, and libFuzzer owns its process); this test starts it as a subprocess with
 ``EDGEPROXY_FUZZ_SECONDS`` per target (20 in CI, the three targets side by side), prints the
 executions per target and fails on any finding, with the libFuzzer log tail. The local mode
-is the same command with minutes per target and a kept corpus (tests/hardening/README.md).
+is the same command with minutes per target and a kept corpus (``tests/hardening/README.md``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from fuzz.corpus import SEEDS
-from tests.hardening.harness import REPO_ROOT
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SECONDS = int(os.environ.get("EDGEPROXY_FUZZ_SECONDS", "20"))
 TARGETS = ("client_hello", "proxy_protocol", "acme_messages")
 

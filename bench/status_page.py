@@ -1,7 +1,7 @@
-"""Status page load times with 100,000 hostnames (a benchmark, not a test): run with
-``pytest bench/bench_status_page.py -s -p no:cacheprovider``.
+"""Status page load times with 100,000 hostnames (a benchmark, not a test):
+``python -m bench.status_page [--hostnames 100000] [--backends file,postgres]``.
 
-100,000 registry entries on the file backend and on PostgreSQL, every 100th with a stored
+``--hostnames`` registry entries on the file backend and on PostgreSQL, every 100th with a stored
 "valid" status and every 1,000th "failing", then ``edgeproxy`` in-process with the registry
 and the admin listener: the first response and when the counts by state are ready, then times
 (median of 5) for ``GET /ui/``, a name search, a state filter, a page deep in the list, a
@@ -11,6 +11,7 @@ whole HTTP responses over loopback with httpx.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -19,33 +20,30 @@ from typing import Any
 import httpx
 import trio
 
+from bench.options import run_in_tmp, subset
 from edgeproxy.admin.ui_index import REFRESH
 from edgeproxy.certs import status_store
 from edgeproxy.certs.status import DomainStatus
 from edgeproxy.storage.base import HostnameEntry, Storage
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.storage.postgres import PostgresStorage
-from testkit import postgres as pg
+from testkit.postgres import running_postgres
 from testkit.proxy import base_config, running_proxy
 
-postgres_server = pg.postgres_server
-postgres_dsn = pg.postgres_dsn
-postgres_database = pg.postgres_database
-
-N = 100_000
 BATCH = 5_000
+BACKENDS = ("file", "postgres")
 
 
 def name(i: int) -> str:
     return f"c{i:06d}.customer.test"
 
 
-async def fill(storage: Storage) -> None:
+async def fill(storage: Storage, n: int) -> None:
     now = time.time()
-    for start in range(0, N, BATCH):
-        batch = [HostnameEntry(name(i), None, "{}", now) for i in range(start, start + BATCH)]
+    for start in range(0, n, BATCH):
+        batch = [HostnameEntry(name(i), None, "{}", now) for i in range(start, min(start + BATCH, n))]
         await storage.add_hostnames(batch)
-    for i in range(0, N, 100):
+    for i in range(0, n, 100):
         failing = i % 1000 == 0
         st = DomainStatus(
             name(i),
@@ -65,7 +63,7 @@ async def timed(c: httpx.AsyncClient, url: str) -> float:
     return took
 
 
-async def measure(tmp_path: Path, storage_cfg: dict[str, Any], label: str) -> None:
+async def measure(tmp_path: Path, storage_cfg: dict[str, Any], label: str, n: int) -> None:
     cfg = base_config(
         tmp_path,
         [{"sni": ["*"], "default": True, "upstreams": ["127.0.0.1:9"]}],
@@ -85,39 +83,57 @@ async def measure(tmp_path: Path, storage_cfg: dict[str, Any], label: str) -> No
             while 'id="counting"' in (page := await c.get("/ui/")).text:
                 await trio.sleep(0.2)
             counted = time.perf_counter() - t0 + first
-            assert f">{N}<" in page.text.replace("</span> all", "<")  # the total is counted
+            assert f">{n}<" in page.text.replace("</span> all", "<")  # the total is counted
             rows: dict[str, list[float]] = {}
             for label_url in (
                 ("first page", "/ui/"),
                 ("search 'c0999'", "/ui/?q=c0999"),
                 ("search, no match", "/ui/?q=zz"),
                 ("state=failing", "/ui/?state=failing"),
-                ("page after c090000", f"/ui/?after={name(90_000)}"),
-                ("hostname page", f"/ui/hostnames/{name(1000)}"),
+                (f"page after c{n * 9 // 10:06d}", f"/ui/?after={name(n * 9 // 10)}"),
+                ("hostname page", f"/ui/hostnames/{name(min(1000, n - 1))}"),
             ):
                 rows[label_url[0]] = [await timed(c, label_url[1]) for _ in range(5)]
             await trio.sleep(REFRESH + 0.5)  # the next load starts a background recount
             rows["first page, recounting"] = [await timed(c, "/ui/") for _ in range(5)]
-        print(f"\nstatus page, {N:,} hostnames, {label}: first response {first * 1000:.0f} ms, "
+        print(f"status page, {n:,} hostnames, {label}: first response {first * 1000:.0f} ms, "
               f"counts by state ready after {counted:.1f} s")  # fmt: skip
         for what, times in rows.items():
             print(f"  {what:24s} median {statistics.median(times) * 1000:7.1f} ms "
                   f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f})")  # fmt: skip
 
 
-async def test_status_page_file(tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "state")
-    try:
-        await fill(storage)
-    finally:
-        await storage.aclose()
-    await measure(tmp_path, {"backend": "file", "path": str(tmp_path / "state")}, "file backend")
+async def status_page(tmp_path: Path, backend: str, n: int) -> None:
+    if backend == "file":
+        storage = FileStorage(tmp_path / "state")
+        try:
+            await fill(storage, n)
+        finally:
+            await storage.aclose()
+        await measure(tmp_path, {"backend": "file", "path": str(tmp_path / "state")},
+                      "file backend", n)  # fmt: skip
+        return
+    with running_postgres() as server:
+        dsn = server.create_database()
+        pg_storage = PostgresStorage(dsn)
+        try:
+            await fill(pg_storage, n)
+        finally:
+            await pg_storage.aclose()
+        await measure(tmp_path, {"backend": "postgres", "dsn": dsn}, "PostgreSQL", n)
 
 
-async def test_status_page_postgres(tmp_path: Path, postgres_dsn: str) -> None:
-    storage = PostgresStorage(postgres_dsn)
-    try:
-        await fill(storage)
-    finally:
-        await storage.aclose()
-    await measure(tmp_path, {"backend": "postgres", "dsn": postgres_dsn}, "PostgreSQL")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.status_page", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--hostnames", type=int, default=100_000,
+                        help="registry entries (default 100000)")  # fmt: skip
+    parser.add_argument("--backends", type=subset(BACKENDS), default=list(BACKENDS),
+                        help="comma-separated subset (default: both)")  # fmt: skip
+    args = parser.parse_args(argv)
+    for backend in args.backends:
+        run_in_tmp("bench-status-page-", status_page, backend, args.hostnames)
+
+
+if __name__ == "__main__":
+    main()

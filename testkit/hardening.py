@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import selectors
-import signal
 import socket
 import ssl
 import statistics
@@ -49,10 +48,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from testkit import tlsbuild as tb
+from testkit.procs import kill_process
 from testkit.tomlw import toml_dumps
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CLIENTHELLOS = REPO_ROOT / "tests" / "fixtures" / "clienthellos"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PING = b"normal client ping\n"
 START_TIMEOUT = 30.0
 
@@ -157,12 +156,6 @@ async def wait_accepting(port: int, proc: subprocess.Popen[bytes], log: Path) ->
     raise RuntimeError(f"edgeproxy did not accept on {port}; log:\n{log.read_text()[-4000:]}")
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
 @asynccontextmanager
 async def edgeproxy_process(
     workdir: Path,
@@ -200,7 +193,7 @@ async def edgeproxy_process(
             await wait_accepting(admin_port, proc, log_path)
         yield EdgeproxyProcess(proc, port, admin_port, log_path, config_path)
     finally:
-        stop_process(proc)
+        kill_process(proc)
 
 
 _BAD_LOG_MARKS = (" ERROR ", " CRITICAL ", "Traceback", '"level": "error"', '"level": "critical"')
@@ -295,9 +288,9 @@ def _normal_client_main(argv: Sequence[str]) -> None:
 
 
 async def _start_child(mode: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
-    """``python -m tests.hardening.harness MODE ARGS``, once it has printed ``ready``."""
+    """``python -m testkit.hardening MODE ARGS``, once it has printed ``ready``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.hardening.harness", mode, *args],
+        [sys.executable, "-m", "testkit.hardening", mode, *args],
         cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -305,7 +298,7 @@ async def _start_child(mode: str, args: Sequence[str]) -> subprocess.Popen[bytes
     assert proc.stdout is not None
     line = await trio.to_thread.run_sync(proc.stdout.readline)
     if line.strip() != b"ready":
-        stop_process(proc)
+        kill_process(proc)
         raise RuntimeError(f"{mode} did not start: {line!r}")
     return proc
 
@@ -369,7 +362,7 @@ class NormalClient:
                 data = json.loads(self._final)
                 self.result = Latencies(data["seconds"], data["errors"])
         finally:
-            stop_process(proc)
+            kill_process(proc)
 
 
 # --- servers ----------------------------------------------------------------------------
@@ -806,7 +799,7 @@ class SilentHolder:
                 out = await trio.to_thread.run_sync(proc.stdout.read)
                 self.counts = json.loads(out.strip().splitlines()[-1])
         finally:
-            stop_process(proc)
+            kill_process(proc)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -824,7 +817,7 @@ def main(argv: Sequence[str]) -> None:
         trio.run(run)
     else:
         raise SystemExit(
-            "usage: python -m tests.hardening.harness normal-client|silent-holder|echo-upstream"
+            "usage: python -m testkit.hardening normal-client|silent-holder|echo-upstream"
         )
 
 
