@@ -374,7 +374,7 @@ def raise_fd_limit(max_handshakes: int) -> int:
 async def _freeze_loaded_registry(rt: Runtime) -> None:
     """A serving process froze its startup heap (``tune_gc_for_serving``), but the hostname
     registry loads after the start: 100,000 entries left in the collected generations made
-    every full collection stall all handshakes ~130 ms (bench_hostnames). Freeze them too."""
+    every full collection stall all handshakes ~130 ms (bench.hostnames). Freeze them too."""
     await rt.hostnames.wait_loaded()
     if gc.get_freeze_count():
         gc.collect()
