@@ -7,7 +7,7 @@
                +--> edgeproxy replica 127.0.0.4 --+
     pebble (tlsPort = HAProxy's port): the CA's validations land on any replica.
 
-Everything is a real process; every process is stopped at teardown.
+Everything is a real process; every process is stopped on leaving ``start_cluster``, pass or fail.
 """
 
 from __future__ import annotations

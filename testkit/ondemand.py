@@ -11,14 +11,10 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from testkit.pebble import (
-    FaultInjector,
-)
+from testkit.pebble import FaultInjector
 from testkit.proxy import RunningProxy, base_config
 
 BODY = b"served over a pebble certificate\n"
-
-
 # Tests that count newOrder POSTs: pebble rejects 5 % of nonces by default, and a retried
 # newOrder is a second POST of the same order.
 NO_NONCE_CHAOS = {"PEBBLE_WFE_NONCEREJECT": "0"}
@@ -27,6 +23,9 @@ NO_NONCE_CHAOS = {"PEBBLE_WFE_NONCEREJECT": "0"}
 def acme_config(
     tmp_path: Path, port: int, directory: str, trust: Path, up: str, **over: Any
 ) -> dict[str, Any]:
+    """edgeproxy on 127.0.0.1:``port`` ordering on demand for ``*.example.test`` from the CA at
+    ``directory`` (trusting ``trust``), one default route to ``up``; each ``over`` section is
+    merged into the one it names."""
     cfg = base_config(
         tmp_path,
         [{"sni": ["*"], "default": True, "upstreams": [up]}],
@@ -42,6 +41,8 @@ def acme_config(
 
 
 async def curl(p: RunningProxy, name: str, roots: Path, *extra: str) -> Any:
+    """``curl https://name/`` through the proxy, verifying against ``roots``; never raises on
+    curl's exit status (the test reads ``returncode``, ``stdout`` and ``stderr``)."""
     with trio.fail_after(60):
         return await trio.run_process(
             [
@@ -62,6 +63,7 @@ async def curl(p: RunningProxy, name: str, roots: Path, *extra: str) -> Any:
 
 
 async def peer_cert(port: int, name: str, roots: Path) -> x509.Certificate:
+    """The leaf served for ``name`` on ``port``, after a handshake verified against ``roots``."""
     ctx = ssl.create_default_context(cafile=str(roots))
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     tls = trio.SSLStream(tcp, ctx, server_hostname=name)
@@ -73,6 +75,7 @@ async def peer_cert(port: int, name: str, roots: Path) -> x509.Certificate:
 
 
 async def handshake_fails(port: int, name: str) -> bool:
+    """Whether a handshake for ``name`` (no verification) is refused."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -89,11 +92,14 @@ async def handshake_fails(port: int, name: str) -> bool:
 
 
 def new_orders(inj: FaultInjector) -> int:
+    """newOrder POSTs the injector passed to pebble so far."""
     return sum(1 for r in inj.seen if r.method == "POST" and r.path.endswith("/order-plz"))
 
 
 def registry_config(tmp_path: Path, port: int, directory: str, trust: Path, up: str,
                     **over: Any) -> dict[str, Any]:  # fmt: skip
+    """``acme_config`` with the hostname registry as the only source of names, and the admin
+    API on a port of its own."""
     cfg = acme_config(tmp_path, port, directory, trust, up, **over)
     cfg["on_demand"] = {**cfg["on_demand"], "allow": [], "registry": True}
     cfg["admin"] = {"listen": "127.0.0.1:0"}
@@ -102,6 +108,7 @@ def registry_config(tmp_path: Path, port: int, directory: str, trust: Path, up: 
 
 
 async def refused_with_unrecognized_name(port: int, name: str) -> bool:
+    """Whether a handshake for ``name`` ends in an ``unrecognized_name`` alert."""
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     tcp = await trio.open_tcp_stream("127.0.0.1", port)

@@ -22,16 +22,9 @@ from testkit.ports import free_port
 from testkit.procs import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 RULES = ROOT / "deploy" / "prometheus" / "edgeproxy-rules.yml"
-
-
 PROMETHEUS = shutil.which("prometheus")
-
-
 DEADLINE = 20.0  # bound on any single wait; never a timing assertion
-
 
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus missing (Debian package prometheus)"

@@ -1,6 +1,6 @@
 """The benchmark's Caddy and haproxy-bigbuf rows are what their labels say.
 
-The smoke run (test_bench_smoke.py) drives edgeproxy and HAProxy only; these two rows are
+The smoke run (tests/integration/test_bench_smoke.py) drives edgeproxy and HAProxy only; these two rows are
 checked here on their own, in seconds: each one started as ``bench.run`` starts it, with
 tickets off and on, and probed as ``bench.run`` probes it. Tickets off must mean no ticket
 and a full second handshake, on must mean a resumed one (Caddy's are switched in its own
