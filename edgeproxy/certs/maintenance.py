@@ -191,10 +191,10 @@ class Maintenance(Acquisition):
                 st = None
         if st is None:
             return None
-        if st.state == "account_paused":
-            self.start_issue(name)  # its account's pause is over: order it now
-            return None
-        if st.state != "rate_limited":
+        waiting = ("rate_limited", "account_paused")
+        if st.state == "account_paused" and st.next_attempt and st.next_attempt > now:
+            return st.next_attempt  # the account's pause was made longer meanwhile
+        if st.state not in waiting:
             return None
         if self.registry is not None and self.registry.is_removed(name):
             return None
@@ -205,8 +205,9 @@ class Maintenance(Acquisition):
         if await self.storage.get(cert_key(name)) is not None:
             return now  # issued: the next pass plans it
         st = self._status.get(name)
-        if st is not None and st.state == "rate_limited" and st.next_attempt:
-            return st.next_attempt  # still over a budget (another replica spent it)
+        if st is not None and st.state in waiting and st.next_attempt:
+            # Still over a budget (another replica spent it), or the account paused again.
+            return st.next_attempt
         return None  # failed or refused: as any new name, its next visitor tries again
 
     async def _renew(self, rec: CertRecord, *, ari_timed: bool = False) -> CertRecord | None:

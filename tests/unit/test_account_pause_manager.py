@@ -46,9 +46,10 @@ class LimitedCA(HookedIssuer):
     limited = False
     orders: list[str] = []
 
-    def __init__(self, storage: FileStorage, pauses: AccountPauses) -> None:
+    def __init__(self, storage: FileStorage, pauses: AccountPauses, clock: Clock) -> None:
         super().__init__(storage)
         self.pauses = pauses
+        self.clock = clock
 
     async def issue(  # type: ignore[override]
         self,
@@ -64,7 +65,7 @@ class LimitedCA(HookedIssuer):
                 CA, reason=RATE_LIMITED, detail="too many orders", retry_after=60.0
             )
             raise IssuanceError(
-                ACCOUNT_PAUSED, "paused until later", retry_after=pause.until - time.time()
+                ACCOUNT_PAUSED, "paused until later", retry_after=pause.until - self.clock()
             )
         return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 
@@ -72,7 +73,7 @@ class LimitedCA(HookedIssuer):
 def replica(storage: FileStorage, clock: Clock) -> CertificateManager:
     pauses = AccountPauses(storage, clock=clock)
     pauses.watch(CA, "ca")
-    return manager_for(storage, LimitedCA(storage, pauses), "*.example.test", clock=clock,
+    return manager_for(storage, LimitedCA(storage, pauses, clock), "*.example.test", clock=clock,
                        account_pauses=pauses)  # fmt: skip
 
 
