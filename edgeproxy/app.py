@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import metrics
+from . import metrics, secret_env
 from .addresses import parse_hostport
 from .certs.budget_store import CaBudgets
 from .certs.budgets import Limits
@@ -41,14 +41,6 @@ from .proxy.http import HttpListener, HttpSettings
 from .proxy.routes import Route, RouteTable
 from .proxy.senders import AddressSet
 from .proxy.server import Proxy, Settings, open_listeners
-from .secret_env import (
-    admin_secrets,
-    eab_hmac_key,
-    events_secret,
-    storage_dsn,
-    storage_encryption_key,
-    tsig_secret,
-)
 from .storage.base import Storage
 from .tls.tickets import TicketKeys
 
@@ -56,12 +48,12 @@ log = logging.getLogger("edgeproxy")
 
 
 def build_storage(cfg: Config) -> Storage:
-    enc = storage_encryption_key(cfg.storage)
+    enc = secret_env.storage_encryption_key(cfg.storage)
     try:
         if cfg.storage.backend == "postgres":
             from .storage.postgres import PostgresStorage
 
-            return PostgresStorage(storage_dsn(cfg.storage), encryption_key=enc)
+            return PostgresStorage(secret_env.storage_dsn(cfg.storage), encryption_key=enc)
         from .storage.file import FileStorage
 
         return FileStorage(cfg.storage.path, encryption_key=enc)
@@ -81,7 +73,7 @@ def refuse_unsafe_storage(storage: Storage) -> None:
 
 def build_events(cfg: Config, storage: Storage) -> Events:
     ev = cfg.events
-    secret = events_secret(ev)
+    secret = secret_env.events_secret(ev)
     return Events(storage, url=ev.url, secret=secret, source=ev.source, timeout=ev.timeout,
                   retry_max=ev.retry_max, max_age=ev.max_age,
                   lease_ttl=max(3.0, cfg.storage.lock_ttl))  # fmt: skip
@@ -108,7 +100,7 @@ def build_issuer(
             one,
             storage,
             solvers,
-            hmac_key=eab_hmac_key(one),
+            hmac_key=secret_env.eab_hmac_key(one),
             lock_ttl=cfg.storage.lock_ttl,
             pauses=pauses,
         )
@@ -129,13 +121,13 @@ def build_managed(
     from .certs.dns01 import Dns01Solver, Zone
     from .issuers.acme import AcmeIssuer
 
-    zones = [Zone.from_config(z, tsig_secret(z)) for z in cfg.acme.dns]
+    zones = [Zone.from_config(z, secret_env.tsig_secret(z)) for z in cfg.acme.dns]
     first = cfg.acme.issuer_configs()[0]
     issuer = AcmeIssuer.from_config(
         first,
         storage,
         [Dns01Solver(zones, cfg.acme.dns_resolver)],
-        hmac_key=eab_hmac_key(first),
+        hmac_key=secret_env.eab_hmac_key(first),
         lock_ttl=cfg.storage.lock_ttl,
         pauses=pauses,
     )
@@ -433,7 +425,7 @@ async def run_process(
         if cfg.admin.listen:
             from .admin.server import serve_admin
 
-            admin = admin_secrets(cfg.admin)
+            admin = secret_env.admin_secrets(cfg.admin)
             await nursery.start(functools.partial(serve_admin, rt, admin, reuse_port=reuse_port))
         await nursery.start(rt.proxy.serve, listeners)
         # Port 0 in the config (tests, demo): hints name the port actually bound.

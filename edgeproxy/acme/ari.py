@@ -16,7 +16,6 @@ the certificate manager calls ``choose_renewal_time`` and sleeps until then.
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 import re
@@ -27,6 +26,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from edgeproxy.acme.errors import AcmeProtocolError
+from edgeproxy.acme.jws import b64url
 from edgeproxy.acme.messages import parse_retry_after
 
 __all__ = [
@@ -62,10 +62,6 @@ _RFC3339 = re.compile(
 )
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _der_integer_contents(value: int) -> bytes:
     # DER INTEGER contents are the minimal two's-complement octets, so a positive serial whose
     # top bit is set gains a leading 0x00 (RFC 9773 s4.1 uses exactly these octets, not the
@@ -92,7 +88,7 @@ def cert_id(cert: x509.Certificate) -> str:
         raise AcmeProtocolError(
             "certificate's Authority Key Identifier has no keyIdentifier; it has no ARI CertID"
         )
-    return f"{_b64url(aki.key_identifier)}.{_b64url(_der_integer_contents(cert.serial_number))}"
+    return f"{b64url(aki.key_identifier)}.{b64url(_der_integer_contents(cert.serial_number))}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,6 +343,13 @@ def _opt_str(doc: Mapping[str, Any], key: str, what: str) -> str | None:
     return value
 
 
+def _list(doc: Mapping[str, Any], key: str, what: str) -> list[Any]:
+    value = doc.get(key, [])
+    if not isinstance(value, list):
+        raise AcmeProtocolError(f"{what}: field {key!r} is not a list")
+    return value
+
+
 def _str_list(doc: Mapping[str, Any], key: str, what: str) -> tuple[str, ...]:
     value = doc.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -417,9 +424,7 @@ def parse_authorization(url: str, body: bytes) -> Authorization:
     """An authorization object (RFC 8555 s7.1.4)."""
     what = f"authorization {url}"
     doc = parse_json(body, what)
-    raw_challenges = doc.get("challenges", [])
-    if not isinstance(raw_challenges, list):
-        raise AcmeProtocolError(f"{what}: field 'challenges' is not a list")
+    raw_challenges = _list(doc, "challenges", what)
     return Authorization(
         url=url,
         identifier=_identifier(doc.get("identifier"), what),
@@ -434,9 +439,7 @@ def parse_order(url: str, body: bytes) -> Order:
     """An order object (RFC 8555 s7.1.3; ``replaces`` RFC 9773 s5; ``profile``)."""
     what = f"order {url}"
     doc = parse_json(body, what)
-    raw_ids = doc.get("identifiers", [])
-    if not isinstance(raw_ids, list):
-        raise AcmeProtocolError(f"{what}: field 'identifiers' is not a list")
+    raw_ids = _list(doc, "identifiers", what)
     return Order(
         url=url,
         status=_str(doc, "status", what),

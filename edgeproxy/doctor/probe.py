@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -19,36 +18,11 @@ import trio
 
 from ..tls.challenge_cert import ACME_TLS_ALPN
 from ..wire.proxy_protocol import build_v1, build_v2
+from ..wire.tls_alert import ALERT_CONTENT_TYPE, AlertDescription
 
 KEEP_RECEIVED: Final = 64  # enough for the first record header and an HTTP status line
 _READ: Final = 16384
 
-# TLS alert descriptions (RFC 8446 s6, RFC 5246 s7.2, RFC 7301 s3.2) by code.
-_ALERTS: Final[Mapping[int, str]] = {
-    0: "close_notify",
-    10: "unexpected_message",
-    20: "bad_record_mac",
-    22: "record_overflow",
-    40: "handshake_failure",
-    42: "bad_certificate",
-    43: "unsupported_certificate",
-    46: "certificate_unknown",
-    47: "illegal_parameter",
-    48: "unknown_ca",
-    50: "decode_error",
-    51: "decrypt_error",
-    70: "protocol_version",
-    71: "insufficient_security",
-    80: "internal_error",
-    86: "inappropriate_fallback",
-    90: "user_canceled",
-    109: "missing_extension",
-    110: "unsupported_extension",
-    112: "unrecognized_name",
-    116: "certificate_required",
-    120: "no_application_protocol",
-}
-_ALERT_CONTENT_TYPE: Final = 21
 _TLS_CONTENT_TYPES: Final = frozenset({20, 21, 22, 23})
 
 
@@ -97,9 +71,16 @@ class TlsAttempt:
     def alert(self) -> str | None:
         """The TLS alert the server sent, from the plaintext record or OpenSSL's reason."""
         r = self.received
-        if len(r) >= 7 and r[0] == _ALERT_CONTENT_TYPE and r[1] == 3:
-            return _ALERTS.get(r[6], f"alert_{r[6]}")
+        if len(r) >= 7 and r[0] == ALERT_CONTENT_TYPE and r[1] == 3:
+            return _alert_name(r[6])
         return alert_from_openssl_reason(self.tls_error)
+
+
+def _alert_name(code: int) -> str:
+    try:
+        return AlertDescription(code).name.lower()
+    except ValueError:
+        return f"alert_{code}"
 
 
 def alert_from_openssl_reason(reason: str | None) -> str | None:
@@ -110,7 +91,7 @@ def alert_from_openssl_reason(reason: str | None) -> str | None:
     for prefix in ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_", "TLSV1_"):
         if r.startswith(prefix):
             desc = r.removeprefix(prefix).lower()
-            return desc if desc in _ALERTS.values() else None
+            return desc if desc.upper() in AlertDescription.__members__ else None
     return None
 
 

@@ -9,7 +9,6 @@ given (TLS-ALPN-01 answered by the data path, HTTP-01 by the port-80 listener) i
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import ssl
@@ -37,6 +36,7 @@ from ..acme.errors import (
     SolverError,
     Subproblem,
 )
+from ..acme.jws import b64url_decode
 from ..config import AcmeIssuerConfig
 from ..errors import StorageError
 from ..storage.base import Storage
@@ -118,7 +118,7 @@ class AcmeIssuer:
         ``hmac_key`` its external account binding key (``secret_env.eab_hmac_key``)."""
         eab = None
         if cfg.eab_kid and hmac_key:
-            eab = (cfg.eab_kid, _b64url_decode(hmac_key))
+            eab = (cfg.eab_kid, b64url_decode(hmac_key))
         return cls(
             directory=cfg.directory,
             storage=storage,
@@ -388,7 +388,3 @@ def _problem_text(exc: OrderInvalid | ChallengeUnavailable, name: str) -> str:
 
 def _count_acme_response(endpoint: str, status: int) -> None:
     metrics.ACME_REQUESTS.labels(endpoint, str(status) if status else "error").inc()
-
-
-def _b64url_decode(value: str) -> bytes:
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
