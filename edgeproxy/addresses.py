@@ -12,7 +12,14 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-__all__ = ["HostPort", "bound_socket", "is_loopback_host", "parse_hostport", "parse_network"]
+__all__ = [
+    "HostPort",
+    "bound_socket",
+    "is_loopback_host",
+    "parse_hostport",
+    "parse_network",
+    "parse_port",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +45,18 @@ def parse_hostport(value: str, *, what: str) -> HostPort:
             raise ValueError(f'{value!r} has no port (write {what} as "host:port")')
         if ":" in host:
             raise ValueError(f'{value!r}: put IPv6 addresses in brackets, e.g. "[::1]:443"')
+    return HostPort(host, parse_port(port_s, value))
+
+
+def parse_port(port_s: str, value: str, *, lowest: int = 0) -> int:
+    """The port part ``port_s`` of the address ``value`` (named in the error), ``lowest``-65535."""
     try:
         port = int(port_s)
     except ValueError:
         raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{value!r}: port must be 0-65535")
-    return HostPort(host, port)
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{value!r}: port must be {lowest}-65535")
+    return port
 
 
 def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

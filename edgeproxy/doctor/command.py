@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import trio
 
+from ..addresses import parse_port
 from ..config import Config
 from ..names import validate_hostname
 from ..storage.base import Storage
@@ -29,13 +30,7 @@ def parse_nameserver(value: str) -> tuple[str, int]:
         host, port_s = value.split(":")
     if not is_ip(host):
         raise ValueError(f"{value!r}: the nameserver must be an IP address (HOST:PORT)")
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{value!r}: port must be 1-65535")
-    return host, port
+    return host, parse_port(port_s, value, lowest=1)
 
 
 def doctor_command(
