@@ -40,12 +40,13 @@ def is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _json_object(raw: bytes) -> dict[str, object] | None:
+def _fields(raw: bytes, *names: str) -> list[object] | None:
+    """The named fields of a JSON object (None where absent); None if ``raw`` is not one."""
     try:
         record = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) else None
+    return [record.get(name) for name in names] if isinstance(record, dict) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +68,13 @@ class Lease:
     @classmethod
     def parse(cls, raw: bytes) -> Lease | None:
         """None for anything but a complete record: such a file is stale by definition."""
-        record = _json_object(raw)
-        if record is None:
+        fields = _fields(raw, "owner", "expires_at", "created_at", "bound")
+        if fields is None:
             return None
-        owner, expires_at, created_at = (
-            record.get("owner"),
-            record.get("expires_at"),
-            record.get("created_at"),
-        )
+        owner, expires_at, created_at, bound = fields
         if not isinstance(owner, str) or not is_number(expires_at) or not is_number(created_at):
             return None
-        return cls(owner, float(expires_at), float(created_at), record.get("bound") is True)
+        return cls(owner, float(expires_at), float(created_at), bound is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +88,10 @@ class Challenge:
 
     @classmethod
     def parse(cls, raw: bytes) -> Challenge | None:
-        record = _json_object(raw)
-        if record is None:
+        fields = _fields(raw, "key_authorization", "expires_at")
+        if fields is None:
             return None
-        key_authorization, expires_at = record.get("key_authorization"), record.get("expires_at")
+        key_authorization, expires_at = fields
         if not isinstance(key_authorization, str) or not is_number(expires_at):
             return None
         return cls(key_authorization, float(expires_at))

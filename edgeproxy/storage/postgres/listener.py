@@ -24,7 +24,7 @@ import builtins
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -51,32 +51,30 @@ class Channel:
         return key.startswith(self.prefixes)
 
 
+@dataclass(eq=False)
 class Listener:
-    """Thread that forwards change notifications to the storage's callbacks on the trio thread."""
+    """Thread that forwards change notifications to the storage's callbacks on the trio thread.
 
-    def __init__(
-        self,
-        channel: Channel,
-        connect: Callable[[], psycopg.Connection[Any]],
-        dispatch: Callable[[str], None],
-        target: Target,
-        *,
-        backoff: tuple[float, float],
-        poll: float,
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
-        self._channel = channel
-        self._connect = connect
-        self._dispatch = dispatch
-        self._target = target
-        self._backoff = backoff
-        self._poll = poll
-        self._token = token
-        self._stop = threading.Event()
+    ``connect`` opens its own connection (the schema must exist by then); ``dispatch`` runs on
+    the trio thread ``token`` names; ``backoff`` is the reconnect delay's first value and cap;
+    every ``poll`` seconds it looks up from ``notifies()`` to see whether it should stop.
+    """
+
+    channel: Channel
+    connect: Callable[[], psycopg.Connection[Any]]
+    dispatch: Callable[[str], None]
+    target: Target
+    backoff: tuple[float, float]
+    poll: float
+    token: trio.lowlevel.TrioToken
+    listening: bool = field(default=False, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
         self._thread = threading.Thread(
             target=self._run, name="edgeproxy-storage-listener", daemon=True
         )
-        self.listening = False
 
     def start(self) -> None:
         self._thread.start()
@@ -89,14 +87,14 @@ class Listener:
 
     def _run(self) -> None:
         since: int | None = None  # newest rev seen; None until the first connection
-        delay, cap = self._backoff
+        delay, cap = self.backoff
         failures = 0
         while not self._stop.is_set():
             try:
-                with self._connect() as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel.name)))
+                with self.connect() as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel.name)))
                     # After LISTEN, so nothing committed from here on can fall into a gap.
-                    since, missed = catch_up(conn, since, self._channel.prefixes)
+                    since, missed = catch_up(conn, since, self.channel.prefixes)
                     self.listening = True
                     if failures:
                         log.info(
@@ -107,18 +105,18 @@ class Listener:
                         if not self._deliver(key):
                             return
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=self._poll):
+                        for note in conn.notifies(timeout=self.poll):
                             since, delivered = self._handle(note.payload, since)
                             if not delivered:
                                 return  # the trio run is over: nobody left to tell
             except (psycopg.Error, StorageError) as exc:
                 if self._stop.is_set():
                     return  # aclose closed the pool under us: not an outage
-                detail = self._target.scrub(" ".join(str(exc).split()))
+                detail = self.target.scrub(" ".join(str(exc).split()))
                 log.log(
                     logging.WARNING if failures == 0 else logging.DEBUG,
                     "change listener lost its connection (%s): %s; reconnecting",
-                    self._target.description,
+                    self.target.description,
                     detail,
                 )
                 failures += 1
@@ -134,13 +132,13 @@ class Listener:
         if not rev_text.isdigit() or not key:
             return since, True  # not in our format: someone else's use of the channel
         since = max(since, int(rev_text))
-        if instance == self._channel.instance:
+        if instance == self.channel.instance:
             return since, True
         return since, self._deliver(key)
 
     def _deliver(self, key: str) -> bool:
         try:
-            trio.from_thread.run_sync(self._dispatch, key, trio_token=self._token)
+            trio.from_thread.run_sync(self.dispatch, key, trio_token=self.token)
         except trio.RunFinishedError:
             return False
         return True
