@@ -37,17 +37,22 @@ def normalize_name(name: str) -> str:
     return name
 
 
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address, as written (no brackets)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def is_ip_literal(name: str) -> bool:
     candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     if ":" not in candidate and not candidate[-1:].isdigit():
         # Every IPv6 literal has a colon and every IPv4 one ends in a digit: the common
         # case (a hostname from SNI, once per connection) skips the parser.
         return False
-    try:
-        ipaddress.ip_address(candidate)
-    except ValueError:
-        return False
-    return True
+    return is_ip(candidate)
 
 
 def validate_hostname(name: str) -> str:

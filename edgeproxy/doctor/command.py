@@ -10,11 +10,10 @@ import trio
 
 from ..addresses import parse_port
 from ..config import Config
-from ..names import validate_hostname
+from ..names import is_ip, validate_hostname
 from ..storage.base import Storage
 from .diagnose import diagnose
 from .report import Diagnosis
-from .resolve import is_ip
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:

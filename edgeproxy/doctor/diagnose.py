@@ -17,12 +17,12 @@ import dns.exception
 import trio
 
 from ..errors import StorageError
-from ..names import validate_hostname
+from ..names import is_ip, validate_hostname
 from ..storage.base import Storage
 from .judge import DnsJudgement, judge_dns, judge_http01, judge_silence, judge_tls, tcp_failed
 from .probe import ProxyPrefix, TlsAttempt, connect, fetch_http01, host_port, probe_tls
 from .report import Diagnosis, Finding, Report
-from .resolve import DnsAnswer, is_ip, make_resolver, resolve_chain, target_key
+from .resolve import DnsAnswer, make_resolver, resolve_chain, target_key
 from .selftest import SELF_TEST_TTL, TOKEN_PREFIX, publish_self_test, withdraw_self_test
 
 _MAX_PROBED_ADDRESSES: Final = 8

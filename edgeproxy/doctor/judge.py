@@ -13,10 +13,11 @@ from typing import Final
 
 from cryptography import x509
 
+from ..names import is_ip
 from ..tls.challenge_cert import ACME_IDENTIFIER_OID, ACME_TLS_ALPN, acme_identifier_value
 from .probe import KEEP_RECEIVED, TlsAttempt, host_port
 from .report import Finding, Verdict
-from .resolve import DnsAnswer, ip_sort_key, is_ip, norm_ip, target_key
+from .resolve import DnsAnswer, ip_sort_key, norm_ip, target_key
 
 _FIX_TLS_TERMINATED: Final = (
     "make the load balancer's listener on port {port} plain TCP (AWS NLB: protocol TCP, not "

@@ -40,14 +40,6 @@ def norm_ip(text: str) -> str:
     return ipaddress.ip_address(text).compressed
 
 
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def target_key(target: str) -> str:
     try:
         return normalize_name(target)
