@@ -278,11 +278,17 @@ def build() -> dict[str, Any]:
         "CA budget",
         "Per CA (acme.issuers name): 1 while its ACME account is paused after the CA answered "
         "rateLimited or 503 with Retry-After (no replica sends it new orders until the pause "
-        "ends; waiting names are ordered then).",
+        "ends; waiting names are ordered then). Per [acme.limits] budget: the orders left in "
+        "its window, the lowest any replica saw (+Inf: limit off); names over a budget wait "
+        "with state rate_limited.",
         [
             (
                 "max by (issuer) (edgeproxy_acme_account_paused)",
                 "{{issuer}} paused",
+            ),
+            (
+                "min by (limit) (edgeproxy_acme_budget_remaining)",
+                "{{limit}} left",
             ),
         ],
     )
