@@ -548,7 +548,8 @@ def hostnames_remove(config_path: Path, name: str) -> None:
 @hostnames.command("list")
 @_config_option
 @click.option("--state", type=click.Choice(["pending", "issuing", "active", "failing",
-                                             "rate_limited", "denied", "removed"]))  # fmt: skip
+                                             "rate_limited", "account_paused", "denied",
+                                             "removed"]))  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def hostnames_list(config_path: Path, state: str | None, as_json: bool) -> None:
     """Every registered hostname (removed ones until purged) with its state."""

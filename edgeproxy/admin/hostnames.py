@@ -45,8 +45,12 @@ MAX_BODY = 64 * 1024
 #: Parallel storage reads when describing a page of hostnames.
 READ_CONCURRENCY = 16
 
-# rate_limited: waiting for an [acme.limits] budget, ordered at its next_attempt.
-State = Literal["pending", "issuing", "active", "failing", "rate_limited", "denied", "removed"]
+# rate_limited: waiting for an [acme.limits] budget, ordered at its next_attempt;
+# account_paused: waiting for the CA account's pause after a rateLimited, likewise.
+State = Literal[
+    "pending", "issuing", "active", "failing", "rate_limited", "account_paused", "denied",
+    "removed",
+]
 STATES: tuple[str, ...] = get_args(State)
 
 _TITLES = {
@@ -478,8 +482,8 @@ def hostname_state(
             return "denied"
         if st.state == "failing":
             return "failing"
-        if st.state == "rate_limited":
-            return "rate_limited"
+        if st.state in ("rate_limited", "account_paused"):
+            return st.state
     return "active" if valid else "pending"
 
 

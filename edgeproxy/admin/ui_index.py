@@ -60,7 +60,9 @@ def prefix_start(prefix: str) -> str | None:
 def entry_state(entry: HostnameEntry, st: DomainStatus | None, now: float) -> str:
     if not entry.live:
         return "removed"
-    if st is not None and st.state in ("issuing", "denied", "failing", "rate_limited"):
+    if st is not None and st.state in (
+        "issuing", "denied", "failing", "rate_limited", "account_paused"
+    ):
         return st.state
     if st is not None and st.not_after is not None and st.not_after > now:
         return "active"

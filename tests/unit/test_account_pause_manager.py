@@ -16,6 +16,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
+from edgeproxy.admin.hostnames import hostname_state
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.record import backoff_key, cert_key
 from edgeproxy.errors import CertificateUnavailable, OrderLimited
@@ -25,6 +26,7 @@ from edgeproxy.issuers.account_pause import (
     AccountPauses,
 )
 from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
+from edgeproxy.storage.base import HostnameEntry
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import HookedIssuer, manager_for
 
@@ -73,8 +75,9 @@ class LimitedCA(HookedIssuer):
 def replica(storage: FileStorage, clock: Clock) -> CertificateManager:
     pauses = AccountPauses(storage, clock=clock)
     pauses.watch(CA, "ca")
+    # A long handshake wait: a refusal must come from the pause, never from a loaded machine.
     return manager_for(storage, LimitedCA(storage, pauses, clock), "*.example.test", clock=clock,
-                       account_pauses=pauses)  # fmt: skip
+                       account_pauses=pauses, wait=60)  # fmt: skip
 
 
 async def refused(mgr: CertificateManager, name: str) -> None:
@@ -104,6 +107,9 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
         assert st.failures == 0  # the account's wait is not the name's failure
         assert st.next_attempt is not None and abs(st.next_attempt - (clock.now + 60)) < 2
         assert await storage.get(backoff_key("a.example.test")) is None
+        # The hostname registry's view (API, status page, CLI) says so too.
+        entry = HostnameEntry("a.example.test", None, "{}", clock.now)
+        assert hostname_state(entry, st, None, clock.now) == "account_paused"
 
         # Another replica, and one started after the pause: no order, the same status.
         three = replica(storage, clock)
@@ -135,7 +141,7 @@ async def test_a_paused_account_holds_every_replica_and_resumes_by_itself(
         # The pause ends: a maintenance pass orders every waiting name, no visitor needed.
         clock.now += 61
         await three.maintenance_once()
-        with trio.fail_after(20):
+        with trio.fail_after(60):
             while not all([await storage.get(cert_key(n)) for n in due]):
                 await trio.sleep(0.05)
         assert sorted(LimitedCA.orders) == ["a.example.test", "a.example.test",
