@@ -98,7 +98,7 @@ class AccountPause:
     label: str  # the CA's short name (acme.issuers name), for metrics and the status
     since: float
     until: float
-    reason: str  # the CA's problem type
+    reason: str  # the CA's problem type ("HTTP 503" when it sent none)
     detail: str
 
     def to_json(self) -> bytes:

@@ -255,8 +255,10 @@ class AcmeIssuer:
                     and isinstance(exc, AcmeProblem)
                     and pauses_account(exc.type, exc.status, exc.retry_after)
                 ):
+                    # A 503 from a proxy in front of the CA has no problem type worth showing.
+                    reason = exc.type if exc.type != "about:blank" else f"HTTP {exc.status}"
                     pause = await self._pauses.record(
-                        self.directory, reason=exc.type, detail=exc.detail,
+                        self.directory, reason=reason, detail=exc.detail,
                         retry_after=exc.retry_after,
                     )  # fmt: skip
                     raise self._paused(pause) from None
