@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeproxy.errors import EdgeproxyError
-
-ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+from edgeproxy.reasons import ACME_ERROR_PREFIX, Reason
 
 
 class AcmeError(EdgeproxyError):
@@ -64,11 +63,11 @@ class ChallengeUnavailable(AcmeError):
 class SolverError(AcmeError):
     """A challenge solver could not put its answer in place (before the CA was asked).
 
-    ``reason`` is a short token for the status and its hint (e.g. ``dns_tsig_rejected``), so
+    ``reason`` types it for the status and its hint (e.g. ``Reason.DNS_TSIG_REJECTED``), so
     the operator is told what to fix without the hint parsing the message.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

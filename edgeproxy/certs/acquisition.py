@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from .. import metrics
 from ..errors import LockUnavailable, OrderLimited, StorageError
-from ..issuers.account_pause import ACCOUNT_PAUSED
 from ..issuers.base import IssuanceError
 from ..names import InvalidName, validate_hostname
+from ..reasons import Failure, Reason
 from ..storage.locks import LockLost, hold_lock
 from ..tls.contexts import generate_private_key
 from . import history
@@ -34,7 +34,7 @@ from .manager_state import cert_data, iso_utc, task_failed
 from .record import Backoff, CertRecord, RecordError, backoff_key, cert_key, lock_name
 from .renewal import backoff_delay
 from .schedule import RenewalSchedule
-from .status import DomainStatus, State, hint_for
+from .status import DomainStatus, State, hint_for, order_failure
 
 log = logging.getLogger("edgeproxy.certs")
 
@@ -78,13 +78,13 @@ class Acquisition(RenewalSchedule):
         try:
             validate_hostname(name)
         except InvalidName as exc:
-            self._fail(name, "invalid_name", str(exc), state="denied", backoff=False)
+            self._fail(name, Failure(Reason.INVALID_NAME, str(exc)), state="denied", backoff=False)
             return
         now = self.clock()
         try:
             rec = await self._load(name)
         except StorageError as exc:
-            self._fail(name, "storage", str(exc), backoff=False, ordered=False)
+            self._fail(name, Failure(Reason.STORAGE, str(exc)), backoff=False, ordered=False)
             return
         if rec is not None and rec.not_after > now:
             self._install(rec)
@@ -97,19 +97,12 @@ class Acquisition(RenewalSchedule):
             return
         decision = await self.policy.check(name)
         if not decision.allowed:
-            self._fail(
-                name,
-                decision.reason,
-                decision.detail or decision.reason,
-                state="denied",
-                backoff=False,
-            )
+            self._fail(name, decision.refusal, state="denied", backoff=False)
             return
         if not self._orders.take():
             self._fail(
                 name,
-                "order_rate_limited",
-                "on_demand.max_orders_per_minute reached",
+                Failure(Reason.ORDER_RATE_LIMITED, "on_demand.max_orders_per_minute reached"),
                 backoff=False,
                 ordered=False,
             )
@@ -131,7 +124,7 @@ class Acquisition(RenewalSchedule):
             try:
                 rec = await self._load(name)
             except StorageError as exc:
-                self._fail(name, "storage", str(exc), backoff=False, ordered=False)
+                self._fail(name, Failure(Reason.STORAGE, str(exc)), backoff=False, ordered=False)
                 return None
             if rec is not None and rec.not_after > now:
                 self._install(rec)
@@ -165,7 +158,7 @@ class Acquisition(RenewalSchedule):
     def _budget_limited(self, name: str, now: float) -> OrderLimited | None:
         """The name waits for an [acme.limits] budget: as the admin API's 429."""
         st = self._status.get(name)
-        if st is None or st.last_error_type != "rate_limited" or not st.next_attempt:
+        if st is None or st.reason is not Reason.BUDGET_EXHAUSTED or not st.next_attempt:
             return None
         if st.next_attempt <= now:
             return None
@@ -238,14 +231,17 @@ class Acquisition(RenewalSchedule):
                         if admitted is not None and self.budgets is not None:
                             # No certificate: its certificate units go back to the budgets.
                             await self.budgets.refund([name], admitted.at)
-                        if exc.error_type == ACCOUNT_PAUSED:
+                        if exc.failure.reason is Reason.ACCOUNT_PAUSED:
                             # The account's wait, not this name's failure: no backoff step.
-                            until = self.clock() + (exc.retry_after or 0.0)
-                            await self._hold_for_pause(name, old, exc.detail, until)
+                            until = self.clock() + (exc.failure.retry_after or 0.0)
+                            await self._hold_for_pause(name, old, exc.failure.detail, until)
                             return None
                         # Recorded before the lease is released: whoever takes it next sees it.
                         await self._store_backoff(
-                            name, shared, exc.retry_after, validation=exc.challenge_type is not None
+                            name,
+                            shared,
+                            exc.failure.retry_after,
+                            validation=exc.failure.challenge_type is not None,
                         )
                         raise
                     rec = CertRecord.build(
@@ -260,26 +256,11 @@ class Acquisition(RenewalSchedule):
         except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
             # A renewal that fails says so in its hint, with how long the old one still serves.
             serving_until = old.not_after if old and old.not_after > self.clock() else None
+            self._fail(name, order_failure(exc, self.issue_timeout), serving_until=serving_until)
             if isinstance(exc, IssuanceError):
-                self._fail(
-                    name,
-                    exc.error_type,
-                    exc.detail,
-                    retry_after=exc.retry_after,
-                    challenge_type=exc.challenge_type,
-                    serving_until=serving_until,
-                    earlier=exc.earlier,
-                )
                 metrics.ACME_ORDERS.labels("failed").inc()
                 if renewing:
                     metrics.RENEWALS.labels("failed").inc()
-            elif isinstance(exc, trio.TooSlowError):
-                detail = f"issuance took longer than {self.issue_timeout:.0f}s"
-                self._fail(name, "timeout", detail, serving_until=serving_until)
-            elif isinstance(exc, StorageError):
-                self._fail(name, "storage", str(exc), serving_until=serving_until)
-            else:
-                self._fail(name, "lock_timeout", str(exc), serving_until=serving_until)
             st = self._status.get(name)
             if st is not None and st.last_error_type:
                 self._emit("certificate.failed", name, {"type": st.last_error_type,
@@ -332,8 +313,9 @@ class Acquisition(RenewalSchedule):
             state="account_paused",
             next_attempt=until,
             last_error=detail,
-            last_error_type=ACCOUNT_PAUSED,
-            hint=hint_for(ACCOUNT_PAUSED, detail, serving_until=serving_until),
+            last_error_type=Reason.ACCOUNT_PAUSED.value,
+            reason=Reason.ACCOUNT_PAUSED,
+            hint=hint_for(Reason.ACCOUNT_PAUSED, detail, serving_until=serving_until),
         )
         log.info("certificate for %s waits: %s", name, detail)
         try:
@@ -399,7 +381,8 @@ class Acquisition(RenewalSchedule):
             state="renewing" if renewing else "rate_limited",
             next_attempt=wait.until,
             last_error=detail,
-            last_error_type="rate_limited",
+            last_error_type=Reason.BUDGET_EXHAUSTED.value,
+            reason=Reason.BUDGET_EXHAUSTED,
             hint=hint,
             extra={"limit": f"acme.limits.{wait.limit}"},
         )
@@ -418,7 +401,8 @@ class Acquisition(RenewalSchedule):
             last_error=(st.last_error if st is not None and st.last_error else
                         f"{shared.failures} failed attempt(s) recorded in storage"),
             last_error_type=(st.last_error_type if st is not None and st.last_error_type
-                             else "backoff"),
+                             else Reason.BACKOFF.value),
+            reason=(st.reason if st is not None and st.last_error_type else Reason.BACKOFF),
         )  # fmt: skip
 
     async def _remember(self, name: str, renewing: bool, failed: DomainStatus | None) -> None:

@@ -117,6 +117,7 @@ class CertificateCache(StatusBook):
                 failures=0,
                 last_error=None,
                 last_error_type=None,
+                reason=None,
                 hint=None,
                 next_attempt=None,
                 renew_at=(st.renew_at if st and st.not_after == rec.not_after else plan.at),

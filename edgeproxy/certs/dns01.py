@@ -45,6 +45,7 @@ from ..acme.jws import b64url
 from ..addresses import parse_hostport
 from ..config import DnsZoneConfig
 from ..errors import ConfigError
+from ..reasons import Reason
 
 log = logging.getLogger("edgeproxy.dns01")
 
@@ -140,7 +141,7 @@ class Dns01Solver:
         zone = zone_for(self._zones, target)
         if zone is None:
             raise DnsUpdateError(
-                "dns_zone_not_found",
+                Reason.DNS_ZONE_NOT_FOUND,
                 f"{target} (the challenge record of {identifier}) is in none of the "
                 "[[acme.dns]] zones: add its zone, or CNAME _acme-challenge into one",
             )
@@ -173,17 +174,17 @@ class Dns01Solver:
             response = await dns.asyncquery.tcp(upd, host, port=port, timeout=QUERY_TIMEOUT)
         except dns.tsig.PeerError as exc:
             raise DnsUpdateError(
-                "dns_tsig_rejected",
+                Reason.DNS_TSIG_REJECTED,
                 f"{what}: {host}:{port} rejected our TSIG key ({type(exc).__name__}; check "
                 "tsig_key_name, tsig_algorithm and the secret)",
             ) from None
         except (OSError, dns.exception.DNSException) as exc:
             raise DnsUpdateError(
-                "dns_update_failed", f"{what}: update to {host}:{port} failed: {exc!r}"
+                Reason.DNS_UPDATE_FAILED, f"{what}: update to {host}:{port} failed: {exc!r}"
             ) from None
         if response.rcode() != dns.rcode.NOERROR:
             raise DnsUpdateError(
-                "dns_update_refused",
+                Reason.DNS_UPDATE_REFUSED,
                 f"{what}: {host}:{port} refused the update ({dns.rcode.to_text(response.rcode())}"
                 "; check the TSIG key and the zone's update-policy)",
             )
@@ -202,11 +203,11 @@ class Dns01Solver:
             if cname is None:
                 return name
             if cname in seen:
-                raise DnsUpdateError("dns_cname_loop", f"CNAME loop at {name}")
+                raise DnsUpdateError(Reason.DNS_CNAME_LOOP, f"CNAME loop at {name}")
             seen.add(cname)
             name = cname
         raise DnsUpdateError(
-            "dns_cname_loop", f"more than {MAX_CNAME_HOPS} CNAMEs from {min(seen)}"
+            Reason.DNS_CNAME_LOOP, f"more than {MAX_CNAME_HOPS} CNAMEs from {min(seen)}"
         )
 
     async def _cname(self, name: dns.name.Name) -> dns.name.Name | None:
@@ -226,7 +227,7 @@ class Dns01Solver:
             return None
         except (OSError, dns.exception.DNSException) as exc:
             raise DnsUpdateError(
-                "dns_lookup_failed", f"cannot look up CNAME {name}: {exc!r}"
+                Reason.DNS_LOOKUP_FAILED, f"cannot look up CNAME {name}: {exc!r}"
             ) from None
         if rrset is None or rrset.rdtype != dns.rdatatype.CNAME:
             return None
@@ -249,7 +250,7 @@ class Dns01Solver:
                     pause = min(pause * 2, POLL_CAP)
             return
         raise DnsUpdateError(
-            "dns_propagation_timeout",
+            Reason.DNS_PROPAGATION_TIMEOUT,
             f"TXT {name} not answered by {', '.join(f'{h}:{p}' for h, p in sorted(pending))} "
             f"within {zone.propagation_timeout:.0f}s",
         )

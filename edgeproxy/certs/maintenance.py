@@ -15,6 +15,7 @@ from typing import get_args
 
 from .. import metrics
 from ..errors import StorageError
+from ..reasons import Reason
 from . import history, status_store
 from .acquisition import Acquisition
 from .manager_state import cert_data, iso_utc, task_failed
@@ -37,7 +38,7 @@ RENEWALS_PER_PASS = 20
 # an index entry lost to a crash; the first pass after start does it too.
 RECONCILE_INTERVAL = 6 * 3600.0
 # Policy answers that say "could not ask", not "no": a renewal waits and asks again.
-TRANSIENT_REFUSALS = frozenset({"ask_unavailable", "ask_rate_limited"})
+TRANSIENT_REFUSALS = frozenset({Reason.ASK_UNAVAILABLE, Reason.ASK_RATE_LIMITED})
 # A wanted certificate this close to expiry, not yet renewed, makes a certificate.expiring event.
 EXPIRING_NOTICE = 7 * 86400.0
 
@@ -225,14 +226,14 @@ class Maintenance(Acquisition):
             return None
         decision = await self.policy.check(rec.name, fresh=True)
         if not decision.allowed:
-            detail = decision.detail or decision.reason
+            refusal = decision.refusal
             if decision.reason in TRANSIENT_REFUSALS:
                 # "Could not ask" is not "no": keep the certificate and ask again later.
-                self._fail(rec.name, decision.reason, detail)
+                self._fail(rec.name, refusal)
                 return None
-            log.info("not renewing %s: %s (%s)", rec.name, decision.reason, detail)
+            log.info("not renewing %s: %s (%s)", rec.name, decision.reason, refusal.detail)
             self._drop_expiry_series(rec.name)
-            self._fail(rec.name, decision.reason, detail, state="denied")
+            self._fail(rec.name, refusal, state="denied")
             return None
         log.info("renewing %s (not after %s)", rec.name, iso_utc(rec.not_after))
         return await self.obtain(rec.name, old=rec, ari_timed=ari_timed)

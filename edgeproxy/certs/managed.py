@@ -42,7 +42,7 @@ from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import build_server_context, generate_private_key
 from . import status_store
 from .static import StaticCertificates
-from .status import DomainStatus, State, hint_for
+from .status import DomainStatus, State, hint_for, order_failure
 
 log = logging.getLogger("edgeproxy.managed")
 
@@ -76,17 +76,6 @@ def renew_at(cert: x509.Certificate) -> float:
 
 def due(cert: x509.Certificate, now: float) -> bool:
     return now >= renew_at(cert)
-
-
-def _typed(exc: Exception, issue_timeout: float) -> tuple[str, str, str | None]:
-    """(error type, detail, challenge type) of an expected failure, as the manager types them."""
-    if isinstance(exc, IssuanceError):
-        return exc.error_type, exc.detail, exc.challenge_type
-    if isinstance(exc, trio.TooSlowError):
-        return "timeout", f"issuance took longer than {issue_timeout:.0f}s", None
-    if isinstance(exc, StorageError):
-        return "storage", str(exc), None
-    return "lock_timeout", str(exc), None
 
 
 class ManagedCertificates:
@@ -175,7 +164,8 @@ class ManagedCertificates:
         }
 
     async def _failed(self, names: tuple[str, ...], exc: Exception) -> None:
-        error_type, detail, challenge = _typed(exc, self._issue_timeout)
+        failure = order_failure(exc, self._issue_timeout)
+        error_type, detail = failure.type, failure.detail
         self.errors[names] = f"{error_type}: {detail}"
         # Counted like an on-demand order: a failed ACME order, and a failed renewal when a
         # certificate is held; neither is a bug (background-task errors are for those).
@@ -194,10 +184,11 @@ class ManagedCertificates:
             failures=(held.failures if held is not None else 0) + 1,
             last_error=detail,
             last_error_type=error_type,
+            reason=failure.reason,
             hint=hint_for(
-                error_type,
+                failure.reason,
                 detail,
-                challenge_type=challenge or "dns-01",
+                challenge_type=failure.challenge_type or "dns-01",
                 serving_until=held.not_after if serving and held is not None else None,
             ),
             next_attempt=now + min(RETRY_PAUSE, self._renew_interval),

@@ -98,10 +98,8 @@ class CertificateManager(Maintenance):
             raise CertificateUnavailable(
                 name, "timeout", f"not issued within on_demand.wait={self.wait}s"
             )
-        if st is not None and st.last_error_type:
-            raise CertificateUnavailable(
-                name, st.last_error_type.rsplit(":", 1)[-1], st.last_error or ""
-            )
+        if st is not None and st.reason is not None:
+            raise CertificateUnavailable(name, st.reason, st.last_error or "")
         raise CertificateUnavailable(name, "unavailable")
 
     def may_serve(self, name: str) -> bool:
@@ -155,7 +153,7 @@ class CertificateManager(Maintenance):
         self._drop_expiry_series(name)
         if after is not None:
             self._set_status(name, state="removed", last_error=None, last_error_type=None,
-                             hint=None, next_attempt=None)  # fmt: skip
+                             reason=None, hint=None, next_attempt=None)  # fmt: skip
         else:
             self._status.pop(name, None)
         log.info("hostname %s removed: no longer served or renewed", name)

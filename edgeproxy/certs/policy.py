@@ -27,6 +27,7 @@ import trio
 
 from .. import metrics
 from ..names import InvalidName, name_matches, validate_hostname
+from ..reasons import Failure, Reason
 
 log = logging.getLogger("edgeproxy.policy")
 
@@ -35,8 +36,13 @@ log = logging.getLogger("edgeproxy.policy")
 class Decision:
     allowed: bool
     source: str  # static | ask | cache | invalid | ratelimit | none
-    reason: str  # short token: allowed | denied | invalid_name | ask_unavailable | ...
+    reason: Reason  # ALLOWED, or why not: DENIED, REMOVED, INVALID_NAME, ASK_UNAVAILABLE ...
     detail: str = ""
+
+    @property
+    def refusal(self) -> Failure:
+        """This refusal as the failure a status records (its detail, else the reason)."""
+        return Failure(self.reason, self.detail or self.reason.value)
 
 
 #: The query parameter that carries the name to the ask endpoint.
@@ -144,21 +150,21 @@ class OnDemandPolicy:
         try:
             name = validate_hostname(raw_name)
         except InvalidName as exc:
-            return self._count(Decision(False, "invalid", "invalid_name", str(exc)))
+            return self._count(Decision(False, "invalid", Reason.INVALID_NAME, str(exc)))
         registry = self.registry
         if registry is not None:
             if registry.is_removed(name):
                 detail = "the hostname was removed from the registry"
-                return self._count(Decision(False, "registry", "removed", detail))
+                return self._count(Decision(False, "registry", Reason.REMOVED, detail))
             if self.registry_allows and registry.is_registered(name):
-                return self._count(Decision(True, "registry", "allowed"))
+                return self._count(Decision(True, "registry", Reason.ALLOWED))
         if self.static_allows(name):
-            return self._count(Decision(True, "static", "allowed"))
+            return self._count(Decision(True, "static", Reason.ALLOWED))
         if not self.ask:
             detail = "not registered and no allow pattern matches" if self.registry_allows else (
                 "no allow pattern matches"
             )
-            return self._count(Decision(False, "none", "denied", detail))
+            return self._count(Decision(False, "none", Reason.DENIED, detail))
         cached = None if fresh else self._cached(name)
         if cached is not None:
             return self._count(cached)
@@ -169,7 +175,8 @@ class OnDemandPolicy:
             if cached is not None:
                 return self._count(cached)
         if not self._bucket.take():
-            return self._count(Decision(False, "ratelimit", "ask_rate_limited", "too many asks"))
+            limited = Decision(False, "ratelimit", Reason.ASK_RATE_LIMITED, "too many asks")
+            return self._count(limited)
         ev = self._inflight[name] = trio.Event()
         try:
             decision = await self._ask(name)
@@ -215,12 +222,12 @@ class OnDemandPolicy:
                 resp = await client.get(ask_url(self.ask, name), timeout=self.ask_timeout)
             if scope.cancelled_caught:
                 log.warning("ask endpoint timed out for %s after %.1fs", name, self.ask_timeout)
-                return Decision(False, "ask", "ask_unavailable", "ask endpoint timed out")
+                return Decision(False, "ask", Reason.ASK_UNAVAILABLE, "ask endpoint timed out")
         except httpx.HTTPError as exc:
             log.warning("ask endpoint failed for %s: %s", name, type(exc).__name__)
             return Decision(
-                False, "ask", "ask_unavailable", f"ask endpoint error: {type(exc).__name__}"
+                False, "ask", Reason.ASK_UNAVAILABLE, f"ask endpoint error: {type(exc).__name__}"
             )
         if 200 <= resp.status_code < 300:
-            return Decision(True, "ask", "allowed")
-        return Decision(False, "ask", "denied", f"ask endpoint answered {resp.status_code}")
+            return Decision(True, "ask", Reason.ALLOWED)
+        return Decision(False, "ask", Reason.DENIED, f"ask endpoint answered {resp.status_code}")

@@ -117,7 +117,7 @@ class RenewalSchedule(CertificateCache):
             long_term = typed is not None and typed.long_term
             status = typed.status if typed is not None else 0
             failures = (state.failures if state is not None and state.error else 0) + 1
-            delay = ari.error_retry_delay(long_term, failures, exc.retry_after)
+            delay = ari.error_retry_delay(long_term, failures, exc.failure.retry_after)
             log.info(
                 "ARI check for %s failed (%s, next in %.0fs): %s",
                 rec.name,

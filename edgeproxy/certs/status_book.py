@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import StorageError
+from ..reasons import Failure
 from . import status_store
 from .manager_state import ManagerState
 from .renewal import backoff_delay
@@ -50,20 +51,18 @@ class StatusBook(ManagerState):
     def _fail(
         self,
         name: str,
-        error_type: str,
-        detail: str,
+        failure: Failure,
         *,
         state: State = "failing",
         backoff: bool = True,
-        retry_after: float | None = None,
-        challenge_type: str | None = None,
         serving_until: float | None = None,
         ordered: bool = True,
-        earlier: tuple[str, ...] = (),
     ) -> None:
         """Record a failure. ``ordered=False`` (and every refusal): it happened before any
         order, so unless the name already has a status it is remembered in bounded memory
         only; a flood of random names must not grow storage."""
+        error_type, detail = failure.type, failure.detail
+        retry_after, challenge_type = failure.retry_after, failure.challenge_type
         st = self._status.get(name)
         failures = (st.failures if st else 0) + (1 if backoff else 0)
         next_attempt = None
@@ -73,7 +72,7 @@ class StatusBook(ManagerState):
                 delay = max(delay, retry_after)
             next_attempt = self.clock() + delay
         hint = hint_for(
-            error_type,
+            failure.reason,
             detail,
             challenge_type=challenge_type,
             listen_ports=self.http_ports if challenge_type == "http-01" else self.listen_ports,
@@ -88,6 +87,7 @@ class StatusBook(ManagerState):
                 state=state,
                 last_error=detail,
                 last_error_type=error_type,
+                reason=failure.reason,
                 hint=hint,
                 updated_at=self.clock(),
             )
@@ -98,8 +98,8 @@ class StatusBook(ManagerState):
             return
         if challenge_type is not None:
             detail = f"{challenge_type}: {detail}"
-        if earlier:
-            detail = "".join(f"{e}; then " for e in earlier) + detail
+        if failure.earlier:
+            detail = "".join(f"{e}; then " for e in failure.earlier) + detail
         # A cached certificate keeps being served while renewal fails: keep its state visible.
         if state == "failing" and name in self._cache:
             state = "renewing"
@@ -109,6 +109,7 @@ class StatusBook(ManagerState):
             failures=failures,
             last_error=detail,
             last_error_type=error_type,
+            reason=failure.reason,
             hint=hint,
             next_attempt=next_attempt,
         )

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, fields
 from typing import Protocol
 
+from ..reasons import Reason
 from ..storage.base import StoredItem
 from .status import DomainStatus
 
@@ -73,9 +74,24 @@ def decode(raw: bytes) -> DomainStatus:
             d["ari_window"] = tuple(d["ari_window"])
         # Records written by a newer or older version (rolling upgrades share storage): keep
         # the fields this version knows.
-        return DomainStatus(**{k: v for k, v in d.items() if k in _FIELDS})
+        stored_reason = d.pop("reason", None)
+        st = DomainStatus(**{k: v for k, v in d.items() if k in _FIELDS})
     except (ValueError, TypeError) as exc:
         raise UnreadableStatus(str(exc)) from None
+    if st.last_error_type:
+        st.reason = _reason(stored_reason, st.last_error_type)
+    return st
+
+
+def _reason(stored: object, error_type: str) -> Reason:
+    """The typed reason of a stored status: as stored, or (a record from before reasons were
+    stored, or a reason this version does not know) read from its error type."""
+    if isinstance(stored, str):
+        try:
+            return Reason(stored)
+        except ValueError:
+            pass
+    return Reason.of_type(error_type)
 
 
 async def read(storage: StatusReader, name: str) -> DomainStatus | None:

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from .. import metrics
 from ..errors import StorageError
+from ..reasons import Reason, short_name
 from ..storage.base import Storage, StoredItem
 
 log = logging.getLogger("edgeproxy.acme")
@@ -58,7 +59,7 @@ MAX_PAUSE = 86400.0
 CACHE_SECONDS = 3.0
 
 RATE_LIMITED = "urn:ietf:params:acme:error:rateLimited"
-ACCOUNT_PAUSED = "account_paused"  # the reason token the issuer raises and statuses show
+ACCOUNT_PAUSED = Reason.ACCOUNT_PAUSED  # the reason the issuer raises and statuses show
 
 
 def account_stem(directory: str) -> str:
@@ -129,7 +130,7 @@ class AccountPause:
 
     def describe(self) -> str:
         """What a waiting name's status says (the CA's own words included)."""
-        short = self.reason.rsplit(":", 1)[-1]
+        short = short_name(self.reason)
         return (
             f"new orders to CA {self.label} are paused until {iso_time(self.until)} "
             f"(it answered {short}: {self.detail})"

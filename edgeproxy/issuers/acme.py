@@ -39,6 +39,7 @@ from ..acme.errors import (
 from ..acme.jws import b64url_decode
 from ..config import AcmeIssuerConfig
 from ..errors import StorageError
+from ..reasons import ACME_ERROR_PREFIX, Failure, Reason
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
 from .account_pause import (
@@ -296,9 +297,8 @@ class AcmeIssuer:
             self._report_stats(client)
 
     def _paused(self, pause: AccountPause) -> IssuanceError:
-        return IssuanceError(
-            ACCOUNT_PAUSED, pause.describe(), retry_after=max(0.0, pause.until - time.time())
-        )
+        wait = max(0.0, pause.until - time.time())
+        return IssuanceError(Failure(ACCOUNT_PAUSED, pause.describe(), retry_after=wait))
 
     def _translate(self, exc: AcmeError, name: str, earlier: list[str]) -> IssuanceError:
         """The ``IssuanceError`` for the manager; ``earlier`` are the challenge types that
@@ -306,46 +306,56 @@ class AcmeIssuer:
         before = tuple(earlier)
         if isinstance(exc, OrderInvalid):
             problem = _most_specific(exc.problem, name)
-            ptype = problem.type if problem else "urn:ietf:params:acme:error:orderInvalid"
-            detail = problem.detail if problem else str(exc)
-            return IssuanceError(ptype, detail, challenge_type=exc.challenge_type, earlier=before)
+            if problem is None:
+                failure = Failure(
+                    Reason.ORDER_INVALID,
+                    str(exc),
+                    ACME_ERROR_PREFIX + Reason.ORDER_INVALID,
+                    challenge_type=exc.challenge_type,
+                    earlier=before,
+                )
+            else:
+                failure = Failure.problem(
+                    problem.type, problem.detail, challenge_type=exc.challenge_type, earlier=before
+                )
+            return IssuanceError(failure)
         if isinstance(exc, ChallengeUnavailable):
-            return IssuanceError("challenge_unavailable", str(exc), earlier=before)
+            return IssuanceError(Failure(Reason.CHALLENGE_UNAVAILABLE, str(exc), earlier=before))
         if isinstance(exc, AcmeProblem):
             said = _most_specific(exc, name) or exc
             return IssuanceError(
-                said.type, said.detail, retry_after=exc.retry_after, earlier=before
+                Failure.problem(said.type, said.detail, retry_after=exc.retry_after, earlier=before)
             )
         if isinstance(exc, SolverError):
             # Our side of the challenge failed (e.g. the DNS update): typed for the hint.
-            return IssuanceError(exc.reason, str(exc), earlier=before)
+            return IssuanceError(Failure(exc.reason, str(exc), earlier=before))
         if isinstance(exc, AcmeTransportError):
-            return IssuanceError("unreachable", f"{self.directory}: {exc}", earlier=before)
-        return IssuanceError("acme", str(exc), earlier=before)
+            detail = f"{self.directory}: {exc}"
+            return IssuanceError(Failure(Reason.UNREACHABLE, detail, earlier=before))
+        return IssuanceError(Failure(Reason.ACME, str(exc), earlier=before))
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
         try:
             client = await self._get_client()
         except AcmeTransportError as exc:
-            raise IssuanceError("unreachable", str(exc)) from None
+            raise IssuanceError(Failure(Reason.UNREACHABLE, str(exc))) from None
         except AcmeError as exc:
-            raise IssuanceError("acme", str(exc)) from None
+            raise IssuanceError(Failure(Reason.ACME, str(exc))) from None
         try:
             info = await client.renewal_info(x509.load_pem_x509_certificates(chain_pem)[0])
         except AcmeProblem as exc:
             raise RenewalInfoError(
-                exc.type,
-                exc.detail,
+                Failure.problem(exc.type, exc.detail, retry_after=exc.retry_after),
                 long_term=ari.is_long_term_error(exc.status),
                 status=exc.status,
-                retry_after=exc.retry_after,
             ) from None
         except AcmeTransportError as exc:
-            raise RenewalInfoError("unreachable", str(exc), long_term=False) from None
+            failure = Failure(Reason.UNREACHABLE, str(exc))
+            raise RenewalInfoError(failure, long_term=False) from None
         except AcmeError as exc:
             # The CA's answer cannot be read, or the certificate cannot be named as a CertID
             # (no Authority Key Identifier): asking again soon would get the same.
-            raise RenewalInfoError("acme", str(exc), long_term=True) from None
+            raise RenewalInfoError(Failure(Reason.ACME, str(exc)), long_term=True) from None
         if info is None:
             return None
         return RenewalWindow(
@@ -384,7 +394,7 @@ def _problem_text(exc: OrderInvalid | ChallengeUnavailable, name: str) -> str:
     if isinstance(exc, OrderInvalid):
         problem = _most_specific(exc.problem, name)
         if problem is not None:
-            return f"{problem.type.rsplit(':', 1)[-1]}: {problem.detail}"
+            return f"{problem.acme_type or problem.type}: {problem.detail}"
     return str(exc)
 
 

@@ -14,6 +14,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
+from ..reasons import Failure
+
 
 def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> str:
     """The one form in which edgeproxy stores private keys: unencrypted PKCS#8 PEM (storage
@@ -71,29 +73,16 @@ class Issuer(Protocol):
 
 
 class IssuanceError(Exception):
-    """Issuance failed; ``error_type`` is the ACME problem type or one of our reason tokens.
+    """Issuance failed: ``failure`` says why, typed (the CA's problem type and detail, or one
+    of our reasons), with ``retry_after`` and the challenge type tried.
 
-    The certificate manager decides retries and hints from ``error_type`` and ``retry_after``,
-    never from the message text.
+    The certificate manager decides retries and hints from ``failure.reason`` and
+    ``retry_after``, never from the message text.
     """
 
-    def __init__(
-        self,
-        error_type: str,
-        detail: str,
-        *,
-        retry_after: float | None = None,
-        challenge_type: str | None = None,
-        earlier: tuple[str, ...] = (),
-    ) -> None:
-        super().__init__(f"{error_type}: {detail}")
-        self.error_type = error_type
-        self.detail = detail
-        self.retry_after = retry_after
-        # Set when a validation failed: which challenge type the CA tried (for the hint).
-        self.challenge_type = challenge_type
-        # Failures of other challenge types tried before this one, for the status.
-        self.earlier = earlier
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"{failure.type}: {failure.detail}")
+        self.failure = failure
 
 
 class RenewalInfoError(IssuanceError):
@@ -106,15 +95,7 @@ class RenewalInfoError(IssuanceError):
     is the HTTP status (0: no answer).
     """
 
-    def __init__(
-        self,
-        error_type: str,
-        detail: str,
-        *,
-        long_term: bool,
-        status: int = 0,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(error_type, detail, retry_after=retry_after)
+    def __init__(self, failure: Failure, *, long_term: bool, status: int = 0) -> None:
+        super().__init__(failure)
         self.long_term = long_term
         self.status = status

@@ -14,6 +14,7 @@ Must not know: ACME itself, storage, the certificate manager's schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -64,26 +65,22 @@ class FallbackIssuer:
                 issued = await member.issue(name, private_key, replacing=replacing, prefer=prefer)
             except IssuanceError as exc:
                 metrics.ISSUER_ORDERS.labels(member.label, "failed").inc()
-                short = exc.error_type.rsplit(":", 1)[-1]
+                said = exc.failure
                 if i + 1 == len(self.members):
                     raise IssuanceError(
-                        exc.error_type,
-                        exc.detail,
-                        retry_after=exc.retry_after,
-                        challenge_type=exc.challenge_type,
-                        earlier=(*failed, *exc.earlier),
+                        dataclasses.replace(said, earlier=(*failed, *said.earlier))
                     ) from None
                 following = self.members[i + 1].label
                 log.warning(
                     "issuer %s could not issue for %s (%s: %s); trying issuer %s",
                     member.label,
                     name,
-                    short,
-                    exc.detail,
+                    said.short_type,
+                    said.detail,
                     following,
                 )
                 metrics.ISSUER_FALLBACKS.labels(member.label, following).inc()
-                failed.append(f"issuer {member.label}: {short}: {exc.detail}")
+                failed.append(f"issuer {member.label}: {said.short_type}: {said.detail}")
                 continue
             metrics.ISSUER_ORDERS.labels(member.label, "valid").inc()
             return issued

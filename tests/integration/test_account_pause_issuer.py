@@ -61,7 +61,7 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         inj.rules[:] = [unavailable(None)]
         with pytest.raises(IssuanceError) as plain:
             await issuer.issue(NAME, key)
-        assert plain.value.error_type == "about:blank"
+        assert plain.value.failure.type == "about:blank"
         assert await storage.get(pause_key(inj.directory_url)) is None
 
         # With Retry-After as an HTTP-date 40 s ahead: paused until then.
@@ -69,9 +69,9 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         inj.rules[:] = [unavailable(format_datetime(then, usegmt=True))]
         with pytest.raises(IssuanceError) as paused:
             await issuer.issue(NAME, key)
-        assert paused.value.error_type == ACCOUNT_PAUSED
-        assert paused.value.retry_after is not None and 30 < paused.value.retry_after <= 40
-        assert "(it answered HTTP 503: service busy)" in paused.value.detail
+        assert paused.value.failure.type == ACCOUNT_PAUSED
+        assert paused.value.failure.retry_after is not None and 30 < paused.value.failure.retry_after <= 40
+        assert "(it answered HTTP 503: service busy)" in paused.value.failure.detail
         raw = await storage.get(pause_key(inj.directory_url))
         assert raw is not None
         record = AccountPause.from_json(raw, pause_key(inj.directory_url))
@@ -89,7 +89,7 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         for each in (issuer, other):
             with pytest.raises(IssuanceError) as again:
                 await each.issue(NAME, key)
-            assert again.value.error_type == ACCOUNT_PAUSED
+            assert again.value.failure.type == ACCOUNT_PAUSED
         assert inj.count("newOrder") == before
         await other.aclose()
     finally:

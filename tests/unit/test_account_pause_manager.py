@@ -26,6 +26,7 @@ from edgeproxy.issuers.account_pause import (
     AccountPauses,
 )
 from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.base import HostnameEntry
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import HookedIssuer, manager_for
@@ -67,7 +68,7 @@ class LimitedCA(HookedIssuer):
                 CA, reason=RATE_LIMITED, detail="too many orders", retry_after=60.0
             )
             raise IssuanceError(
-                ACCOUNT_PAUSED, "paused until later", retry_after=pause.until - self.clock()
+                Failure(ACCOUNT_PAUSED, "paused until later", retry_after=pause.until - self.clock())
             )
         return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
 

@@ -20,6 +20,7 @@ from edgeproxy.admin.app import make_admin_app
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.file import FileStorage
 from testkit.admin import ProxyState
 from testkit.managers import HookedIssuer
@@ -36,7 +37,7 @@ class CountingIssuer(HookedIssuer):
     async def before_issue(self, name: str) -> None:
         self.orders.append(name)
         if self.fail:
-            raise IssuanceError("urn:ietf:params:acme:error:dns", "no such host")
+            raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:dns", "no such host"))
 
 
 @dataclass

@@ -19,6 +19,7 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import Backoff, backoff_key
 from edgeproxy.errors import CertificateUnavailable, OrderLimited
 from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.base import HostnameEntry
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import HookedIssuer
@@ -46,9 +47,13 @@ class FailingIssuer(HookedIssuer):
     async def before_issue(self, name: str) -> None:
         self.attempts += 1
         if self.challenge is None:
-            raise IssuanceError("urn:ietf:params:acme:error:serverInternal", "CA trouble")
+            raise IssuanceError(
+                Failure.problem("urn:ietf:params:acme:error:serverInternal", "CA trouble")
+            )
         raise IssuanceError(
-            "urn:ietf:params:acme:error:unauthorized", "wrong answer", challenge_type=self.challenge
+            Failure.problem(
+                "urn:ietf:params:acme:error:unauthorized", "wrong answer", challenge_type=self.challenge
+            )
         )
 
 

@@ -12,6 +12,7 @@ from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
 from edgeproxy.errors import CertificateUnavailable
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import CountingIssuer, make_manager
 
@@ -117,7 +118,7 @@ async def test_issuer_failure_is_recorded_with_backoff(
         async def before_issue(self, name: str) -> None:
             self.calls += 1
             raise IssuanceError(
-                "urn:ietf:params:acme:error:connection", "could not connect to 127.0.0.1:443"
+                Failure.problem("urn:ietf:params:acme:error:connection", "could not connect to 127.0.0.1:443")
             )
 
     storage = FileStorage(tmp_path / "state")
@@ -147,7 +148,7 @@ async def test_a_failed_renewal_carries_a_hint_saying_the_old_certificate_serves
         async def before_issue(self, name: str) -> None:
             if self.calls:
                 self.calls += 1
-                raise IssuanceError("urn:ietf:params:acme:error:malformed", "no renewal for you")
+                raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:malformed", "no renewal for you"))
             await super().before_issue(name)
 
     storage = FileStorage(tmp_path / "state")

@@ -21,6 +21,7 @@ from edgeproxy.config import RouteConfig
 from edgeproxy.errors import CertificateUnavailable, StorageError
 from edgeproxy.events import Events
 from edgeproxy.hostnames.registry import HostnameRegistry
+from edgeproxy.reasons import Failure
 from edgeproxy.storage import FileStorage, HostnameEntry
 from edgeproxy.storage.base import OutboxEvent
 from testkit.events_receiver import Receiver
@@ -213,7 +214,7 @@ async def test_failed_renewals_make_failed_events_and_one_expiring_event(
     await mgr.context_for("late.example.test")
 
     async def refuse(*args: object, **kwargs: object) -> object:
-        raise IssuanceError("urn:ietf:params:acme:error:caa", "CAA forbids this CA")
+        raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:caa", "CAA forbids this CA"))
 
     issuer.issue = refuse  # type: ignore[method-assign]
     clock.offset = 28 * DAY  # 2 days left of 30: renewal overdue and failing

@@ -17,6 +17,7 @@ from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import Backoff, backoff_key
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import HookedIssuer
 
@@ -30,7 +31,7 @@ class FailingIssuer(HookedIssuer):
 
     async def before_issue(self, name: str) -> None:
         FailingIssuer.attempts += 1
-        raise IssuanceError("urn:ietf:params:acme:error:unauthorized", "wrong answer")
+        raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:unauthorized", "wrong answer"))
 
 
 class Clock:

@@ -8,8 +8,14 @@ from __future__ import annotations
 import pytest
 
 from edgeproxy.certs.status import hint_for, validation_failure
+from edgeproxy.reasons import Reason
 
 ACME = "urn:ietf:params:acme:error:"
+
+
+def acme(kind: str) -> Reason:
+    """The reason of a CA's problem of type ``urn:ietf:params:acme:error:<kind>``."""
+    return Reason.of_problem(ACME + kind)
 
 # (problem type, detail as the CA words it, expected kind)
 CASES = [
@@ -30,20 +36,20 @@ CASES = [
 
 @pytest.mark.parametrize(("kind", "detail", "expected"), CASES)
 def test_validation_failures_are_told_apart(kind: str, detail: str, expected: str) -> None:
-    assert validation_failure(ACME + kind, detail) == expected
+    assert validation_failure(acme(kind), detail) == expected
 
 
 @pytest.mark.parametrize("kind", ["dns", "caa", "rateLimited", "malformed", "badNonce"])
 def test_other_problems_are_not_validation_failures(kind: str) -> None:
-    assert validation_failure(ACME + kind, "connection refused") is None
+    assert validation_failure(acme(kind), "connection refused") is None
 
 
 def test_refused_alert_and_incorrect_get_three_different_hints() -> None:
-    refused = hint_for(ACME + "connection", "Connection refused", challenge_type="tls-alpn-01")
+    refused = hint_for(acme("connection"), "Connection refused", challenge_type="tls-alpn-01")
     alert = hint_for(
-        ACME + "tls", "remote error: tls: internal error", challenge_type="tls-alpn-01"
+        acme("tls"), "remote error: tls: internal error", challenge_type="tls-alpn-01"
     )
-    wrong = hint_for(ACME + "incorrectResponse", "", challenge_type="tls-alpn-01")
+    wrong = hint_for(acme("incorrectResponse"), "", challenge_type="tls-alpn-01")
     assert refused and alert and wrong
     assert len({refused, alert, wrong}) == 3
     assert "refused" in refused
@@ -53,7 +59,7 @@ def test_refused_alert_and_incorrect_get_three_different_hints() -> None:
 
 def test_hint_names_the_port_edgeproxy_listens_on_and_the_validation_port() -> None:
     hint = hint_for(
-        ACME + "connection",
+        acme("connection"),
         "Connection refused",
         challenge_type="tls-alpn-01",
         listen_ports=(8443, 8443, 9443),
@@ -61,44 +67,43 @@ def test_hint_names_the_port_edgeproxy_listens_on_and_the_validation_port() -> N
     assert hint is not None
     assert "port 443" in hint  # where the CA connects
     assert "listens on port 8443, 9443" in hint  # where it must end up
-    http = hint_for(ACME + "connection", "Connection refused", challenge_type="http-01",
+    http = hint_for(acme("connection"), "Connection refused", challenge_type="http-01",
                     listen_ports=(8080,))  # fmt: skip
     assert http is not None and "port 80 " in http and "8080" in http and "[http] listen" in http
 
 
 def test_a_failed_renewal_says_the_old_certificate_still_serves() -> None:
-    hint = hint_for(ACME + "rateLimited", "too many", serving_until=1_900_000_000)
+    hint = hint_for(acme("rateLimited"), "too many", serving_until=1_900_000_000)
     assert hint is not None
     assert hint.startswith("renewal failed; the current certificate is still served until ")
     assert "2030-03-17T17:46:40Z" in hint
     assert "Retry-After" in hint  # the type's own hint follows
     # Even an error with no hint of its own gets one on a renewal.
-    bare = hint_for(ACME + "malformed", "odd", serving_until=1_900_000_000)
+    bare = hint_for(acme("malformed"), "odd", serving_until=1_900_000_000)
     assert bare is not None and "still served" in bare
 
 
 def test_no_error_no_hint() -> None:
     assert hint_for(None) is None
-    assert hint_for("") is None
 
 
 def test_a_ca_offering_none_of_our_challenge_types_says_so() -> None:
-    hint = hint_for("challenge_unavailable", "no http-01 challenge for 'a' (CA offered: dns-01)")
+    hint = hint_for(Reason.CHALLENGE_UNAVAILABLE, "no http-01 challenge for 'a' (CA offered: dns-01)")
     assert hint is not None and "acme.challenges" in hint
 
 
 def test_dns01_failures_get_hints_about_the_dns_setup() -> None:
-    assert "tsig_secret_env" in (hint_for("dns_tsig_rejected") or "")
-    assert "update-policy" in (hint_for("dns_update_refused") or "")
-    assert "outside every configured" in (hint_for("dns_zone_not_found") or "")
-    assert "loops" in (hint_for("dns_cname_loop") or "")
-    assert "propagation_timeout" in (hint_for("dns_propagation_timeout") or "")
+    assert "tsig_secret_env" in (hint_for(Reason.DNS_TSIG_REJECTED) or "")
+    assert "update-policy" in (hint_for(Reason.DNS_UPDATE_REFUSED) or "")
+    assert "outside every configured" in (hint_for(Reason.DNS_ZONE_NOT_FOUND) or "")
+    assert "loops" in (hint_for(Reason.DNS_CNAME_LOOP) or "")
+    assert "propagation_timeout" in (hint_for(Reason.DNS_PROPAGATION_TIMEOUT) or "")
 
 
 @pytest.mark.parametrize("kind", ["unauthorized", "incorrectResponse", "dns", "connection"])
 def test_a_failed_dns01_validation_is_about_the_txt_record_not_a_port(kind: str) -> None:
-    hint = hint_for(f"{ACME}{kind}", "No TXT records found", challenge_type="dns-01") or ""
+    hint = hint_for(acme(kind), "No TXT records found", challenge_type="dns-01") or ""
     assert "TXT record" in hint and "check_servers" in hint
     assert "port" not in hint
     # The same problem for an on-demand challenge still points at the ports.
-    assert "port 443" in (hint_for(f"{ACME}unauthorized", "x", challenge_type="tls-alpn-01") or "")
+    assert "port 443" in (hint_for(acme("unauthorized"), "x", challenge_type="tls-alpn-01") or "")

@@ -9,6 +9,7 @@ import pytest
 
 from edgeproxy.certs import status_store
 from edgeproxy.certs.status import DomainStatus
+from edgeproxy.reasons import Reason
 from edgeproxy.storage.file import FileStorage
 
 
@@ -22,7 +23,8 @@ def test_key_and_name_are_inverse() -> None:
 
 def test_round_trip_keeps_every_field() -> None:
     st = DomainStatus("a.example", "failing", ari_window=(1.0, 2.0), failures=3,
-                      last_error_type="urn:ietf:params:acme:error:dns", extra={"k": "v"})  # fmt: skip
+                      last_error_type="urn:ietf:params:acme:error:dns", reason=Reason.DNS,
+                      extra={"k": "v"})  # fmt: skip
     assert status_store.decode(status_store.encode(st)) == st
 
 
