@@ -418,10 +418,10 @@ async def run_process(
         await nursery.start(rt.certs.run)
         if rt.managed is not None:
             await nursery.start(rt.managed.run)
-        on_change = getattr(rt.storage, "on_change", None)
-        if on_change is not None:
-            on_change(rt.certs.on_storage_change)
-            on_change(rt.hostnames.on_storage_change)
+        feed = rt.storage.capabilities.change_feed
+        if feed is not None:
+            feed.on_change(rt.certs.on_storage_change)
+            feed.on_change(rt.hostnames.on_storage_change)
         if cfg.admin.listen:
             from .admin.server import serve_admin
 

@@ -22,9 +22,9 @@ from .status_store import status_key
 async def check_storage(storage: Storage, *, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     problems: list[str] = []
-    backend_check = getattr(storage, "check", None)
-    if backend_check is not None:
-        problems.extend(await backend_check())
+    upkeep = storage.capabilities.upkeep
+    if upkeep is not None:
+        problems.extend(await upkeep.check())
     else:
         for lock in await storage.list_locks():
             if lock.expires_at < now:
@@ -64,9 +64,9 @@ async def clean_storage(storage: Storage, grace: float, *, now: float | None = N
     grace = check_grace(grace)
     now = time.time() if now is None else now
     removed: list[str] = []
-    backend_clean = getattr(storage, "clean", None)
-    if backend_clean is not None:
-        removed.extend(await backend_clean(now=now))
+    upkeep = storage.capabilities.upkeep
+    if upkeep is not None:
+        removed.extend(await upkeep.clean(now=now))
     for lock in await storage.list_locks():
         if lock.expires_at < now:
             await storage.unlock(lock.name, lock.owner)

@@ -262,11 +262,11 @@ class Maintenance(Acquisition):
         self._emit("certificate.expiring", rec.name, cert_data(rec))
 
     async def _sweep_storage(self) -> None:
-        clean = getattr(self.storage, "clean", None)
-        if clean is None:
+        upkeep = self.storage.capabilities.upkeep
+        if upkeep is None:
             return
         try:
-            removed = await clean()
+            removed = await upkeep.clean()
         except StorageError as exc:
             log.warning("storage sweep failed: %s", exc)
             return

@@ -22,13 +22,17 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
   many entries are added or removed meanwhile. ``hostname_changes`` is a cheap change feed:
   given the marker of the previous call it names the entries changed since, or None when the
   caller must reload everything (first call, or the backend lost track).
+
+Optional features are declared, never probed for: ``capabilities`` says which a backend
+offers (its own upkeep of its layout, a push feed of other writers' changes), and callers
+use what is there.
 """
 
 from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -98,8 +102,36 @@ class DueEntry:
     at: float  # unix time
 
 
+class BackendUpkeep(Protocol):
+    """A backend's own checks and sweeps of its layout (what ``storage check``/``clean`` and
+    the maintenance pass add on top of the ``Storage`` methods)."""
+
+    async def check(self) -> builtins.list[str]:
+        """Problems found, one line each; empty when healthy. Changes nothing."""
+
+    async def clean(self, *, now: float | None = None) -> builtins.list[str]:
+        """Remove what crashed writers left behind; say what went."""
+
+
+class ChangeFeed(Protocol):
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(key)`` whenever another process or replica changes ``key``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """The optional features a backend offers beyond ``Storage``; None: not offered."""
+
+    upkeep: BackendUpkeep | None = None
+    change_feed: ChangeFeed | None = None
+
+
 @runtime_checkable
 class Storage(Protocol):
+    @property
+    def capabilities(self) -> Capabilities:
+        """Which optional features this backend offers (declared, so nobody probes)."""
+
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None."""
 

@@ -45,7 +45,13 @@ from typing import TypeVar
 import trio
 
 from edgeproxy.errors import StorageError
-from edgeproxy.storage.base import HostnameEntry, LockInfo, OutboxEvent, StoredItem
+from edgeproxy.storage.base import (
+    Capabilities,
+    HostnameEntry,
+    LockInfo,
+    OutboxEvent,
+    StoredItem,
+)
 from edgeproxy.storage.file.atomic import FileTree, read_file, unlink
 from edgeproxy.storage.file.due import DueFiles
 from edgeproxy.storage.file.health import old_temp_files, permission_problems, root_problems
@@ -85,6 +91,7 @@ class FileStorage(SharedMethods):
         encryption_key: str | None = None,
     ) -> None:
         self._root = Path(root)
+        self.capabilities = Capabilities(upkeep=self)
         self._clock = clock
         self._tree = FileTree(self._root)
         sealer = Sealer(encryption_key) if encryption_key is not None else None

@@ -49,6 +49,7 @@ from psycopg import sql
 
 from edgeproxy.errors import StorageError
 from edgeproxy.storage.base import (
+    Capabilities,
     HostnameEntry,
     LockInfo,
     OutboxEvent,
@@ -119,6 +120,7 @@ class PostgresStorage(SharedMethods):
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         self._target = Target.parse(dsn, timeout)
+        self.capabilities = Capabilities(upkeep=self, change_feed=self)
         self._min_size, self._max_size = min_size, max_size
         self._clock = clock
         self._timeout = timeout
