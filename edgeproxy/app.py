@@ -257,7 +257,9 @@ def build_budgets(cfg: Config, storage: Storage, issuer: Issuer) -> CaBudgets | 
     """[acme.limits], counted under the (first) CA's account; none for the internal issuer."""
     if cfg.tls.issuer != "acme":
         return None
-    return CaBudgets(storage, acme_limits(cfg), account=issuer.id)
+    return CaBudgets(
+        storage, acme_limits(cfg), account=issuer.id, lock_ttl=cfg.storage.lock_ttl
+    )
 
 
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:

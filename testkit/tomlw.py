@@ -1,4 +1,5 @@
-"""Write the config shapes edgeproxy uses as TOML (tables of scalars/lists, arrays of tables)."""
+"""Write the config shapes edgeproxy uses as TOML (tables of scalars/lists/sub-tables, arrays of
+tables)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # a sub-table (``[acme.limits]``), written inline
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

@@ -46,7 +46,7 @@ from cryptography import x509
 from edgeproxy.certs.record import CertRecord
 from edgeproxy.storage.file import FileStorage
 from testkit.hardening import REPO_ROOT, toml_dumps, wait_accepting
-from testkit.pebble import Pebble
+from testkit.pebble import NO_LIMITS, Pebble
 from testkit.ports import free_port
 from testkit.procs import kill_process
 
@@ -62,8 +62,12 @@ def config(state: Path, port: int, pebble: Pebble) -> dict[str, Any]:
         "server": {"listen": [f"127.0.0.1:{port}"], "handshake_timeout": 30},
         "admin": {"listen": ""},
         "tls": {"issuer": "acme", "maintenance_interval": 0.5},
-        "acme": {"directory": pebble.directory_url, "trust": str(pebble.ca_bundle_path)},
         # Hundreds of orders in a few minutes are the point here, not abuse.
+        "acme": {
+            "directory": pebble.directory_url,
+            "trust": str(pebble.ca_bundle_path),
+            "limits": NO_LIMITS,
+        },
         "on_demand": {"allow": ["*.example.test"], "wait": 25, "max_orders_per_minute": 100000},
         "storage": {"backend": "file", "path": str(state), "lock_ttl": LOCK_TTL},
         "log": {"level": "info"},

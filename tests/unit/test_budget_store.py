@@ -216,3 +216,12 @@ async def test_remaining_gauge_is_the_most_used_key(open_storage: Callable[[], S
     b.update_metrics()
     assert value("certificates_per_registered_domain") == 3
     assert value("new_orders_per_account") == 10
+
+
+async def test_every_limit_off_keeps_nothing(open_storage: Callable[[], Storage]) -> None:
+    storage = open_storage()
+    b = budgets(storage, Clock(), Limits(0, 0, 0, 0))
+    for _ in range(3):
+        assert isinstance(await b.admit(["a.example.com"], "new", [T0] * 9), Admitted)
+    assert await storage.list("budgets/") == []
+    assert await storage.lock_info("budgets") is None
