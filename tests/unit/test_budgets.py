@@ -156,6 +156,8 @@ def test_refund_takes_back_exactly_one_entry() -> None:
         # Private section counts (as at Let's Encrypt): each github.io user is a domain.
         ("shop.alice.github.io", "alice.github.io"),
         ("co.uk", "co.uk"),  # a public suffix itself: its own
+        # IDNs arrive as A-labels; the list's rule for 公司.cn is in Unicode.
+        ("a.b.xn--55qx5d.cn", "b.xn--55qx5d.cn"),
         ("host.test", "host.test"),  # not on the list: the last label is the suffix
     ],
 )
