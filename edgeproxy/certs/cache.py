@@ -37,6 +37,9 @@ class CertificateCache(StatusBook):
         self._cache.move_to_end(name)
         return hit.ctx
 
+    def cached_count(self) -> int:
+        return len(self._cache)
+
     def invalidate(self, name: str) -> None:
         """Forget the cached context (another replica stored a new certificate)."""
         self._cache.pop(name, None)
