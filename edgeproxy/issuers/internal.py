@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..errors import CorruptRecord
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
+from ..tls.self_signed import self_signed
 from .base import IssuedCertificate, RenewalWindow, private_key_pem
 
 CA_KEY = "internal-ca/ca.json"  # the ECDSA CA (the original, and default, record)
@@ -58,33 +59,24 @@ def _new_ca_key(family: Family) -> _CAKey:
 def _new_ca(common_name: str, family: Family) -> _CA:
     key = _new_ca_key(family)
     now = datetime.now(UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = self_signed(
+        key,
+        common_name,
+        now - timedelta(hours=1),
+        now + timedelta(days=3650),
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True), (ski, False)],
     )
     return cert, key
 

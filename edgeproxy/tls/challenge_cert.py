@@ -19,10 +19,11 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import NameOID, ObjectIdentifier
+from cryptography.x509.oid import ObjectIdentifier
+
+from .self_signed import self_signed
 
 __all__ = [
     "ACME_IDENTIFIER_OID",
@@ -70,31 +71,17 @@ def build_challenge_certificate(
         raise ValueError(f"not a validatable DNS identifier: {identifier!r}")
     if key is None:
         key = ec.generate_private_key(ec.SECP256R1())
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-        algorithm: hashes.SHA256 | None = None
-    elif isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        algorithm = hashes.SHA256()
-    else:
-        raise TypeError(f"unsupported key type {type(key).__name__}")
     start = (now or datetime.now(UTC)) - _BACKDATE
     # The subject is a fixed label: the identifier may exceed the 64-character CN limit and
     # the CA only looks at the SAN.
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ACME TLS-ALPN-01 challenge")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + _BACKDATE + _LIFETIME)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(identifier)]), critical=False)
-        .add_extension(
-            x509.UnrecognizedExtension(
-                ACME_IDENTIFIER_OID, acme_identifier_value(key_authorization)
-            ),
-            critical=True,
-        )
-        .sign(key, algorithm)
+    acme_identifier = x509.UnrecognizedExtension(
+        ACME_IDENTIFIER_OID, acme_identifier_value(key_authorization)
+    )
+    cert = self_signed(
+        key,
+        "ACME TLS-ALPN-01 challenge",
+        start,
+        start + _BACKDATE + _LIFETIME,
+        [(x509.SubjectAlternativeName([x509.DNSName(identifier)]), False), (acme_identifier, True)],
     )
     return cert, key

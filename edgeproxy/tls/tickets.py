@@ -37,14 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from ..wire.clienthello import ClientHello, ClientHelloError, parse_client_hello
 from .contexts import build_server_context, ticket_context
+from .self_signed import self_signed
 
 __all__ = ["DEFAULT_ROTATION", "KEY_NAME_LENGTH", "TicketKeys"]
 
@@ -120,17 +118,12 @@ class TicketKeys:
 def _probe_context() -> SSL.Context:
     """A throwaway self-signed certificate context, only ever handshaking with ourselves."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _PROBE_NAME)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
+    cert = self_signed(
+        key,
+        _PROBE_NAME,
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=3650),
     )
     return build_server_context([cert], key)
 
