@@ -8,7 +8,7 @@ bytes, duration, latency percentiles, errors), so nothing depends on wrk's human
 
 Why the resumption probe is not ``s_client -reconnect``: ``-reconnect`` only handshakes, it
 never sends or reads application data. edgeproxy holds its TLS 1.3 NewSessionTicket messages
-back until its first response bytes (see ``edgeproxy/tls/stream.py``), so ``-reconnect``
+back until its first response bytes (see ``edgeproxy/tls/server.py``), so ``-reconnect``
 would report "New" for edgeproxy even with tickets on, and a tickets-off check built on it
 could not fail. The probe instead does what wrk does: one request with ``-sess_out``, then a
 second connection offering that session with ``-sess_in``, and reads "New"/"Reused" from it.

@@ -1,56 +1,65 @@
-"""One client connection's story, from accept to close.
+"""One client connection's story, from accept to close, top to bottom.
 
-    accept -> PROXY header? -> peek ClientHello -> decide -+-> acme-tls/1: challenge cert, close
-                                                           +-> terminate TLS -> upstream -> pipe
+    accept -> PROXY header? -> ClientHello -> decide -+-> acme-tls/1: answer the challenge, close
+                                                      +-> no route: unrecognized_name, close
+                                                      +-> certificate -> terminate TLS -> pipe
+
+Owns: the order of those steps (``handle_connection`` -> ``_establish``: ``_proxy_header``,
+``_client_hello``, ``decide``, ``_answer_challenge`` or ``_terminate``; then ``_forward``),
+the pure ``decide`` (a ``Decision`` from the ClientHello, the routes and the hostname
+registry's overrides), and the connection's ``Result`` (``proxy/outcome.py``). Must not know:
+OpenSSL (``tls/server.py``'s ``ServerTLS`` is the TLS side), how certificates are obtained,
+how the first bytes are peeked (``proxy/first_bytes.py``).
 
 The ClientHello is *peeked* (``MSG_PEEK``): when it arrived whole, it stays in the socket and
 OpenSSL reads it from there itself, so the handshake and the pipe run with OpenSSL on the
 socket from the first byte. A ClientHello that arrives in pieces (or after a PROXY header in
-a segment we had to read) is taken off the socket and fed to memory BIOs instead; the pipe
-moves such a connection onto the socket later. A refused connection has its peeked bytes
+a segment we had to read) is taken off the socket and primes memory BIOs instead; the TLS
+side moves such a connection onto the socket later. A refused connection has its peeked bytes
 read before the alert goes out: closing a socket with unread data sends a reset, which can
 destroy the alert before the client reads it.
 
-Everything the peer can do wrong ends here as a ``result`` token on the connection (counted and
-logged once, in the access line), never as an exception escaping the task. The handshake
-timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow or silent
-client cannot hold a connection slot longer than ``server.handshake_timeout``; time spent
-waiting for a new name's certificate (up to ``on_demand.wait``) is not the client's and is
-added on top.
+Everything the peer can do wrong ends here as a typed ``Result`` on the connection (counted
+and logged once, in ``outcome.count_closed``), never as an exception escaping the task. The
+handshake timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow
+or silent client cannot hold a connection slot longer than ``server.handshake_timeout``; time
+spent waiting for a new name's certificate (up to ``on_demand.wait``) is not the client's and
+is added on top.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
-from OpenSSL import SSL
-from trio.lowlevel import wait_readable
 
 from .. import metrics
 from ..errors import CertificateUnavailable, UpstreamError
 from ..names import is_ip_literal
-from ..tls.contexts import ServerIdentity, new_server_connection
 from ..tls.errors import TLSHandshakeError
-from ..tls.handshake import accept_tls, accept_tls_on_socket
+from ..tls.server import Servable, ServerTLS, send_all, send_quietly
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
-from .pipe import PipeResult, pipe, send_all
-from .routes import Route
+from .first_bytes import FirstBytes
+from .outcome import PLAIN, ConnInfo, Outcome, Result
+from .pipe import PipeEnd, PipeResult, pipe
+from .routes import Route, RouteTable
 from .upstream import PendingConnect
 
 if TYPE_CHECKING:
     from .server import Proxy, Settings
 
+__all__ = ["Action", "ConnInfo", "Decision", "decide", "handle_connection", "set_reset_on_close"]
+
 log = logging.getLogger("edgeproxy.conn")
 
 ACME_TLS_ALPN = "acme-tls/1"
-_READ = 16384
 # How far past on_demand.wait a connection waiting for its certificate may live: enough for
 # the manager's own wait to end first and the refusal alert to be sent.
 _CERT_WAIT_GRACE = 1.0
@@ -59,38 +68,52 @@ _CERT_WAIT_GRACE = 1.0
 _NAME_REASONS = frozenset(
     {"denied", "invalid_name", "no_sni", "ask_unavailable", "ask_rate_limited", "removed"}
 )
+# How a pipe's end reads as the connection's result.
+_PIPE_RESULTS: Final = {
+    end: PLAIN[Outcome(end.value)] for end in PipeEnd if end is not PipeEnd.DONE
+}
 
 
-@dataclass(slots=True)
-class ConnInfo:
-    started: float
-    peer: tuple[str, int]
-    client: tuple[str, int]
-    # The address the client connected to (the PROXY header's destination, else ours);
-    # None until needed: a getsockname per connection is wasted when nothing uses it.
-    local: tuple[str, int] | None = None
-    sni: str | None = None
-    alpn: str | None = None
-    route: str | None = None
-    upstream: str | None = None
-    to_upstream: int = 0
-    to_client: int = 0
-    result: str = "ok"
-    counted_ip: str | None = None  # the address charged against max_connections_per_ip
-    in_handshake: bool = True  # counted in Proxy.handshaking until the handshake phase ends
-    extra: dict[str, str] = field(default_factory=dict)
-    conn_id: int = 0  # key in Proxy.pre_hello
-    # The connection's one cancel scope: the handshake deadline first (PROXY header,
-    # ClientHello and TLS handshake together), then the idle timeout, which the pipe moves
-    # along on activity and uses to end early. A scope per phase costs measurably.
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    shed: str | None = None  # why the overload shedding closed it, if it did
+# ---- the decision ------------------------------------------------------------------------
 
 
-def _addr(sockaddr: object) -> tuple[str, int]:
-    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        return str(sockaddr[0]), int(sockaddr[1])
-    return ("unknown", 0)
+class Action(enum.Enum):
+    ANSWER_CHALLENGE = "answer_challenge"  # an ACME TLS-ALPN-01 validation (RFC 8737)
+    TERMINATE = "terminate"  # terminate TLS with the name's certificate, pipe to ``route``
+    NO_ROUTE = "no_route"  # refuse with unrecognized_name
+
+
+class RouteOverrides(Protocol):
+    """The hostname registry's part in routing: a registered name's own upstream."""
+
+    def route_for(self, name: str, base: Route | None) -> Route | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    sni: str | None  # the name to serve: the SNI sent, None when absent or an IP literal
+    route: Route | None = None  # for TERMINATE
+
+
+def decide(hello: ClientHello, routes: RouteTable, overrides: RouteOverrides | None) -> Decision:
+    """What to do with a connection, from its ClientHello alone (no I/O, no clock)."""
+    sni = hello.sni
+    if sni is not None and is_ip_literal(sni):
+        # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
+        # them: answer as if no SNI was sent (default route and certificate).
+        sni = None
+    if ACME_TLS_ALPN in hello.alpn_protocols:
+        return Decision(Action.ANSWER_CHALLENGE, sni)
+    route = routes.match(sni)
+    if overrides is not None and sni is not None:
+        route = overrides.route_for(sni, route)  # a registered name's own upstream, if any
+    if route is None:
+        return Decision(Action.NO_ROUTE, sni)
+    return Decision(Action.TERMINATE, sni, route)
+
+
+# ---- the story ---------------------------------------------------------------------------
 
 
 async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -> None:
@@ -101,7 +124,7 @@ async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -
     try:
         with scope:
             try:
-                est = await _handshake(proxy, s, sock, info)
+                est = await _establish(proxy, s, sock, info)
             finally:
                 proxy.end_handshake(info)
             if est is not None:
@@ -112,18 +135,18 @@ async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -
                     est.upstream.close()
         if scope.cancelled_caught:
             if info.shed is not None:
-                info.result = f"shed:{info.shed}"
+                info.result = Result(Outcome.SHED, info.shed)
             elif est is None:
-                info.result = "handshake_timeout"
+                info.result = PLAIN[Outcome.HANDSHAKE_TIMEOUT]
                 metrics.HANDSHAKES.labels("failed", "timeout").inc()
-            elif flow.reason == "done":
-                flow.reason = "idle_timeout"
-        if flow.reason != "done":
-            info.result = flow.reason
+            elif flow.reason is PipeEnd.DONE:
+                flow.reason = PipeEnd.IDLE_TIMEOUT
+        if flow.reason is not PipeEnd.DONE:
+            info.result = _PIPE_RESULTS[flow.reason]
         info.to_upstream = flow.to_upstream
         info.to_client = flow.to_client
     except Exception:
-        info.result = "internal_error"
+        info.result = PLAIN[Outcome.INTERNAL_ERROR]
         log.exception("connection from %s: unexpected error", info.client[0])
     finally:
         # No trio.lowlevel.notify_closing: it exists to wake tasks waiting on the socket, and
@@ -145,185 +168,193 @@ def set_reset_on_close(sock: socket.socket) -> None:
         pass
 
 
-async def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await send_all(sock, data)
-        except OSError:
-            pass
+def _addr(sockaddr: object) -> tuple[str, int]:
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return str(sockaddr[0]), int(sockaddr[1])
+    return ("unknown", 0)
 
 
 @dataclass(slots=True)
 class _Established:
-    conn: SSL.Connection
+    tls: ServerTLS
     route: Route
     upstream: PendingConnect
-    on_socket: bool  # OpenSSL reads and writes the client socket itself
-    pending: bytes = b""  # memory-BIO mode: ciphertext to send before the first response
 
 
-async def _handshake(
+async def _establish(
     proxy: Proxy, s: Settings, sock: socket.socket, info: ConnInfo
 ) -> _Established | None:
-    """PROXY header, ClientHello, decision, TLS handshake.
+    """PROXY header, ClientHello, decide, then answer the challenge or terminate TLS.
 
     Returns the established connection, or None when the connection ends here (its
     ``info.result`` says why).
     """
-    rest = b""  # bytes read off the socket past the PROXY header
-    if s.proxy_protocol != "off":
-        pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
-        # Peek first: the balancer usually sends the header and the ClientHello in one
-        # segment, and only the header should leave the socket.
-        data = await _peek(sock)
-        after: bytes | None = None
-        while True:
-            if not data:
-                info.result = "eof_in_proxy_header"
-                metrics.PROXY_HEADERS.labels("eof").inc()
-                return None
-            try:
-                parsed = pp.feed(data)
-            except ProxyProtocolError as exc:
-                info.result = "bad_proxy_header"
-                info.extra["detail"] = exc.reason
-                metrics.PROXY_HEADERS.labels("invalid").inc()
-                return None
-            if after is None:  # ``data`` was peeked: take what the parser used
-                if parsed is not None:
-                    pp_header, after = parsed
-                    _consume(sock, len(data) - len(after))
-                    break
-                after = b""
-                _consume(sock, len(data))
-            elif parsed is not None:
-                pp_header, rest = parsed
-                after = rest
-                break
-            data = await _receive(sock)
-        if pp_header.command == "LOCAL":
-            # Load balancer health check: the connection is the balancer's own.
-            metrics.PROXY_HEADERS.labels("local").inc()
-            if not after:
-                info.result = "health_check"
-        else:
-            metrics.PROXY_HEADERS.labels("proxy").inc()
-            # Only IP families name a client: UNSPEC and UNIX (a path is no address, and may
-            # hold a newline) mean "the balancer's own connection", as LOCAL does.
-            if pp_header.family in ("TCP4", "TCP6"):
-                if pp_header.source is not None:
-                    info.client = pp_header.source
-                if pp_header.destination is not None:
-                    info.local = pp_header.destination
-        if pp_header.aws_vpce_id:
-            info.extra["vpce"] = pp_header.aws_vpce_id
-        if not proxy.admit_client(info):
-            info.result = "limit_per_ip"
-            return None
+    reader = FirstBytes(sock)
+    if s.proxy_protocol != "off" and not await _proxy_header(proxy, s, reader, info):
+        return None
+    got = await _client_hello(reader, info)
+    if got is None:
+        return None
+    hello, hello_bytes = got
+    proxy.hello_received(info)
+    metrics.CLIENT_HELLOS_OK.inc()
+    registry = proxy.certs.registry
+    decision = decide(hello, s.routes, registry)
+    info.sni = decision.sni
+    if (
+        decision.action is not Action.ANSWER_CHALLENGE
+        and registry is not None
+        and decision.sni is not None
+        and not registry.loaded
+    ):
+        # A fresh process still loading the registry: ask for this name, then decide again.
+        await registry.ensure(decision.sni)
+        decision = decide(hello, s.routes, registry)
+    if decision.action is Action.ANSWER_CHALLENGE:
+        reader.settle()
+        await _answer_challenge(proxy, sock, hello, hello_bytes, info)
+        return None
+    if decision.action is Action.NO_ROUTE:
+        metrics.HANDSHAKES.labels("refused", "no_route").inc()
+        await _refuse(reader, info, PLAIN[Outcome.NO_ROUTE], AlertDescription.UNRECOGNIZED_NAME)
+        return None
+    return await _terminate(proxy, reader, hello, hello_bytes, decision, info)
 
+
+async def _refuse(
+    reader: FirstBytes, info: ConnInfo, result: Result, alert: AlertDescription
+) -> None:
+    """End the connection with a TLS alert (its unread bytes read off first)."""
+    reader.settle()
+    info.result = result
+    await send_quietly(reader.sock, alert_record(alert))
+
+
+async def _proxy_header(proxy: Proxy, s: Settings, reader: FirstBytes, info: ConnInfo) -> bool:
+    """Read the PROXY header (only its bytes leave the socket); False: the connection ends."""
+    pp = ProxyHeaderParser(s.proxy_protocol)  # type: ignore[arg-type]
+    # Peek first: the balancer usually sends the header and the ClientHello in one segment,
+    # and only the header should leave the socket.
+    data = await reader.peek()
+    while True:
+        if not data:
+            info.result = PLAIN[Outcome.EOF_IN_PROXY_HEADER]
+            metrics.PROXY_HEADERS.labels("eof").inc()
+            return False
+        try:
+            parsed = pp.feed(data)
+        except ProxyProtocolError as exc:
+            info.result = PLAIN[Outcome.BAD_PROXY_HEADER]
+            info.extra["detail"] = exc.reason
+            metrics.PROXY_HEADERS.labels("invalid").inc()
+            return False
+        if parsed is not None:
+            break
+        data = await reader.read()
+    header, after = parsed
+    reader.finish(after)
+    if header.command == "LOCAL":
+        # Load balancer health check: the connection is the balancer's own.
+        metrics.PROXY_HEADERS.labels("local").inc()
+        if not after:
+            info.result = PLAIN[Outcome.HEALTH_CHECK]
+    else:
+        metrics.PROXY_HEADERS.labels("proxy").inc()
+        # Only IP families name a client: UNSPEC and UNIX (a path is no address, and may hold
+        # a newline) mean "the balancer's own connection", as LOCAL does.
+        if header.family in ("TCP4", "TCP6"):
+            if header.source is not None:
+                info.client = header.source
+            if header.destination is not None:
+                info.local = header.destination
+    if header.aws_vpce_id:
+        info.extra["vpce"] = header.aws_vpce_id
+    if not proxy.admit_client(info):
+        info.result = PLAIN[Outcome.LIMIT_PER_IP]
+        return False
+    return True
+
+
+async def _client_hello(reader: FirstBytes, info: ConnInfo) -> tuple[ClientHello, bytes] | None:
+    """The parsed ClientHello and its bytes (peeked: still in the socket if it came whole),
+    or None when the connection ends here."""
     parser = ClientHelloParser()
-    hello: ClientHello | object = NEED_DATA
-    queued = 0  # bytes fed to the parser that were only peeked: still in the socket
     try:
-        if rest:
-            hello = parser.feed(rest)
-        else:
-            data = await _peek(sock)
-            queued = len(data)
-            if data:
-                hello = parser.feed(data)
-                if hello is NEED_DATA:
-                    # In pieces: take them off the socket and read the rest the usual way.
-                    _consume(sock, queued)
-                    queued = 0
+        data = await reader.peek()
+        hello = parser.feed(data) if data else NEED_DATA
         while hello is NEED_DATA:
-            data = await _receive(sock)
+            data = await reader.read()  # in pieces: taken off the socket from here on
             if not data:
-                if info.result != "health_check":
-                    info.result = "eof_before_hello" if parser.buffered else "eof_silent"
+                if info.result.outcome is not Outcome.HEALTH_CHECK:
+                    info.result = PLAIN[
+                        Outcome.EOF_BEFORE_HELLO if parser.buffered else Outcome.EOF_SILENT
+                    ]
                     metrics.CLIENT_HELLOS.labels("eof").inc()
                 return None
             hello = parser.feed(data)
     except NotTLS as exc:
-        _consume(sock, queued)
+        reader.settle()
         metrics.CLIENT_HELLOS.labels("http" if exc.looks_like_http else "not_tls").inc()
         if exc.looks_like_http:
-            info.result = "plain_http"
-            await _send_quietly(sock, HTTP_ON_TLS_PORT)
+            info.result = PLAIN[Outcome.PLAIN_HTTP]
+            await send_quietly(reader.sock, HTTP_ON_TLS_PORT)
         else:
-            info.result = "not_tls"
+            info.result = PLAIN[Outcome.NOT_TLS]
         return None
     except ClientHelloError as exc:
-        _consume(sock, queued)
+        reader.settle()
         metrics.CLIENT_HELLOS.labels(exc.reason).inc()
-        info.result = f"bad_hello:{exc.reason}"
+        info.result = Result(Outcome.BAD_HELLO, exc.reason)
         if exc.alert is not None:
             # RFC 8446 s6: the peer learns why (decode_error, record_overflow ...), as from
             # OpenSSL, instead of a bare close it cannot tell from a network fault.
-            await _send_quietly(sock, alert_record(exc.alert))
+            await send_quietly(reader.sock, alert_record(exc.alert))
         return None
     assert isinstance(hello, ClientHello)
-    proxy.hello_received(info)
-    metrics.CLIENT_HELLOS_OK.inc()
-    sni = hello.sni
-    if sni is not None and is_ip_literal(sni):
-        # RFC 6066 forbids IP literals in SNI, yet some clients (wrk, old agents) send
-        # them: answer as if no SNI was sent (default route and certificate).
-        sni = None
-    info.sni = sni
+    return hello, parser.buffered
 
-    if ACME_TLS_ALPN in hello.alpn_protocols:
-        _consume(sock, queued)
-        await _answer_challenge(proxy, sock, hello, parser.buffered, info)
-        return None
 
-    registry = proxy.certs.registry
-    if registry is not None and sni is not None and not registry.loaded:
-        await registry.ensure(sni)  # a fresh process still loading the registry: ask for this one
-    route = s.routes.match(sni)
-    if registry is not None and sni is not None:
-        route = registry.route_for(sni, route)  # a registered name's own upstream, if it has one
-    if route is None:
-        _consume(sock, queued)
-        info.result = "no_route"
-        metrics.HANDSHAKES.labels("refused", "no_route").inc()
-        await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
-        return None
+async def _terminate(
+    proxy: Proxy,
+    reader: FirstBytes,
+    hello: ClientHello,
+    hello_bytes: bytes,
+    decision: Decision,
+    info: ConnInfo,
+) -> _Established | None:
+    """The name's certificate, then the TLS handshake (the upstream connecting meanwhile)."""
+    sni, route = decision.sni, decision.route
+    assert route is not None
     info.route = route.label
     try:
         ctx = proxy.certs.cached_context(sni) if sni is not None else None
         if ctx is None:
             ctx = await _certificate_for(proxy, sni, info)
     except CertificateUnavailable as exc:
-        _consume(sock, queued)
-        info.result = f"no_certificate:{exc.reason}"
         metrics.HANDSHAKES.labels("refused", exc.reason).inc()
         desc = (
             AlertDescription.UNRECOGNIZED_NAME
             if exc.reason in _NAME_REASONS
             else AlertDescription.INTERNAL_ERROR
         )
-        await _send_quietly(sock, alert_record(desc))
+        await _refuse(reader, info, Result(Outcome.NO_CERTIFICATE, exc.reason), desc)
         return None
-    on_socket = queued > 0
     tickets = proxy.tickets
-    conn = new_server_connection(
+    tls = ServerTLS(
         ctx,
+        reader.sock,
         alpn=route.alpn,
-        sock=sock if on_socket else None,
         session_ctx=tickets.context_for(hello.ticket) if tickets is not None else None,
+        # Still in the socket: OpenSSL reads it there. Read off: memory BIOs get the bytes.
+        primed=None if reader.queued else hello_bytes,
     )
     # The upstream's TCP handshake runs while the client's TLS handshake does.
     upstream = proxy.upstreams.start(route)
-    pending = b""
     try:
-        if on_socket:
-            await accept_tls_on_socket(conn, sock)
-        else:
-            pending = await accept_tls(conn, sock, parser.buffered)
+        await tls.accept()
     except TLSHandshakeError as exc:
         upstream.close()
-        info.result = f"tls_error:{exc.reason}"
+        info.result = Result(Outcome.TLS_ERROR, exc.reason)
         metrics.HANDSHAKES.labels("failed", exc.reason).inc()
         return None
     except BaseException:
@@ -332,14 +363,13 @@ async def _handshake(
     metrics.HANDSHAKES_OK.inc()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
     if route.alpn and hello.alpn_protocols:  # otherwise nothing can have been negotiated
-        alpn = conn.get_alpn_proto_negotiated()
-        info.alpn = alpn.decode("ascii", "replace") if alpn else None
-    return _Established(conn, route, upstream, on_socket, pending)
+        info.alpn = tls.alpn
+    return _Established(tls, route, upstream)
 
 
 async def _certificate_for(
     proxy: Proxy, sni: str | None, info: ConnInfo
-) -> SSL.Context | ServerIdentity:
+) -> Servable:
     """The certificate for a name not in the cache: loaded, or issued while the client waits.
 
     Waiting for a certificate is not the client being slow: it may last ``on_demand.wait``,
@@ -373,16 +403,13 @@ async def _forward(
     ``scope`` and ``flow`` are the connection's (see ``pipe``): the caller reads the byte
     counts and the pipe's verdict from ``flow`` after its ``with scope`` block.
     """
-    route, conn = est.route, est.conn
+    route = est.route
     try:
         upstream, hp = await proxy.upstreams.finish(route, est.upstream, s.connect_timeout)
     except UpstreamError as exc:
-        info.result = "upstream_unreachable"
+        info.result = PLAIN[Outcome.UPSTREAM_UNREACHABLE]
         log.error("%s (client %s, sni %s)", exc, info.client[0], info.sni)
-        if est.on_socket:
-            _close_notify_on_socket(conn)
-        else:
-            await _close_notify(client, conn, est.pending)
+        await est.tls.close_quietly()
         return
     info.upstream = str(hp)
     try:
@@ -396,87 +423,11 @@ async def _forward(
             try:
                 await send_all(upstream, header)
             except OSError:
-                info.result = "upstream_reset"
+                info.result = PLAIN[Outcome.UPSTREAM_RESET]
                 return
-        await pipe(
-            conn,
-            client,
-            upstream,
-            idle_timeout=s.idle_timeout,
-            pending=est.pending,
-            on_socket=est.on_socket,
-            scope=scope,
-            result=flow,
-        )
+        await pipe(est.tls, upstream, idle_timeout=s.idle_timeout, scope=scope, result=flow)
     finally:
         upstream.close()  # the pipe's tasks have ended: see handle_connection
-
-
-async def _close_notify(client: socket.socket, conn: SSL.Connection, pending: bytes) -> None:
-    """A clean TLS close (the client sees an orderly end, not a reset); best effort."""
-    try:
-        conn.shutdown()
-    except SSL.Error:
-        pass
-    out = pending
-    try:
-        while True:
-            out += conn.bio_read(65536)
-    except SSL.Error:
-        pass
-    await _send_quietly(client, out)
-
-
-def _close_notify_on_socket(conn: SSL.Connection) -> None:
-    """A clean TLS close when OpenSSL writes the socket itself; one try, no waiting."""
-    try:
-        conn.shutdown()
-    except SSL.Error:
-        pass
-
-
-async def _peek(sock: socket.socket) -> bytes:
-    """What the socket holds, left in place (``MSG_PEEK``); waits only if it holds nothing.
-
-    Never waits while bytes are queued: the socket stays readable until they are read, so
-    a wait would return at once, forever. Callers that need more than one segment read the
-    peeked bytes off (``_consume``) and continue with ``_receive``.
-    """
-    while True:
-        try:
-            return sock.recv(_READ, socket.MSG_PEEK)
-        except BlockingIOError:
-            await wait_readable(sock)
-        except OSError:
-            return b""
-
-
-def _consume(sock: socket.socket, count: int) -> None:
-    """Read off ``count`` bytes a peek showed are queued (a reset just ends it early)."""
-    while count > 0:
-        try:
-            got = len(sock.recv(min(count, 65536)))
-        except OSError:
-            return
-        if not got:
-            return
-        count -= got
-
-
-async def _receive(sock: socket.socket) -> bytes:
-    """Read what is there, waiting only if nothing is (b"" at EOF or on a reset).
-
-    Tries before waiting: a client sends its PROXY header and ClientHello right after the TCP
-    handshake, so under load they have usually arrived by the time the connection's task
-    runs, and a failed ``recv`` costs far less than a round trip through the scheduler.
-    """
-    while True:
-        try:
-            return sock.recv(_READ)
-        except BlockingIOError:
-            await wait_readable(sock)
-        except OSError:
-            return b""
 
 
 async def _answer_challenge(
@@ -486,7 +437,7 @@ async def _answer_challenge(
     name = hello.sni
     ctx = await proxy.challenges.context_for(name) if name else None
     if ctx is None:
-        info.result = "acme_no_pending_challenge"
+        info.result = PLAIN[Outcome.ACME_NO_PENDING_CHALLENGE]
         metrics.CHALLENGES_WITHOUT_PENDING.inc()
         # Anyone can send these (scanners do), so the long explanation is throttled.
         suppressed = proxy.unanswered_validations.admit()
@@ -502,15 +453,15 @@ async def _answer_challenge(
                 suppressed,
                 proxy.unanswered_validations.interval,
             )
-        await _send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
+        await send_quietly(sock, alert_record(AlertDescription.UNRECOGNIZED_NAME))
         return
-    conn = new_server_connection(ctx, alpn=(ACME_TLS_ALPN,))
+    tls = ServerTLS(ctx, sock, alpn=(ACME_TLS_ALPN,), primed=buffered)
     try:
-        pending = await accept_tls(conn, sock, buffered)
+        await tls.accept()
     except TLSHandshakeError as exc:
-        info.result = f"acme_tls_error:{exc.reason}"
+        info.result = Result(Outcome.ACME_TLS_ERROR, exc.reason)
         return
     metrics.CHALLENGES_ANSWERED.inc()
-    info.result = "acme_challenge_answered"
+    info.result = PLAIN[Outcome.ACME_CHALLENGE_ANSWERED]
     log.info("answered TLS-ALPN-01 validation for %s from %s", name, info.client[0])
-    await _close_notify(sock, conn, pending)
+    await tls.close_quietly()

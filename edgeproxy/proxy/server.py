@@ -44,13 +44,13 @@ from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
 from ..logs import LogThrottle
 from ..tls.tickets import TicketKeys
-from .connection import ConnInfo, handle_connection, set_reset_on_close
+from .connection import handle_connection, set_reset_on_close
+from .outcome import ConnInfo, count_closed
 from .routes import RouteTable
 from .senders import AddressSet, RefusalSummary
 from .upstream import UpstreamPool
 
 log = logging.getLogger("edgeproxy.proxy")
-access_log = logging.getLogger("edgeproxy.access")
 
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -331,41 +331,7 @@ class Proxy:
                 self.per_ip[ip] = n
         if self.active == 0:
             self._idle.set()
-        if info.result == "ok":
-            metrics.CLOSED_OK.inc()
-        else:
-            metrics.CONNECTIONS_CLOSED.labels(info.result.split(":", 1)[0]).inc()
-        if info.to_upstream:
-            metrics.BYTES_TO_UPSTREAM.inc(info.to_upstream)
-        if info.to_client:
-            metrics.BYTES_TO_CLIENT.inc(info.to_client)
-        # A shed connection gets no access line: under attack that would be thousands a
-        # second; the overload summary line counts them instead.
-        if info.shed is None and access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s sni=%s alpn=%s route=%s upstream=%s up=%d down=%d dur=%.3f result=%s",
-                info.client[0],
-                info.sni or "-",
-                info.alpn or "-",
-                info.route or "-",
-                info.upstream or "-",
-                info.to_upstream,
-                info.to_client,
-                time.monotonic() - info.started,
-                info.result,
-                extra={
-                    "client": f"{info.client[0]}:{info.client[1]}",
-                    "sni": info.sni,
-                    "alpn": info.alpn,
-                    "route": info.route,
-                    "upstream": info.upstream,
-                    "bytes_up": info.to_upstream,
-                    "bytes_down": info.to_client,
-                    "duration": round(time.monotonic() - info.started, 6),
-                    "result": info.result,
-                    **info.extra,
-                },
-            )
+        count_closed(info)
 
     def stop_accepting(self) -> None:
         self.draining = True

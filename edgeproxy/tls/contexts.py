@@ -10,7 +10,8 @@ X25519, P-256 and P-384, Mozilla's "intermediate" set plus the post-quantum hybr
 send; no renegotiation, no compression; stateless session tickets on and
 the server session cache off. ``SSL_MODE_RELEASE_BUFFERS`` lets an idle connection give its
 record buffers back, and clearing ``SSL_MODE_ENABLE_PARTIAL_WRITE`` makes one ``SSL_write``
-encrypt a whole buffer (``TLSStream`` writes to a memory BIO, which never blocks).
+encrypt a whole buffer (a write to a memory BIO never blocks; on a socket, a write that has to
+wait keeps its record for the retry).
 
 ALPN is chosen per connection: ``new_server_connection(ctx, alpn=("h2", "http/1.1"))`` stores
 the route's list on the connection, and the context's callback picks the first entry of that
@@ -132,7 +133,7 @@ def _select_acme_tls(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     if ACME_TLS_ALPN.encode() in offered:
         return ACME_TLS_ALPN.encode()
     # Raising makes OpenSSL answer no_application_protocol (RFC 7301 section 3.2) and
-    # pyOpenSSL re-raises this from the handshake call, where TLSStream passes it on.
+    # pyOpenSSL re-raises this from the handshake call, where ServerTLS.accept passes it on.
     raise TLSHandshakeError("no_application_protocol", "acme-tls/1 not offered")
 
 
@@ -366,7 +367,7 @@ def new_server_connection(
     ``session_ctx`` (a ``ticket_context()``): the connection starts on it, so its ticket keys
     seal and open this connection's tickets, then switches to ``ctx`` for everything else.
 
-    Without ``sock``: memory BIOs, what ``TLSStream`` expects. With ``sock`` (a connected
+    Without ``sock``: memory BIOs (``tls/server.py``'s memory mode). With ``sock`` (a connected
     non-blocking socket whose unread bytes start with the ClientHello): OpenSSL reads and
     writes the socket itself, and a TCP FIN without close_notify reads as an orderly end
     (``ZeroReturnError``) rather than OpenSSL 3's "unexpected eof" error. An empty ``alpn``

@@ -1,6 +1,6 @@
 """Errors of the TLS layer, and the one table that turns OpenSSL's error text into reason tokens.
 
-Owns: ``TLSHandshakeError``, ``TLSStreamBroken``, ``InvalidCertificate`` and
+Owns: ``TLSHandshakeError``, ``InvalidCertificate`` and
 ``reason_from_openssl`` (a pure function over the ``(library, function, reason)`` strings that
 OpenSSL puts on its error queue). Must not know: streams, sockets, pyOpenSSL objects.
 
@@ -37,19 +37,6 @@ class TLSHandshakeError(PeerError, trio.BrokenResourceError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"TLS handshake failed: {reason}" + (f" ({detail})" if detail else ""))
-        self.reason = reason
-        self.detail = detail
-
-
-class TLSStreamBroken(trio.BrokenResourceError):
-    """An established TLS stream hit a fatal TLS error (bad record, refused renegotiation ...).
-
-    A ``trio.BrokenResourceError`` like any other broken transport, with the same ``reason``
-    vocabulary as ``TLSHandshakeError`` for logs and metrics.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"TLS stream broken: {reason}" + (f" ({detail})" if detail else ""))
         self.reason = reason
         self.detail = detail
 

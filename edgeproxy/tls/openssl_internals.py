@@ -6,8 +6,9 @@ levels, swapping a connection's grown BIOs for fresh ones, ``SSL_session_reused`
 connection from its memory BIOs onto its socket, and one-call plaintext reads and writes.
 (Putting a certificate and key on a connection, and session id contexts, are
 ``tls/contexts.py``'s own private calls.) Must not know: streams, sockets beyond a file
-descriptor, anything about connections' lives. Only ``tls/stream.py`` imports this module;
-everything else reaches these helpers through ``tls.stream``'s exports.
+descriptor, anything about connections' lives. In the product only ``tls/server.py`` (the
+data path's TLS seam) imports this module (``tests/unit/test_tls_server.py`` checks it); of the
+tests, the fence's own and the test-side ``TLSStream`` (``testkit/tlsstream.py``).
 
 Theory of operation: each helper is one cffi call on the binding pyOpenSSL itself uses for
 the same functions. If a future pyOpenSSL renames what ``Internals`` relies on, ``available``
@@ -114,8 +115,8 @@ class Internals:
 
 if not Internals.available:  # pragma: no cover - depends on the installed pyOpenSSL
     warnings.warn(
-        "edgeproxy.tls.stream: pyOpenSSL internals not reachable; idle TLS connections will "
-        "keep their largest BIO buffers and session_reused will read False",
+        "edgeproxy.tls.openssl_internals: pyOpenSSL internals not reachable; idle memory-BIO "
+        "TLS connections will keep their largest BIO buffers and session_reused will read False",
         RuntimeWarning,
         stacklevel=1,
     )
@@ -124,7 +125,6 @@ if not Internals.available:  # pragma: no cover - depends on the installed pyOpe
 def release_idle_buffers(conn: SSL.Connection) -> bool:
     """Give back the memory BIOs' grown buffers when both are empty (an idle connection).
 
-    For code that drives an ``SSL.Connection`` directly instead of through ``TLSStream``.
     Returns False when nothing was done (pending bytes, or internals unavailable).
     """
     if not Internals.usable_for(conn):
@@ -183,7 +183,7 @@ def attach_socket(conn: SSL.Connection, fd: int) -> bool:
     After the handshake, OpenSSL reading and writing the socket itself saves a copy and two
     Python calls per chunk. Only legal when both memory BIOs are empty (nothing would be lost)
     and the internals are reachable; returns False (and changes nothing) otherwise. The
-    connection must not be used through ``TLSStream`` or ``bio_*`` afterwards.
+    connection's ``bio_*`` calls must not be used afterwards.
     """
     lib = Internals.lib
     if not (

@@ -32,7 +32,6 @@ from OpenSSL import SSL
 
 from edgeproxy.config import load_config_data
 from edgeproxy.errors import ConfigError
-from edgeproxy.tls.stream import TLSStream
 from testkit.hardening import (
     PING,
     REPO_ROOT,
@@ -46,6 +45,7 @@ from testkit.hardening import (
 )
 from testkit.pebble import Pebble, pebble_for_proxy
 from testkit.ports import free_port
+from testkit.tlsstream import TLSStream
 
 TOKEN = "hardening-admin-token-7f3c"
 # A JWS (RFC 7515) part: base64url of a JSON object starts with "eyJ" ('{"').

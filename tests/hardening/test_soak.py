@@ -28,7 +28,6 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
-from edgeproxy.tls.stream import TLSStream
 from testkit.hardening import (
     PING,
     EdgeproxyProcess,
@@ -44,6 +43,7 @@ from testkit.hardening import (
 )
 from testkit.pebble import Pebble, pebble_for_proxy
 from testkit.ports import free_port
+from testkit.tlsstream import TLSStream
 
 SOAK_SECONDS = float(os.environ.get("EDGEPROXY_SOAK_SECONDS", "75"))
 IDLE_CONNECTIONS = int(os.environ.get("EDGEPROXY_IDLE_CONNECTIONS", "2000"))

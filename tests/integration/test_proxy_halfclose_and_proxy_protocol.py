@@ -18,12 +18,12 @@ import trio
 from OpenSSL import SSL
 from prometheus_client import REGISTRY
 
-from edgeproxy.tls.stream import TLSStream
 from edgeproxy.wire.proxy_protocol import V2_SIGNATURE, ProxyHeaderParser, build_v2
 from testkit.logs import process_log
 from testkit.ports import free_port
 from testkit.procs import stop_process
 from testkit.proxy import RunningProxy, base_config, running_proxy, wait_port
+from testkit.tlsstream import TLSStream
 from testkit.upstreams import (
     Upstream,
     answer_after_eof,

@@ -1,8 +1,8 @@
 """However the ClientHello arrives, the client is served, and by the right handshake path.
 
 The proxy peeks the ClientHello (``MSG_PEEK``). Arrived whole, it stays in the socket and
-OpenSSL reads it from there (``accept_tls_on_socket``); arrived in pieces, or read together
-with a PROXY header tail, it is taken off the socket and fed to memory BIOs (``accept_tls``).
+OpenSSL reads it from there (``ServerTLS`` in socket mode); arrived in pieces, or read together
+with a PROXY header tail, it is taken off the socket and primes memory BIOs (memory mode).
 The client here is Python's ``ssl`` over memory BIOs, so the test decides how the first
 flight is cut into TCP segments. Each test also counts which handshake path ran, so a
 change that silently sends every connection down one path fails here.
@@ -13,14 +13,14 @@ from __future__ import annotations
 import itertools
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from edgeproxy.proxy import connection as connection_module
+from edgeproxy.tls.server import ServerTLS
 from edgeproxy.wire.proxy_protocol import build_v2
 from testkit.proxy import RunningProxy, base_config, running_proxy
 from testkit.upstreams import http_handler, start_upstream
@@ -33,24 +33,15 @@ Plan = Callable[[bytes], list[tuple[bytes, float]]]
 
 @pytest.fixture
 def paths(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts of the handshake path each connection took (the real functions still run)."""
+    """Counts of the handshake path each connection took (the real handshake still runs)."""
     counts = {"socket": 0, "memory": 0}
+    real = ServerTLS.accept
 
-    def counting(key: str, real: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def wrapper(*args: Any) -> Any:
-            counts[key] += 1
-            return await real(*args)
+    async def counting(self: ServerTLS) -> None:
+        counts["socket" if self.on_socket else "memory"] += 1
+        await real(self)
 
-        return wrapper
-
-    monkeypatch.setattr(
-        connection_module,
-        "accept_tls_on_socket",
-        counting("socket", connection_module.accept_tls_on_socket),
-    )
-    monkeypatch.setattr(
-        connection_module, "accept_tls", counting("memory", connection_module.accept_tls)
-    )
+    monkeypatch.setattr(ServerTLS, "accept", counting)
     return counts
 
 

@@ -18,9 +18,9 @@ import trustme
 from OpenSSL import SSL
 
 from edgeproxy.proxy.pipe import MAX_READ, PipeResult, pipe, send_all
-from edgeproxy.tls.contexts import build_server_context, new_server_connection
-from edgeproxy.tls.handshake import accept_tls_on_socket
-from edgeproxy.tls.stream import TLSStream
+from edgeproxy.tls.contexts import build_server_context
+from edgeproxy.tls.server import ServerTLS
+from testkit.tlsstream import TLSStream
 
 MODES = ["memory", "socket"]
 
@@ -51,71 +51,35 @@ def _upstream_pair() -> tuple[socket.socket, socket.socket]:
     return up_proxy, up_app
 
 
-async def tls_pair(ca: trustme.CA) -> tuple[TLSStream, TLSStream, trio.SocketStream]:
-    """(client TLSStream, server TLSStream after handshake, server SocketStream)."""
-    a, b = trio.socket.socketpair()
-    client_stream, server_stream = trio.SocketStream(a), trio.SocketStream(b)
-    server = TLSStream(server_stream, new_server_connection(_server_context(ca)))
-    client = _client(client_stream)
-    async with trio.open_nursery() as n:
-        n.start_soon(client.do_handshake)
-        n.start_soon(server.do_handshake)
-    return client, server, server_stream
-
-
-async def start_socket_mode_pipe(
-    nursery: trio.Nursery, ca: trustme.CA, idle: float = 10
-) -> tuple[TLSStream, trio.SocketStream, list[PipeResult]]:
-    """Handshake with OpenSSL on the server socket itself, then ``pipe(on_socket=True)``."""
-    a, b = socket.socketpair()
-    b.setblocking(False)
-    client = _client(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
-    conn = new_server_connection(_server_context(ca), sock=b)
-    async with trio.open_nursery() as n:
-        n.start_soon(client.do_handshake)
-        n.start_soon(accept_tls_on_socket, conn, b)
-    up_proxy, up_app = _upstream_pair()
-    results: list[PipeResult] = []
-
-    async def run() -> None:
-        results.append(await pipe(conn, b, up_proxy, idle_timeout=idle, on_socket=True))
-
-    nursery.start_soon(run)
-    return client, trio.SocketStream(trio.socket.from_stdlib_socket(up_app)), results
+def _server(ca: trustme.CA, sock: socket.socket, mode: str) -> ServerTLS:
+    """The data path's TLS side: on the socket, or on memory BIOs (the ClientHello read off)."""
+    return ServerTLS(_server_context(ca), sock, primed=None if mode == "socket" else b"")
 
 
 async def start(
-    mode: str, nursery: trio.Nursery, idle: float = 10
+    mode: str, nursery: trio.Nursery, idle: float = 10, *, early: bytes = b""
 ) -> tuple[TLSStream, trio.SocketStream, list[PipeResult]]:
-    """(client, upstream end, results) for a pipe in ``mode``."""
-    if mode == "socket":
-        return await start_socket_mode_pipe(nursery, trustme.CA(), idle)
-    client, server, server_stream = await tls_pair(trustme.CA())
-    up, results = await start_pipe(nursery, server, server_stream, idle)
-    return client, up, results
-
-
-async def start_pipe(
-    nursery: trio.Nursery, server: TLSStream, server_stream: trio.SocketStream, idle: float = 10
-) -> tuple[trio.SocketStream, list[PipeResult]]:
+    """(client, upstream end, results): a handshake as the data path runs it in ``mode``, then
+    ``pipe``. ``early``: sent by the client right after its handshake, before the pipe runs."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    client = _client(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    tls = _server(trustme.CA(), b, mode)
+    async with trio.open_nursery() as n:
+        n.start_soon(client.do_handshake)
+        n.start_soon(tls.accept)
+    if early:
+        # Written before the pipe starts: they sit in the socket or the incoming BIO.
+        await client.send_all(early)
+        await trio.sleep(0.05)
     up_proxy, up_app = _upstream_pair()
-    raw = socket.socket(fileno=server_stream.socket.detach())
-    raw.setblocking(False)
     results: list[PipeResult] = []
 
     async def run() -> None:
-        results.append(
-            await pipe(
-                server.connection,
-                raw,
-                up_proxy,
-                idle_timeout=idle,
-                pending=server.take_delayed_output(),
-            )
-        )
+        results.append(await pipe(tls, up_proxy, idle_timeout=idle))
 
     nursery.start_soon(run)
-    return trio.SocketStream(trio.socket.from_stdlib_socket(up_app)), results
+    return client, trio.SocketStream(trio.socket.from_stdlib_socket(up_app)), results
 
 
 async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
@@ -156,12 +120,9 @@ async def test_half_close_each_way_and_bulk_order(nursery: trio.Nursery, mode: s
     assert (results[0].to_upstream, results[0].to_client) == (len(blob), len(blob))
 
 
-async def test_bytes_sent_with_the_handshake_are_not_lost(nursery: trio.Nursery) -> None:
-    client, server, server_stream = await tls_pair(trustme.CA())
-    # Written before the pipe starts: they sit in the socket or the incoming BIO at takeover.
-    await client.send_all(b"early bytes")
-    await trio.sleep(0.05)
-    up, _ = await start_pipe(nursery, server, server_stream)
+@pytest.mark.parametrize("mode", MODES)
+async def test_bytes_sent_with_the_handshake_are_not_lost(nursery: trio.Nursery, mode: str) -> None:
+    client, up, _ = await start(mode, nursery, early=b"early bytes")
     assert await up.receive_some(100) == b"early bytes"
     await up.send_all(b"answer")
     assert await client.receive_some(100) == b"answer"

@@ -29,7 +29,6 @@ from edgeproxy.tls.contexts import (
     new_server_connection,
 )
 from edgeproxy.tls.errors import InvalidCertificate, TLSHandshakeError
-from edgeproxy.tls.stream import TLSStream
 from testkit.tlsmem import (
     chain_and_key,
     client_connection,
@@ -39,6 +38,7 @@ from testkit.tlsmem import (
     handshake,
     session_reused,
 )
+from testkit.tlsstream import TLSStream
 
 # ---- helpers ---------------------------------------------------------------------------------
 

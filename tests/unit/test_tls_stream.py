@@ -31,19 +31,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-from edgeproxy.tls import stream as stream_module
+from edgeproxy.tls import openssl_internals as internals_module
 from edgeproxy.tls.contexts import build_server_context, load_pem_chain, new_server_connection
-from edgeproxy.tls.errors import TLSStreamBroken, reason_from_openssl
-from edgeproxy.tls.stream import (
-    TLSHandshakeError,
-    TLSStream,
+from edgeproxy.tls.errors import TLSHandshakeError, reason_from_openssl
+from edgeproxy.tls.openssl_internals import (
     attach_socket,
     incoming_pending,
     outgoing_pending,
     release_idle_buffers,
 )
+from testkit import tlsstream as stream_module
 from testkit.malloc import malloc_in_use
 from testkit.tlsmem import client_connection, client_context
+from testkit.tlsstream import TLSStream, TLSStreamBroken
 
 HANG_GUARD = 20  # seconds; only stops a broken test from hanging, never asserted on
 
@@ -656,9 +656,9 @@ def test_connection_with_a_socket_is_refused(server_ctx: SSL.Context) -> None:
 
 def test_openssl_internals_reachable(server_ctx: SSL.Context) -> None:
     """If this fails, a pyOpenSSL upgrade moved what openssl_internals.Internals relies on."""
-    assert stream_module.Internals.available
-    assert stream_module.Internals.usable_for(new_server_connection(server_ctx))
-    assert stream_module.Internals.plaintext_calls
+    assert internals_module.Internals.available
+    assert internals_module.Internals.usable_for(new_server_connection(server_ctx))
+    assert internals_module.Internals.plaintext_calls
 
 
 def _pump(a: SSL.Connection, b: SSL.Connection) -> None:
@@ -682,7 +682,7 @@ def test_plaintext_calls_match_recv_and_send(
     # The pipe's read_plaintext/write_plaintext bypass pyOpenSSL's recv/send on success;
     # data and every exception the pipe tells apart must be the same (fast=False: the
     # fallback used when pyOpenSSL's internals are not reachable).
-    monkeypatch.setattr(stream_module.Internals, "plaintext_calls", fast)
+    monkeypatch.setattr(internals_module.Internals, "plaintext_calls", fast)
     server = new_server_connection(server_ctx)
     client = client_conn(client_ctx(ca))
     for _ in range(10):
@@ -693,12 +693,12 @@ def test_plaintext_calls_match_recv_and_send(
                 pass
         _pump(client, server)
     with pytest.raises(SSL.WantReadError):
-        stream_module.read_plaintext(server, 65536)  # nothing sent yet
+        internals_module.read_plaintext(server, 65536)  # nothing sent yet
     client.sendall(b"request")
     _pump(client, server)
-    assert stream_module.read_plaintext(server, 65536) == b"request"
+    assert internals_module.read_plaintext(server, 65536) == b"request"
     body = bytes(range(256)) * 300  # several records
-    assert stream_module.write_plaintext(server, body) == len(body)
+    assert internals_module.write_plaintext(server, body) == len(body)
     _pump(client, server)
     got = b""
     while len(got) < len(body):
@@ -707,7 +707,7 @@ def test_plaintext_calls_match_recv_and_send(
     client.shutdown()  # close_notify
     _pump(client, server)
     with pytest.raises(SSL.ZeroReturnError):
-        stream_module.read_plaintext(server, 65536)
+        internals_module.read_plaintext(server, 65536)
 
 
 async def _idle_server_bytes(server_ctx: SSL.Context, cctx: SSL.Context, n: int) -> float:

@@ -1,14 +1,18 @@
-"""TLS over any trio stream, driven through a pyOpenSSL ``Connection`` with memory BIOs.
+"""TLS over any trio stream, driven through a pyOpenSSL ``Connection`` with memory BIOs: the
+tests' general TLS endpoint (clients of the proxy, both ends of in-memory pairs).
+
+Moved out of the product (it was ``edgeproxy/tls/stream.py``): the data path never used it. It
+drives sockets and OpenSSL itself through ``edgeproxy.tls.server.ServerTLS``. It stays here as
+the reference implementation of the memory-BIO technique, checked against trio's generic
+stream conformance tests (``tests/unit/test_tls_stream.py``), and as the TLS client of many
+tests. It uses the product's OpenSSL fence (``edgeproxy.tls.openssl_internals``) for BIO fill
+levels and swaps, as the memory-mode data path does.
 
 Owns: the byte shuffling between a transport ``trio.abc.Stream`` and OpenSSL, the locking that
 makes one TLS connection usable from a sending and a receiving task at once, close_notify and
 half-close, the mapping of OpenSSL failures to typed errors, keeping an idle connection's
-OpenSSL buffers small, and exporting the few low-level helpers (from ``openssl_internals``)
-for code that takes the ``Connection`` over after the handshake (``proxy/pipe.py``:
-``attach_socket``, ``release_idle_buffers``, ``incoming_pending``, ``outgoing_pending``,
-``TLSStream.take_delayed_output``). Must not know:
-certificates, routes, ALPN policy (the context decides), how the ClientHello was peeked (we
-only receive the bytes already read).
+OpenSSL buffers small. Must not know: certificates, routes, ALPN policy (the context decides),
+how the ClientHello was peeked (we only receive the bytes already read).
 
 Theory of operation
 ===================
@@ -74,12 +78,9 @@ next short read or write. With ``SSL_MODE_RELEASE_BUFFERS`` (set by our contexts
 frees its record buffers: an idle server stream measures ~28 KiB (TLSStream and OpenSSL, after
 256 KiB each way). pyOpenSSL has no public API for what this needs (BIO fill level, BIO swap,
 ``SSL_session_reused``); each is one cffi call on the binding pyOpenSSL itself uses, fenced in
-``Internals`` (``tls/openssl_internals.py``, which this module re-exports: the connection-level
-private calls live there alone). If a future pyOpenSSL renames its private attributes we fall
-back to slower code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable``
-fails.
-The data path's plaintext reads and writes (``read_plaintext``, ``write_plaintext``) use the
-same fence: one ``SSL_read``/``SSL_write`` on success, pyOpenSSL's error mapping on failure.
+``Internals`` (``edgeproxy/tls/openssl_internals.py``: the connection-level private calls
+live there alone). If a future pyOpenSSL renames its private attributes we fall back to slower
+code with unbounded BIOs, warn once, and ``test_openssl_internals_reachable`` fails.
 """
 
 from __future__ import annotations
@@ -93,37 +94,16 @@ from typing import Final, TypeVar
 import trio
 from OpenSSL import SSL
 
-from .errors import (
+from edgeproxy.tls.errors import (
     PEER_CLOSED,
     RENEGOTIATION_REFUSED,
-    InvalidCertificate,
     TLSHandshakeError,
-    TLSStreamBroken,
     describe_openssl,
     reason_from_openssl,
 )
-from .openssl_internals import (
-    Internals,
-    attach_socket,
-    incoming_pending,
-    outgoing_pending,
-    read_plaintext,
-    release_idle_buffers,
-    write_plaintext,
-)
+from edgeproxy.tls.openssl_internals import Internals
 
-__all__ = [
-    "InvalidCertificate",
-    "TLSHandshakeError",
-    "TLSStream",
-    "TLSStreamBroken",
-    "attach_socket",
-    "incoming_pending",
-    "outgoing_pending",
-    "read_plaintext",
-    "release_idle_buffers",
-    "write_plaintext",
-]
+__all__ = ["TLSStream", "TLSStreamBroken"]
 
 _T = TypeVar("_T")
 _A = TypeVar("_A")
@@ -133,6 +113,19 @@ _SEND_CHUNK: Final = 262144  # largest plaintext per SSL_write: bounds the outgo
 _BIO_KEEP: Final = 8192  # a BIO that has held more than this is replaced when idle
 _CLOSE_GRACE: Final = 1.0  # seconds aclose waits to put close_notify on the wire
 _ALERT_GRACE: Final = 1.0  # seconds a failing handshake waits to deliver its fatal alert
+
+
+class TLSStreamBroken(trio.BrokenResourceError):
+    """An established TLS stream hit a fatal TLS error (bad record, refused renegotiation ...).
+
+    A ``trio.BrokenResourceError`` like any other broken transport, with the same ``reason``
+    vocabulary as ``TLSHandshakeError`` for logs and metrics.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"TLS stream broken: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail
 
 
 class _State(enum.Enum):
