@@ -43,11 +43,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from OpenSSL import _util as _openssl_util
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
+from .openssl_internals import set_context_groups, set_context_session_id, use_leaf_and_key
 
 __all__ = [
     "ACME_TLS_ALPN",
@@ -146,18 +144,12 @@ def _accept_server_name(conn: SSL.Connection) -> None:
 def _set_groups(ctx: SSL.Context) -> None:
     """``SSL_CTX_set1_groups_list``: pyOpenSSL has only ``set_tmp_ecdh`` (a single curve).
 
-    The call goes through the OpenSSL binding pyOpenSSL itself uses (``ctx._context`` is its
-    SSL_CTX*, stable since pyOpenSSL 0.13). The lists are constants, so a refusal of both means
-    this OpenSSL lacks a classical group: fail loudly rather than serve OpenSSL's defaults.
+    The lists are constants, so a refusal of both means this OpenSSL lacks a classical group:
+    fail loudly rather than serve OpenSSL's defaults.
     """
-    set_list = getattr(_lib, "SSL_CTX_set1_curves_list", None)  # the groups call's old name
-    raw = getattr(ctx, "_context", None)
-    if set_list is None or raw is None:  # pragma: no cover - depends on the installed pyOpenSSL
-        raise RuntimeError("pyOpenSSL internals changed: cannot restrict the TLS groups")
     for groups in _GROUPS:
-        if set_list(raw, groups) == 1:
+        if set_context_groups(ctx, groups):
             return
-        _lib.ERR_clear_error()  # the refusal queued an error: not this connection's
     raise RuntimeError(f"OpenSSL refuses the TLS groups {_GROUPS[-1]!r}")  # pragma: no cover
 
 
@@ -290,44 +282,21 @@ def _set_template_sid(ctx: SSL.Context, sid: bytes) -> None:
     OpenSSL's per-connection ``SSL_set_session_id_context`` is not bound by cryptography, but
     ``SSL_new`` and ``SSL_set_SSL_CTX`` copy the context's value into the connection and
     nothing reads the context's copy later; pyOpenSSL's own setter refuses a context already
-    used, so the call goes through its binding. Single threaded, no await in between.
+    used. Single threaded, no await in between.
     """
-    raw = getattr(ctx, "_context", None)
-    if raw is None:  # pragma: no cover - depends on the installed pyOpenSSL
-        raise RuntimeError("pyOpenSSL internals changed: cannot bind sessions to a certificate")
-    if len(sid) > _MAX_SID_LENGTH or _lib.SSL_CTX_set_session_id_context(raw, sid, len(sid)) != 1:
+    if len(sid) > _MAX_SID_LENGTH or not set_context_session_id(ctx, sid):
         raise RuntimeError("OpenSSL refused a session id context")  # pragma: no cover
 
 
 def _use_identity(conn: SSL.Connection, identity: ServerIdentity) -> None:
-    """``SSL_use_certificate`` with the identity's leaf, parsed from its DER, and
-    ``SSL_use_PrivateKey`` with its parsed key.
+    """The identity's leaf, parsed from its DER, and its parsed key on the connection.
 
     pyOpenSSL's ``Connection.use_certificate`` warns when given its own X509 (deprecated) and
     re-parses a ``cryptography`` certificate (through a second DER copy) on every call, so the
-    calls go straight to OpenSSL (each takes its own reference).
+    calls go straight to OpenSSL (``openssl_internals.use_leaf_and_key``). Raises
+    ``SSL.Error``, also for a key that does not match the leaf.
     """
-    ssl = conn._ssl
-    bio = _lib.BIO_new_mem_buf(identity.leaf, len(identity.leaf))
-    if bio == _ffi.NULL:
-        raise MemoryError("BIO_new_mem_buf")
-    try:
-        leaf = _lib.d2i_X509_bio(bio, _ffi.NULL)
-    finally:
-        _lib.BIO_free(bio)
-    if leaf == _ffi.NULL:
-        _raise_openssl()
-    try:
-        if _lib.SSL_use_certificate(ssl, leaf) != 1:
-            _raise_openssl()
-    finally:
-        _lib.X509_free(leaf)  # the connection took its own reference
-    if _lib.SSL_use_PrivateKey(ssl, identity.key) != 1:
-        _raise_openssl()  # includes a key that does not match the leaf
-
-
-def _raise_openssl() -> None:
-    _openssl_util.exception_from_error_queue(SSL.Error)
+    use_leaf_and_key(conn, identity.leaf, identity.key)
 
 
 def ticket_context() -> SSL.Context:

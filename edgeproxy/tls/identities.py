@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from .contexts import ServerIdentity, chain_context, check_key, new_server_connection
 from .errors import InvalidCertificate, describe_openssl
+from .openssl_internals import private_key_pointer
 
 __all__ = ["IdentityContexts", "ServerIdentity"]
 
@@ -63,7 +64,7 @@ class IdentityContexts:
         if ctx is None:
             ctx = chain_context(chain[1:], session_tickets=self.session_tickets)
             self._by_chain[chain_id] = ctx
-        pkey = crypto.PKey.from_cryptography_key(servable)._pkey
+        pkey = private_key_pointer(servable)
         ident = ServerIdentity(chain[0].public_bytes(Encoding.DER), pkey, ctx)
         # What OpenSSL would refuse per connection (e.g. a key below its security level) is
         # refused here, once, when the certificate is installed.

@@ -1,20 +1,25 @@
-"""The OpenSSL calls the data path needs that pyOpenSSL does not expose, behind one feature check.
+"""Every OpenSSL call edgeproxy makes that pyOpenSSL does not expose, behind feature checks.
 
-Owns: the private calls on a live connection (pyOpenSSL's ``Connection._ssl``, ``_into_ssl``,
-``_from_ssl``, ``_raise_ssl_error`` and cryptography's OpenSSL binding): memory BIO fill
+Owns: the private calls (pyOpenSSL's ``Connection._ssl``, ``_into_ssl``, ``_from_ssl``,
+``_raise_ssl_error``, ``Context._context``, ``OpenSSL._util`` and cryptography's OpenSSL
+binding). On a live connection, for the data path (``tls/server.py``): memory BIO fill
 levels, swapping a connection's grown BIOs for fresh ones, ``SSL_session_reused``, moving a
-connection from its memory BIOs onto its socket, and one-call plaintext reads and writes.
-(Putting a certificate and key on a connection, and session id contexts, are
-``tls/contexts.py``'s own private calls.) Must not know: streams, sockets beyond a file
-descriptor, anything about connections' lives. In the product only ``tls/server.py`` (the
-data path's TLS seam) imports this module (``tests/unit/test_tls_server.py`` checks it); of the
-tests, the fence's own and the test-side ``TLSStream`` (``testkit/tlsstream.py``).
+connection from its memory BIOs onto its socket, and one-call plaintext reads and writes. For
+``tls/contexts.py`` and ``tls/identities.py``: the key exchange groups, the session id context
+of a context already used, a key's ``EVP_PKEY``, a DER leaf and a key put on a connection.
+Must not know: streams, sockets beyond a file descriptor, anything about connections' lives.
+In the product only ``tls/server.py``, ``tls/contexts.py`` and ``tls/identities.py`` import
+this module, and nothing else imports ``OpenSSL._util`` (``tests/unit/test_tls_server.py``
+checks both); of the tests, the fence's own and the test-side ``TLSStream``
+(``testkit/tlsstream.py``).
 
 Theory of operation: each helper is one cffi call on the binding pyOpenSSL itself uses for
 the same functions. If a future pyOpenSSL renames what ``Internals`` relies on, ``available``
-(or ``usable_for``) reads False, a warning is issued once at import, and every helper falls
-back to pyOpenSSL's public (slower) calls or reports "unknown"; the unit test
-``test_openssl_internals_reachable`` then fails so the upgrade does not go unnoticed.
+(or ``usable_for``) reads False, a warning is issued once at import, and every connection
+helper falls back to pyOpenSSL's public (slower) calls or reports "unknown"; the unit test
+``test_openssl_internals_reachable`` then fails so the upgrade does not go unnoticed. The
+context helpers have no fallback: a context without its groups or session id context would
+be a weaker one, so they raise ``RuntimeError`` instead.
 """
 
 from __future__ import annotations
@@ -22,15 +27,21 @@ from __future__ import annotations
 import warnings
 from typing import Any, Final
 
-from OpenSSL import SSL
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL, crypto
+from OpenSSL import _util as _openssl_util
 
 __all__ = [
     "Internals",
     "attach_socket",
     "incoming_pending",
     "outgoing_pending",
+    "private_key_pointer",
     "read_plaintext",
     "release_idle_buffers",
+    "set_context_groups",
+    "set_context_session_id",
+    "use_leaf_and_key",
     "write_plaintext",
 ]
 
@@ -212,3 +223,63 @@ def incoming_pending(conn: SSL.Connection) -> int:
     if Internals.usable_for(conn):
         return Internals.incoming_pending(conn)
     return -1
+
+
+# ---- contexts: no fallback, the calls are needed to build one (contexts.py's callers fail) --
+
+
+def _raw_context(ctx: SSL.Context, what: str) -> Any:
+    raw = getattr(ctx, "_context", None)  # pyOpenSSL's SSL_CTX*, stable since 0.13
+    if raw is None or _lib is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        raise RuntimeError(f"pyOpenSSL internals changed: cannot {what}")
+    return raw
+
+
+def set_context_groups(ctx: SSL.Context, groups: bytes) -> bool:
+    """``SSL_CTX_set1_groups_list`` (bound under its old name, ``..._curves_list``); False when
+    OpenSSL refuses the list (its error is cleared: not a connection's)."""
+    raw = _raw_context(ctx, "restrict the TLS groups")
+    set_list = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    if set_list is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        raise RuntimeError("pyOpenSSL internals changed: cannot restrict the TLS groups")
+    if set_list(raw, groups) == 1:
+        return True
+    _lib.ERR_clear_error()
+    return False
+
+
+def set_context_session_id(ctx: SSL.Context, sid: bytes) -> bool:
+    """``SSL_CTX_set_session_id_context``, also on a context already used (pyOpenSSL's own
+    setter refuses that)."""
+    raw = _raw_context(ctx, "bind sessions to a certificate")
+    return bool(_lib.SSL_CTX_set_session_id_context(raw, sid, len(sid)) == 1)
+
+
+def use_leaf_and_key(conn: SSL.Connection, leaf: bytes, key: Any) -> None:
+    """``SSL_use_certificate`` with ``leaf`` (DER, parsed here) and ``SSL_use_PrivateKey``
+    with ``key`` (an ``EVP_PKEY *``, see ``private_key_pointer``); each takes its own
+    reference. Raises ``SSL.Error`` from OpenSSL's queue."""
+    ssl = conn._ssl
+    bio = _lib.BIO_new_mem_buf(leaf, len(leaf))
+    if bio == _ffi.NULL:
+        raise MemoryError("BIO_new_mem_buf")
+    try:
+        x509 = _lib.d2i_X509_bio(bio, _ffi.NULL)
+    finally:
+        _lib.BIO_free(bio)
+    if x509 == _ffi.NULL:
+        _openssl_util.exception_from_error_queue(SSL.Error)
+    try:
+        if _lib.SSL_use_certificate(ssl, x509) != 1:
+            _openssl_util.exception_from_error_queue(SSL.Error)
+    finally:
+        _lib.X509_free(x509)  # the connection took its own reference
+    if _lib.SSL_use_PrivateKey(ssl, key) != 1:
+        # Includes a key that does not match the leaf.
+        _openssl_util.exception_from_error_queue(SSL.Error)
+
+
+def private_key_pointer(key: PrivateKeyTypes) -> Any:
+    """The ``EVP_PKEY *`` of ``key`` as pyOpenSSL makes it (``PKey._pkey``): it owns the key
+    and frees it when it goes, without the ``PKey`` object around it."""
+    return crypto.PKey.from_cryptography_key(key)._pkey  # type: ignore[arg-type]
