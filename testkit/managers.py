@@ -14,7 +14,7 @@ import trio
 
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
-from edgeproxy.issuers.base import IssuedCertificate
+from edgeproxy.issuers.base import IssuedCertificate, IssueRequest
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.base import Storage
 from edgeproxy.storage.file import FileStorage
@@ -26,9 +26,9 @@ class HookedIssuer(InternalIssuer):
     async def before_issue(self, name: str) -> None:
         """Nothing by default: subclasses add what their test observes or injects."""
 
-    async def issue(self, name, private_key, *, replacing=None, prefer=None) -> IssuedCertificate:  # type: ignore[no-untyped-def]
-        await self.before_issue(name)
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
+        await self.before_issue(request.name)
+        return await super().issue(request)
 
 
 def manager_for(

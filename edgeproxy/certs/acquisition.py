@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from .. import metrics
 from ..errors import LockUnavailable, OrderLimited, StorageError
-from ..issuers.base import IssuanceError
+from ..issuers.base import IssuanceError, IssueRequest
 from ..names import InvalidName, validate_hostname
 from ..reasons import Failure, Reason
 from ..storage.locks import LockLost, hold_lock
@@ -225,7 +225,7 @@ class Acquisition(RenewalSchedule):
                     prefer = old.challenge_type if old is not None else None
                     try:
                         issued = await self.issuer.issue(
-                            name, key, replacing=replacing, prefer=prefer
+                            IssueRequest((name,), key, replacing=replacing, prefer=prefer)
                         )
                     except IssuanceError as exc:
                         if admitted is not None and self.budgets is not None:

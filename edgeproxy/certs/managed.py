@@ -36,7 +36,7 @@ from OpenSSL import SSL
 
 from .. import metrics
 from ..errors import LockUnavailable, StorageError
-from ..issuers.base import IssuanceError, IssuedCertificate, private_key_pem
+from ..issuers.base import IssuanceError, IssuedCertificate, IssueRequest, private_key_pem
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
 from ..tls.contexts import build_server_context, generate_private_key
@@ -50,14 +50,7 @@ RETRY_PAUSE = 60.0  # a failed entry is tried again this soon, not a whole inter
 
 
 class NamesIssuer(Protocol):
-    async def issue_names(
-        self,
-        names: Sequence[str],
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate: ...
+    async def issue(self, request: IssueRequest) -> IssuedCertificate: ...
 
 
 def storage_key(names: Sequence[str]) -> str:
@@ -237,8 +230,8 @@ class ManagedCertificates:
             )
             replacing = self._loaded.get(names, (None,))[0]
             with trio.fail_after(self._issue_timeout):
-                issued = await self._issuer.issue_names(
-                    names, key, replacing=replacing, prefer="dns-01"
+                issued = await self._issuer.issue(
+                    IssueRequest(names, key, replacing=replacing, prefer="dns-01")
                 )
             record = {
                 "names": list(names),

@@ -22,7 +22,6 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from .. import metrics
 from ..acme import ari
@@ -52,6 +51,7 @@ from .account_pause import (
 from .base import (
     IssuanceError,
     IssuedCertificate,
+    IssueRequest,
     RenewalInfoError,
     RenewalWindow,
     private_key_pem,
@@ -201,41 +201,23 @@ class AcmeIssuer:
             account_key_name(self.directory), json.dumps(record).encode(), secret=True
         )
 
-    async def issue(
-        self,
-        name: str,
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
         """Order with each challenge type in turn until one validates.
 
-        ``prefer`` (the type that worked for this name last time) goes first. When a type
-        fails validation, or the CA does not offer it, a new order with the next type
+        ``request.prefer`` (the type that worked for these names last time) goes first. When
+        a type fails validation, or the CA does not offer it, a new order with the next type
         follows at once; any other failure (rate limit, CA down) ends the attempt.
         """
-        return await self.issue_names([name], private_key, replacing=replacing, prefer=prefer)
-
-    async def issue_names(
-        self,
-        names: Sequence[str],
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
-        """``issue`` for one certificate covering every name of ``names`` (a managed one)."""
-        name = names[0]
+        name = request.name
         if self._pauses is not None:
             pause = await self._pauses.current(self.directory)
             if pause is not None:
                 raise self._paused(pause)
-        solvers = sorted(self._solvers, key=lambda s: s.challenge_type != prefer)
+        solvers = sorted(self._solvers, key=lambda s: s.challenge_type != request.prefer)
         failed: list[str] = []
         for i, solver in enumerate(solvers):
             try:
-                chain = await self._issue_with(names, private_key, replacing, solver)
+                chain = await self._issue_with(request, solver)
             except (OrderInvalid, ChallengeUnavailable) as exc:
                 validation = isinstance(exc, ChallengeUnavailable) or exc.challenge_type
                 if not validation or i + 1 == len(solvers):
@@ -270,24 +252,18 @@ class AcmeIssuer:
                 )
         raise AssertionError("unreachable: the last solver's failure is raised above")
 
-    async def _issue_with(
-        self,
-        names: Sequence[str],
-        private_key: CertificateIssuerPrivateKeyTypes,
-        replacing: bytes | None,
-        solver: ChallengeSolver,
-    ) -> CertificateChain:
+    async def _issue_with(self, request: IssueRequest, solver: ChallengeSolver) -> CertificateChain:
         client = await self._get_client()
         replaces = None
-        if replacing is not None:
+        if request.replacing is not None:
             try:
-                replaces = ari.cert_id(x509.load_pem_x509_certificates(replacing)[0])
+                replaces = ari.cert_id(x509.load_pem_x509_certificates(request.replacing)[0])
             except (ValueError, AcmeError):
                 replaces = None
         try:
             return await client.issue(
-                names,
-                private_key,
+                request.names,
+                request.private_key,
                 solver,
                 profile=self._profile,
                 replaces=replaces,

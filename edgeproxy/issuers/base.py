@@ -28,6 +28,27 @@ def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class IssueRequest:
+    """One certificate to issue: for every name of ``names`` (the first is the subject), with
+    the public half of ``private_key``.
+
+    ``replacing`` is the PEM chain of the certificate this one renews, when that one came
+    from this same issuer: an ACME issuer turns it into an ARI ``replaces`` CertID.
+    ``prefer`` is the challenge type that validated for these names last time: tried first.
+    """
+
+    names: tuple[str, ...]
+    private_key: CertificateIssuerPrivateKeyTypes
+    replacing: bytes | None = None
+    prefer: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The subject (and, for the on-demand manager, the only name)."""
+        return self.names[0]
+
+
+@dataclass(frozen=True, slots=True)
 class IssuedCertificate:
     chain_pem: bytes  # leaf first, then intermediates
     issuer_id: str  # stable id of who issued it (ACME directory URL, or "internal")
@@ -49,20 +70,8 @@ class Issuer(Protocol):
     def id(self) -> str:
         """Stable identifier stored with each certificate (which CA issued it)."""
 
-    async def issue(
-        self,
-        name: str,
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
-        """Issue a certificate for ``name``.
-
-        ``replacing`` is the PEM chain of the certificate this one renews, when that one came
-        from this same issuer: an ACME issuer turns it into an ARI ``replaces`` CertID.
-        ``prefer`` is the challenge type that validated for this name last time: tried first.
-        """
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
+        """Issue the certificate ``request`` describes."""
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
         """The CA's suggested renewal window, or None when the CA offers no ARI at all.

@@ -19,10 +19,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-
 from .. import metrics
-from .base import IssuanceError, IssuedCertificate, Issuer, RenewalWindow
+from .base import IssuanceError, IssuedCertificate, Issuer, IssueRequest, RenewalWindow
 
 log = logging.getLogger("edgeproxy.acme")
 
@@ -49,20 +47,13 @@ class FallbackIssuer:
     def member(self, issuer_id: str) -> Member | None:
         return next((m for m in self.members if m.id == issuer_id), None)
 
-    async def issue(
-        self,
-        name: str,
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
         failed: list[str] = []
         for i, member in enumerate(self.members):
             # ``replacing`` goes to every member: a CA that did not issue the old certificate
             # refuses `replaces`, and the client orders again without it (acme/client.py).
             try:
-                issued = await member.issue(name, private_key, replacing=replacing, prefer=prefer)
+                issued = await member.issue(request)
             except IssuanceError as exc:
                 metrics.ISSUER_ORDERS.labels(member.label, "failed").inc()
                 said = exc.failure
@@ -74,7 +65,7 @@ class FallbackIssuer:
                 log.warning(
                     "issuer %s could not issue for %s (%s: %s); trying issuer %s",
                     member.label,
-                    name,
+                    request.name,
                     said.short_type,
                     said.detail,
                     following,

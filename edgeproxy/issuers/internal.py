@@ -29,7 +29,7 @@ from ..errors import CorruptRecord
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
 from ..tls.self_signed import self_signed
-from .base import IssuedCertificate, RenewalWindow, private_key_pem
+from .base import IssuedCertificate, IssueRequest, RenewalWindow, private_key_pem
 
 CA_KEY = "internal-ca/ca.json"  # the ECDSA CA (the original, and default, record)
 RSA_CA_KEY = "internal-ca/ca-rsa.json"
@@ -147,15 +147,8 @@ class InternalIssuer:
             raise CorruptRecord(f"internal CA record {record_key} holds an unexpected key type")
         return cert, key
 
-    async def issue(
-        self,
-        name: str,
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
-        return await self.issue_for([x509.DNSName(name)], private_key)
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
+        return await self.issue_for([x509.DNSName(n) for n in request.names], request.private_key)
 
     async def issue_for(
         self, names: Sequence[x509.GeneralName], private_key: CertificateIssuerPrivateKeyTypes

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeproxy.issuers.account_pause import ACCOUNT_PAUSED, AccountPause, AccountPauses, pause_key
 from edgeproxy.issuers.acme import AcmeIssuer
-from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.issuers.base import IssuanceError, IssueRequest
 from edgeproxy.storage.file import FileStorage
 from testkit.pebble import FaultInjector, InjectedRequest, Pebble, Reply, TlsAlpnResponder
 from testkit.ports import free_port
@@ -60,7 +60,7 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         # Without Retry-After a 503 is one failed order, not the account's pause.
         inj.rules[:] = [unavailable(None)]
         with pytest.raises(IssuanceError) as plain:
-            await issuer.issue(NAME, key)
+            await issuer.issue(IssueRequest((NAME,), key))
         assert plain.value.failure.type == "about:blank"
         assert await storage.get(pause_key(inj.directory_url)) is None
 
@@ -68,7 +68,7 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         then = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=40)
         inj.rules[:] = [unavailable(format_datetime(then, usegmt=True))]
         with pytest.raises(IssuanceError) as paused:
-            await issuer.issue(NAME, key)
+            await issuer.issue(IssueRequest((NAME,), key))
         assert paused.value.failure.type == ACCOUNT_PAUSED
         assert paused.value.failure.retry_after is not None and 30 < paused.value.failure.retry_after <= 40
         assert "(it answered HTTP 503: service busy)" in paused.value.failure.detail
@@ -88,7 +88,7 @@ async def test_503_with_an_http_date_pauses_the_account_and_without_one_does_not
         )  # fmt: skip
         for each in (issuer, other):
             with pytest.raises(IssuanceError) as again:
-                await each.issue(NAME, key)
+                await each.issue(IssueRequest((NAME,), key))
             assert again.value.failure.type == ACCOUNT_PAUSED
         assert inj.count("newOrder") == before
         await other.aclose()

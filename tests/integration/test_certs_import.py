@@ -27,6 +27,7 @@ from edgeproxy.certs.importer import IMPORTED_ISSUER, import_pair, read_pair
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
+from edgeproxy.issuers.base import IssueRequest
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from testkit.cli import cli, config
@@ -133,7 +134,7 @@ async def test_imported_certificate_is_renewed_on_schedule(tmp_path: Path) -> No
     # when its backstop time comes: an ordinary renewal, no ARI, no replaces.
     elsewhere = FileStorage(tmp_path / "elsewhere")
     key = ec.generate_private_key(ec.SECP256R1())
-    issued = await InternalIssuer(elsewhere).issue("renew.example.test", key)
+    issued = await InternalIssuer(elsewhere).issue(IssueRequest(("renew.example.test",), key))
     cert_path, key_path = tmp_path / "r.crt", tmp_path / "r.key"
     cert_path.write_bytes(issued.chain_pem)
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,

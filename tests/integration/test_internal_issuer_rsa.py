@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import NameOID
 
+from edgeproxy.issuers.base import IssueRequest
 from edgeproxy.issuers.internal import CA_KEY, RSA_CA_KEY, InternalIssuer
 from edgeproxy.storage.file import FileStorage
 from edgeproxy.tls.contexts import generate_private_key
@@ -84,7 +85,7 @@ async def test_each_leaf_is_signed_by_the_ca_of_its_own_family(tmp_path: Path) -
         ("rsa2048", rsa.RSAPublicKey, RSA_CA_KEY),
         ("ec256", ec.EllipticCurvePublicKey, CA_KEY),
     ):
-        issued = await issuer.issue("x.example.test", generate_private_key(key_type))  # type: ignore[arg-type]
+        issued = await issuer.issue(IssueRequest(("x.example.test",), generate_private_key(key_type)))  # type: ignore[arg-type]
         leaf, ca = x509.load_pem_x509_certificates(issued.chain_pem)
         assert isinstance(ca.public_key(), ca_key_type)
         leaf.verify_directly_issued_by(ca)
@@ -112,7 +113,7 @@ async def test_a_stored_rsa_leaf_under_the_ecdsa_ca_is_renewed_at_once(tmp_path:
     ec_issuer = InternalIssuer(storage)
     ec_ca = x509.load_pem_x509_certificate(await ec_issuer.ca_certificate_pem())
     ec_chain = (
-        await ec_issuer.issue("x.example.test", ec.generate_private_key(ec.SECP256R1()))
+        await ec_issuer.issue(IssueRequest(("x.example.test",), ec.generate_private_key(ec.SECP256R1())))
     ).chain_pem
     leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_key = serialization.load_pem_private_key(
@@ -138,5 +139,5 @@ async def test_a_stored_rsa_leaf_under_the_ecdsa_ca_is_renewed_at_once(tmp_path:
     assert window is not None and window.start <= datetime.now(UTC)
     # A leaf under its own family's CA: no opinion, the usual schedule applies.
     assert await issuer.renewal_window(ec_chain) is None
-    rsa_chain = (await issuer.issue("x.example.test", leaf_key)).chain_pem
+    rsa_chain = (await issuer.issue(IssueRequest(("x.example.test",), leaf_key))).chain_pem
     assert await issuer.renewal_window(rsa_chain) is None

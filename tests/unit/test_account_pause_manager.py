@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from edgeproxy.admin.hostnames import hostname_state
 from edgeproxy.certs.manager import CertificateManager
@@ -25,7 +24,7 @@ from edgeproxy.issuers.account_pause import (
     RATE_LIMITED,
     AccountPauses,
 )
-from edgeproxy.issuers.base import IssuanceError, IssuedCertificate
+from edgeproxy.issuers.base import IssuanceError, IssuedCertificate, IssueRequest
 from edgeproxy.reasons import Failure
 from edgeproxy.storage.base import HostnameEntry
 from edgeproxy.storage.file import FileStorage
@@ -54,15 +53,8 @@ class LimitedCA(HookedIssuer):
         self.pauses = pauses
         self.clock = clock
 
-    async def issue(  # type: ignore[override]
-        self,
-        name: str,
-        private_key: CertificateIssuerPrivateKeyTypes,
-        *,
-        replacing: bytes | None = None,
-        prefer: str | None = None,
-    ) -> IssuedCertificate:
-        LimitedCA.orders.append(name)
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
+        LimitedCA.orders.append(request.name)
         if LimitedCA.limited:
             pause = await self.pauses.record(
                 CA, reason=RATE_LIMITED, detail="too many orders", retry_after=60.0
@@ -70,7 +62,7 @@ class LimitedCA(HookedIssuer):
             raise IssuanceError(
                 Failure(ACCOUNT_PAUSED, "paused until later", retry_after=pause.until - self.clock())
             )
-        return await super().issue(name, private_key, replacing=replacing, prefer=prefer)
+        return await super().issue(request)
 
 
 def replica(storage: FileStorage, clock: Clock) -> CertificateManager:

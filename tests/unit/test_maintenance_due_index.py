@@ -16,6 +16,7 @@ from edgeproxy.certs.maintenance import RECONCILE_INTERVAL
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.certs.policy import OnDemandPolicy
 from edgeproxy.certs.record import CertRecord, cert_key
+from edgeproxy.issuers.base import IssueRequest
 from edgeproxy.issuers.internal import InternalIssuer
 from edgeproxy.storage.base import StoredItem
 from edgeproxy.storage.file import FileStorage
@@ -55,7 +56,7 @@ async def _fleet(tmp_path: Path) -> tuple[CountingStorage, Clock]:
     """20,000 stored certificates, already planned: each has its time in the index, days on."""
     files = FileStorage(tmp_path / "state")
     key = generate_private_key("ec256")
-    issued = await InternalIssuer(files).issue("fleet.example.test", key)  # type: ignore[arg-type]
+    issued = await InternalIssuer(files).issue(IssueRequest(("fleet.example.test",), key))  # type: ignore[arg-type]
     rec = CertRecord.build("fleet.example.test", issued.issuer_id, issued.chain_pem, key, 0)  # type: ignore[arg-type]
     clock = Clock(rec.not_before + 3600)
     for i in range(FLEET):

@@ -19,7 +19,7 @@ from edgeproxy.acme.errors import (
 )
 from edgeproxy.certs import status_store
 from edgeproxy.issuers.acme import AcmeIssuer
-from edgeproxy.issuers.base import IssuanceError, IssuedCertificate, RenewalWindow
+from edgeproxy.issuers.base import IssuanceError, IssuedCertificate, IssueRequest, RenewalWindow
 from edgeproxy.issuers.fallback import FallbackIssuer
 from edgeproxy.reasons import ACME_ERROR_PREFIX, Failure, Reason
 from edgeproxy.storage.file import FileStorage
@@ -117,7 +117,7 @@ class _Failing:
     def id(self) -> str:
         return self.label
 
-    async def issue(self, name: str, private_key: object, **_: object) -> IssuedCertificate:
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
         raise IssuanceError(self.failure)
 
     async def renewal_window(self, chain_pem: bytes) -> RenewalWindow | None:
@@ -132,7 +132,7 @@ async def test_fallback_keeps_the_last_failure_typed_and_the_earlier_ones_in_wor
     last = Failure.problem(ACME_ERROR_PREFIX + "caa", "CAA forbids", challenge_type="dns-01")
     issuer = FallbackIssuer([_Failing("one", first), _Failing("two", last)])  # type: ignore[list-item]
     with pytest.raises(IssuanceError) as ei:
-        await issuer.issue("a.example", ec.generate_private_key(ec.SECP256R1()))
+        await issuer.issue(IssueRequest(("a.example",), ec.generate_private_key(ec.SECP256R1())))
     assert ei.value.failure.reason is Reason.CAA
     assert ei.value.failure.problem_type == ACME_ERROR_PREFIX + "caa"
     assert ei.value.failure.challenge_type == "dns-01"

@@ -19,7 +19,7 @@ from edgeproxy.admin.ui import SESSION_TTL, session_valid, session_value
 from edgeproxy.admin.ui_index import entry_state, prefix_start
 from edgeproxy.certs import history
 from edgeproxy.certs.status import DomainStatus
-from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.issuers.base import IssuanceError, IssuedCertificate, IssueRequest
 from edgeproxy.reasons import Failure
 from edgeproxy.storage.base import HostnameEntry
 from testkit.managers import CountingIssuer, make_manager
@@ -78,7 +78,7 @@ def test_history_keeps_the_newest_attempts_only() -> None:
 
 
 class FailingIssuer(CountingIssuer):
-    async def issue(self, name, private_key, *, replacing=None, prefer=None):  # type: ignore[no-untyped-def]
+    async def issue(self, request: IssueRequest) -> IssuedCertificate:
         raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:rejectedIdentifier", "not this one"))
 
 
