@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -39,6 +38,7 @@ from testkit.pebble import (
     start_pebble,
 )
 from testkit.ports import free_port
+from testkit.procs import kill_process
 from testkit.proxy import wait_port
 
 postgres_server = pg.postgres_server
@@ -122,8 +122,7 @@ def replicas(
             yield inj, port, admin, roots
         finally:
             for proc in procs:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=10)
+                kill_process(proc)
 
 
 def served(ip: str, port: int, name: str, roots: Path) -> bool:

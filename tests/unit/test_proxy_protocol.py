@@ -32,6 +32,7 @@ from edgeproxy.wire.proxy_protocol import (
     build_v2,
 )
 from testkit.ports import free_port
+from testkit.procs import stop_process
 
 Mode = Literal["v1", "v2", "any"]
 
@@ -472,12 +473,7 @@ backend v2
         _wait_listening(proc, v2_port)
         yield HAProxy(v1_port, v2_port, backend)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
         backend.close()
 
 
