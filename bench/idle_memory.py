@@ -153,6 +153,28 @@ def measure(
     return {"before": before, "held": held, "opened": idle.opened, "failed": idle.failed}
 
 
+def ssl_new_bytes(n: int = 2000) -> float | None:
+    """C heap per fresh server ``SSL.Connection`` (``SSL_new``, before any handshake).
+
+    Measured here, in the harness, with the same ``cryptography`` wheel's OpenSSL as edgeproxy:
+    the fixed part of every connection's OpenSSL cost (in OpenSSL 3.2 and later, the
+    ``SSL_CONNECTION`` and one record layer object each way).
+    """
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    warm = [SSL.Connection(ctx, None) for _ in range(20)]
+    gc.collect()
+    before = malloc_in_use()
+    conns = [SSL.Connection(ctx, None) for _ in range(n)]
+    gc.collect()
+    after = malloc_in_use()
+    del conns, warm
+    if before is None or after is None:
+        return None
+    return (after - before) / n
+
+
 def report(plain: dict[str, Any], traced: dict[str, Any], top: int) -> str:
     n = plain["opened"]
     nt = traced["opened"]
@@ -175,6 +197,7 @@ def report(plain: dict[str, Any], traced: dict[str, Any], top: int) -> str:
         ("C heap in use (malloc)", heap),
         ("  of it Python objects > 512 B", py_large),
         ("  of it OpenSSL and other C (the rest)", heap - py_large),
+        ("    of that a fresh SSL object (SSL_new, memory BIOs)", ssl_new_bytes() or 0.0),
         ("Python, all traced blocks", py),
         ("  of it in pymalloc (<= 512 B)", py - py_large),
         ("allocator slack (RSS - C heap - pymalloc blocks)", rss - heap - (py - py_large)),
