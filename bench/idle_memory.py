@@ -133,7 +133,10 @@ def measure(
         "PYTHONPATH": str(REPO_ROOT),
         "PYTHONTRACEMALLOC": "1" if trace else "0",
     }
-    server: Server = sup.start(f"edgeproxy-{label}", argv, cpu=stage.cpu, env=env, port=port)
+    # tracemalloc slows the imports down a lot: a loaded machine needs more than the default.
+    server: Server = sup.start(
+        f"edgeproxy-{label}", argv, cpu=stage.cpu, env=env, port=port, start_timeout=180
+    )
     try:
         pki = stage.pki
         probe_tls(port, pki.name, pki.ca_pem, stage.workdir / "s.pem", "/empty.bin")
