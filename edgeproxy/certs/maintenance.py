@@ -56,6 +56,10 @@ class Maintenance(Acquisition):
 
     async def _maintenance_pass(self) -> None:
         now = self.clock()
+        if self.account_pauses is not None:
+            # Every replica's gauge follows storage; first, so a pause that ended shows at
+            # once, not after the names it held back have been ordered.
+            await self.account_pauses.active()
         if now >= self._next_clean:
             self._next_clean = now + CLEAN_INTERVAL
             await self._sweep_storage()
@@ -68,8 +72,6 @@ class Maintenance(Acquisition):
             log.warning("maintenance: storage unavailable, retrying next pass: %s", exc)
             return
         self._recheck_cached(now)
-        if self.account_pauses is not None:
-            await self.account_pauses.active()  # every replica's gauge follows storage
         # 0 when nothing is managed: the expiry alert ignores 0, a stale date would lie.
         expiries = [c.not_after for n, c in self._cache.items() if not self._unwanted(n)]
         expiries.extend(self._overdue.values())

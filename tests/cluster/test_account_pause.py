@@ -238,7 +238,7 @@ def test_rate_limited_pauses_every_replica_until_retry_after(
         f"{inj.count('newOrder')} in all"
     )
     for ip in REPLICAS:
-        gauge_deadline = time.time() + 10
+        gauge_deadline = time.time() + 30
         while paused_gauge(ip, admin) != 0.0 and time.time() < gauge_deadline:
             time.sleep(0.5)
         assert paused_gauge(ip, admin) == 0.0
