@@ -23,19 +23,29 @@ from .errors import ConfigError, StorageError
 from .logs import setup_logging
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
 #: Entries stored per batch by ``hostnames import`` (one sync or commit each).
 IMPORT_BATCH = 1000
-_config_option = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=CONFIG_ENV,
-    required=True,
-    help=f"TOML config file (or ${CONFIG_ENV}).",
-)
+
+
+def _config_option(*, load: bool = True) -> Callable[[_F], _F]:
+    """``--config``: the loaded ``cfg`` (a bad file exits 2 listing its problems), or with
+    ``load=False`` the ``config_path`` itself, for the commands that read it again later."""
+    return click.option(
+        "--config",
+        "-c",
+        "cfg" if load else "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=CONFIG_ENV,
+        required=True,
+        callback=(lambda _ctx, _param, path: _load(path)) if load else None,
+        help=f"TOML config file (or ${CONFIG_ENV}).",
+    )
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _say(message: str) -> None:
@@ -81,7 +91,7 @@ def main() -> None:
 
 
 @main.command()
-@_config_option
+@_config_option(load=False)
 def run(config_path: Path) -> None:
     """Run the proxy with a config file (SIGTERM drains, SIGHUP reloads)."""
     cfg = _load(config_path)
@@ -103,7 +113,7 @@ def run(config_path: Path) -> None:
 
 
 @main.command()
-@_config_option
+@_config_option(load=False)
 def check(config_path: Path) -> None:
     """Validate a config file: exit 0 if valid, 2 listing every problem."""
     cfg = _load(config_path)
@@ -230,12 +240,11 @@ def certs() -> None:
 
 
 @certs.command("list")
-@_config_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def certs_list(config_path: Path, as_json: bool) -> None:
+@_config_option()
+@_json_option
+def certs_list(cfg: Config, as_json: bool) -> None:
     """Every managed name with its state, expiry and next renewal (progress on stderr while
     the statuses are read; Ctrl-C stops, exit 130)."""
-    cfg = _load(config_path)
     rows = _run_with_config(_read_statuses, cfg, None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -250,14 +259,13 @@ def certs_list(config_path: Path, as_json: bool) -> None:
 
 
 @certs.command("status")
-@_config_option
+@_config_option()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def certs_status(config_path: Path, name: str, as_json: bool) -> None:
+@_json_option
+def certs_status(cfg: Config, name: str, as_json: bool) -> None:
     """Everything known about NAME, with a hint when something is wrong."""
     from .names import normalize_name
 
-    cfg = _load(config_path)
     name = normalize_name(name)
     rows = _run_with_config(_read_statuses, cfg, name)
     if not rows:
@@ -293,14 +301,13 @@ def certs_status(config_path: Path, name: str, as_json: bool) -> None:
 
 
 @certs.command("issue")
-@_config_option
+@_config_option()
 @click.argument("name")
-def certs_issue(config_path: Path, name: str) -> None:
+def certs_issue(cfg: Config, name: str) -> None:
     """Pre-issue NAME through the deployment's storage (the running proxy answers the challenge)."""
     from .app import assemble
     from .names import InvalidName, validate_hostname
 
-    cfg = _load(config_path)
     setup_logging(cfg.log.format, cfg.log.level)
     try:
         name = validate_hostname(name)
@@ -342,7 +349,7 @@ def certs_issue(config_path: Path, name: str) -> None:
 
 
 @certs.command("import")
-@_config_option
+@_config_option()
 @click.option("--cert", "cert_path", type=click.Path(path_type=Path),
               help="PEM chain, leaf first.")  # fmt: skip
 @click.option("--key", "key_path", type=click.Path(path_type=Path),
@@ -351,7 +358,7 @@ def certs_issue(config_path: Path, name: str) -> None:
               help="A Caddy (CertMagic) storage folder: every certificates/<issuer>/<name>/ "
                    "<name>.crt and .key in it.")  # fmt: skip
 def certs_import(
-    config_path: Path, cert_path: Path | None, key_path: Path | None, caddy_dir: Path | None
+    cfg: Config, cert_path: Path | None, key_path: Path | None, caddy_dir: Path | None
 ) -> None:
     """Adopt certificates obtained elsewhere: served from storage at once (no ACME order) for
     every DNS name they cover, and renewed through the configured issuer on schedule. A bad or
@@ -365,7 +372,6 @@ def certs_import(
     from .errors import StorageError
     from .progress import StepsDone, run_steps
 
-    cfg = _load(config_path)
     single = cert_path is not None or key_path is not None
     if (caddy_dir is not None) == single or (single and (cert_path is None or key_path is None)):
         click.echo("give --cert and --key, or --from-caddy DIR", err=True)
@@ -496,16 +502,15 @@ async def _describe(storage: Any, entry: Any) -> dict[str, Any]:
 
 
 @hostnames.command("add")
-@_config_option
+@_config_option()
 @click.argument("name")
 @click.option("--upstream", help='"host:port" overriding the SNI routes for NAME.')
 @click.option("--metadata", help="A JSON object (at most 4 KiB), returned as stored.")
-def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: str | None) -> None:
+def hostnames_add(cfg: Config, name: str, upstream: str | None, metadata: str | None) -> None:
     """Register NAME (an existing entry is left as it is)."""
     from .hostnames.entries import BadEntry, encode_metadata, parse_hostname, parse_upstream
     from .storage.base import HostnameEntry
 
-    cfg = _load(config_path)
     try:
         entry = HostnameEntry(parse_hostname(name), parse_upstream(upstream),
                               encode_metadata(json.loads(metadata) if metadata else None),
@@ -526,11 +531,10 @@ def hostnames_add(config_path: Path, name: str, upstream: str | None, metadata: 
 
 
 @hostnames.command("remove")
-@_config_option
+@_config_option()
 @click.argument("name")
-def hostnames_remove(config_path: Path, name: str) -> None:
+def hostnames_remove(cfg: Config, name: str) -> None:
     """Stop serving and renewing NAME (its certificate is kept for [hostnames] removal_grace)."""
-    cfg = _load(config_path)
     hostname = _hostname_arg(name)
 
     async def work(storage: Any) -> bool:
@@ -546,14 +550,13 @@ def hostnames_remove(config_path: Path, name: str) -> None:
 
 
 @hostnames.command("list")
-@_config_option
+@_config_option()
 @click.option("--state", type=click.Choice(["pending", "issuing", "active", "failing",
                                              "rate_limited", "account_paused", "denied",
                                              "removed"]))  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def hostnames_list(config_path: Path, state: str | None, as_json: bool) -> None:
+def hostnames_list(cfg: Config, state: str | None, as_json: bool) -> None:
     """Every registered hostname (removed ones until purged) with its state."""
-    cfg = _load(config_path)
 
     async def work(storage: Any) -> None:
         if not as_json:
@@ -577,12 +580,11 @@ def hostnames_list(config_path: Path, state: str | None, as_json: bool) -> None:
 
 
 @hostnames.command("show")
-@_config_option
+@_config_option()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def hostnames_show(config_path: Path, name: str, as_json: bool) -> None:
+@_json_option
+def hostnames_show(cfg: Config, name: str, as_json: bool) -> None:
     """One hostname: entry, state, certificate, last error."""
-    cfg = _load(config_path)
     hostname = _hostname_arg(name)
 
     async def work(storage: Any) -> dict[str, Any] | None:
@@ -608,9 +610,9 @@ def hostnames_show(config_path: Path, name: str, as_json: bool) -> None:
 
 
 @hostnames.command("import")
-@_config_option
+@_config_option()
 @click.argument("file", type=click.File("r", encoding="utf-8"))
-def hostnames_import(config_path: Path, file: Any) -> None:
+def hostnames_import(cfg: Config, file: Any) -> None:
     """Register every hostname in FILE: one per line, or JSON lines with the fields hostname,
     upstream, metadata ('-' reads stdin). Bad lines are reported with their line number and
     skipped; the good ones are kept. Progress: a bar on a terminal, else a line a second on
@@ -620,7 +622,6 @@ def hostnames_import(config_path: Path, file: Any) -> None:
     from .progress import run_steps
     from .storage.base import HostnameEntry
 
-    cfg = _load(config_path)
     entries: list[HostnameEntry] = []
     line_numbers: list[int] = []
     bad = 0
@@ -676,11 +677,10 @@ def storage() -> None:
 
 
 @storage.command("check")
-@_config_option
-def storage_check(config_path: Path) -> None:
+@_config_option()
+def storage_check(cfg: Config) -> None:
     """Report leftover temp files, stale locks, corrupt records, bad permissions, an unsafe
     storage root, and secret values stored in clear or under another encryption key."""
-    cfg = _load(config_path)
     problems = _run_with_config(_with_storage, cfg, "check", 0.0)
     for p in problems:
         click.echo(p)
@@ -690,7 +690,7 @@ def storage_check(config_path: Path) -> None:
 
 
 @storage.command("clean")
-@_config_option
+@_config_option()
 @click.option(
     "--grace-days",
     default=30,
@@ -700,9 +700,8 @@ def storage_check(config_path: Path) -> None:
     type=click.IntRange(0, 3650),
     help="Keep expired certificates this many days (0-3650); valid ones are never removed.",
 )
-def storage_clean(config_path: Path, grace_days: int) -> None:
+def storage_clean(cfg: Config, grace_days: int) -> None:
     """Remove long-expired certificates, stale locks, orphaned challenges and temp files."""
-    cfg = _load(config_path)
     removed = _run_with_config(_with_storage, cfg, "clean", grace_days * 86400.0)
     for r in removed:
         click.echo(f"removed {r}")
@@ -723,9 +722,9 @@ async def _with_storage(cfg: Config, what: str, grace: float) -> list[str]:
 
 
 @main.command()
-@_config_option
+@_config_option()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_option
 @click.option(
     "--port",
     default=443,
@@ -749,7 +748,7 @@ async def _with_storage(cfg: Config, what: str, grace: float) -> list[str]:
     help="Probe this address instead of NAME's (e.g. the load balancer before DNS is switched).",
 )
 def doctor(
-    config_path: Path,
+    cfg: Config,
     name: str,
     as_json: bool,
     port: int,
@@ -760,7 +759,6 @@ def doctor(
     """Can the CA reach this deployment for custom domain NAME? Exit 0 only if so."""
     from .doctor import doctor_command
 
-    cfg = _load(config_path)
     sys.exit(
         doctor_command(
             cfg,
