@@ -24,6 +24,12 @@ from .errors import ConfigError
 from .names import InvalidName, normalize_name, normalize_pattern, validate_hostname
 
 
+def _needs(has: object, needed: object, problem: str) -> None:
+    """The rule "a setting that has ``has`` needs ``needed`` too"; ``problem`` says what to add."""
+    if has and not needed:
+        raise ValueError(problem)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,13 +68,14 @@ class ServerConfig(_Model):
 
     @model_validator(mode="after")
     def _proxy_from_matches_mode(self) -> ServerConfig:
-        if self.proxy_protocol != "off" and self.proxy_protocol_from is None:
-            raise ValueError(
-                f'proxy_protocol = "{self.proxy_protocol}" needs server.proxy_protocol_from: '
-                "list the networks of the load balancer that sends the headers (its subnets' "
-                'CIDRs, e.g. ["10.0.0.0/16"]); anyone else could claim any client address. '
-                'Write ["0.0.0.0/0", "::/0"] only if nothing but the balancer can reach the port'
-            )
+        _needs(
+            self.proxy_protocol != "off",
+            self.proxy_protocol_from is not None,
+            f'proxy_protocol = "{self.proxy_protocol}" needs server.proxy_protocol_from: '
+            "list the networks of the load balancer that sends the headers (its subnets' "
+            'CIDRs, e.g. ["10.0.0.0/16"]); anyone else could claim any client address. '
+            'Write ["0.0.0.0/0", "::/0"] only if nothing but the balancer can reach the port',
+        )
         if self.proxy_protocol == "off" and self.proxy_protocol_from is not None:
             raise ValueError(
                 'server.proxy_protocol_from is set but proxy_protocol is "off": it would do '
@@ -90,6 +97,13 @@ def _check_proxy_from_list(v: list[str] | None) -> list[str] | None:
             '(e.g. ["10.0.0.0/16"])'
         )
     return [str(parse_network(item)) for item in v]
+
+
+def _check_hostports(v: list[str], what: str) -> list[str]:
+    """``v`` unchanged once every item parses as ``host:port``."""
+    for item in v:
+        parse_hostport(item, what=what)
+    return v
 
 
 def _check_listen_list(v: list[str], example_port: int) -> list[str]:
@@ -157,23 +171,23 @@ class AdminConfig(_Model):
     @model_validator(mode="after")
     def _non_loopback_needs_token(self) -> AdminConfig:
         host = parse_hostport(self.listen, what="").host if self.listen else "localhost"
-        off_loopback = not is_loopback_host(host)
-        if off_loopback and not (self.token or self.token_env):
-            raise ValueError(
-                f"admin listens on {self.listen} which is not loopback: set admin.token "
-                "(or admin.token_env) or listen on 127.0.0.1"
-            )
+        _needs(
+            not is_loopback_host(host),
+            self.token or self.token_env,
+            f"admin listens on {self.listen} which is not loopback: set admin.token "
+            "(or admin.token_env) or listen on 127.0.0.1",
+        )
         return self
 
     @model_validator(mode="after")
     def _metrics_token_needs_admin_token(self) -> AdminConfig:
-        has_metrics = bool(self.metrics_token or self.metrics_token_env)
-        if has_metrics and not (self.token or self.token_env):
-            raise ValueError(
-                "admin.metrics_token (or metrics_token_env) is set without admin.token: "
-                "without an admin token every endpoint is open, so set admin.token "
-                "(or token_env) as well"
-            )
+        _needs(
+            self.metrics_token or self.metrics_token_env,
+            self.token or self.token_env,
+            "admin.metrics_token (or metrics_token_env) is set without admin.token: "
+            "without an admin token every endpoint is open, so set admin.token "
+            "(or token_env) as well",
+        )
         if self.metrics_token and self.metrics_token == self.token:
             raise ValueError(
                 "admin.metrics_token equals admin.token: give Prometheus a different secret"
@@ -293,9 +307,7 @@ class DnsZoneConfig(_Model):
     @field_validator("check_servers")
     @classmethod
     def _checks(cls, v: list[str]) -> list[str]:
-        for s in v:
-            parse_hostport(s, what="acme.dns check_servers")
-        return v
+        return _check_hostports(v, "acme.dns check_servers")
 
 
 class ManagedCertificateConfig(_Model):
@@ -362,10 +374,11 @@ class AcmeConfig(AcmeIssuerConfig):
 
     @model_validator(mode="after")
     def _managed_needs_dns(self) -> Self:
-        if self.managed and not self.dns:
-            raise ValueError(
-                "[[acme.managed]] certificates are issued by DNS-01: add an [[acme.dns]] zone"
-            )
+        _needs(
+            self.managed,
+            self.dns,
+            "[[acme.managed]] certificates are issued by DNS-01: add an [[acme.dns]] zone",
+        )
         return self
 
     @model_validator(mode="after")
@@ -444,8 +457,11 @@ class StorageConfig(_Model):
 
     @model_validator(mode="after")
     def _postgres_dsn(self) -> StorageConfig:
-        if self.backend == "postgres" and not (self.dsn or self.dsn_env):
-            raise ValueError('backend "postgres" needs storage.dsn or storage.dsn_env')
+        _needs(
+            self.backend == "postgres",
+            self.dsn or self.dsn_env,
+            'backend "postgres" needs storage.dsn or storage.dsn_env',
+        )
         return self
 
 
@@ -476,10 +492,11 @@ class EventsConfig(_Model):
 
     @model_validator(mode="after")
     def _signed(self) -> EventsConfig:
-        if self.url and not self.secret_env:
-            raise ValueError(
-                "events.url needs events.secret_env (receivers must be able to verify events)"
-            )
+        _needs(
+            self.url,
+            self.secret_env,
+            "events.url needs events.secret_env (receivers must be able to verify events)",
+        )
         return self
 
 
@@ -503,9 +520,7 @@ class RouteConfig(_Model):
     @field_validator("upstreams")
     @classmethod
     def _ups(cls, v: list[str]) -> list[str]:
-        for u in v:
-            parse_hostport(u, what="an upstream")
-        return v
+        return _check_hostports(v, "an upstream")
 
     @model_validator(mode="after")
     def _has_match(self) -> RouteConfig:
