@@ -316,6 +316,12 @@ def problem_from_response(status: int, headers: Mapping[str, str], body: bytes) 
 # --- resources --------------------------------------------------------------------------
 
 
+def _resource(kind: str, url: str, body: bytes) -> tuple[str, JSON]:
+    """(what, doc): the ``kind`` object at ``url`` parsed, and how its errors name it."""
+    what = f"{kind} {url}"
+    return what, parse_json(body, what)
+
+
 def parse_json(body: bytes, what: str) -> JSON:
     """A JSON object from a response body, or ``AcmeProtocolError`` naming ``what``."""
     try:
@@ -370,8 +376,7 @@ def _error(doc: Mapping[str, Any]) -> AcmeProblem | None:
 
 def parse_directory(url: str, body: bytes) -> Directory:
     """The directory object (RFC 8555 s7.1.1; ``renewalInfo`` RFC 9773 s3; ``profiles``)."""
-    what = f"directory {url}"
-    doc = parse_json(body, what)
+    what, doc = _resource("directory", url, body)
     meta = doc.get("meta")
     meta = meta if isinstance(meta, Mapping) else {}
     raw_profiles = meta.get("profiles")
@@ -422,14 +427,12 @@ def parse_challenge(doc: Mapping[str, Any], what: str = "challenge") -> Challeng
 
 def parse_authorization(url: str, body: bytes) -> Authorization:
     """An authorization object (RFC 8555 s7.1.4)."""
-    what = f"authorization {url}"
-    doc = parse_json(body, what)
-    raw_challenges = _list(doc, "challenges", what)
+    what, doc = _resource("authorization", url, body)
     return Authorization(
         url=url,
         identifier=_identifier(doc.get("identifier"), what),
         status=_str(doc, "status", what),
-        challenges=tuple(parse_challenge(c, what) for c in raw_challenges),
+        challenges=tuple(parse_challenge(c, what) for c in _list(doc, "challenges", what)),
         wildcard=doc.get("wildcard") is True,
         expires=_opt_str(doc, "expires", what),
     )
@@ -437,13 +440,11 @@ def parse_authorization(url: str, body: bytes) -> Authorization:
 
 def parse_order(url: str, body: bytes) -> Order:
     """An order object (RFC 8555 s7.1.3; ``replaces`` RFC 9773 s5; ``profile``)."""
-    what = f"order {url}"
-    doc = parse_json(body, what)
-    raw_ids = _list(doc, "identifiers", what)
+    what, doc = _resource("order", url, body)
     return Order(
         url=url,
         status=_str(doc, "status", what),
-        identifiers=tuple(_identifier(i, what) for i in raw_ids),
+        identifiers=tuple(_identifier(i, what) for i in _list(doc, "identifiers", what)),
         authorizations=_str_list(doc, "authorizations", what),
         finalize=_str(doc, "finalize", what),
         certificate=_opt_str(doc, "certificate", what),
