@@ -7,6 +7,7 @@ with an old certificate (the "stale or torn files" incident). Pure data and (de)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 
@@ -19,14 +20,22 @@ from ..issuers.base import private_key_pem
 FORMAT_VERSION = 1
 
 
-def cert_key(name: str) -> str:
-    """Storage key of the record for ``name`` (already normalised)."""
-    return f"certs/{name}.json"
+def _per_name(prefix: str, suffix: str = ".json") -> Callable[[str], str]:
+    """Where one name's (already normalised) record lives: ``prefix``, the name, ``suffix``."""
+
+    def key(name: str) -> str:
+        return f"{prefix}{name}{suffix}"
+
+    return key
 
 
-def backoff_key(name: str) -> str:
-    """Failed attempts and the next allowed one, shared by every process (``Backoff``)."""
-    return f"backoff/{name}.json"
+# A name's records, each its own key: the certificate record; the failed attempts and the next
+# allowed one, shared by every process (``Backoff``); the ARI state, apart from the record
+# because refreshing it must never race a renewal's write. Then the lease held while ordering.
+cert_key = _per_name("certs/")
+backoff_key = _per_name("backoff/")
+ari_key = _per_name("ari/")
+lock_name = _per_name("issue-", suffix="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +62,6 @@ class Backoff:
             return cls(int(d["failures"]), float(d["next_attempt"]), times)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RecordError(f"unparseable backoff record: {exc}") from None
-
-
-def ari_key(name: str) -> str:
-    """ARI state lives apart from the record: refreshing it must never race a renewal's write."""
-    return f"ari/{name}.json"
-
-
-def lock_name(name: str) -> str:
-    return f"issue-{name}"
 
 
 @dataclass(frozen=True, slots=True)
