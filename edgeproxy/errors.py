@@ -7,6 +7,9 @@ finds the ConfigErrors inside an exception group (what the CLI and each worker e
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class EdgeproxyError(Exception):
     """Base for every error edgeproxy raises on purpose."""
@@ -82,6 +85,16 @@ class StorageError(EdgeproxyError):
 
 class CorruptRecord(StorageError):
     """A stored record failed to parse or decrypt (callers decide whether to quarantine it)."""
+
+
+@contextlib.contextmanager
+def reading_record(what: str, remedy: str) -> Iterator[None]:
+    """Parse a stored record inside: a malformed one (``ValueError``, ``KeyError``,
+    ``TypeError``) raises ``CorruptRecord("WHAT is unreadable (why); REMEDY")``."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptRecord(f"{what} is unreadable ({exc}); {remedy}") from None
 
 
 class LockUnavailable(StorageError):

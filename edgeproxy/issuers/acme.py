@@ -37,7 +37,7 @@ from ..acme.errors import (
 )
 from ..acme.jws import b64url_decode
 from ..config import AcmeIssuerConfig
-from ..errors import StorageError
+from ..errors import StorageError, reading_record
 from ..reasons import ACME_ERROR_PREFIX, Failure, Reason
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
@@ -183,16 +183,12 @@ class AcmeIssuer:
         raw = await self._storage.get(name)
         if raw is None:
             return None
-        try:
+        what = f"ACME account record {name}"
+        with reading_record(what, "restore it or delete it to create a new account"):
             d = json.loads(raw)
             key = serialization.load_pem_private_key(d["key_pem"].encode(), password=None)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StorageError(
-                f"ACME account record {name} is unreadable ({exc}); restore it or delete it to "
-                "create a new account"
-            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise StorageError(f"ACME account record {name} holds an unsupported key type")
+            raise StorageError(f"{what} holds an unsupported key type")
         return key, d.get("url")
 
     async def _save_account(self, key: ec.EllipticCurvePrivateKey, url: str | None) -> None:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import CorruptRecord
+from ..errors import CorruptRecord, reading_record
 from ..storage.base import Storage
 from ..storage.locks import hold_lock, make_owner_id
 from ..tls.self_signed import self_signed
@@ -132,16 +132,15 @@ class InternalIssuer:
         raw = await self._storage.get(record_key)
         if raw is None:
             return None
-        try:
+        # Never silently mint a second CA: clients trust the first one.
+        remedy = (
+            "restore it from backup or delete it to create a new CA "
+            "(clients must then trust the new ca.pem)"
+        )
+        with reading_record(f"internal CA record {record_key}", remedy):
             record = json.loads(raw)
             cert = x509.load_pem_x509_certificate(record["cert_pem"].encode())
             key = serialization.load_pem_private_key(record["key_pem"].encode(), password=None)
-        except (ValueError, KeyError, TypeError) as exc:
-            # Never silently mint a second CA: clients trust the first one.
-            raise CorruptRecord(
-                f"internal CA record {record_key} is unreadable ({exc}); restore it from backup or "
-                "delete it to create a new CA (clients must then trust the new ca.pem)"
-            ) from None
         expected = rsa.RSAPrivateKey if family == "rsa" else ec.EllipticCurvePrivateKey
         if not isinstance(key, expected):
             raise CorruptRecord(f"internal CA record {record_key} holds an unexpected key type")
