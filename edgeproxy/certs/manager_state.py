@@ -153,6 +153,10 @@ class ManagerState:
         self._status_size = status_size
         self._unordered: OrderedDict[str, DomainStatus] = OrderedDict()
         self._unordered_size = unordered_size
+        # Status encodings not yet written, newest per name, and the names with a writer task
+        # (both bounded by the names whose status changes meanwhile; ``status_book``).
+        self._status_unwritten: dict[str, bytes] = {}
+        self._status_writers: set[str] = set()
         self._orders = TokenBucket(
             max_orders_per_minute / 60.0, float(max_orders_per_minute), time.monotonic
         )

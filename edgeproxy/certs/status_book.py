@@ -38,15 +38,24 @@ class StatusBook(ManagerState):
         while len(self._status) > self._status_size:
             self._status.popitem(last=False)
         if self._nursery is not None:
-            raw = status_store.encode(st)
-            self._spawn("persist_status", name, self._persist_status, st.name, raw)
+            # One writer per name, always writing the newest encoding: a task per change
+            # (each put a thread of its own) could land an older state after a newer one and
+            # leave it stored for good.
+            self._status_unwritten[name] = status_store.encode(st)
+            if name not in self._status_writers:
+                self._status_writers.add(name)
+                self._spawn("persist_status", name, self._persist_status, name)
         return st
 
-    async def _persist_status(self, name: str, raw: bytes) -> None:
+    async def _persist_status(self, name: str) -> None:
         try:
-            await self.storage.put(status_store.status_key(name), raw)
-        except StorageError as exc:
-            log.debug("could not persist status for %s: %s", name, exc)
+            while (raw := self._status_unwritten.pop(name, None)) is not None:
+                try:
+                    await self.storage.put(status_store.status_key(name), raw)
+                except StorageError as exc:
+                    log.debug("could not persist status for %s: %s", name, exc)
+        finally:
+            self._status_writers.discard(name)
 
     def _fail(
         self,

@@ -9,6 +9,7 @@ manager still issues, renews and answers afterwards. Real FileStorage and the re
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from prometheus_client import REGISTRY
 from edgeproxy.certs.manager import CertificateManager
 from edgeproxy.errors import CertificateUnavailable
 from edgeproxy.events import Events
+from edgeproxy.issuers.base import IssuanceError
+from edgeproxy.reasons import Failure
 from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.file import FileStorage
 from testkit.managers import HookedIssuer, manager_for
@@ -184,3 +187,52 @@ async def test_an_event_failing_to_queue_is_counted_and_contained(
     assert errors("event") == before + 1
     # The writer carried on with the next event.
     assert [b"b.example.test" in e.body for e in storage.queued] == [True]
+
+
+class SlowFirstStatusStorage(FileStorage):
+    """Real file storage whose first status write for a name is slow (a loaded disk or
+    database), so a later change of that name's status is made while it is in flight."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.slowed: set[str] = set()
+        self.status_puts: list[str] = []
+
+    async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
+        if key.startswith("status/") and key not in self.slowed:
+            self.slowed.add(key)
+            await trio.sleep(0.5)
+        if key.startswith("status/"):
+            self.status_puts.append(key)
+        await super().put(key, value, secret=secret)
+
+
+class RefusedIssuer(HookedIssuer):
+    """The real internal CA refusing every order the way a CA does (a problem document)."""
+
+    async def before_issue(self, name: str) -> None:
+        raise IssuanceError(Failure.problem("urn:ietf:params:acme:error:caa", "CAA forbids it"))
+
+
+async def test_stored_status_is_the_newest_when_writes_overlap(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Each status change once spawned its own put: the slow first one ("issuing") landed
+    after the quick later one ("failing") and stayed stored for good."""
+    storage = SlowFirstStatusStorage(tmp_path / "state")
+    issuer = RefusedIssuer(storage)
+    mgr = manager_for(storage, issuer, "*.example.test")
+    await nursery.start(mgr.run)
+    name = "late.example.test"
+    with pytest.raises(CertificateUnavailable):
+        await mgr.context_for(name)
+    st = mgr.status(name)
+    assert st is not None and st.state == "failing"
+    # Both writes happened (the slow first and the later one), then nothing more is written.
+    with trio.fail_after(10):
+        while len(storage.status_puts) < 2:
+            await trio.sleep(0.05)
+    await trio.sleep(1.0)
+    raw = await storage.get(f"status/{name}.json")
+    assert raw is not None
+    assert json.loads(raw)["state"] == "failing"
