@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 from .. import metrics
 from ..errors import StorageError
@@ -79,27 +79,21 @@ def name_set_key(names: Sequence[str]) -> str:
     return f"budgets/names/set-{digest}.json"
 
 
+@dataclass(eq=False)
 class CaBudgets:
-    def __init__(
-        self,
-        storage: Storage,
-        limits: Limits,
-        *,
-        account: str,
-        clock: Callable[[], float] = time.time,
-        lock_ttl: float = 10.0,
-        lock_wait: float = 10.0,
-    ) -> None:
-        self.storage = storage
-        self.limits = limits
-        self.account = account
-        self.clock = clock
-        self.lock_ttl = lock_ttl
-        self.lock_wait = lock_wait
-        self._owner = make_owner_id()
-        # (limit, key) -> times last seen in storage, most recent last; bounded.
-        self._seen: OrderedDict[tuple[LimitName, str], tuple[float, ...]] = OrderedDict()
-        self._ari: tuple[float, ...] = ()
+    storage: Storage
+    limits: Limits
+    _: KW_ONLY
+    account: str
+    clock: Callable[[], float] = time.time
+    lock_ttl: float = 10.0
+    lock_wait: float = 10.0
+    _owner: str = field(default_factory=make_owner_id, init=False, repr=False)
+    # (limit, key) -> times last seen in storage, most recent last; bounded.
+    _seen: OrderedDict[tuple[LimitName, str], tuple[float, ...]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
+    _ari: tuple[float, ...] = field(default=(), init=False, repr=False)
 
     async def admit(
         self, names: Sequence[str], kind: OrderKind, failures: Sequence[float] = ()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import trio
 
@@ -54,29 +54,25 @@ ENSURE_TIMEOUT = 1.0
 Listener = Callable[[str, HostnameEntry | None, HostnameEntry | None], None]
 
 
+@dataclass(eq=False)
 class HostnameRegistry:
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        poll_interval: float = 1.0,
-        resync_interval: float = 300.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.storage = storage
-        self.poll_interval = poll_interval
-        self.resync_interval = resync_interval
-        self.clock = clock
-        self.loaded = False
-        self._live: dict[str, HostnameEntry] = {}
-        self._removed: dict[str, HostnameEntry] = {}
-        # name -> (the route it overrides, the override route): rebuilt when routes reload.
-        self._routes: dict[str, tuple[Route | None, Route]] = {}
-        self._listeners: list[Listener] = []
-        self._wake = trio.Event()
-        self._marker: str | None = None
-        self._loaded = trio.Event()
-        self._absent: set[str] = set()
+    storage: Storage
+    _: KW_ONLY
+    poll_interval: float = 1.0
+    resync_interval: float = 300.0
+    clock: Callable[[], float] = time.time
+    loaded: bool = field(default=False, init=False)
+    _live: dict[str, HostnameEntry] = field(default_factory=dict, init=False, repr=False)
+    _removed: dict[str, HostnameEntry] = field(default_factory=dict, init=False, repr=False)
+    # name -> (the route it overrides, the override route): rebuilt when routes reload.
+    _routes: dict[str, tuple[Route | None, Route]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _listeners: list[Listener] = field(default_factory=list, init=False, repr=False)
+    _wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _marker: str | None = field(default=None, init=False, repr=False)
+    _loaded: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _absent: set[str] = field(default_factory=set, init=False, repr=False)
 
     # ------------------------------------------------------------------ questions (hot path)
 
