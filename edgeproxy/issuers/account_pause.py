@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -144,25 +144,20 @@ class AccountPause:
         }
 
 
+@dataclass(eq=False)
 class AccountPauses:
     """The pauses of the ACME accounts one process orders with (shared by its issuers and its
     certificate manager), read through ``storage`` and cached in memory."""
 
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        cache_seconds: float = CACHE_SECONDS,
-    ) -> None:
-        self._storage = storage
-        self._clock = clock
-        self._monotonic = monotonic
-        self._cache_seconds = cache_seconds
-        self._accounts: dict[str, str] = {}  # directory -> label
-        self._cache: dict[str, tuple[float, AccountPause | None]] = {}
-        self._complained: set[str] = set()  # unreadable records already logged
+    storage: Storage
+    _: KW_ONLY
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    cache_seconds: float = CACHE_SECONDS
+    _accounts: dict[str, str] = field(default_factory=dict, init=False)  # directory -> label
+    _cache: dict[str, tuple[float, AccountPause | None]] = field(default_factory=dict, init=False)
+    # Unreadable records already logged.
+    _complained: set[str] = field(default_factory=set, init=False)
 
     def watch(self, directory: str, label: str) -> None:
         """Track ``directory``'s account (its gauge starts at 0)."""
@@ -178,18 +173,18 @@ class AccountPauses:
 
         Storage trouble keeps the last known answer (and None if there is none: a database
         blip must not invent a pause); an unreadable record is logged once and ignored."""
-        now = self._monotonic()
+        now = self.monotonic()
         cached = self._cache.get(directory)
-        if fresh or cached is None or now - cached[0] >= self._cache_seconds:
+        if fresh or cached is None or now - cached[0] >= self.cache_seconds:
             key = pause_key(directory)
             try:
-                pause = self._parse(await self._storage.get(key), key)
+                pause = self._parse(await self.storage.get(key), key)
             except StorageError as exc:
                 log.warning("could not read the account pause %s: %s", key, exc)
                 pause = cached[1] if cached is not None else None
             cached = self._cache[directory] = (now, pause)
         pause = cached[1]
-        if pause is not None and pause.until <= self._clock():
+        if pause is not None and pause.until <= self.clock():
             pause = None
         self._gauge(directory, pause)
         return pause
@@ -218,21 +213,21 @@ class AccountPauses:
         """Pause ``directory``'s account for ``pause_seconds(retry_after)``; a longer pause
         already recorded (by any process) stays. Storage trouble is logged: this process
         still honours the pause from memory."""
-        now = self._clock()
+        now = self.clock()
         label = self._accounts.get(directory) or urlsplit(directory).hostname or "ca"
         pause = AccountPause(
             directory, label, now, now + pause_seconds(retry_after), reason, detail[:500]
         )
         key = pause_key(directory)
         try:
-            existing = self._parse(await self._storage.get(key), key)
+            existing = self._parse(await self.storage.get(key), key)
             if existing is not None and existing.until >= pause.until:
                 pause = existing
             else:
-                await self._storage.put(key, pause.to_json())
+                await self.storage.put(key, pause.to_json())
         except StorageError as exc:
             log.warning("could not record the account pause %s: %s", key, exc)
-        self._cache[directory] = (self._monotonic(), pause)
+        self._cache[directory] = (self.monotonic(), pause)
         self._gauge(directory, pause)
         log.warning(
             "ACME account at %s paused until %s: the CA answered %s (%s); no new orders go "
