@@ -42,6 +42,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 
 import httpx
@@ -121,42 +122,30 @@ def retry_delay(attempts: int, cap: float, rand: Callable[[], float] = random.ra
     return max(0.5, base * (0.75 + 0.5 * rand()))
 
 
+@dataclass(eq=False)
 class Events:
     """Emit and deliver lifecycle events; with no ``url`` every emit is a no-op."""
 
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        url: str | None,
-        secret: bytes | None,
-        source: str = "edgeproxy",
-        timeout: float = 10.0,
-        retry_max: float = 3600.0,
-        max_age: float = 86400.0,
-        poll: float = 1.0,
-        lease_ttl: float = 15.0,
-        http: httpx.AsyncClient | None = None,
-        clock: Callable[[], float] = time.time,
-        max_pending: int = MAX_PENDING,
-    ) -> None:
-        self.storage = storage
-        self.url = url
-        self._secret = secret
-        self.source = source
-        self.timeout = timeout
-        self.retry_max = retry_max
-        self.max_age = max_age
-        self.poll = poll
-        self.lease_ttl = lease_ttl
-        self._http = http
-        self.clock = clock
-        self._wake = trio.Event()
-        # Made but not yet in the outbox, oldest first (written by ``_store_pending``).
-        self._pending: deque[OutboxEvent] = deque()
-        self._max_pending = max_pending
-        self._pending_wake = trio.Event()
-        self._running = False
+    storage: Storage
+    _: KW_ONLY
+    url: str | None
+    # The HMAC key events are signed with (repr=False: a secret).
+    secret: bytes | None = field(repr=False)
+    source: str = "edgeproxy"
+    timeout: float = 10.0
+    retry_max: float = 3600.0
+    max_age: float = 86400.0
+    poll: float = 1.0
+    lease_ttl: float = 15.0
+    # The delivery client (tests pass theirs); None: one per delivery loop, closed with it.
+    http: httpx.AsyncClient | None = field(default=None, repr=False)
+    clock: Callable[[], float] = time.time
+    max_pending: int = MAX_PENDING
+    _wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    # Made but not yet in the outbox, oldest first (written by ``_store_pending``).
+    _pending: deque[OutboxEvent] = field(default_factory=deque, init=False, repr=False)
+    _pending_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _running: bool = field(default=False, init=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -192,7 +181,7 @@ class Events:
             self._pending.popleft()
 
     def _queue(self, event: OutboxEvent) -> None:
-        if len(self._pending) >= self._max_pending:
+        if len(self._pending) >= self.max_pending:
             # The newest is dropped, not the oldest: the writer may be storing the head now.
             metrics.EVENTS_LOST.inc()
             log.error("event %s lost: %d events already wait for storage", event.id,
@@ -260,7 +249,7 @@ class Events:
                 self._running = False
 
     async def _deliver_forever(self) -> None:
-        client = self._http or httpx.AsyncClient(timeout=self.timeout)
+        client = self.http or httpx.AsyncClient(timeout=self.timeout)
         try:
             while True:
                 self._wake = trio.Event()
@@ -272,7 +261,7 @@ class Events:
                     with trio.move_on_after(self.poll):
                         await self._wake.wait()
         finally:
-            if self._http is None:
+            if self.http is None:
                 await client.aclose()
 
     async def _deliver(self, client: httpx.AsyncClient, event: OutboxEvent) -> None:
@@ -284,8 +273,8 @@ class Events:
             return
         assert self.url is not None
         headers = {"content-type": CONTENT_TYPE}
-        if self._secret is not None:
-            headers[SIGNATURE_HEADER] = signature(self._secret, int(now), event.body)
+        if self.secret is not None:
+            headers[SIGNATURE_HEADER] = signature(self.secret, int(now), event.body)
         problem = None
         try:
             with trio.fail_after(self.timeout):
