@@ -1,0 +1,212 @@
+"""Instructions per connection, per keep-alive request and per MiB: callgrind's deterministic counts.
+
+    python -m bench.callgrind                               # this checkout, a, b and c
+    python -m bench.callgrind --src /tmp/before --src .     # two trees side by side
+    python -m bench.callgrind --workloads a --connections 500
+
+Wall-clock A/B runs on a shared VM drift by 15-25 %; instruction counts do not, so a change
+that must not slow the data path down is checked here too (issue 18's "within 3 %"). Each
+``--src`` (a directory holding an ``edgeproxy`` package) runs as ``edgeproxy run`` under
+``valgrind --tool=callgrind``: one worker, a static certificate, one route to Debian's nginx
+serving the bodies of ``bench.run``, tickets off (``OPENSSL_CONF`` with ``NumTickets = 0``), as
+``bench.run`` configures it. The client is this process, outside valgrind, with Python ``ssl``:
+
+- **a**: ``--connections`` sequential connections, each a full TLS handshake and one
+  ``Connection: close`` request for an empty body;
+- **b**: one keep-alive connection, ``--requests`` sequential requests for 1 KiB;
+- **c**: one keep-alive connection, ``--mib`` sequential requests for 1 MiB.
+
+After a warm-up (20 connections; for b and c ten requests on the measured connection), the
+counters are read with ``callgrind_control`` before and after the measured part. Background
+loops (the overload sweep every 0.25 s, timers) cost instructions per *second*, and valgrind on
+a loaded machine stretches the seconds, so the idle rate is measured first (``--idle`` seconds
+with no traffic) and the run's duration times that rate is subtracted. Sources given together
+run at the same time, workload by workload, so they see the same machine. Needs ``valgrind``
+and ``nginx``. A measurement, not a test: it prints one line per source and workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from testkit.ports import free_port
+
+from .pki import BenchPki, make_pki
+from .procs import Supervisor
+from .terminators import openssl_conf, render, start_origin
+
+PATHS = {"a": "/empty.bin", "b": "/1k.bin", "c": "/1m.bin"}
+UNITS = {"a": "connection", "b": "request", "c": "MiB"}
+_WARM_CONNECTIONS = 20
+_WARM_REQUESTS = 10
+
+
+@dataclass(frozen=True)
+class Count:
+    src: str
+    workload: str
+    n: int
+    raw: int  # instructions counted during the measured part
+    idle: float  # of those, what the same time costs with no traffic
+    seconds: float
+
+    @property
+    def per_unit(self) -> float:
+        return (self.raw - self.idle) / self.n
+
+    def line(self) -> str:
+        return (
+            f"{self.workload}  {self.per_unit:>12,.0f} instructions per {UNITS[self.workload]}"
+            f"  (n={self.n}, raw {self.raw / self.n:,.0f}, idle part {self.idle / self.n:,.0f},"
+            f" {self.seconds:.0f} s)  {self.src}"
+        )
+
+
+def _instructions(pid: int) -> int:
+    """The target's instruction count so far, all threads."""
+    out = subprocess.run(
+        ["callgrind_control", "-e", "Ir", str(pid)], capture_output=True, text=True, check=True
+    ).stdout
+    counts = re.findall(r"Th\s+\d+\s+([\d,]+)", out.split("Totals:", 1)[-1])
+    if not counts:
+        raise RuntimeError(f"no counters from callgrind_control: {out!r}")
+    return sum(int(c.replace(",", "")) for c in counts)
+
+
+class _Client:
+    """Sequential HTTPS requests with Python ``ssl`` (tickets off: every connection is full)."""
+
+    def __init__(self, port: int, pki: BenchPki) -> None:
+        self.port = port
+        self.name = pki.name
+        self.ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+        self.ctx.options |= ssl.OP_NO_TICKET
+
+    def connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", self.port))
+        return self.ctx.wrap_socket(raw, server_hostname=self.name)
+
+    def request(self, tls: ssl.SSLSocket, path: str, *, close: bool = False) -> None:
+        head = f"GET {path} HTTP/1.1\r\nHost: {self.name}\r\n"
+        tls.sendall((head + ("Connection: close\r\n\r\n" if close else "\r\n")).encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self._receive(tls)
+        header, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?i)content-length:\s*(\d+)", header)
+        length = int(match.group(1)) if match else 0
+        while len(body) < length:
+            body += self._receive(tls)
+        if close:
+            while tls.recv(65536):
+                pass
+
+    def one_connection(self, path: str) -> None:
+        with self.connect() as tls:
+            self.request(tls, path, close=True)
+
+    @staticmethod
+    def _receive(tls: ssl.SSLSocket) -> bytes:
+        chunk = tls.recv(262144)
+        if not chunk:
+            raise RuntimeError("the proxy closed the connection mid-response")
+        return chunk
+
+
+def measure(src: Path, workload: str, n: int, idle_seconds: float) -> Count:
+    """One ``edgeproxy run`` from ``src`` under callgrind, one workload."""
+    work = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    pki = make_pki(work / "pki")
+    with Supervisor(work) as sup:
+        origin = start_origin(sup, work, cpu=None, nofile=4096, connections=1024)
+        port = free_port()
+        conf = render(
+            "edgeproxy.toml",
+            work / "edgeproxy.toml",
+            port=port,
+            admin_port=free_port(),
+            maxconn=1000,
+            workdir=work,
+            log_level="warning",
+            upstream_port=origin.port,
+            cert_pem=pki.cert_pem,
+            key_pem=pki.key_pem,
+        )
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={work}/callgrind.out",
+            sys.executable,
+            "-m",
+            "edgeproxy",
+            "run",
+            "-c",
+            str(conf),
+        ]
+        env = {"OPENSSL_CONF": str(openssl_conf(work, tickets=False)), "PYTHONHASHSEED": "0"}
+        server = sup.start(
+            "edgeproxy", argv, cpu=None, env=env, port=port, cwd=src, start_timeout=600
+        )
+        client = _Client(port, pki)
+        path = PATHS[workload]
+        for _ in range(_WARM_CONNECTIONS):
+            client.one_connection(path)
+        tls = None
+        if workload != "a":
+            tls = client.connect()
+            for _ in range(_WARM_REQUESTS):
+                client.request(tls, path)
+        time.sleep(1)
+        i0, t0 = _instructions(server.pid), time.monotonic()
+        time.sleep(idle_seconds)
+        i1, t1 = _instructions(server.pid), time.monotonic()
+        rate = (i1 - i0) / (t1 - t0)
+        start, began = _instructions(server.pid), time.monotonic()
+        for _ in range(n):
+            if tls is None:
+                client.one_connection(path)
+            else:
+                client.request(tls, path)
+        end, ended = _instructions(server.pid), time.monotonic()
+        if tls is not None:
+            tls.close()
+        sup.stop(server)
+    return Count(str(src), workload, n, end - start, rate * (ended - began), ended - began)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", action="append", type=Path, help="holds an edgeproxy package")
+    parser.add_argument("--workloads", default="a,b,c")
+    parser.add_argument("--connections", type=int, default=200, help="for (a)")
+    parser.add_argument("--requests", type=int, default=1500, help="for (b)")
+    parser.add_argument("--mib", type=int, default=60, help="for (c)")
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle-rate probe")
+    args = parser.parse_args(argv)
+    sources = [s.resolve() for s in (args.src or [Path.cwd()])]
+    for src in sources:
+        if not (src / "edgeproxy" / "__init__.py").is_file():
+            parser.error(f"{src} holds no edgeproxy package")
+    sizes = {"a": args.connections, "b": args.requests, "c": args.mib}
+    with ThreadPoolExecutor(len(sources)) as pool:
+        for workload in args.workloads.split(","):
+            runs = [
+                pool.submit(measure, src, workload, sizes[workload], args.idle) for src in sources
+            ]
+            for run in runs:
+                print(run.result().line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
