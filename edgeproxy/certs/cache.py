@@ -16,6 +16,7 @@ from OpenSSL import SSL
 from .. import metrics
 from ..errors import StorageError
 from ..tls.contexts import ServerIdentity
+from . import status_store
 from .manager_state import CachedIdentity
 from .record import CertRecord, RecordError, cert_key
 from .renewal import plan_renewal
@@ -75,7 +76,7 @@ class CertificateCache(StatusBook):
         if raw is None:
             return None
         try:
-            return CertRecord.from_json(raw)
+            rec = CertRecord.from_json(raw)
         except RecordError as exc:
             log.error(
                 "certificate record %s is corrupt (%s): quarantined; it will be re-issued", key, exc
@@ -83,6 +84,28 @@ class CertificateCache(StatusBook):
             await self.storage.quarantine(key, str(exc))
             metrics.STORAGE_ERRORS.labels("corrupt_record").inc()
             return None
+        if rec.name not in self._status:
+            await self._adopt_stored_status(rec)
+        return rec
+
+    async def _adopt_stored_status(self, rec: CertRecord) -> None:
+        """Take the stored status of a name this process has none for (a restart, an evicted
+        status) when it speaks of this very certificate. Installing would otherwise write a
+        fresh "valid" over it: losing an ARI renewal time or a denial, and costing a write (two
+        fsyncs on the file backend) on every cold load after a restart."""
+        try:
+            stored = await status_store.read(self.storage, rec.name)
+        except (StorageError, ValueError):  # ValueError: an unreadable record
+            return  # installing writes a fresh one
+        if (
+            stored is not None
+            and stored.state in ("valid", "denied")
+            and stored.not_after == rec.not_after
+            and rec.name not in self._status
+        ):
+            self._status[rec.name] = stored
+            while len(self._status) > self._status_size:
+                self._status.popitem(last=False)
 
     def _install(self, rec: CertRecord) -> None:
         if self.registry is not None and self.registry.is_removed(rec.name):
