@@ -1,6 +1,6 @@
 """Side-by-side load benchmark: edgeproxy vs HAProxy (also with big buffers), nginx stream, hitch, Caddy.
 
-    python -m bench.run            # everything, 3 repetitions (about 15 minutes)
+    python -m bench.run            # everything, 3 repetitions (25 minutes or so)
     python -m bench.run --smoke    # edgeproxy + HAProxy, ~1 s per workload (CI)
 
 Assembles one run: checks the tools, raises the descriptor limit, makes the certificate,
