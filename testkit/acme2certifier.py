@@ -31,14 +31,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from testkit.procs import stop_process
+from testkit.procs import StopsOnExit, stop_process
 
 __all__ = ["A2C", "A2CStartError", "issue_with_reference_client", "start_acme2certifier"]
 
@@ -95,7 +94,7 @@ class A2CStartError(RuntimeError):
 
 
 @dataclass
-class A2C:
+class A2C(StopsOnExit):
     """One running acme2certifier. Use as a context manager or call ``stop()``."""
 
     base_url: str
@@ -125,17 +124,6 @@ class A2C:
         stop_process(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
-
-    def __enter__(self) -> A2C:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _wait_for_port(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:

@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h11
@@ -53,7 +52,7 @@ from edgeproxy.acme.jws import decode_payload, decode_protected
 from edgeproxy.acme.messages import parse_links
 from edgeproxy.tls.challenge_cert import ACME_TLS_ALPN, build_challenge_certificate
 from testkit.ports import free_port
-from testkit.procs import stop_process
+from testkit.procs import StopsOnExit, stop_process
 
 __all__ = [
     "CHALLTESTSRV",
@@ -96,7 +95,7 @@ class PebbleStartError(RuntimeError):
 
 
 @dataclass
-class Pebble:
+class Pebble(StopsOnExit):
     """A running pebble. ``directory_url`` is the ACME directory; ``ca_bundle_path`` the CA of
     its HTTPS listener (and of the management interface); ``https_ca`` that CA as a trustme
     object, for helpers that need more certificates trusted by the same bundle."""
@@ -146,17 +145,6 @@ class Pebble:
     def stop(self) -> None:
         stop_process(self.process)
         stop_process(self.dns_process)
-
-    def __enter__(self) -> Pebble:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _wait_tcp(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:

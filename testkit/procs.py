@@ -13,7 +13,8 @@ import contextlib
 import os
 import signal
 import subprocess
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 
 def _signal(proc: subprocess.Popen[Any], sig: signal.Signals, group: bool) -> None:
@@ -45,3 +46,21 @@ def kill_process(proc: subprocess.Popen[Any] | None, *, group: bool = False) -> 
         return
     _signal(proc, signal.SIGKILL, group)
     proc.wait(timeout=30)
+
+
+class StopsOnExit:
+    """A started server used as a context manager: leaving the block calls its ``stop()``."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
