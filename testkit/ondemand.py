@@ -74,21 +74,28 @@ async def peer_cert(port: int, name: str, roots: Path) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-async def handshake_fails(port: int, name: str) -> bool:
-    """Whether a handshake for ``name`` (no verification) is refused."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+async def served_der(port: int, name: str, ctx: ssl.SSLContext) -> bytes | None:
+    """The certificate (DER) the proxy on ``port`` serves for ``name``, None if refused."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     tls = trio.SSLStream(tcp, ctx, server_hostname=name)
     try:
         with trio.fail_after(30):
             await tls.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError):
-        return True
+        return None
     finally:
         await trio.aclose_forcefully(tls)
-    return False
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def handshake_fails(port: int, name: str) -> bool:
+    """Whether a handshake for ``name`` (no verification) is refused."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return await served_der(port, name, ctx) is None
 
 
 def new_orders(inj: FaultInjector) -> int:

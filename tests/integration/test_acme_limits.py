@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography import x509
 from prometheus_client import REGISTRY
 
 from edgeproxy.certs.budget_store import account_key
 from edgeproxy.certs.record import cert_key
 from edgeproxy.certs.status_store import status_key
+from testkit.ondemand import served_der
 from testkit.pebble import FaultInjector, Pebble
 from testkit.ports import free_port
 from testkit.proxy import RunningProxy, base_config, running_proxy
@@ -76,21 +78,8 @@ async def proxy(tmp_path: Path, cfg: dict[str, Any], clock: Clock) -> AsyncItera
 
 async def served_serial(port: int, name: str, roots: Path) -> int | None:
     """The serial of the certificate served for ``name`` (verified), None if refused."""
-    ctx = ssl.create_default_context(cafile=str(roots))
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=name)
-    try:
-        with trio.fail_after(30):
-            await tls.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError):
-        return None
-    finally:
-        await trio.aclose_forcefully(tls)
-    from cryptography import x509
-
-    der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    der = await served_der(port, name, ssl.create_default_context(cafile=str(roots)))
+    return None if der is None else x509.load_der_x509_certificate(der).serial_number
 
 
 async def pebble_behind_injector(
