@@ -110,7 +110,10 @@ def build_issuer(
 
 
 def build_managed(
-    cfg: Config, storage: Storage, pauses: AccountPauses | None = None
+    cfg: Config,
+    storage: Storage,
+    pauses: AccountPauses | None = None,
+    budgets: CaBudgets | None = None,
 ) -> ManagedCertificates | None:
     """``[[acme.managed]]`` through the first CA, with DNS-01 as its only challenge type.
 
@@ -139,6 +142,7 @@ def build_managed(
         renew_interval=max(cfg.tls.maintenance_interval, 60.0),
         lock_ttl=cfg.storage.lock_ttl,
         session_tickets=cfg.tls.session_tickets,
+        budgets=budgets,
     )
 
 
@@ -257,9 +261,7 @@ def build_budgets(cfg: Config, storage: Storage, issuer: Issuer) -> CaBudgets | 
     """[acme.limits], counted under the (first) CA's account; none for the internal issuer."""
     if cfg.tls.issuer != "acme":
         return None
-    return CaBudgets(
-        storage, acme_limits(cfg), account=issuer.id, lock_ttl=cfg.storage.lock_ttl
-    )
+    return CaBudgets(storage, acme_limits(cfg), account=issuer.id, lock_ttl=cfg.storage.lock_ttl)
 
 
 def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
@@ -273,7 +275,9 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
     static = load_static_certificates(cfg)
     hostnames = HostnameRegistry(storage, poll_interval=cfg.hostnames.poll_interval)
     events = build_events(cfg, storage)
-    managed = build_managed(cfg, storage, pauses)
+    # One budget view for on-demand and managed orders: both go through the first CA's account.
+    budgets = build_budgets(cfg, storage, issuer)
+    managed = build_managed(cfg, storage, pauses, budgets)
     certs = CertificateManager(
         storage=storage,
         issuer=issuer,
@@ -296,7 +300,7 @@ def assemble(cfg: Config, storage: Storage | None = None) -> Runtime:
         listen_ports=[a.port for a in cfg.server.listen_addresses()],
         http_ports=[a.port for a in cfg.http.listen_addresses()],
         account_pauses=pauses,
-        budgets=build_budgets(cfg, storage, issuer),
+        budgets=budgets,
     )
     tickets = TicketKeys(cfg.tls.ticket_key_rotation) if cfg.tls.session_tickets else None
     proxy = Proxy(proxy_settings(cfg), certs, challenges, tickets)

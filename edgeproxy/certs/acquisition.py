@@ -26,11 +26,12 @@ from ..issuers.base import IssuanceError, IssueRequest
 from ..names import InvalidName, validate_hostname
 from ..reasons import Failure, Reason
 from ..storage.locks import LockLost, hold_lock
+from ..timefmt import iso_utc
 from ..tls.contexts import generate_private_key
 from . import history
 from .budget_store import Admitted
 from .budgets import HOUR, OrderKind, Wait, prune
-from .manager_state import cert_data, iso_utc, task_failed
+from .manager_state import cert_data, task_failed
 from .record import Backoff, CertRecord, RecordError, backoff_key, cert_key, lock_name
 from .renewal import backoff_delay
 from .schedule import RenewalSchedule
@@ -369,24 +370,9 @@ class Acquisition(RenewalSchedule):
     async def _wait_for_budget(self, name: str, wait: Wait, renewing: bool) -> None:
         """Queue the name until the budget has room: its status says which limit and until
         when, and the next-action index brings it back to maintenance then."""
-        detail = f"{wait.explain()}: the order waits until {iso_utc(wait.until)}"
-        hint = (
-            f"no order was sent: the name is ordered at {iso_utc(wait.until)}. To go sooner, "
-            f"raise acme.limits.{wait.limit} (only as far as your CA allows) or wait."
-        )
-        if renewing:
-            hint = "the current certificate is still served meanwhile; " + hint
-        self._set_status(
-            name,
-            state="renewing" if renewing else "rate_limited",
-            next_attempt=wait.until,
-            last_error=detail,
-            last_error_type=Reason.BUDGET_EXHAUSTED.value,
-            reason=Reason.BUDGET_EXHAUSTED,
-            hint=hint,
-            extra={"limit": f"acme.limits.{wait.limit}"},
-        )
-        log.warning("certificate for %s: %s", name, detail)
+        changes = wait.status_changes(iso_utc(wait.until), renewing=renewing)
+        self._set_status(name, **changes)
+        log.warning("certificate for %s: %s", name, changes["last_error"])
         await self.storage.set_due(name, wait.until)
 
     def _adopt_backoff(self, name: str, shared: Backoff, renewing: bool) -> None:

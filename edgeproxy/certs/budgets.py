@@ -33,6 +33,8 @@ from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
 
+from ..reasons import Reason
+
 HOUR = 3600.0
 DAY = 86400.0
 
@@ -109,6 +111,26 @@ class Wait:
 
     def explain(self) -> str:
         return f"acme.limits.{self.limit} ({self.count} per {_span(self.period)}) is used up"
+
+    def status_changes(self, when: str, *, renewing: bool) -> dict[str, object]:
+        """The status fields of a name (or managed entry) whose order this holds back;
+        ``when`` is ``until`` as the caller prints times. A renewal keeps its state."""
+        detail = f"{self.explain()}: the order waits until {when}"
+        hint = (
+            f"no order was sent: the name is ordered at {when}. To go sooner, "
+            f"raise acme.limits.{self.limit} (only as far as your CA allows) or wait."
+        )
+        if renewing:
+            hint = "the current certificate is still served meanwhile; " + hint
+        return {
+            "state": "renewing" if renewing else "rate_limited",
+            "next_attempt": self.until,
+            "last_error": detail,
+            "last_error_type": Reason.BUDGET_EXHAUSTED.value,
+            "reason": Reason.BUDGET_EXHAUSTED,
+            "hint": hint,
+            "extra": {"limit": f"acme.limits.{self.limit}"},
+        }
 
 
 Decision = Go | Wait

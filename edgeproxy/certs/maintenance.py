@@ -16,9 +16,10 @@ from typing import get_args
 from .. import metrics
 from ..errors import StorageError
 from ..reasons import Reason
+from ..timefmt import iso_utc
 from . import history, status_store
 from .acquisition import Acquisition
-from .manager_state import cert_data, iso_utc, task_failed
+from .manager_state import cert_data, task_failed
 from .record import CertRecord, ari_key, backoff_key, cert_key, lock_name
 from .status import State
 from .status_store import status_key

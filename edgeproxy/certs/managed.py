@@ -12,6 +12,12 @@ names are the operator's own, listed in the config, so nobody else is asked.
 One entry's issuance is held under a storage lease: the replica that takes it issues, the
 others find the new record when they get the lease (or at their next pass).
 
+Orders go through the same CA account as on-demand names, so they are counted in the same
+``[acme.limits]`` budgets (``budget_store``) and wait like them: an entry over a budget is not
+ordered, its status says ``rate_limited`` (or ``renewing``, while a certificate is served) with
+the limit and the time it may go, and the entry is tried again at its next pass. An order that
+brings no certificate gives its certificate units back.
+
 Each entry's status (state, expiry, renewal time, last typed error and its hint) is written
 where on-demand names keep theirs (``status/<first name>.json``), so ``edgeproxy certs
 status '*.example.net'`` and ``GET /v1/domains/*.example.net`` answer for it too. A failure
@@ -39,8 +45,11 @@ from ..errors import LockUnavailable, StorageError
 from ..issuers.base import IssuanceError, IssuedCertificate, IssueRequest, private_key_pem
 from ..storage.base import Storage
 from ..storage.locks import LockLost, hold_lock, make_owner_id
+from ..timefmt import iso_utc
 from ..tls.contexts import build_server_context, generate_private_key
 from . import status_store
+from .budget_store import Admitted, CaBudgets
+from .budgets import Wait
 from .static import StaticCertificates
 from .status import DomainStatus, State, hint_for, order_failure
 
@@ -51,6 +60,14 @@ RETRY_PAUSE = 60.0  # a failed entry is tried again this soon, not a whole inter
 
 class NamesIssuer(Protocol):
     async def issue(self, request: IssueRequest) -> IssuedCertificate: ...
+
+
+class BudgetWait(Exception):
+    """An entry's order held back by ``[acme.limits]`` (no order was sent)."""
+
+    def __init__(self, wait: Wait) -> None:
+        super().__init__(wait.explain())
+        self.wait = wait
 
 
 def storage_key(names: Sequence[str]) -> str:
@@ -83,9 +100,11 @@ class ManagedCertificates:
         lock_ttl: float = 60.0,
         issue_timeout: float = 300.0,
         session_tickets: bool = True,
+        budgets: CaBudgets | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.entries = [tuple(e) for e in entries]
+        self._budgets = budgets
         self._storage = storage
         self._issuer = issuer
         self._key_type = key_type
@@ -126,6 +145,9 @@ class ManagedCertificates:
     async def _maintain(self, names: tuple[str, ...]) -> bool:
         try:
             chain, ordered = await self._ensure(names)
+        except BudgetWait as exc:
+            await self._held_back(names, exc.wait)
+            return False
         except (IssuanceError, trio.TooSlowError, LockUnavailable, LockLost, StorageError) as exc:
             await self._failed(names, exc)
             return False
@@ -187,6 +209,15 @@ class ManagedCertificates:
             next_attempt=now + min(RETRY_PAUSE, self._renew_interval),
         )
 
+    async def _held_back(self, names: tuple[str, ...], wait: Wait) -> None:
+        """Over an ``[acme.limits]`` budget: nothing was ordered; say which limit and until
+        when (the next pass asks the budgets again)."""
+        held = self._status.get(names)
+        renewing = held is not None and held.not_after is not None
+        changes = wait.status_changes(iso_utc(wait.until), renewing=renewing)
+        log.warning("managed certificate for %s: %s", ", ".join(names), changes["last_error"])
+        await self._set_status(names, **changes)  # type: ignore[arg-type]
+
     async def _set_status(self, names: tuple[str, ...], state: State, **changes: object) -> None:
         """Update the entry's status and store it when anything but the time changed."""
         held = self._status.get(names)
@@ -221,6 +252,14 @@ class ManagedCertificates:
             chain = await self._read(names)  # another replica may have just renewed it
             if chain is not None and not due(chain[0], self._clock()):
                 return chain, ""
+            admitted: Admitted | None = None
+            if self._budgets is not None:
+                decision = await self._budgets.admit(
+                    names, "renewal" if chain is not None else "new"
+                )
+                if isinstance(decision, Wait):
+                    raise BudgetWait(decision)
+                admitted = decision
             await self._set_status(
                 names, "issuing" if chain is None else "renewing", **self._served(names, chain)
             )
@@ -229,10 +268,18 @@ class ManagedCertificates:
                 generate_private_key(self._key_type),  # type: ignore[arg-type]
             )
             replacing = self._loaded.get(names, (None,))[0]
-            with trio.fail_after(self._issue_timeout):
-                issued = await self._issuer.issue(
-                    IssueRequest(names, key, replacing=replacing, prefer="dns-01")
-                )
+            try:
+                with trio.fail_after(self._issue_timeout):
+                    issued = await self._issuer.issue(
+                        IssueRequest(names, key, replacing=replacing, prefer="dns-01")
+                    )
+            except BaseException:
+                if admitted is not None and self._budgets is not None:
+                    # No certificate: its certificate units go back (the order unit stays
+                    # spent, as at the CA).
+                    with trio.CancelScope(shield=True):
+                        await self._budgets.refund(names, admitted.at)
+                raise
             record = {
                 "names": list(names),
                 "chain_pem": issued.chain_pem.decode(),

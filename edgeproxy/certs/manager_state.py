@@ -37,6 +37,7 @@ from ..issuers.account_pause import AccountPauses
 from ..issuers.base import Issuer
 from ..storage.base import Storage
 from ..storage.locks import make_owner_id
+from ..timefmt import iso_utc
 from ..tls.contexts import ServerIdentity
 from ..tls.identities import IdentityContexts
 from .budget_store import CaBudgets
@@ -209,7 +210,3 @@ def task_failed(task: str, name: str) -> None:
 
 def cert_data(rec: CertRecord) -> dict[str, object]:
     return {"serial": rec.serial, "issuer": rec.issuer_id, "not_after": iso_utc(rec.not_after)}
-
-
-def iso_utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

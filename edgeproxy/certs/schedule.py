@@ -15,8 +15,8 @@ from ..acme import ari
 from ..errors import StorageError
 from ..issuers.base import IssuanceError, RenewalInfoError
 from ..issuers.fallback import issuer_for
+from ..timefmt import iso_utc
 from .cache import CertificateCache
-from .manager_state import iso_utc
 from .record import AriState, CertRecord, RecordError, ari_key
 from .renewal import RenewalPlan, plan_renewal
 

@@ -43,6 +43,7 @@ from .. import metrics
 from ..errors import StorageError
 from ..reasons import Reason, short_name
 from ..storage.base import Storage, StoredItem
+from ..timefmt import iso_utc
 
 log = logging.getLogger("edgeproxy.acme")
 
@@ -132,15 +133,15 @@ class AccountPause:
         """What a waiting name's status says (the CA's own words included)."""
         short = short_name(self.reason)
         return (
-            f"new orders to CA {self.label} are paused until {iso_time(self.until)} "
+            f"new orders to CA {self.label} are paused until {iso_utc(self.until)} "
             f"(it answered {short}: {self.detail})"
         )
 
     def as_dict(self) -> dict[str, object]:
         return {
             **asdict(self),
-            "until_iso": iso_time(self.until),
-            "since_iso": iso_time(self.since),
+            "until_iso": iso_utc(self.until),
+            "since_iso": iso_utc(self.since),
         }
 
 
@@ -233,7 +234,7 @@ class AccountPauses:
             "ACME account at %s paused until %s: the CA answered %s (%s); no new orders go "
             "to it until then",
             directory,
-            iso_time(pause.until),
+            iso_utc(pause.until),
             reason,
             detail,
         )
@@ -287,7 +288,3 @@ async def stored_pauses(storage: PauseReader, now: float) -> list[dict[str, obje
             continue
         out.append({"key": item.key, **pause.as_dict(), "paused": pause.until > now})
     return out
-
-
-def iso_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -23,13 +23,14 @@ import trio
 from cryptography import x509
 from prometheus_client import REGISTRY
 
-from edgeproxy.app import build_managed
+from edgeproxy.app import assemble, build_managed
+from edgeproxy.certs.budgets import Wait
 from edgeproxy.config import load_config_data
 from edgeproxy.storage.file import FileStorage
 from testkit.bind import KEY_NAME, Named, named_available, start_named
 from testkit.cli import cli
 from testkit.ondemand import BODY, acme_config, curl, peer_cert
-from testkit.pebble import Pebble
+from testkit.pebble import FaultInjector, Pebble
 from testkit.ports import free_port
 from testkit.proxy import running_proxy
 from testkit.tomlw import toml_dumps
@@ -73,6 +74,16 @@ def named(tmp_path: Path) -> Iterator[Named]:
         server.stop()
 
 
+def tsig_zone(named: Named) -> dict[str, Any]:
+    """An [[acme.dns]] zone's server and TSIG settings for ``named`` (add ``zone``)."""
+    return {
+        "server": named.address,
+        "tsig_key_name": KEY_NAME,
+        "tsig_secret_env": "EP_TEST_TSIG",
+        "propagation_timeout": 10,
+    }
+
+
 def sans(cert: x509.Certificate) -> set[str]:
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     return set(ext.value.get_values_for_type(x509.DNSName))
@@ -90,12 +101,7 @@ async def test_wildcard_and_delegated_cname_via_dns01(
     roots = tmp_path / "roots.pem"
     roots.write_bytes(pebble.roots_pem())
     up = await start_upstream(nursery, http_handler(BODY))
-    zone = {
-        "server": named.address,
-        "tsig_key_name": KEY_NAME,
-        "tsig_secret_env": "EP_TEST_TSIG",
-        "propagation_timeout": 10,
-    }
+    zone = tsig_zone(named)
     cfg = acme_config(
         tmp_path,
         free_port(),
@@ -257,3 +263,52 @@ async def test_bad_dns_setups_fail_with_their_reason(
             assert await trio.to_thread.run_sync(server.txt, name) == []
     finally:
         server.stop()
+
+
+async def test_managed_orders_count_in_the_ca_budgets(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    make_pebble: Callable[..., Pebble],
+    named: Named,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """[[acme.managed]] orders go through the on-demand names' CA account, so they spend the
+    same [acme.limits] budgets: with one order per account per 3 h, the first entry is
+    ordered, the second is not sent to the CA (state ``rate_limited``, the limit and the time
+    it may go in its status), and the on-demand names' next order would wait too."""
+    monkeypatch.setenv("EP_TEST_TSIG", named.key_secret)
+    pebble = make_pebble(
+        tls_port=free_port(), dns_server=named.address, env={"PEBBLE_WFE_NONCEREJECT": "0"}
+    )
+    injector = FaultInjector(pebble)
+    await nursery.start(injector.serve)
+    zone = tsig_zone(named)
+    cfg = acme_config(
+        tmp_path,
+        free_port(),
+        injector.directory_url,
+        pebble.ca_bundle_path,
+        "127.0.0.1:9",
+        acme={
+            "dns": [{"zone": "wild.test", **zone}],
+            "managed": [{"names": ["a.wild.test"]}, {"names": ["b.wild.test"]}],
+            "limits": {"new_orders_per_account": 1},
+        },
+    )
+    rt = assemble(load_config_data(cfg), FileStorage(tmp_path / "state"))
+    assert rt.managed is not None and rt.certs.budgets is not None
+    assert await rt.managed.maintain_once(), "the second entry was ordered over the budget"
+    assert injector.count("newOrder") == 1
+    assert rt.managed.match("a.wild.test") is not None
+    assert rt.managed.match("b.wild.test") is None
+    held = rt.managed.status(("b.wild.test",))
+    assert held is not None and held.state == "rate_limited", held
+    assert held.extra["limit"] == "acme.limits.new_orders_per_account", held
+    assert held.next_attempt is not None and held.next_attempt > time.time() + 2.9 * 3600
+    assert "acme.limits.new_orders_per_account" in (held.hint or ""), held
+    # Another pass asks the budget again and still sends nothing.
+    assert await rt.managed.maintain_once()
+    assert injector.count("newOrder") == 1
+    # The on-demand side counts under the same account: its next order would wait too.
+    decision = await rt.certs.budgets.admit(["shop.example.test"], "new")
+    assert isinstance(decision, Wait) and decision.limit == "new_orders_per_account", decision
