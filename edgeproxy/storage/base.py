@@ -17,6 +17,11 @@ Contract every backend keeps (the conformance suite in ``tests/unit/test_storage
   creation order (``due_events`` returns the oldest due first), entries survive restarts.
 * The next-action index holds at most one time per name (``set_due`` replaces it);
   ``due_names`` returns the earliest first and touches only what is due.
+* Walks over everything stored come in bounded steps: ``key_pages`` hands out plain key strings
+  at most ``page`` at a time, each page one short trip to a worker thread (or one query), and
+  ``unscheduled`` answers for one such page. A reconciliation of 100,000 names is then a few
+  hundred small steps with the event loop free between them, never one long listing that
+  holds the interpreter (and builds 100,000 objects for the collector) while handshakes wait.
 * The hostname registry holds one ``HostnameEntry`` per customer hostname. Listing pages by
   hostname (``after`` is the last name of the previous page), so a cursor stays valid however
   many entries are added or removed meanwhile. ``hostname_changes`` is a cheap change feed:
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -144,6 +149,12 @@ class Storage(Protocol):
     async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
         """Items whose key starts with ``prefix`` (a folder-like prefix, e.g. ``certs/``)."""
 
+    def key_pages(self, prefix: str, page: int) -> AsyncGenerator[builtins.list[str], None]:
+        """The keys starting with ``prefix``, in pages of at most ``page`` (in no promised
+        order), each page one bounded step. A key written or removed during the walk may be
+        seen or not; every key there throughout is seen once. Close it (``aclosing``) when
+        stopping early."""
+
     async def quarantine(self, key: str, reason: str) -> None:
         """Move an unparseable value aside so it neither crashes nor blocks re-issuance."""
 
@@ -188,7 +199,11 @@ class Storage(Protocol):
         """Forget ``name``'s time (it is no longer managed); absent names are not an error."""
 
     async def scheduled_names(self) -> builtins.list[str]:
-        """Every name with a time (for the rare reconciliation with the stored certificates)."""
+        """Every name with a time, sorted (tools and tests; maintenance pages with
+        ``unscheduled`` instead)."""
+
+    async def unscheduled(self, names: Sequence[str]) -> builtins.list[str]:
+        """Those of ``names`` (one page, e.g. from ``key_pages``) that have no time."""
 
     # -- hostname registry --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ operations in a worker thread (``_run``) and keeps them in parts named alike (``
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from edgeproxy.storage.base import DueEntry, HostnameEntry, OutboxEvent, check_hostname_key
@@ -50,6 +50,8 @@ class _BlockingDueIndex(Protocol):
     def clear_due(self, *args: Any) -> None: ...
 
     def scheduled_names(self, *args: Any) -> builtins.list[str]: ...
+
+    def unscheduled(self, *args: Any) -> builtins.list[str]: ...
 
 
 class SharedMethods:
@@ -101,3 +103,7 @@ class SharedMethods:
 
     async def scheduled_names(self) -> builtins.list[str]:
         return await self._run("scheduled_names", self._due_index.scheduled_names)
+
+    async def unscheduled(self, names: Sequence[str]) -> builtins.list[str]:
+        # Names are checked in the worker (a page of hundreds: not on the event loop).
+        return await self._run("unscheduled", self._due_index.unscheduled, builtins.list(names))

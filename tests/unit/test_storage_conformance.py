@@ -11,6 +11,7 @@ Time is explicit: lease and challenge expiry run on a ``ManualClock`` that a tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -185,6 +186,34 @@ async def test_list_filters_by_prefix_and_reports_sizes(storage: Storage) -> Non
     ]
     assert await storage.list("nothing/") == []
     assert await storage.list("Certs/") == []
+
+
+async def test_key_pages_walk_every_key_once_in_bounded_pages(storage: Storage) -> None:
+    values = {f"certs/n{i:03d}.example.json": b"x" for i in range(23)}
+    values |= {"certs/deep/one.json": b"x", "certsx/no.json": b"x", "acme/account.json": b"x"}
+    for key, value in values.items():
+        await storage.put(key, value)
+    pages = [page async for page in storage.key_pages("certs/", 5)]
+    assert all(1 <= len(page) <= 5 for page in pages)
+    seen = [key for page in pages for key in page]
+    assert sorted(seen) == sorted(k for k in values if k.startswith("certs/"))  # each once
+    assert len(pages) == 5  # 24 keys: four full pages and a last one of 4
+    everything = [key async for page in storage.key_pages("", 7) for key in page]
+    assert sorted(everything) == sorted(values)
+    assert [page async for page in storage.key_pages("nothing/", 5)] == []
+    with pytest.raises(ValueError):
+        _ = [page async for page in storage.key_pages("certs/", 0)]
+
+
+async def test_key_pages_left_early_can_be_closed(storage: Storage) -> None:
+    for i in range(12):
+        await storage.put(f"certs/n{i}.json", b"x")
+    async with contextlib.aclosing(storage.key_pages("certs/", 5)) as pages:
+        async for page in pages:
+            assert len(page) == 5
+            break  # the walk's open directory streams (file backend) close with it
+    # and a new walk starts from the beginning
+    assert sum([len(page) async for page in storage.key_pages("certs/", 5)]) == 12
 
 
 @pytest.mark.parametrize(
@@ -806,9 +835,28 @@ async def test_clear_due_forgets_the_name(storage: Storage) -> None:
     assert await storage.scheduled_names() == ["kept.example.test"]
 
 
+async def test_unscheduled_names_the_ones_without_a_time(storage: Storage) -> None:
+    assert await storage.unscheduled(["a.example.test"]) == ["a.example.test"]  # empty index
+    await storage.set_due("a.example.test", 1.0)
+    await storage.set_due("c.example.test", 2.0)
+    page = ["a.example.test", "b.example.test", "c.example.test", "d.example.test"]
+    assert sorted(await storage.unscheduled(page)) == ["b.example.test", "d.example.test"]
+    await storage.clear_due("c.example.test")
+    assert sorted(await storage.unscheduled(page)) == [
+        "b.example.test",
+        "c.example.test",
+        "d.example.test",
+    ]
+    assert await storage.unscheduled([]) == []
+
+
 async def test_due_index_refuses_bad_names_and_limits(storage: Storage) -> None:
     with pytest.raises(ValueError):
         await storage.set_due("../escape", 1.0)
+    await storage.set_due("a.example.test", 1.0)
+    for bad in ("../escape", "a/b", "due/names", ""):
+        with pytest.raises(ValueError):
+            await storage.unscheduled(["a.example.test", bad])
     with pytest.raises(ValueError):
         await storage.due_names(1.0, 0)
 

@@ -33,7 +33,7 @@ import secrets
 import stat
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from edgeproxy.storage.base import check_key
@@ -67,12 +67,10 @@ PUBLIC_MODE = 0o644
 
 
 def is_temp_name(name: str) -> bool:
+    if not name.startswith(_TMP_PREFIX):
+        return False  # nearly every name: the sweep asks this of every file it walks
     suffix = name[len(_TMP_PREFIX) :]
-    return (
-        name.startswith(_TMP_PREFIX)
-        and len(suffix) == _TMP_LEN
-        and all(c in _TMP_ALPHABET for c in suffix)
-    )
+    return len(suffix) == _TMP_LEN and all(c in _TMP_ALPHABET for c in suffix)
 
 
 def is_key(rel: str) -> bool:
@@ -228,6 +226,12 @@ class FileTree:
         finally:
             os.close(fd)  # closing the only descriptor releases the flock
 
+    def entries(self) -> Generator[os.DirEntry[str], None, None]:
+        """Every entry below the root, depth first, without following links, read from open
+        directory streams: no folder is ever listed whole, so a caller may take a page of
+        entries at a time (``islice``) and come back later for the next (``clean``)."""
+        return _stream(self.root)
+
     def walk(self) -> Iterator[tuple[Path, os.stat_result]]:
         """Every folder and file under the root (root included), without following links."""
         stack = [self.root]
@@ -246,3 +250,15 @@ class FileTree:
                     yield Path(entry.path), entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+
+
+def _stream(folder: str | Path) -> Generator[os.DirEntry[str], None, None]:
+    try:
+        scan = os.scandir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # absent, or removed while we walked
+    with scan:  # closed when the walk ends or its consumer closes it early
+        for entry in scan:
+            yield entry
+            if entry.is_dir(follow_symlinks=False):
+                yield from _stream(entry.path)

@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeproxy.storage.base import DueEntry
@@ -96,6 +97,27 @@ class DueFiles:
             found.extend(entries)
         found.sort(key=lambda e: (e.at, e.name))
         return found[:limit]
+
+    def unscheduled(self, names: Sequence[str]) -> builtins.list[str]:
+        """One ``stat`` per name, relative to an open ``due/names``: a page costs what its
+        names cost, however many are scheduled."""
+        for name in names:
+            if not is_key(name) or "/" in name:
+                raise ValueError(f"invalid name {name!r}")
+        try:
+            fd = os.open(self._due / "names", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return builtins.list(names)
+        try:
+            missing = []
+            for name in names:
+                try:
+                    os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    missing.append(name)
+            return missing
+        finally:
+            os.close(fd)
 
     def scheduled_names(self) -> builtins.list[str]:
         try:

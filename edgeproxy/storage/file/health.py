@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
-from edgeproxy.storage.file.atomic import FileTree, is_temp_name, read_file
+from edgeproxy.storage.file.atomic import is_temp_name, read_file
 
 __all__ = ["old_temp_files", "permission_problems", "root_problems"]
 
@@ -33,12 +34,22 @@ _PEM_KEY_MARK = b"PRIVATE KEY-----"
 _SECRET_SNIFF_LIMIT = 1 << 20
 
 
-def old_temp_files(tree: FileTree, now: float, grace: float) -> list[tuple[Path, float]]:
-    return [
-        (path, now - st.st_mtime)
-        for path, st in tree.walk()
-        if stat.S_ISREG(st.st_mode) and is_temp_name(path.name) and now - st.st_mtime > grace
-    ]
+def old_temp_files(
+    entries: Iterable[os.DirEntry[str]], now: float, grace: float
+) -> list[tuple[Path, float]]:
+    """Of ``entries`` (``FileTree.entries``, whole or a page of it), the temp files older than
+    ``grace``. Judged by name first: only a temp file's name costs a ``stat`` or a ``Path``."""
+    found = []
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # renamed into place (or cleaned) meanwhile
+        if stat.S_ISREG(st.st_mode) and now - st.st_mtime > grace:
+            found.append((Path(entry.path), now - st.st_mtime))
+    return found
 
 
 def root_problems(root: Path) -> list[str]:

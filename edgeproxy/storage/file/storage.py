@@ -36,9 +36,11 @@ waits on the disk. The clock is read on the event-loop thread and passed in, so 
 from __future__ import annotations
 
 import builtins
+import functools
+import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,12 +62,29 @@ from edgeproxy.storage.file.outbox import OutboxFiles
 from edgeproxy.storage.file.records import Challenge
 from edgeproxy.storage.file.registry import RegistryFiles
 from edgeproxy.storage.file.values import ValueFiles
-from edgeproxy.storage.frontend import SharedMethods, check_ttl
+from edgeproxy.storage.frontend import SharedMethods, check_limit, check_ttl
 from edgeproxy.storage.sealing import Sealer
 
 __all__ = ["FileStorage", "root_problems"]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E")
+
+#: Directory entries a storage sweep looks at per worker-thread trip (``clean``): about a
+#: millisecond of the interpreter's time, so a sweep never makes a handshake wait longer.
+SWEEP_STEP = 1000
+
+
+def _step(
+    stream: Iterator[_E], page: int, work: Callable[[builtins.list[_E]], builtins.list[_T]]
+) -> tuple[bool, builtins.list[_T]]:
+    """Worker thread: the next page of ``stream`` through ``work``; (stream ended, result)."""
+    taken = builtins.list(itertools.islice(stream, page))
+    return len(taken) < page, work(taken)
+
+
+def _same(items: builtins.list[_T]) -> builtins.list[_T]:
+    return items
 
 
 class FileStorage(SharedMethods):
@@ -122,6 +141,27 @@ class FileStorage(SharedMethods):
             detail = exc.strerror or str(exc)
             raise StorageError(f"file storage: {op} failed at {where}: {detail}") from exc
 
+    async def _in_steps(
+        self,
+        op: str,
+        stream: Generator[_E, None, None],
+        page: int,
+        work: Callable[[builtins.list[_E]], builtins.list[_T]],
+    ) -> AsyncIterator[builtins.list[_T]]:
+        """``work`` on ``stream`` a page at a time, each page one trip to a worker thread; the
+        non-empty results. The stream holds its place (open directory streams) between trips,
+        so a walk over 100,000 files is hundreds of short steps: the interpreter is never held
+        for long, and the event loop serves handshakes between them."""
+        try:
+            while True:
+                done, result = await self._run(op, _step, stream, page, work)
+                if result:
+                    yield result
+                if done:
+                    return
+        finally:
+            stream.close()  # closes the directory streams of a walk left early
+
     # -- values ---------------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
@@ -142,6 +182,11 @@ class FileStorage(SharedMethods):
 
     async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
         return await self._run("list", self._values.list, prefix)
+
+    async def key_pages(self, prefix: str, page: int) -> AsyncGenerator[builtins.list[str], None]:
+        check_limit(page)
+        async for keys in self._in_steps("key_pages", self._values.keys(prefix), page, _same):
+            yield keys
 
     async def quarantine(self, key: str, reason: str) -> None:
         path = self.path_of(key)
@@ -240,9 +285,16 @@ class FileStorage(SharedMethods):
         """Remove leftover temp files, expired leases and expired challenges; say what went.
 
         Certificates are not pruned here: which ones are obsolete is the certificate manager's
-        call. ``now`` overrides the clock, e.g. to age out temp files in tests.
+        call. ``now`` overrides the clock, e.g. to age out temp files in tests. The temp files
+        are looked for in steps of ``SWEEP_STEP`` entries (``_in_steps``): the maintenance pass
+        runs this while serving, over every file of the fleet.
         """
-        return await self._run("clean", self._clean_sync, self._clock() if now is None else now)
+        now = self._clock() if now is None else now
+        removed: builtins.list[str] = []
+        sweep = functools.partial(self._remove_old_temp_files, now)
+        async for gone in self._in_steps("clean", self._tree.entries(), SWEEP_STEP, sweep):
+            removed.extend(gone)
+        return removed + await self._run("clean", self._leases.clean, now)
 
     async def aclose(self) -> None:
         """Let go of the leases' liveness flocks (as a dying process would); every other
@@ -257,7 +309,7 @@ class FileStorage(SharedMethods):
             return unsafe or [f"storage root {self._root} does not exist or is not a folder"]
         problems = unsafe + [
             f"leftover temp file {path} ({age:.0f}s old, from an interrupted write)"
-            for path, age in old_temp_files(self._tree, now, self.TEMP_GRACE)
+            for path, age in old_temp_files(self._tree.entries(), now, self.TEMP_GRACE)
         ]
         for path, st in self._tree.walk():
             problems.extend(permission_problems(path, st))
@@ -265,11 +317,11 @@ class FileStorage(SharedMethods):
         problems.extend(self._leases.problems(now))
         return problems
 
-    def _clean_sync(self, now: float) -> builtins.list[str]:
-        if not self._root.is_dir():
-            return []
-        removed = []
-        for path, _age in old_temp_files(self._tree, now, self.TEMP_GRACE):
-            if unlink(path):
-                removed.append(f"temp file {path}")
-        return removed + self._leases.clean(now)
+    def _remove_old_temp_files(
+        self, now: float, entries: builtins.list[os.DirEntry[str]]
+    ) -> builtins.list[str]:
+        return [
+            f"temp file {path}"
+            for path, _age in old_temp_files(entries, now, self.TEMP_GRACE)
+            if unlink(path)
+        ]

@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,33 +79,45 @@ class ValueFiles:
         return self._sealer.open(key, raw[len(_SEALED_MARK) :])
 
     def list(self, prefix: str) -> builtins.list[StoredItem]:
+        items: builtins.list[StoredItem] = []
+        for key, entry in self._files(prefix):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted since scandir
+            items.append(StoredItem(key, st.st_mtime, st.st_size))
+        items.sort(key=lambda item: item.key)
+        return items
+
+    def keys(self, prefix: str) -> Generator[str, None, None]:
+        """The keys under ``prefix`` one by one, as plain strings (``key_pages`` takes a page
+        at a time: no list of the folder, no object the collector would have to track)."""
+        return (key for key, _ in self._files(prefix))
+
+    def _files(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         # Walk only the deepest folder the prefix names: "certs/exa" needs data/certs alone.
         start, _, _ = prefix.rpartition("/")
         if start and not is_key(start):
-            return []  # no valid key can start with this prefix
-        items: builtins.list[StoredItem] = []
-        stack = [(self.data / start if start else self.data, start)]
-        while stack:
-            folder, rel = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # absent, or removed while we walked
-            for entry in entries:
+            return  # no valid key can start with this prefix
+        yield from self._under(self.data / start if start else self.data, start, prefix)
+
+    def _under(
+        self, folder: str | Path, rel: str, prefix: str
+    ) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        try:
+            scan = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # absent, or removed while we walked
+        with scan:  # an open stream, not a list: the walk may pause between pages
+            for entry in scan:
                 key = f"{rel}/{entry.name}" if rel else entry.name
                 if not is_key(key):
                     continue  # temp files and strays are never keys
                 if entry.is_dir(follow_symlinks=False):
                     if key.startswith(prefix) or prefix.startswith(key + "/"):
-                        stack.append((Path(entry.path), key))
+                        yield from self._under(entry.path, key, prefix)
                 elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # deleted since scandir
-                    items.append(StoredItem(key, st.st_mtime, st.st_size))
-        items.sort(key=lambda item: item.key)
-        return items
+                    yield key, entry
 
     def quarantine(self, key: str, path: Path, reason: str, now: float) -> None:
         try:

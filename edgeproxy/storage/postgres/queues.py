@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from edgeproxy.storage.base import DueEntry, OutboxEvent
+from edgeproxy.storage.base import DueEntry, OutboxEvent, check_hostname_key
 
 __all__ = ["DueTable", "OutboxTable"]
 
@@ -73,6 +73,19 @@ class DueTable:
 
     def clear_due(self, conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute("DELETE FROM edgeproxy_due WHERE name = %s", (name,))
+
+    def unscheduled(
+        self, conn: psycopg.Connection[Any], names: builtins.list[str]
+    ) -> builtins.list[str]:
+        for name in names:
+            check_hostname_key(name)
+        # One query per page, answered from the primary key: only the missing names travel.
+        rows = conn.execute(
+            "SELECT u.name FROM unnest(%s::text[]) AS u(name) "
+            "WHERE NOT EXISTS (SELECT 1 FROM edgeproxy_due d WHERE d.name = u.name)",
+            (names,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def scheduled_names(self, conn: psycopg.Connection[Any]) -> builtins.list[str]:
         rows = conn.execute("SELECT name FROM edgeproxy_due ORDER BY name").fetchall()

@@ -39,7 +39,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -57,7 +57,7 @@ from edgeproxy.storage.base import (
     check_hostname_key,
     check_key,
 )
-from edgeproxy.storage.frontend import SharedMethods, check_ttl
+from edgeproxy.storage.frontend import SharedMethods, check_limit, check_ttl
 from edgeproxy.storage.postgres.leases import LeaseSession, LeaseTable
 from edgeproxy.storage.postgres.listener import Channel, Listener
 from edgeproxy.storage.postgres.queues import DueTable, OutboxTable
@@ -236,6 +236,17 @@ class PostgresStorage(SharedMethods):
 
     async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
         return await self._run("list", self._values.list, prefix)
+
+    async def key_pages(self, prefix: str, page: int) -> AsyncGenerator[builtins.list[str], None]:
+        check_limit(page)
+        after = ""
+        while True:
+            keys = await self._run("key_pages", self._values.key_page, prefix, after, page)
+            if keys:
+                yield keys
+            if len(keys) < page:
+                return
+            after = keys[-1]
 
     async def quarantine(self, key: str, reason: str) -> None:
         check_key(key)

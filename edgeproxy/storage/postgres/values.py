@@ -120,6 +120,25 @@ class ValueTable:
         """
         self._removal(conn, steps, {"key": key, "reason": reason, "at": now})
 
+    def key_page(
+        self, conn: psycopg.Connection[Any], prefix: str, after: str, limit: int
+    ) -> builtins.list[str]:
+        """Up to ``limit`` keys starting with ``prefix`` and sorting after ``after`` (keyset
+        paging on the primary key: each page costs its own rows, wherever it starts)."""
+        # The keys are COLLATE "C": those starting with the prefix lie between it and the
+        # prefix with its last character incremented, so the index scan stops there.
+        params: dict[str, object] = {"prefix": prefix, "after": after, "limit": limit}
+        bound = ""
+        if prefix:
+            params["upper"] = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            bound = "AND key < %(upper)s "
+        rows = conn.execute(
+            "SELECT key FROM edgeproxy_values WHERE key >= %(prefix)s AND key > %(after)s "
+            f"{bound}AND starts_with(key, %(prefix)s) ORDER BY key LIMIT %(limit)s",
+            params,
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def list(self, conn: psycopg.Connection[Any], prefix: str) -> builtins.list[StoredItem]:
         rows = conn.execute(
             "SELECT key, modified, size FROM edgeproxy_values WHERE starts_with(key, %s) "
