@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edgeproxy.errors import CorruptRecord
-from edgeproxy.storage.base import StoredItem, check_key
+from edgeproxy.storage.base import StoredItem, check_key, is_key_segment
 from edgeproxy.storage.file.atomic import (
     PUBLIC_MODE,
     SECRET_MODE,
@@ -110,9 +110,9 @@ class ValueFiles:
             return  # absent, or removed while we walked
         with scan:  # an open stream, not a list: the walk may pause between pages
             for entry in scan:
+                if not is_key_segment(entry.name):
+                    continue  # temp files and strays are never keys (``rel`` is one already)
                 key = f"{rel}/{entry.name}" if rel else entry.name
-                if not is_key(key):
-                    continue  # temp files and strays are never keys
                 if entry.is_dir(follow_symlinks=False):
                     if key.startswith(prefix) or prefix.startswith(key + "/"):
                         yield from self._under(entry.path, key, prefix)
