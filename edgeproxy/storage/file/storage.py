@@ -36,11 +36,12 @@ waits on the disk. The clock is read on the event-loop thread and passed in, so 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import itertools
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -147,7 +148,7 @@ class FileStorage(SharedMethods):
         stream: Generator[_E, None, None],
         page: int,
         work: Callable[[builtins.list[_E]], builtins.list[_T]],
-    ) -> AsyncIterator[builtins.list[_T]]:
+    ) -> AsyncGenerator[builtins.list[_T], None]:
         """``work`` on ``stream`` a page at a time, each page one trip to a worker thread; the
         non-empty results. The stream holds its place (open directory streams) between trips,
         so a walk over 100,000 files is hundreds of short steps: the interpreter is never held
@@ -183,10 +184,9 @@ class FileStorage(SharedMethods):
     async def list(self, prefix: str = "") -> builtins.list[StoredItem]:
         return await self._run("list", self._values.list, prefix)
 
-    async def key_pages(self, prefix: str, page: int) -> AsyncGenerator[builtins.list[str], None]:
+    def key_pages(self, prefix: str, page: int) -> AsyncGenerator[builtins.list[str], None]:
         check_limit(page)
-        async for keys in self._in_steps("key_pages", self._values.keys(prefix), page, _same):
-            yield keys
+        return self._in_steps("key_pages", self._values.keys(prefix), page, _same)
 
     async def quarantine(self, key: str, reason: str) -> None:
         path = self.path_of(key)
@@ -292,8 +292,10 @@ class FileStorage(SharedMethods):
         now = self._clock() if now is None else now
         removed: builtins.list[str] = []
         sweep = functools.partial(self._remove_old_temp_files, now)
-        async for gone in self._in_steps("clean", self._tree.entries(), SWEEP_STEP, sweep):
-            removed.extend(gone)
+        steps = self._in_steps("clean", self._tree.entries(), SWEEP_STEP, sweep)
+        async with contextlib.aclosing(steps):  # cancelled mid-walk: its folders close at once
+            async for gone in steps:
+                removed.extend(gone)
         return removed + await self._run("clean", self._leases.clean, now)
 
     async def aclose(self) -> None:
