@@ -1,6 +1,6 @@
 """Instructions per connection, per keep-alive request and per MiB: callgrind's deterministic counts.
 
-    python -m bench.callgrind                               # this checkout, a, b and c
+    python -m bench.callgrind                               # this checkout, a, a2, b and c
     python -m bench.callgrind --src /tmp/before --src .     # two trees side by side
     python -m bench.callgrind --workloads a --connections 500
 
@@ -9,10 +9,12 @@ that must not slow the data path down is checked here too (issue 18's "within 3 
 ``--src`` (a directory holding an ``edgeproxy`` package) runs as ``edgeproxy run`` under
 ``valgrind --tool=callgrind``: one worker, a static certificate, one route to Debian's nginx
 serving the bodies of ``bench.run``, tickets off (``OPENSSL_CONF`` with ``NumTickets = 0``), as
-``bench.run`` configures it. The client is this process, outside valgrind, with Python ``ssl``:
+``bench.run`` configures it (a2 excepted). The client is this process, outside valgrind, with Python ``ssl``:
 
 - **a**: ``--connections`` sequential connections, each a full TLS handshake and one
   ``Connection: close`` request for an empty body;
+- **a2**: the same with session tickets on (edgeproxy started without ``NumTickets = 0``), each
+  connection resuming the session of the one before it (as ``bench.run``'s (a2));
 - **b**: one keep-alive connection, ``--requests`` sequential requests for 1 KiB;
 - **c**: one keep-alive connection, ``--mib`` sequential requests for 1 MiB.
 
@@ -45,8 +47,9 @@ from .pki import BenchPki, make_pki
 from .procs import Supervisor
 from .terminators import openssl_conf, render, start_origin
 
-PATHS = {"a": "/empty.bin", "b": "/1k.bin", "c": "/1m.bin"}
-UNITS = {"a": "connection", "b": "request", "c": "MiB"}
+PATHS = {"a": "/empty.bin", "a2": "/empty.bin", "b": "/1k.bin", "c": "/1m.bin"}
+UNITS = {"a": "connection", "a2": "connection", "b": "request", "c": "MiB"}
+_TICKETS = frozenset({"a2"})  # workloads run with session tickets on
 _WARM_CONNECTIONS = 20
 _WARM_REQUESTS = 10
 
@@ -59,14 +62,20 @@ class Count:
     raw: int  # instructions counted during the measured part
     idle: float  # of those, what the same time costs with no traffic
     seconds: float
+    split: dict[str, int]  # instructions in the measured part by shared object (idle included)
 
     @property
     def per_unit(self) -> float:
         return (self.raw - self.idle) / self.n
 
+    def split_line(self) -> str:
+        """Per unit by shared object, the idle part left in (it is small, and mostly Python)."""
+        parts = sorted(self.split.items(), key=lambda kv: -kv[1])
+        return "     " + ", ".join(f"{k} {v / self.n:,.0f}" for k, v in parts)
+
     def line(self) -> str:
         return (
-            f"{self.workload}  {self.per_unit:>12,.0f} instructions per {UNITS[self.workload]}"
+            f"{self.workload:<3} {self.per_unit:>12,.0f} instructions per {UNITS[self.workload]}"
             f"  (n={self.n}, raw {self.raw / self.n:,.0f}, idle part {self.idle / self.n:,.0f},"
             f" {self.seconds:.0f} s)  {self.src}"
         )
@@ -83,18 +92,70 @@ def _instructions(pid: int) -> int:
     return sum(int(c.replace(",", "")) for c in counts)
 
 
-class _Client:
-    """Sequential HTTPS requests with Python ``ssl`` (tickets off: every connection is full)."""
+# Shared objects grouped as bench/README's "Profile split" names them.
+_GROUPS = (
+    ("OpenSSL", ("_rust.abi3.so", "libssl", "libcrypto")),
+    ("Python", ("libpython", "/python3", "cpython-3", "libffi")),
+    ("libc", ("libc.so", "libc-", "ld-linux", "libm.so")),
+)
 
-    def __init__(self, port: int, pki: BenchPki) -> None:
+
+def _group(obj: str) -> str:
+    for name, needles in _GROUPS:
+        if any(n in obj for n in needles):
+            return name
+    return "other"
+
+
+def _split(dump: Path) -> dict[str, int]:
+    """A callgrind dump's self instructions summed per object group (``_GROUPS``).
+
+    Reads the file itself (``callgrind_annotate`` sums by function, not by object): every cost
+    line counts for the current ``ob=``, except the one after ``calls=``, which is the
+    inclusive cost of a call and belongs to the callee's own lines.
+    """
+    names: dict[str, str] = {}
+    totals: dict[str, int] = {}
+    group = "other"
+    after_call = False
+    with dump.open() as lines:
+        for line in lines:
+            if line.startswith(("ob=", "cob=")):  # one name table for both
+                key, _, rest = line.partition("=")
+                ref, _, name = rest.strip().partition(" ")
+                if name:
+                    names[ref] = name
+                if key == "ob":
+                    group = _group(names.get(ref, ref))
+            elif line.startswith("calls="):
+                after_call = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                if after_call:
+                    after_call = False
+                    continue
+                fields = line.split()
+                if len(fields) >= 2:
+                    totals[group] = totals.get(group, 0) + int(fields[1])
+    return totals
+
+
+class _Client:
+    """Sequential HTTPS requests with Python ``ssl``: without ``resume`` no tickets, so every
+    connection is full; with it, each connection offers the session of the one before."""
+
+    def __init__(self, port: int, pki: BenchPki, *, resume: bool = False) -> None:
         self.port = port
         self.name = pki.name
         self.ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
-        self.ctx.options |= ssl.OP_NO_TICKET
+        if not resume:
+            self.ctx.options |= ssl.OP_NO_TICKET
+        self.resume = resume
+        self.session: ssl.SSLSession | None = None
+        self.resumed = 0
 
     def connect(self) -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", self.port))
-        return self.ctx.wrap_socket(raw, server_hostname=self.name)
+        return self.ctx.wrap_socket(raw, server_hostname=self.name, session=self.session)
 
     def request(self, tls: ssl.SSLSocket, path: str, *, close: bool = False) -> None:
         head = f"GET {path} HTTP/1.1\r\nHost: {self.name}\r\n"
@@ -114,6 +175,10 @@ class _Client:
     def one_connection(self, path: str) -> None:
         with self.connect() as tls:
             self.request(tls, path, close=True)
+            if self.resume:
+                # TLS 1.3 tickets come after the handshake: the session is complete only now.
+                self.resumed += tls.session_reused
+                self.session = tls.session
 
     @staticmethod
     def _receive(tls: ssl.SSLSocket) -> bytes:
@@ -153,16 +218,17 @@ def measure(src: Path, workload: str, n: int, idle_seconds: float) -> Count:
             "-c",
             str(conf),
         ]
-        env = {"OPENSSL_CONF": str(openssl_conf(work, tickets=False)), "PYTHONHASHSEED": "0"}
+        tickets = workload in _TICKETS
+        env = {"OPENSSL_CONF": str(openssl_conf(work, tickets=tickets)), "PYTHONHASHSEED": "0"}
         server = sup.start(
             "edgeproxy", argv, cpu=None, env=env, port=port, cwd=src, start_timeout=600
         )
-        client = _Client(port, pki)
+        client = _Client(port, pki, resume=tickets)
         path = PATHS[workload]
         for _ in range(_WARM_CONNECTIONS):
             client.one_connection(path)
         tls = None
-        if workload != "a":
+        if workload not in ("a", "a2"):
             tls = client.connect()
             for _ in range(_WARM_REQUESTS):
                 client.request(tls, path)
@@ -171,6 +237,10 @@ def measure(src: Path, workload: str, n: int, idle_seconds: float) -> Count:
         time.sleep(idle_seconds)
         i1, t1 = _instructions(server.pid), time.monotonic()
         rate = (i1 - i0) / (t1 - t0)
+        # Zeroed here and dumped after: the dump holds the measured part alone, for the split.
+        subprocess.run(
+            ["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True
+        )
         start, began = _instructions(server.pid), time.monotonic()
         for _ in range(n):
             if tls is None:
@@ -178,17 +248,24 @@ def measure(src: Path, workload: str, n: int, idle_seconds: float) -> Count:
             else:
                 client.request(tls, path)
         end, ended = _instructions(server.pid), time.monotonic()
+        subprocess.run(
+            ["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True
+        )
+        dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        split = _split(dumps[-1]) if dumps else {}
         if tls is not None:
             tls.close()
         sup.stop(server)
-    return Count(str(src), workload, n, end - start, rate * (ended - began), ended - began)
+    if tickets and client.resumed < n:
+        raise RuntimeError(f"{workload}: only {client.resumed} of {n + _WARM_CONNECTIONS} resumed")
+    return Count(str(src), workload, n, end - start, rate * (ended - began), ended - began, split)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", action="append", type=Path, help="holds an edgeproxy package")
-    parser.add_argument("--workloads", default="a,b,c")
-    parser.add_argument("--connections", type=int, default=200, help="for (a)")
+    parser.add_argument("--workloads", default="a,a2,b,c")
+    parser.add_argument("--connections", type=int, default=200, help="for (a) and (a2)")
     parser.add_argument("--requests", type=int, default=1500, help="for (b)")
     parser.add_argument("--mib", type=int, default=60, help="for (c)")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle-rate probe")
@@ -197,14 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     for src in sources:
         if not (src / "edgeproxy" / "__init__.py").is_file():
             parser.error(f"{src} holds no edgeproxy package")
-    sizes = {"a": args.connections, "b": args.requests, "c": args.mib}
+    sizes = {"a": args.connections, "a2": args.connections, "b": args.requests, "c": args.mib}
     with ThreadPoolExecutor(len(sources)) as pool:
         for workload in args.workloads.split(","):
             runs = [
                 pool.submit(measure, src, workload, sizes[workload], args.idle) for src in sources
             ]
             for run in runs:
-                print(run.result().line(), flush=True)
+                count = run.result()
+                print(count.line(), flush=True)
+                print(count.split_line(), flush=True)
     return 0
 
 
