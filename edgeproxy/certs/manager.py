@@ -59,22 +59,15 @@ class CertificateManager(Maintenance):
 
         Raises CertificateUnavailable with a reason token when none can be had in time.
         """
+        ready = self.ready_context(name)
+        if ready is not None:
+            return ready
         if name is None:
             if self.default_sni is None:
                 raise CertificateUnavailable(
                     None, "no_sni", "client sent no SNI and tls.default_sni is unset"
                 )
             name = self.default_sni
-        cached = self.cached_context(name)
-        if cached is not None:
-            return cached
-        static = self.static.match(name)
-        if static is not None:
-            return static
-        if self.managed is not None:
-            managed = self.managed.match(name)
-            if managed is not None:
-                return managed
         if self.registry is not None and self.registry.is_removed(name):
             raise CertificateUnavailable(name, "removed", "removed from the hostname registry")
         try:
@@ -101,6 +94,23 @@ class CertificateManager(Maintenance):
         if st is not None and st.reason is not None:
             raise CertificateUnavailable(name, st.reason, st.last_error or "")
         raise CertificateUnavailable(name, "unavailable")
+
+    def ready_context(self, name: str | None) -> SSL.Context | ServerIdentity | None:
+        """What ``context_for`` answers without waiting (cached, static or managed), else None.
+
+        The data path asks this first: one lookup and no await for every name it serves.
+        """
+        if name is None:
+            name = self.default_sni
+            if name is None:
+                return None
+        cached = self.cached_context(name)
+        if cached is not None:
+            return cached
+        static = self.static.match(name)
+        if static is not None:
+            return static
+        return self.managed.match(name) if self.managed is not None else None
 
     def may_serve(self, name: str) -> bool:
         """Does this process hold, or may it get without asking anyone, a certificate for

@@ -327,7 +327,7 @@ async def _terminate(
     assert route is not None
     info.route = route.label
     try:
-        ctx = proxy.certs.cached_context(sni) if sni is not None else None
+        ctx = proxy.certs.ready_context(sni)  # a served name: one lookup, no deadline moves
         if ctx is None:
             ctx = await _certificate_for(proxy, sni, info)
     except CertificateUnavailable as exc:
