@@ -32,6 +32,7 @@ issued for one certificate never resumes a handshake for another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
 from collections.abc import Callable, Sequence
@@ -85,12 +86,17 @@ _TLS13_SUITES: Final = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACH
 # (3.5+); an older one is given the classical list only.
 _GROUPS: Final = (b"X25519MLKEM768:X25519:P-256:P-384", b"X25519:P-256:P-384")
 
+# OP_IGNORE_UNEXPECTED_EOF: on a socket, a TCP FIN without close_notify (how much of the web
+# ends a connection) reads as an orderly end (ZeroReturnError), not as OpenSSL 3's "unexpected
+# eof" error. Set here, copied by SSL_new, rather than per connection; a memory BIO never
+# reports an EOF, so it changes nothing there.
 _OPTIONS: Final = (
     SSL.OP_CIPHER_SERVER_PREFERENCE
     | SSL.OP_NO_RENEGOTIATION
     | SSL.OP_NO_COMPRESSION
     | SSL.OP_SINGLE_ECDH_USE
     | SSL.OP_SINGLE_DH_USE
+    | SSL.OP_IGNORE_UNEXPECTED_EOF
 )
 # SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, 0x1): pyOpenSSL turns it on for every context and
 # does not export the constant.
@@ -339,13 +345,10 @@ def new_server_connection(
     Without ``sock``: memory BIOs (``tls/server.py``'s memory mode). With ``sock`` (a connected
     non-blocking socket whose unread bytes start with the ClientHello): OpenSSL reads and
     writes the socket itself, and a TCP FIN without close_notify reads as an orderly end
-    (``ZeroReturnError``) rather than OpenSSL 3's "unexpected eof" error. An empty ``alpn``
-    negotiates no protocol.
+    (``ZeroReturnError``, ``_OPTIONS``) rather than OpenSSL 3's "unexpected eof" error. An
+    empty ``alpn`` negotiates no protocol.
     """
-    protos = tuple(p.encode("ascii") for p in alpn)
-    for proto in protos:
-        if not 0 < len(proto) < 256:
-            raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
+    protos = _alpn_ids(tuple(alpn))
     identity = ctx if isinstance(ctx, ServerIdentity) else None
     if identity is not None:
         target = identity.context
@@ -361,11 +364,19 @@ def new_server_connection(
     if identity is not None:
         # After the switch: SSL_set_SSL_CTX replaces the connection's certificate slots.
         _use_identity(conn, identity)
-    if sock is not None:
-        conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
     conn.set_accept_state()
     conn.set_app_data(protos)
     return conn
+
+
+@functools.lru_cache(maxsize=256)
+def _alpn_ids(alpn: tuple[str, ...]) -> tuple[bytes, ...]:
+    """A route's ALPN list as wire ids, checked once per list rather than per connection."""
+    protos = tuple(p.encode("ascii") for p in alpn)
+    for proto in protos:
+        if not 0 < len(proto) < 256:
+            raise ValueError(f"ALPN protocol ids are 1..255 bytes, got {proto!r}")
+    return protos
 
 
 def load_pem_chain(data: bytes) -> list[x509.Certificate]:
