@@ -2,11 +2,12 @@
 
 Owns: the private calls (pyOpenSSL's ``Connection._ssl``, ``_into_ssl``, ``_from_ssl``,
 ``_raise_ssl_error``, ``Context._context``, ``OpenSSL._util`` and cryptography's OpenSSL
-binding). On a live connection, for the data path (``tls/server.py``): memory BIO fill
-levels, swapping a connection's grown BIOs for fresh ones, ``SSL_session_reused``, moving a
-connection from its memory BIOs onto its socket, and one-call plaintext reads and writes. For
-``tls/contexts.py`` and ``tls/identities.py``: the key exchange groups, the session id context
-of a context already used, a key's ``EVP_PKEY``, a DER leaf and a key put on a connection.
+binding). On a live connection, for the data path (``tls/server.py``): handshake steps that
+return "not yet" instead of raising it, memory BIO fill levels, swapping a connection's grown
+BIOs for fresh ones, ``SSL_session_reused``, moving a connection from its memory BIOs onto its
+socket, and one-call plaintext reads and writes. For ``tls/contexts.py`` and
+``tls/identities.py``: the key exchange groups, the session id context of a context already
+used, a key's ``EVP_PKEY``, a DER leaf and a key put on a connection.
 Must not know: streams, sockets beyond a file descriptor, anything about connections' lives.
 In the product only ``tls/server.py``, ``tls/contexts.py`` and ``tls/identities.py`` import
 this module, and nothing else imports ``OpenSSL._util`` (``tests/unit/test_tls_server.py``
@@ -32,8 +33,12 @@ from OpenSSL import SSL, crypto
 from OpenSSL import _util as _openssl_util
 
 __all__ = [
+    "HANDSHAKE_DONE",
+    "HANDSHAKE_WANTS_READ",
+    "HANDSHAKE_WANTS_WRITE",
     "Internals",
     "attach_socket",
+    "handshake_step",
     "incoming_pending",
     "outgoing_pending",
     "private_key_pointer",
@@ -61,6 +66,8 @@ _NEEDED: Final = (
     "SSL_session_reused",
     "SSL_read",
     "SSL_write",
+    "SSL_do_handshake",
+    "SSL_get_error",
 )
 
 
@@ -171,6 +178,40 @@ def read_plaintext(conn: SSL.Connection, size: int) -> bytes:
         return Internals.ffi.buffer(buf, n)[:]  # type: ignore[no-any-return]
     conn._raise_ssl_error(conn._ssl, n)
     return b""
+
+
+HANDSHAKE_DONE: Final = 0
+HANDSHAKE_WANTS_READ: Final = 1
+HANDSHAKE_WANTS_WRITE: Final = 2
+
+
+def handshake_step(conn: SSL.Connection) -> int:
+    """``conn.do_handshake()`` with "not yet" as a value: ``HANDSHAKE_DONE``, or what the
+    handshake waits for (``HANDSHAKE_WANTS_READ``/``_WRITE``) instead of pyOpenSSL's
+    ``WantReadError``/``WantWriteError``, whose raising and classifying cost more Python
+    than the rest of a handshake step. Failures raise what ``do_handshake`` raises.
+    """
+    if not Internals.plaintext_calls:
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            return HANDSHAKE_WANTS_READ
+        except SSL.WantWriteError:
+            return HANDSHAKE_WANTS_WRITE
+        return HANDSHAKE_DONE
+    lib = Internals.lib
+    ssl = conn._ssl
+    rc = lib.SSL_do_handshake(ssl)
+    if rc == 1:
+        return HANDSHAKE_DONE
+    err = lib.SSL_get_error(ssl, rc)
+    if err == lib.SSL_ERROR_WANT_READ:
+        return HANDSHAKE_WANTS_READ
+    if err == lib.SSL_ERROR_WANT_WRITE:
+        return HANDSHAKE_WANTS_WRITE
+    # pyOpenSSL's mapping: a callback's own exception (ALPN, SNI) first, then the queue.
+    conn._raise_ssl_error(ssl, rc)
+    raise SSL.Error("SSL_do_handshake failed")  # pragma: no cover - the line above raises
 
 
 def write_plaintext(conn: SSL.Connection, data: bytes) -> int:

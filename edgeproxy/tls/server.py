@@ -67,7 +67,10 @@ from trio.lowlevel import wait_readable, wait_writable
 from .contexts import ServerIdentity, new_server_connection
 from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_from_openssl
 from .openssl_internals import (
+    HANDSHAKE_DONE,
+    HANDSHAKE_WANTS_WRITE,
     attach_socket,
+    handshake_step,
     incoming_pending,
     outgoing_pending,
     read_plaintext,
@@ -217,25 +220,27 @@ class ServerTLS:
         if self.on_socket:
             while True:
                 try:
-                    conn.do_handshake()
-                    return
+                    step = handshake_step(conn)
                 except SSL.Error as exc:
-                    if _classify(exc, handshake=True) is _Next.WRITE:
-                        await wait_writable(self.sock)
-                    else:
-                        await wait_readable(self.sock)
+                    _classify(exc, handshake=True)  # raises: handshake_step returns "not yet"
+                    raise  # pragma: no cover
+                if step == HANDSHAKE_DONE:
+                    return
+                if step == HANDSHAKE_WANTS_WRITE:
+                    await wait_writable(self.sock)
+                else:
+                    await wait_readable(self.sock)
         if self.primed:
             conn.bio_write(self.primed)
             self.primed = b""
         sock = self.sock
         while True:
-            done = False
             try:
-                conn.do_handshake()
-                done = True
+                # A memory BIO never waits to write: anything but done wants more input.
+                done = handshake_step(conn) == HANDSHAKE_DONE
             except SSL.Error as exc:
                 try:
-                    _classify(exc, handshake=True)  # a memory BIO only ever wants to read
+                    _classify(exc, handshake=True)  # raises: handshake_step returns "not yet"
                 except TLSHandshakeError:
                     alert = self._take_output()
                     if alert:
@@ -244,6 +249,7 @@ class ServerTLS:
                         except OSError:
                             pass
                     raise
+                raise  # pragma: no cover
             out = self._take_output()
             if done:
                 self.held = out  # TLS 1.3: the session tickets
