@@ -152,6 +152,14 @@ class Proxy:
     ) -> None:
         """Accept until ``drain()``; connection tasks live in ``conn_nursery``."""
         self.bound = [_addr(lst.getsockname()) for lst in listeners]
+        for lst in listeners:
+            # Accepted sockets inherit TCP_NODELAY from their listener (Linux): set once here,
+            # not once per connection (our small TLS flights and records must not wait on
+            # Nagle for an ACK).
+            try:
+                lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         async with trio.open_nursery() as conn_nursery:
             with self._accept_scope:
                 async with trio.open_nursery() as accept_nursery:
@@ -167,9 +175,12 @@ class Proxy:
 
     async def _accept_loop(self, listener: socket.socket, conn_nursery: trio.Nursery) -> None:
         accepted = 0
+        family = listener.family
         while True:
             try:
-                sock, addr = listener.accept()
+                # ``accept()`` without its wrapper: it converts the listener's family and type
+                # to enums for every connection, more Python than the rest of an accept.
+                fd, addr = listener._accept()  # type: ignore[attr-defined]  # CPython, since 3.0
             except BlockingIOError:
                 accepted = 0
                 await wait_readable(listener)
@@ -185,6 +196,7 @@ class Proxy:
                 raise
             # Accepting drains the backlog without a scheduler round trip per connection;
             # every so often let the connections already accepted run.
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             accepted += 1
             if accepted % 64 == 0:
                 await trio.lowlevel.checkpoint()
@@ -216,11 +228,7 @@ class Proxy:
                     continue
                 self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
                 counted_ip = ip
-            sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+            sock.setblocking(False)  # not inherited; TCP_NODELAY is (see serve)
             self.active += 1
             self.handshaking += 1
             if self.active == 1:
