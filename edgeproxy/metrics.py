@@ -7,7 +7,9 @@ names): never a client address or a server name, so cardinality cannot grow with
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -255,3 +257,28 @@ BYTES_TO_UPSTREAM = BYTES.labels("to_upstream")
 BYTES_TO_CLIENT = BYTES.labels("to_client")
 CLOSED_OK = CONNECTIONS_CLOSED.labels("ok")
 PROXY_UNTRUSTED = PROXY_PROTOCOL_REFUSED.labels("untrusted_peer")  # also exported at 0
+
+
+def adder(metric: Counter | Gauge, amount: float = 1) -> Callable[[], None]:
+    """``metric.inc(amount)`` as a bound call, for counts made on every connection.
+
+    ``inc`` checks on each call what cannot change for a metric fixed at import (that it is
+    observable: no labels left unset; that a counter's amount is not negative) and costs three
+    Python calls more than the increment itself, a few per cent of a connection's Python. The
+    checks run here, once; the call is the increment of prometheus-client's value object, the
+    one ``inc`` makes (``_value``: in one process a locked float, with workers the shared file;
+    ``tests/unit/test_metrics_adder.py`` pins both).
+    """
+    metric._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    if isinstance(metric, Counter) and amount < 0:
+        raise ValueError("a counter only grows")
+    return functools.partial(metric._value.inc, amount)
+
+
+# The per-connection increments (accept, ClientHello, handshake, close), bound once.
+ACCEPTED_ADD = adder(CONNECTIONS_ACCEPTED)
+ACTIVE_UP = adder(CONNECTIONS_ACTIVE)
+ACTIVE_DOWN = adder(CONNECTIONS_ACTIVE, -1)
+CLIENT_HELLOS_OK_ADD = adder(CLIENT_HELLOS_OK)
+HANDSHAKES_OK_ADD = adder(HANDSHAKES_OK)
+CLOSED_OK_ADD = adder(CLOSED_OK)

@@ -197,7 +197,7 @@ async def _establish(
         return None
     hello, hello_bytes = got
     proxy.hello_received(info)
-    metrics.CLIENT_HELLOS_OK.inc()
+    metrics.CLIENT_HELLOS_OK_ADD()
     registry = proxy.certs.registry
     decision = decide(hello, s.routes, registry)
     info.sni = decision.sni
@@ -360,7 +360,7 @@ async def _terminate(
     except BaseException:
         upstream.close()  # cancelled by the handshake timeout, or worse
         raise
-    metrics.HANDSHAKES_OK.inc()
+    metrics.HANDSHAKES_OK_ADD()
     metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
     if route.alpn and hello.alpn_protocols:  # otherwise nothing can have been negotiated
         info.alpn = tls.alpn

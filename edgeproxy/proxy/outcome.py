@@ -103,7 +103,7 @@ def count_closed(info: ConnInfo) -> None:
     attack that would be thousands a second; the overload summary line counts them)."""
     result = info.result
     if result is OK:
-        metrics.CLOSED_OK.inc()
+        metrics.CLOSED_OK_ADD()
     else:
         metrics.CONNECTIONS_CLOSED.labels(result.outcome.value).inc()
     if info.to_upstream:

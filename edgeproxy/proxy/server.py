@@ -200,7 +200,7 @@ class Proxy:
             accepted += 1
             if accepted % 64 == 0:
                 await trio.lowlevel.checkpoint()
-            metrics.CONNECTIONS_ACCEPTED.inc()
+            metrics.ACCEPTED_ADD()
             s = self.settings
             # Before anything is read: a peer that may not send a PROXY header gets nothing
             # from us, not even a chance to send one.
@@ -233,7 +233,7 @@ class Proxy:
             self.handshaking += 1
             if self.active == 1:
                 self._idle = trio.Event()
-            metrics.CONNECTIONS_ACTIVE.inc()
+            metrics.ACTIVE_UP()
             # The connection's one cancel scope is made here, not in its task: a connection
             # accepted but not yet started must be sheddable too.
             info = ConnInfo(
@@ -329,7 +329,7 @@ class Proxy:
     def connection_closed(self, info: ConnInfo) -> None:
         self.end_handshake(info)
         self.active -= 1
-        metrics.CONNECTIONS_ACTIVE.dec()
+        metrics.ACTIVE_DOWN()
         ip = info.counted_ip
         if ip is not None:
             n = self.per_ip.get(ip, 1) - 1
