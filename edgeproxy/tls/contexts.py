@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -46,7 +47,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from .errors import InvalidCertificate, TLSHandshakeError, describe_openssl
-from .openssl_internals import set_context_groups, set_context_session_id, use_leaf_and_key
+from .openssl_internals import (
+    parse_leaf,
+    set_context_groups,
+    set_context_session_id,
+    use_leaf_and_key,
+)
 
 __all__ = [
     "ACME_TLS_ALPN",
@@ -260,10 +266,12 @@ def chain_context(
 @dataclass(frozen=True, slots=True, eq=False)
 class ServerIdentity:
     """One certificate served from a shared ``chain_context``: its leaf as DER and its parsed
-    key. The leaf is parsed per connection: OpenSSL's parsed X509 holds about 4.5 KiB (its
-    public key decoded, its extensions cached) against 0.4 KiB of DER, and parsing it costs
-    about 30 us, where a full handshake costs milliseconds; the key stays parsed, as loading
-    one costs about 100 us (measured with ``bench.fleet``, OpenSSL 4.0).
+    key. OpenSSL's parsed X509 holds about 4.5 KiB (its public key decoded, its extensions
+    cached) against 0.4 KiB of DER, so a cached name keeps the DER and the leaf is parsed
+    when served; the few hundred names served most recently keep theirs parsed
+    (``_HotLeaves``): parsing costs about 170,000 instructions (30 us), a tenth of a full
+    handshake. The key stays parsed, as loading one costs about 100 us (measured with
+    ``bench.fleet``, OpenSSL 4.0).
 
     ``key`` is the ``EVP_PKEY`` pointer of a ``crypto.PKey`` (``PKey._pkey``, freed when it
     goes), not the ``PKey``: its instance dict cost 0.4 KiB and two garbage-collected objects
@@ -282,6 +290,36 @@ class ServerIdentity:
         return hashlib.sha256(self.leaf).digest()
 
 
+class _HotLeaves:
+    """The parsed leaves (and session id contexts) of the identities served most recently,
+    keyed by the leaf's DER: a busy name pays the parse and the hash once while it stays
+    among the ``size`` most recent, and memory stays bounded however many names are cached
+    (``size`` times about 4.5 KiB)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lru: OrderedDict[bytes, tuple[Any, bytes]] = OrderedDict()
+
+    def get(self, identity: ServerIdentity) -> tuple[Any, bytes]:
+        """``identity``'s leaf as an ``X509 *`` and its session id context."""
+        leaf = identity.leaf
+        hot = self._lru.get(leaf)
+        if hot is not None:
+            self._lru.move_to_end(leaf)
+            return hot
+        hot = (parse_leaf(leaf), identity.sid)  # raises SSL.Error for a leaf OpenSSL refuses
+        self._lru[leaf] = hot
+        if len(self._lru) > self.size:
+            self._lru.popitem(last=False)
+        return hot
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+_HOT_LEAVES: Final = _HotLeaves(256)
+
+
 def _set_template_sid(ctx: SSL.Context, sid: bytes) -> None:
     """Write ``sid`` into the shared context just before a connection copies it.
 
@@ -292,17 +330,6 @@ def _set_template_sid(ctx: SSL.Context, sid: bytes) -> None:
     """
     if len(sid) > _MAX_SID_LENGTH or not set_context_session_id(ctx, sid):
         raise RuntimeError("OpenSSL refused a session id context")  # pragma: no cover
-
-
-def _use_identity(conn: SSL.Connection, identity: ServerIdentity) -> None:
-    """The identity's leaf, parsed from its DER, and its parsed key on the connection.
-
-    pyOpenSSL's ``Connection.use_certificate`` warns when given its own X509 (deprecated) and
-    re-parses a ``cryptography`` certificate (through a second DER copy) on every call, so the
-    calls go straight to OpenSSL (``openssl_internals.use_leaf_and_key``). Raises
-    ``SSL.Error``, also for a key that does not match the leaf.
-    """
-    use_leaf_and_key(conn, identity.leaf, identity.key)
 
 
 def ticket_context() -> SSL.Context:
@@ -352,7 +379,8 @@ def new_server_connection(
     identity = ctx if isinstance(ctx, ServerIdentity) else None
     if identity is not None:
         target = identity.context
-        _set_template_sid(target, identity.sid)
+        leaf, sid = _HOT_LEAVES.get(identity)
+        _set_template_sid(target, sid)
     else:
         assert isinstance(ctx, SSL.Context)
         target = ctx
@@ -363,7 +391,11 @@ def new_server_connection(
         conn.set_context(target)
     if identity is not None:
         # After the switch: SSL_set_SSL_CTX replaces the connection's certificate slots.
-        _use_identity(conn, identity)
+        # pyOpenSSL's ``Connection.use_certificate`` warns when given its own X509
+        # (deprecated) and re-parses a ``cryptography`` certificate on every call, so the
+        # calls go straight to OpenSSL. Raises ``SSL.Error``, also for a key that does not
+        # match the leaf.
+        use_leaf_and_key(conn, leaf, identity.key)
     conn.set_accept_state()
     conn.set_app_data(protos)
     return conn

@@ -7,7 +7,7 @@ return "not yet" instead of raising it, memory BIO fill levels, swapping a conne
 BIOs for fresh ones, ``SSL_session_reused``, moving a connection from its memory BIOs onto its
 socket, and one-call plaintext reads and writes. For ``tls/contexts.py`` and
 ``tls/identities.py``: the key exchange groups, the session id context of a context already
-used, a key's ``EVP_PKEY``, a DER leaf and a key put on a connection.
+used, a key's ``EVP_PKEY``, a DER leaf parsed, a parsed leaf and a key put on a connection.
 Must not know: streams, sockets beyond a file descriptor, anything about connections' lives.
 In the product only ``tls/server.py``, ``tls/contexts.py`` and ``tls/identities.py`` import
 this module, and nothing else imports ``OpenSSL._util`` (``tests/unit/test_tls_server.py``
@@ -41,6 +41,7 @@ __all__ = [
     "handshake_step",
     "incoming_pending",
     "outgoing_pending",
+    "parse_leaf",
     "private_key_pointer",
     "read_plaintext",
     "release_idle_buffers",
@@ -296,11 +297,8 @@ def set_context_session_id(ctx: SSL.Context, sid: bytes) -> bool:
     return bool(_lib.SSL_CTX_set_session_id_context(raw, sid, len(sid)) == 1)
 
 
-def use_leaf_and_key(conn: SSL.Connection, leaf: bytes, key: Any) -> None:
-    """``SSL_use_certificate`` with ``leaf`` (DER, parsed here) and ``SSL_use_PrivateKey``
-    with ``key`` (an ``EVP_PKEY *``, see ``private_key_pointer``); each takes its own
-    reference. Raises ``SSL.Error`` from OpenSSL's queue."""
-    ssl = conn._ssl
+def parse_leaf(leaf: bytes) -> Any:
+    """``leaf`` (DER) as an ``X509 *`` that frees itself when it goes. Raises ``SSL.Error``."""
     bio = _lib.BIO_new_mem_buf(leaf, len(leaf))
     if bio == _ffi.NULL:
         raise MemoryError("BIO_new_mem_buf")
@@ -310,11 +308,16 @@ def use_leaf_and_key(conn: SSL.Connection, leaf: bytes, key: Any) -> None:
         _lib.BIO_free(bio)
     if x509 == _ffi.NULL:
         _openssl_util.exception_from_error_queue(SSL.Error)
-    try:
-        if _lib.SSL_use_certificate(ssl, x509) != 1:
-            _openssl_util.exception_from_error_queue(SSL.Error)
-    finally:
-        _lib.X509_free(x509)  # the connection took its own reference
+    return _ffi.gc(x509, _lib.X509_free)
+
+
+def use_leaf_and_key(conn: SSL.Connection, leaf: Any, key: Any) -> None:
+    """``SSL_use_certificate`` with ``leaf`` (an ``X509 *``, see ``parse_leaf``) and
+    ``SSL_use_PrivateKey`` with ``key`` (an ``EVP_PKEY *``, see ``private_key_pointer``); the
+    connection takes its own reference to each. Raises ``SSL.Error`` from OpenSSL's queue."""
+    ssl = conn._ssl
+    if _lib.SSL_use_certificate(ssl, leaf) != 1:
+        _openssl_util.exception_from_error_queue(SSL.Error)
     if _lib.SSL_use_PrivateKey(ssl, key) != 1:
         # Includes a key that does not match the leaf.
         _openssl_util.exception_from_error_queue(SSL.Error)

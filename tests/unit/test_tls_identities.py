@@ -10,6 +10,7 @@ import trustme
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
+from edgeproxy.tls import contexts
 from edgeproxy.tls.contexts import ServerIdentity, new_server_connection
 from edgeproxy.tls.errors import InvalidCertificate
 from edgeproxy.tls.identities import IdentityContexts
@@ -86,6 +87,36 @@ def test_each_connection_serves_its_own_leaf_and_the_shared_chain(
         assert client.get_peer_certificate(as_cryptography=True) == chain[0]
         chain = client.get_peer_cert_chain(as_cryptography=True)
         assert chain is not None and len(chain) == 2
+
+
+def test_hot_leaves_are_parsed_once_and_their_number_is_bounded(
+    root: trustme.CA, intermediate: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hot = contexts._HotLeaves(2)
+    monkeypatch.setattr(contexts, "_HOT_LEAVES", hot)
+    parsed: list[bytes] = []
+    real_parse = contexts.parse_leaf
+
+    def counting_parse(leaf: bytes) -> object:
+        parsed.append(leaf)
+        return real_parse(leaf)
+
+    monkeypatch.setattr(contexts, "parse_leaf", counting_parse)
+    ids = IdentityContexts()
+    keys = TicketKeys()
+    cctx = client_context(root)
+    chains = {}
+    idents = {}
+    for name in ("a.example.test", "b.example.test", "c.example.test"):
+        chain, key = chain_and_key(intermediate.issue_cert(name))
+        chains[name], idents[name] = chain, ids.identity(chain, key)
+    parsed.clear()  # installing parses each once (the check connection); b and c stay hot
+    for name in ("a.example.test", "a.example.test", "b.example.test", "c.example.test"):
+        _, client = connect(idents[name], cctx, name, keys)
+        assert client.get_peer_certificate(as_cryptography=True) == chains[name][0]
+    # a: parsed on its first connection only; b: evicted by a, parsed again; c: by b.
+    assert parsed == [idents[n].leaf for n in ("a.example.test", "b.example.test", "c.example.test")]
+    assert len(hot) == 2
 
 
 @pytest.mark.parametrize("version", VERSIONS)
