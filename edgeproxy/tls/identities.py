@@ -7,7 +7,8 @@ has which identity (the certificate manager caches identities), sockets, routes.
 
 Why: an ``SSL_CTX`` holding its certificate costs about 22 KiB of process memory, a parsed
 leaf and key about 6.5 KiB, the leaf's DER and the parsed key about 2.5 KiB (measured with
-``bench.fleet``; the leaf is parsed per connection, see ``ServerIdentity``). A fleet of
+``bench.fleet``; the leaf is parsed when served and stays parsed while among the names
+served most recently, see ``ServerIdentity``). A fleet of
 100,000 names shares a handful of intermediate chains, so a context is keyed by the chain
 above the leaf: its extra chain certificates are what OpenSSL sends after each connection's
 own leaf. Sessions stay bound to one certificate through a per-leaf session id context
