@@ -7,6 +7,7 @@ names): never a client address or a server name, so cardinality cannot grow with
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 from collections.abc import Callable
@@ -275,6 +276,33 @@ def adder(metric: Counter | Gauge, amount: float = 1) -> Callable[[], None]:
     return functools.partial(metric._value.inc, amount)
 
 
+def amount_adder(counter: Counter) -> Callable[[float], None]:
+    """``counter.inc(amount)`` as a bound call taking the amount, for per-connection byte
+    counts: the caller passes a count, never negative (``adder`` says why and how)."""
+    counter._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    return counter._value.inc  # type: ignore[no-any-return]
+
+
+def observer(histogram: Histogram) -> Callable[[float], None]:
+    """``histogram.observe(amount)`` as a bound call, for per-connection durations.
+
+    The same values as ``observe`` (the sum, and the first bucket whose upper bound is at
+    least ``amount``) without its per-call checks and its walk over the buckets: the bucket
+    is found by bisection. ``amount`` is a real number (a NaN would land in the first bucket,
+    where ``observe`` counts it in none).
+    """
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    add_sum = histogram._sum.inc
+    add_bucket = [functools.partial(b.inc, 1) for b in histogram._buckets]
+    bounds = list(histogram._upper_bounds)  # ascending, +Inf last
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        add_bucket[bisect.bisect_left(bounds, amount)]()
+
+    return observe
+
+
 # The per-connection increments (accept, ClientHello, handshake, close), bound once.
 ACCEPTED_ADD = adder(CONNECTIONS_ACCEPTED)
 ACTIVE_UP = adder(CONNECTIONS_ACTIVE)
@@ -282,3 +310,6 @@ ACTIVE_DOWN = adder(CONNECTIONS_ACTIVE, -1)
 CLIENT_HELLOS_OK_ADD = adder(CLIENT_HELLOS_OK)
 HANDSHAKES_OK_ADD = adder(HANDSHAKES_OK)
 CLOSED_OK_ADD = adder(CLOSED_OK)
+BYTES_TO_UPSTREAM_ADD = amount_adder(BYTES_TO_UPSTREAM)
+BYTES_TO_CLIENT_ADD = amount_adder(BYTES_TO_CLIENT)
+HANDSHAKE_SECONDS_OBSERVE = observer(HANDSHAKE_SECONDS)

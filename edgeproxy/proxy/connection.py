@@ -361,7 +361,7 @@ async def _terminate(
         upstream.close()  # cancelled by the handshake timeout, or worse
         raise
     metrics.HANDSHAKES_OK_ADD()
-    metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - info.started)
+    metrics.HANDSHAKE_SECONDS_OBSERVE(time.monotonic() - info.started)
     if route.alpn and hello.alpn_protocols:  # otherwise nothing can have been negotiated
         info.alpn = tls.alpn
     return _Established(tls, route, upstream)

@@ -107,9 +107,9 @@ def count_closed(info: ConnInfo) -> None:
     else:
         metrics.CONNECTIONS_CLOSED.labels(result.outcome.value).inc()
     if info.to_upstream:
-        metrics.BYTES_TO_UPSTREAM.inc(info.to_upstream)
+        metrics.BYTES_TO_UPSTREAM_ADD(info.to_upstream)
     if info.to_client:
-        metrics.BYTES_TO_CLIENT.inc(info.to_client)
+        metrics.BYTES_TO_CLIENT_ADD(info.to_client)
     if info.shed is None and access_log.isEnabledFor(logging.INFO):
         text = str(result)
         access_log.info(

@@ -19,8 +19,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from trio.lowlevel import wait_writable
@@ -88,7 +88,8 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._suspect_until: dict[HostPort, float] = {}
         self._resolved: dict[HostPort, tuple[float, list[Address]]] = {}
-        self._connect_seconds: dict[str, Any] = {}  # bound histogram children by route
+        # Per route label, its histogram child's bound observe (metrics.observer).
+        self._connect_seconds: dict[str, Callable[[float], None]] = {}
 
     def _order(self, route: Route) -> list[HostPort]:
         order = route.upstream_order()
@@ -176,12 +177,12 @@ class UpstreamPool:
         return f"{hp}: {reason}"
 
     def _connected(self, route: Route, hp: HostPort, t0: float) -> None:
-        hist = self._connect_seconds.get(route.label)
-        if hist is None:
-            hist = self._connect_seconds[route.label] = metrics.UPSTREAM_CONNECT_SECONDS.labels(
-                route.label
+        observe = self._connect_seconds.get(route.label)
+        if observe is None:
+            observe = self._connect_seconds[route.label] = metrics.observer(
+                metrics.UPSTREAM_CONNECT_SECONDS.labels(route.label)
             )
-        hist.observe(time.monotonic() - t0)
+        observe(time.monotonic() - t0)
         if self._suspect_until:
             self._suspect_until.pop(hp, None)
 
