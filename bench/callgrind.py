@@ -24,7 +24,15 @@ loops (the overload sweep every 0.25 s, timers) cost instructions per *second*, 
 a loaded machine stretches the seconds, so the idle rate is measured first (``--idle`` seconds
 with no traffic) and the run's duration times that rate is subtracted. Sources given together
 run at the same time, workload by workload, so they see the same machine. Needs ``valgrind``
-and ``nginx``. A measurement, not a test: it prints one line per source and workload.
+and ``nginx``. A measurement, not a test: it prints two lines per source and workload, the
+count and its split over shared objects per unit (OpenSSL: the ``cryptography`` wheel's
+``_rust.abi3.so``; Python: ``libpython``, the interpreter and its extension modules, ``libffi``;
+libc with the loader), read from a callgrind dump of the measured part, the idle part left in.
+
+The counts are deterministic for one path through the code, but which path a connection takes
+depends a little on timing (whether the ClientHello or the client's Finished has arrived when
+we look: a wait more or less), so the same code measures about 1 % apart from run to run:
+compare trees given together, and more ``--connections`` for small changes.
 """
 
 from __future__ import annotations
