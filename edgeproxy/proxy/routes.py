@@ -23,16 +23,17 @@ class Route:
     alpn: tuple[str, ...]
     # Round-robin cursor: per route object, replaced wholesale on reload.
     cursor: int = field(default=0, compare=False)
+    # The route's name in logs and metrics: read on every connection, so set once.
+    label: str = field(init=False, compare=False)
 
-    @property
-    def label(self) -> str:
-        if self.patterns:
-            return self.patterns[0]
-        return "default"
+    def __post_init__(self) -> None:
+        self.label = self.patterns[0] if self.patterns else "default"
 
     def upstream_order(self) -> list[HostPort]:
         """Upstreams starting at the round-robin cursor; advances the cursor."""
         n = len(self.upstreams)
+        if n == 1:
+            return [self.upstreams[0]]  # the usual route: no cursor to move
         start = self.cursor % n
         self.cursor = (start + 1) % n
         return [self.upstreams[(start + i) % n] for i in range(n)]

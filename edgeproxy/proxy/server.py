@@ -218,7 +218,7 @@ class Proxy:
                 metrics.CONNECTIONS_REFUSED.labels("max_handshakes").inc()
                 _abort(sock)
                 continue
-            peer = _addr(addr)
+            peer = addr if len(addr) == 2 else _addr(addr)  # IPv4 is (str, int) already
             counted_ip = None
             if s.max_connections_per_ip and s.proxy_protocol == "off":
                 ip = peer[0]
