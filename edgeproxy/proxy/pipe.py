@@ -1,52 +1,75 @@
 """The hot loop: plaintext between a TLS client and an upstream socket, both ways.
 
-Owns: the two directions' loops, half-close, back-pressure, the idle deadline and why a pipe
-ended (``PipeEnd``). Must not know: OpenSSL (the client side is a ``tls.server.ServerTLS``:
-``receive``, ``send``, ``send_eof``), certificates, routes.
+Owns: the fast path (the per-run reactor) and the two directions' loops, half-close,
+back-pressure, the idle deadline and why a pipe ended (``PipeEnd``). Must not know: OpenSSL
+(the client side is a ``tls.server.ServerTLS``: ``receive_into``, ``send_from``, ``receive``,
+``send``, ``send_eof``), certificates, routes.
 
 Theory of operation
 -------------------
-Raw non-blocking sockets and ``trio.lowlevel.wait_readable``: profiles of a stream-stacked
-version showed trio's per-call machinery (checkpoints, conflict detectors, cancel-scope
-bookkeeping) costing more than OpenSSL itself on small exchanges. The client side's own
-rules (socket and memory modes, when a read tries before waiting) are ``tls/server.py``'s.
+Raw non-blocking sockets, no stream layers: profiles of a stream-stacked version showed trio's
+per-call machinery (checkpoints, conflict detectors, cancel-scope bookkeeping) costing more
+than OpenSSL itself on small exchanges. The client side's own rules (socket and memory modes,
+when a read tries before waiting) are ``tls/server.py``'s.
 
-On the upstream side, reads wait first, then read: in a request/response exchange the next
+Two paths. The *fast path* (``_Link``, run by ``_Reactor``) is where a connection spends its
+keep-alive life: its task parks (``wait_task_rescheduled``: no nursery, no second task, no
+coroutine per direction) and its two sockets sit in the reactor's private ``select.epoll``,
+one per trio run, whose fd the reactor's task waits on with ``wait_readable``. A ready socket
+costs one plain method call: read one chunk (``ServerTLS.receive_into``, or ``recv_into``
+the reactor's shared ``Scratch`` buffer), write it at once to the other side (``send`` or
+``ServerTLS.send_from`` from that same buffer: no copy). It needs socket mode and nothing
+held back (``ServerTLS.nowait``); a memory-mode connection starts in the tasks.
+
+Anything a single non-waiting step cannot finish hands the connection to the *slow path*,
+for the rest of its life: a write that has to wait (its bytes copied out of the shared
+buffer), an end read on either side (half-close), a full-sized upstream read (a bulk body),
+OpenSSL needing to write while reading. The reactor takes the sockets out of its epoll and
+wakes the task, which goes on in ``_pipe_tasks`` from exactly there: a task per direction,
+as follows. A reset or a broken record ends the pipe right in the reactor.
+
+In the tasks, upstream reads wait first, then read: in a request/response exchange the next
 bytes are almost never there yet. The exceptions: more reads after a wake-up while reads fill
 the buffer (a bulk body), or one more after a short read until one finds nothing (an
 upstream's FIN usually follows its last answer at once); see ``upstream_to_client``. Writes
 try first: the socket buffer nearly always has room. The wait for readable data is also what
-keeps each loop fair to other tasks.
+keeps each loop fair to other tasks (and the reactor's one wait per wake-up, with at most
+``_EVENTS_PER_WAKE`` sockets served per wake-up, keeps it fair).
 
 Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
 write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
 keep forwarding what the client still sends. The pipe ends when both directions ended.
 
 Memory is bounded: each direction holds one chunk in flight and reads again only after the
-write finished, so a slow reader back-pressures a fast writer. A chunk is ``CHUNK`` bytes,
-except upstream reads while the client takes everything at once: they grow to ``MAX_READ``
-(fewer, bigger chunks: each one costs a round of Python calls) and drop back to ``CHUNK`` as
-soon as a write has to wait. One idle deadline covers both directions; it is moved at most
-about once a second, because moving a trio deadline is a heap operation.
+write finished, so a slow reader back-pressures a fast writer (on the fast path a socket
+whose write did not finish leaves it, and its chunk goes to the tasks). A chunk is ``CHUNK``
+bytes, except upstream reads in the tasks while the client takes everything at once: they
+grow to ``MAX_READ`` (fewer, bigger chunks: each one costs a round of Python calls) and drop
+back to ``CHUNK`` as soon as a write has to wait. One idle deadline, the cancel scope's,
+covers both directions and both paths (a parked task is cancelled like a waiting one: its
+abort takes the sockets out of the reactor); it is moved at most about once a second,
+because moving a trio deadline is a heap operation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import select
 import socket
 from dataclasses import dataclass
 
 import trio
 from trio.lowlevel import wait_readable
 
-from ..tls.server import ClientBroken, Failure, ServerTLS, send_all
+from ..tls.server import AGAIN, ClientBroken, Failure, Scratch, ServerTLS, send_all
 
 __all__ = ["CHUNK", "MAX_READ", "PipeEnd", "PipeResult", "pipe", "send_all"]
 
 CHUNK = 65536
 MAX_READ = 262144  # upstream reads grow to this while the client keeps up
 _READS_PER_WAKE = 8  # at most this many upstream reads between two waits (fairness)
+_EVENTS_PER_WAKE = 64  # ready sockets the reactor takes per wake-up (the rest: the next one)
 
 
 class PipeEnd(enum.StrEnum):
@@ -67,6 +90,217 @@ class PipeResult:
     to_upstream: int = 0
     to_client: int = 0
     reason: PipeEnd = PipeEnd.DONE
+
+
+class _Reactor:
+    """One per trio run: a private ``select.epoll`` holding every parked pipe's two sockets.
+
+    Its own task waits on the epoll fd with ``wait_readable`` and, per wake-up, hands each
+    ready socket to its ``_Link`` with a plain method call. Sockets stay registered (level
+    triggered) while the link is parked, so a keep-alive request costs no per-socket
+    registration change in trio's own epoll.
+    """
+
+    __slots__ = ("_epoll", "links", "now", "scratch")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self.links: dict[int, _Link] = {}
+        self.scratch = Scratch(CHUNK)  # shared: every link copies out what it must keep
+        self.now = 0.0  # trio's clock at the current wake-up
+
+    def add(self, link: _Link) -> None:
+        epoll = self._epoll
+        epoll.register(link.client_fd, select.EPOLLIN)
+        try:
+            epoll.register(link.upstream_fd, select.EPOLLIN)
+        except BaseException:
+            epoll.unregister(link.client_fd)
+            raise
+        self.links[link.client_fd] = self.links[link.upstream_fd] = link
+
+    def remove(self, link: _Link) -> None:
+        links = self.links
+        for fd in (link.client_fd, link.upstream_fd):
+            if links.get(fd) is link:
+                del links[fd]
+                with contextlib.suppress(OSError, ValueError):  # ValueError: epoll closed
+                    self._epoll.unregister(fd)
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        links = self.links
+        try:
+            while True:
+                await wait_readable(epoll)
+                self.now = trio.current_time()
+                for fd, _ in epoll.poll(0, _EVENTS_PER_WAKE):
+                    link = links.get(fd)
+                    if link is None:
+                        continue  # ended earlier in this batch
+                    try:
+                        if fd == link.client_fd:
+                            link.from_client()
+                        else:
+                            link.from_upstream()
+                    except Exception as exc:  # a bug: the connection's task reports it
+                        link.end(error=exc)
+        finally:
+            epoll.close()
+
+
+_REACTOR: trio.lowlevel.RunVar[_Reactor] = trio.lowlevel.RunVar("edgeproxy.pipe.reactor")
+
+
+def _reactor() -> _Reactor:
+    try:
+        return _REACTOR.get()
+    except LookupError:
+        reactor = _Reactor()
+        trio.lowlevel.spawn_system_task(reactor.run, name="edgeproxy.pipe.reactor")
+        _REACTOR.set(reactor)
+        return reactor
+
+
+class _Link:
+    """A pipe while its connection's task is parked: the fast path, run by ``_Reactor``.
+
+    It forwards a chunk at a time, each read and write finishing at once. Anything else ends
+    the fast path (``end``): the parked task wakes up and goes on in ``_pipe_tasks`` from
+    exactly there (``pending_*`` hold a write that did not finish, ``*_eof`` an end already
+    read), or returns when the pipe is over.
+    """
+
+    __slots__ = (
+        "client_eof",
+        "client_fd",
+        "error",
+        "idle_timeout",
+        "over",
+        "pending_to_client",
+        "pending_to_upstream",
+        "reactor",
+        "result",
+        "scope",
+        "slack",
+        "task",
+        "tls",
+        "upstream",
+        "upstream_eof",
+        "upstream_fd",
+    )
+
+    def __init__(
+        self,
+        tls: ServerTLS,
+        upstream: socket.socket,
+        scope: trio.CancelScope,
+        result: PipeResult,
+        idle_timeout: float,
+    ) -> None:
+        self.tls = tls
+        self.upstream = upstream
+        self.client_fd = tls.sock.fileno()
+        self.upstream_fd = upstream.fileno()
+        self.scope = scope
+        self.result = result
+        self.idle_timeout = idle_timeout
+        self.slack = min(1.0, idle_timeout / 10)
+        self.reactor = _reactor()
+        self.task: trio.lowlevel.Task | None = None
+        self.over = False  # the pipe ended in the fast path
+        self.error: Exception | None = None
+        self.pending_to_upstream = b""
+        self.pending_to_client = b""
+        self.client_eof = False
+        self.upstream_eof = False
+
+    async def park(self) -> None:
+        """Hand the sockets to the reactor and sleep until it hands them back."""
+        self.task = trio.lowlevel.current_task()
+        self.reactor.add(self)
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+        if self.error is not None:
+            raise self.error
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.reactor.remove(self)  # cancelled (the idle deadline, a drain): no more events
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def end(self, reason: PipeEnd | None = None, error: Exception | None = None) -> None:
+        """Leave the fast path: the task wakes up (``reason``: the pipe is over)."""
+        self.reactor.remove(self)
+        if reason is not None:
+            self.over = True
+            if self.result.reason is PipeEnd.DONE:
+                self.result.reason = reason
+        self.error = error
+        assert self.task is not None
+        trio.lowlevel.reschedule(self.task)
+
+    def touch(self) -> None:
+        now = self.reactor.now
+        scope = self.scope
+        if scope.deadline - now < self.idle_timeout - self.slack:
+            scope.deadline = now + self.idle_timeout
+
+    def from_client(self) -> None:
+        scratch = self.reactor.scratch
+        try:
+            n = self.tls.receive_into(scratch)
+        except ClientBroken as exc:
+            self.end(_CLIENT_FAILURE[exc.failure])
+            return
+        if n <= 0:
+            if n == AGAIN:
+                return  # part of a record: the rest follows
+            self.client_eof = n == 0
+            self.end()  # the end (the tasks half-close), or OpenSSL must write first
+            return
+        self.touch()
+        try:
+            sent = self.upstream.send(scratch.view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.end(PipeEnd.UPSTREAM_RESET)
+            return
+        if sent < n:
+            self.pending_to_upstream = bytes(scratch.view[sent:n])
+            self.result.to_upstream += sent
+            self.end()  # the upstream is slow: the tasks wait for it
+            return
+        self.result.to_upstream += n
+
+    def from_upstream(self) -> None:
+        scratch = self.reactor.scratch
+        try:
+            n = self.upstream.recv_into(scratch.view)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.end(PipeEnd.UPSTREAM_RESET)
+            return
+        if n == 0:
+            self.upstream_eof = True
+            self.end()  # the tasks half-close
+            return
+        self.touch()
+        if n == CHUNK:
+            # A bulk answer: the tasks read it in growing chunks, several per wake-up.
+            self.pending_to_client = bytes(scratch.view[:n])
+            self.end()
+            return
+        try:
+            done = self.tls.send_from(scratch, n)
+        except ClientBroken:
+            self.end(PipeEnd.CLIENT_RESET)
+            return
+        if not done:
+            self.pending_to_client = bytes(scratch.view[:n])
+            self.end()  # the client is slow: the tasks wait for it
+            return
+        self.result.to_client += n
 
 
 async def pipe(
@@ -92,6 +326,30 @@ async def pipe(
     own_scope = scope is None
     if scope is None:
         scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+    with scope if own_scope else contextlib.nullcontext():
+        link = None
+        if tls.nowait:
+            link = _Link(tls, upstream, scope, result, idle_timeout)
+            try:
+                await link.park()
+            finally:
+                link.reactor.remove(link)
+        if link is None or not link.over:
+            await _pipe_tasks(tls, upstream, idle_timeout, scope, result, link)
+    if scope.cancelled_caught and result.reason is PipeEnd.DONE:
+        result.reason = PipeEnd.IDLE_TIMEOUT
+    return result
+
+
+async def _pipe_tasks(
+    tls: ServerTLS,
+    upstream: socket.socket,
+    idle_timeout: float,
+    scope: trio.CancelScope,
+    result: PipeResult,
+    link: _Link | None,
+) -> None:
+    """The slow path: a task per direction, from where the fast path (``link``) stopped."""
     slack = min(1.0, idle_timeout / 10)
 
     def touch() -> None:
@@ -105,7 +363,14 @@ async def pipe(
         scope.cancel()
 
     async def client_to_upstream() -> None:
-        while True:
+        if link is not None and link.pending_to_upstream:
+            try:
+                await send_all(upstream, link.pending_to_upstream)
+            except OSError:
+                abort(PipeEnd.UPSTREAM_RESET)
+                return
+            result.to_upstream += len(link.pending_to_upstream)
+        while link is None or not link.client_eof:
             try:
                 data = await tls.receive(CHUNK)
             except ClientBroken as exc:
@@ -141,9 +406,16 @@ async def pipe(
         size = CHUNK
         budget = 0  # reads left before the next wait
         probe = False  # the last read came up short: the next one is a guess
+        data: bytes | None = None
+        if link is not None:
+            if link.upstream_eof:
+                await tls.send_eof()
+                return
+            if link.pending_to_client:
+                data = link.pending_to_client  # the fast path's read, not yet written
+                budget = _READS_PER_WAKE
         while True:
-            data: bytes | None = None
-            if budget:
+            if data is None and budget:
                 budget -= 1
                 try:
                     data = upstream.recv(size)
@@ -182,18 +454,15 @@ async def pipe(
                 size = CHUNK
             elif full and size < MAX_READ and tls.on_socket:
                 size *= 2
+            data = None
         await tls.send_eof()
 
-    with scope if own_scope else contextlib.nullcontext():
-        if tls.held:
-            # Ciphertext the handshake held back (TLS 1.3 session tickets) goes out first.
-            try:
-                await tls.send_held()
-            except ClientBroken:
-                abort(PipeEnd.CLIENT_RESET)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upstream_to_client, name="edgeproxy.pipe.upstream_to_client")
-            await client_to_upstream()
-    if scope.cancelled_caught and result.reason is PipeEnd.DONE:
-        result.reason = PipeEnd.IDLE_TIMEOUT
-    return result
+    if tls.held:
+        # Ciphertext the handshake held back (TLS 1.3 session tickets) goes out first.
+        try:
+            await tls.send_held()
+        except ClientBroken:
+            abort(PipeEnd.CLIENT_RESET)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upstream_to_client, name="edgeproxy.pipe.upstream_to_client")
+        await client_to_upstream()

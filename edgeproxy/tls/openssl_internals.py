@@ -5,7 +5,8 @@ Owns: the private calls (pyOpenSSL's ``Connection._ssl``, ``_into_ssl``, ``_from
 binding). On a live connection, for the data path (``tls/server.py``): handshake steps that
 return "not yet" instead of raising it, memory BIO fill levels, swapping a connection's grown
 BIOs for fresh ones, ``SSL_session_reused``, moving a connection from its memory BIOs onto its
-socket, and one-call plaintext reads and writes. For ``tls/contexts.py`` and
+socket, and one-call plaintext reads and writes (also straight into and out of a reusable
+``Scratch`` buffer). For ``tls/contexts.py`` and
 ``tls/identities.py``: the key exchange groups, the session id context of a context already
 used, a key's ``EVP_PKEY``, a DER leaf parsed, a parsed leaf and a key put on a connection.
 Must not know: streams, sockets beyond a file descriptor, anything about connections' lives.
@@ -37,17 +38,20 @@ __all__ = [
     "HANDSHAKE_WANTS_READ",
     "HANDSHAKE_WANTS_WRITE",
     "Internals",
+    "Scratch",
     "attach_socket",
     "handshake_step",
     "incoming_pending",
     "outgoing_pending",
     "parse_leaf",
     "private_key_pointer",
+    "read_into",
     "read_plaintext",
     "release_idle_buffers",
     "set_context_groups",
     "set_context_session_id",
     "use_leaf_and_key",
+    "write_from",
     "write_plaintext",
 ]
 
@@ -228,6 +232,47 @@ def write_plaintext(conn: SSL.Connection, data: bytes) -> int:
     if n <= 0:
         conn._raise_ssl_error(conn._ssl, n)
     return int(n)
+
+
+class Scratch:
+    """A reusable plaintext buffer that sockets and OpenSSL both use without a copy.
+
+    ``view`` (a writable ``memoryview``) is for ``socket.recv_into`` and ``socket.send``;
+    ``pointer`` is the same memory for ``SSL_read``/``SSL_write`` (``read_into``,
+    ``write_from``). Whatever is in it is overwritten by the next use: a caller keeping bytes
+    across a wait copies them out. ``pointer`` is None when the internals are unreachable.
+    """
+
+    __slots__ = ("pointer", "size", "view")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pointer: Any = None
+        if Internals.plaintext_calls:
+            self.pointer = Internals.no_zero("char[]", size)
+            self.view = memoryview(Internals.ffi.buffer(self.pointer))
+        else:  # pragma: no cover - depends on the installed pyOpenSSL
+            self.view = memoryview(bytearray(size))
+
+
+def read_into(conn: SSL.Connection, scratch: Scratch) -> int:
+    """One ``SSL_read`` into ``scratch``: the byte count (> 0), or pyOpenSSL's exception, as
+    ``recv_into`` would raise it. Needs ``Internals.plaintext_calls`` (``scratch.pointer``)."""
+    ssl = conn._ssl
+    n: int = _lib.SSL_read(ssl, scratch.pointer, scratch.size)
+    if n <= 0:
+        conn._raise_ssl_error(ssl, n)
+    return n
+
+
+def write_from(conn: SSL.Connection, scratch: Scratch, n: int) -> None:
+    """One ``SSL_write`` of ``scratch``'s first ``n`` bytes, all of them or pyOpenSSL's
+    exception (partial writes are off on our contexts). After ``WantWriteError`` the retry may
+    pass a copy of those bytes: pyOpenSSL's contexts set ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``."""
+    ssl = conn._ssl
+    r = _lib.SSL_write(ssl, scratch.pointer, n)
+    if r <= 0:
+        conn._raise_ssl_error(ssl, r)
 
 
 def attach_socket(conn: SSL.Connection, fd: int) -> bool:

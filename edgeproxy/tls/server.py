@@ -44,11 +44,17 @@ the socket buffer nearly always has room. Partial writes are off on our contexts
 is all of the buffer or an error with the record kept for the retry (which passes the same
 bytes, as ``SSL_write(3)`` requires).
 
+For a caller that does its own waiting (the pipe's reactor), socket mode also offers one
+step that never waits each way: ``receive_into`` and ``send_from`` read into and write from a
+shared ``Scratch`` buffer (one ``SSL_read``/``SSL_write``, no bytes object), answering
+"would wait" as a value; ``receive`` and ``send`` go on from there.
+
 Memory mode, memory: a memory BIO keeps its largest buffer, so when a burst grew one and the
 connection is about to wait (maybe long), both BIOs are swapped for empty ones
 (``release_idle_buffers``).
 
-Invariants: only the task running ``receive`` reads the socket and only one task at a time
+Invariants: only the task running ``receive`` (or, while that task is parked, the caller of
+``receive_into``) reads the socket and only one task at a time
 drains the outgoing BIO (``_busy``; a second sender waits for the first, keeping its
 back-pressure); after ``attach_socket`` nothing touches the BIOs.
 """
@@ -69,16 +75,30 @@ from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_fro
 from .openssl_internals import (
     HANDSHAKE_DONE,
     HANDSHAKE_WANTS_WRITE,
+    Internals,
+    Scratch,
     attach_socket,
     handshake_step,
     incoming_pending,
     outgoing_pending,
+    read_into,
     read_plaintext,
     release_idle_buffers,
+    write_from,
     write_plaintext,
 )
 
-__all__ = ["ClientBroken", "Failure", "Servable", "ServerTLS", "send_all", "send_quietly"]
+__all__ = [
+    "AGAIN",
+    "AGAIN_WRITE",
+    "ClientBroken",
+    "Failure",
+    "Scratch",
+    "Servable",
+    "ServerTLS",
+    "send_all",
+    "send_quietly",
+]
 
 # What a connection can be served with: a context with its certificate, or an identity on its
 # chain's shared context (``tls/identities.py``).
@@ -111,6 +131,12 @@ class _Next(enum.Enum):
     READ = "read"  # more ciphertext from the client
     WRITE = "write"  # room in the socket
     END = "end"  # nothing more will come: close_notify, or a TCP FIN without one
+
+
+# What ``ServerTLS.receive_into`` returns when it cannot finish without waiting.
+AGAIN: Final = -1  # no whole record yet: wait until the socket is readable
+AGAIN_WRITE: Final = -2  # OpenSSL must write first: wait until the socket is writable
+_NOWAIT_CODES: Final = {_Next.READ: AGAIN, _Next.WRITE: AGAIN_WRITE, _Next.END: 0}
 
 
 def _classify(exc: SSL.Error, *, handshake: bool = False) -> _Next:
@@ -368,6 +394,39 @@ class ServerTLS:
             _classify(exc)
             raise ClientBroken(Failure.RESET) from None
         await self.flush()
+
+    # ---- without waiting (socket mode): for a caller that does its own waiting --------------
+
+    @property
+    def nowait(self) -> bool:
+        """``receive_into`` and ``send_from`` may be used: socket mode, one-call reads and
+        writes reachable, nothing held back."""
+        return self.on_socket and Internals.plaintext_calls and not self.held
+
+    def receive_into(self, scratch: Scratch) -> int:
+        """One read of plaintext into ``scratch`` that never waits: the byte count; 0 at the
+        end (close_notify, or a FIN); ``AGAIN`` or ``AGAIN_WRITE`` when it would have to wait
+        (``receive`` then goes on from there). Raises ``ClientBroken``."""
+        try:
+            return read_into(self.conn, scratch)
+        except SSL.Error as exc:
+            return _NOWAIT_CODES[_classify(exc)]
+
+    def send_from(self, scratch: Scratch, n: int) -> bool:
+        """Encrypt and send ``scratch``'s first ``n`` bytes without waiting. False: the socket
+        is full; ``send`` with a copy of the same bytes finishes the write (and waits).
+        Raises ``ClientBroken``."""
+        try:
+            write_from(self.conn, scratch, n)
+            return True
+        except SSL.Error as exc:
+            step = _classify(exc)
+            if step is _Next.WRITE:
+                self.blocked += 1
+                return False
+            if step is _Next.READ:
+                return False
+            raise ClientBroken(Failure.RESET) from None
 
     async def flush(self) -> None:
         """Memory mode: send what OpenSSL wrote to the outgoing BIO. Raises ``ClientBroken``."""

@@ -5,7 +5,10 @@ the switch from memory BIOs to the socket (bytes that arrived with the handshake
 The scenarios that do not depend on how the handshake ran also run in socket mode (the
 server's SSL object made on the socket, as the data path does for a ClientHello that arrived
 whole), and bulk answers go through a client that stalls midway, so the pipe's growing
-upstream reads meet a write that has to wait.
+upstream reads meet a write that has to wait. In socket mode the pipe starts on the reactor's
+fast path, so every way of leaving it is here: an end read on either side, a bulk read, a
+write to either side that cannot finish at once (small socket buffers), and each side's
+reset or broken record (TCP pairs, for real resets), each with its typed end and counts.
 """
 
 from __future__ import annotations
@@ -56,12 +59,36 @@ def _server(ca: trustme.CA, sock: socket.socket, mode: str) -> ServerTLS:
     return ServerTLS(_server_context(ca), sock, primed=None if mode == "socket" else b"")
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (unlike a socketpair, it can be reset)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
 async def start(
-    mode: str, nursery: trio.Nursery, idle: float = 10, *, early: bytes = b""
+    mode: str,
+    nursery: trio.Nursery,
+    idle: float = 10,
+    *,
+    early: bytes = b"",
+    tcp: bool = False,
+    raw: list[socket.socket] | None = None,
 ) -> tuple[TLSStream, trio.SocketStream, list[PipeResult]]:
     """(client, upstream end, results): a handshake as the data path runs it in ``mode``, then
-    ``pipe``. ``early``: sent by the client right after its handshake, before the pipe runs."""
-    a, b = socket.socketpair()
+    ``pipe``. ``early``: sent by the client right after its handshake, before the pipe runs.
+    ``tcp``: both sides on TCP pairs, not socketpairs. ``raw`` gets the client's socket, the
+    pipe's client socket, the pipe's upstream socket and the upstream app's socket."""
+    a, b = _tcp_pair() if tcp else socket.socketpair()
     b.setblocking(False)
     client = _client(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
     tls = _server(trustme.CA(), b, mode)
@@ -72,7 +99,11 @@ async def start(
         # Written before the pipe starts: they sit in the socket or the incoming BIO.
         await client.send_all(early)
         await trio.sleep(0.05)
-    up_proxy, up_app = _upstream_pair()
+    up_proxy, up_app = _tcp_pair() if tcp else _upstream_pair()
+    up_proxy.setblocking(False)
+    up_app.setblocking(False)
+    if raw is not None:
+        raw.extend([a, b, up_proxy, up_app])
     results: list[PipeResult] = []
 
     async def run() -> None:
@@ -203,3 +234,89 @@ async def test_bulk_answer_survives_a_client_that_stalls_midway(
             await trio.sleep(0.01)
     assert results[0].reason == "done"
     assert results[0].to_client == len(blob)
+
+
+async def _result(results: list[PipeResult]) -> PipeResult:
+    with trio.fail_after(5):
+        while not results:
+            await trio.sleep(0.01)
+    return results[0]
+
+
+async def _start_small(
+    mode: str, nursery: trio.Nursery, which: int
+) -> tuple[TLSStream, trio.SocketStream, list[PipeResult]]:
+    """``start``, with a small send buffer on the pipe's socket ``which`` (see ``raw``)."""
+    raw: list[socket.socket] = []
+    started = await start(mode, nursery, raw=raw)
+    raw[which].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return started
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_small_answers_to_a_client_that_stops_reading(
+    nursery: trio.Nursery, mode: str
+) -> None:
+    # Answers short enough for the fast path; the pipe's socket to the client holds little,
+    # so a write must wait while the client is not reading. Every byte arrives, in order.
+    client, up, results = await _start_small(mode, nursery, 1)
+    pieces = [bytes([i]) * 1500 for i in range(60)]
+    for piece in pieces:
+        await up.send_all(piece)
+        await trio.sleep(0.002)  # one short read each
+    await up.send_eof()
+    got = bytearray()
+    while chunk := await client.receive_some(65536):
+        got.extend(chunk)
+    assert bytes(got) == b"".join(pieces)
+    await client.aclose()
+    result = await _result(results)
+    assert (result.reason, result.to_client) == ("done", len(got))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_requests_to_an_upstream_that_stops_reading(
+    nursery: trio.Nursery, mode: str
+) -> None:
+    # The upstream reads nothing at first and its socket holds little: a write to it stops
+    # midway; what is left goes out once it reads. Every byte, in order, counted once.
+    client, up, results = await _start_small(mode, nursery, 2)
+    blob = bytes(range(241)) * 2000
+
+    async def client_sends() -> None:
+        await client.send_all(blob)
+        await client.send_eof()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(client_sends)
+        await trio.sleep(0.2)  # the pipe's write to the upstream is stuck by now
+        assert await read_all(up) == blob
+    await up.send_eof()
+    assert await client.receive_some(10) == b""
+    await client.aclose()
+    result = await _result(results)
+    assert (result.reason, result.to_upstream) == ("done", len(blob))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("side", "end"), [(3, "upstream_reset"), (0, "client_reset")])
+async def test_a_reset_ends_the_pipe(nursery: trio.Nursery, mode: str, side: int, end: str) -> None:
+    raw: list[socket.socket] = []
+    client, up, results = await start(mode, nursery, tcp=True, raw=raw)
+    await client.send_all(b"request")
+    assert await up.receive_some(100) == b"request"
+    _reset(raw[side])  # the upstream app's socket, or the client's
+    result = await _result(results)
+    assert (result.reason, result.to_upstream) == (end, len(b"request"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_broken_record_from_the_client_ends_the_pipe(
+    nursery: trio.Nursery, mode: str
+) -> None:
+    raw: list[socket.socket] = []
+    client, up, results = await start(mode, nursery, raw=raw)
+    await client.send_all(b"request")
+    assert await up.receive_some(100) == b"request"
+    raw[0].sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, bad tag
+    assert (await _result(results)).reason == "client_tls_error"
