@@ -41,7 +41,7 @@ RENEWALS_PER_PASS = 20
 RECONCILE_INTERVAL = 6 * 3600.0
 # Stored certificates compared with the index per step: one short storage call for the keys
 # and one for which of them lack a time, with the event loop free between steps.
-RECONCILE_PAGE = 1000
+RECONCILE_PAGE = 500
 CERTS = "certs/"
 # Policy answers that say "could not ask", not "no": a renewal waits and asks again.
 TRANSIENT_REFUSALS = frozenset({Reason.ASK_UNAVAILABLE, Reason.ASK_RATE_LIMITED})
