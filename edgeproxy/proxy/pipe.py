@@ -119,6 +119,11 @@ class _Reactor:
             raise
         self.links[link.client_fd] = self.links[link.upstream_fd] = link
 
+    def drop(self, fd: int) -> None:
+        """Stop watching one of a link's sockets (its side has ended)."""
+        del self.links[fd]
+        self._epoll.unregister(fd)
+
     def remove(self, link: _Link) -> None:
         links = self.links
         for fd in (link.client_fd, link.upstream_fd):
@@ -165,7 +170,8 @@ def _reactor() -> _Reactor:
 class _Link:
     """A pipe while its connection's task is parked: the fast path, run by ``_Reactor``.
 
-    It forwards a chunk at a time, each read and write finishing at once. Anything else ends
+    It forwards a chunk at a time, each read and write finishing at once, and half-closes each
+    way when that needs no wait (the ended side's socket leaves the epoll). Anything else ends
     the fast path (``end``): the parked task wakes up and goes on in ``_pipe_tasks`` from
     exactly there (``pending_*`` hold a write that did not finish, ``*_eof`` an end already
     read), or returns when the pipe is over.
@@ -174,6 +180,7 @@ class _Link:
     __slots__ = (
         "client_eof",
         "client_fd",
+        "close_sent",
         "error",
         "idle_timeout",
         "over",
@@ -212,8 +219,9 @@ class _Link:
         self.error: Exception | None = None
         self.pending_to_upstream = b""
         self.pending_to_client = b""
-        self.client_eof = False
-        self.upstream_eof = False
+        self.client_eof = False  # the client's end was read, the upstream's write side shut
+        self.upstream_eof = False  # the upstream's end was read
+        self.close_sent = False  # ... and close_notify and FIN went to the client
 
     async def park(self) -> None:
         """Hand the sockets to the reactor and sleep until it hands them back."""
@@ -254,8 +262,16 @@ class _Link:
         if n <= 0:
             if n == AGAIN:
                 return  # part of a record: the rest follows
-            self.client_eof = n == 0
-            self.end()  # the end (the tasks half-close), or OpenSSL must write first
+            if n:
+                self.end()  # OpenSSL must write first: the tasks wait for that
+                return
+            self.client_eof = True  # close_notify, or a FIN
+            with contextlib.suppress(OSError):
+                self.upstream.shutdown(socket.SHUT_WR)
+            if self.upstream_eof:
+                self.end(PipeEnd.DONE)
+            else:
+                self.reactor.drop(self.client_fd)
             return
         self.touch()
         try:
@@ -283,7 +299,13 @@ class _Link:
             return
         if n == 0:
             self.upstream_eof = True
-            self.end()  # the tasks half-close
+            if not self.tls.send_eof_nowait():
+                self.end()  # the tasks send close_notify when the client has room
+            elif self.client_eof:
+                self.end(PipeEnd.DONE)
+            else:
+                self.close_sent = True
+                self.reactor.drop(self.upstream_fd)
             return
         self.touch()
         if n == CHUNK:
@@ -363,6 +385,8 @@ async def _pipe_tasks(
         scope.cancel()
 
     async def client_to_upstream() -> None:
+        if link is not None and link.client_eof:
+            return  # the fast path read the end and shut the upstream's write side
         if link is not None and link.pending_to_upstream:
             try:
                 await send_all(upstream, link.pending_to_upstream)
@@ -370,7 +394,7 @@ async def _pipe_tasks(
                 abort(PipeEnd.UPSTREAM_RESET)
                 return
             result.to_upstream += len(link.pending_to_upstream)
-        while link is None or not link.client_eof:
+        while True:
             try:
                 data = await tls.receive(CHUNK)
             except ClientBroken as exc:
@@ -409,7 +433,8 @@ async def _pipe_tasks(
         data: bytes | None = None
         if link is not None:
             if link.upstream_eof:
-                await tls.send_eof()
+                if not link.close_sent:
+                    await tls.send_eof()
                 return
             if link.pending_to_client:
                 data = link.pending_to_client  # the fast path's read, not yet written

@@ -47,7 +47,8 @@ bytes, as ``SSL_write(3)`` requires).
 For a caller that does its own waiting (the pipe's reactor), socket mode also offers one
 step that never waits each way: ``receive_into`` and ``send_from`` read into and write from a
 shared ``Scratch`` buffer (one ``SSL_read``/``SSL_write``, no bytes object), answering
-"would wait" as a value; ``receive`` and ``send`` go on from there.
+"would wait" as a value, and ``send_eof_nowait``; ``receive``, ``send`` and ``send_eof`` go
+on from there.
 
 Memory mode, memory: a memory BIO keeps its largest buffer, so when a burst grew one and the
 connection is about to wait (maybe long), both BIOs are swapped for empty ones
@@ -453,23 +454,40 @@ class ServerTLS:
 
     async def send_eof(self) -> None:
         """close_notify, then FIN; best effort (a broken client needs neither)."""
-        conn = self.conn
         try:
             for _ in range(_SHUTDOWN_TRIES):
-                try:
-                    conn.shutdown()
+                step = self._close_notify()
+                if step is None:
                     break
-                except SSL.Error as exc:
-                    step = _classify(exc)
-                    if step is _Next.READ:
-                        break  # our close_notify is out; we do not wait for theirs
-                    if step is _Next.END:
-                        return
-                    await wait_writable(self.sock)
+                if step is _Next.END:
+                    return
+                await wait_writable(self.sock)
             await self.flush()
             self.sock.shutdown(socket.SHUT_WR)
         except (ClientBroken, OSError):
             pass
+
+    def send_eof_nowait(self) -> bool:
+        """``send_eof`` in socket mode when it needs no wait; False: ``send_eof`` finishes it."""
+        try:
+            step = self._close_notify()
+            if step is _Next.WRITE:
+                return False
+            if step is None:
+                self.sock.shutdown(socket.SHUT_WR)
+        except (ClientBroken, OSError):
+            pass
+        return True
+
+    def _close_notify(self) -> _Next | None:
+        """One ``SSL_shutdown``: None when our close_notify is out (we do not wait for theirs),
+        else what it waits for. Raises ``ClientBroken``."""
+        try:
+            self.conn.shutdown()
+        except SSL.Error as exc:
+            step = _classify(exc)
+            return None if step is _Next.READ else step
+        return None
 
     async def close_quietly(self) -> None:
         """A clean TLS close before giving up on a connection (the client sees an orderly end,
