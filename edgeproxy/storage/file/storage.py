@@ -29,8 +29,10 @@ updates run under a flock guard (``atomic``); leases are bound to their holder's
 (``health``). Each module's docstring says why.
 
 *Threads.* Every public operation is one ``trio.to_thread.run_sync`` call, so the event loop never
-waits on the disk. The clock is read on the event-loop thread and passed in, so a test may use
-``trio.current_time`` as the storage clock. ``OSError`` becomes ``StorageError`` in ``_run`` only.
+waits on the disk; a walk over the whole tree (``key_pages``, the sweep in ``clean``) is one call
+per bounded step (``_in_steps``), so it never holds the interpreter for long either. The clock
+is read on the event-loop thread and passed in, so a test may use ``trio.current_time`` as the
+storage clock. ``OSError`` becomes ``StorageError`` in ``_run`` only.
 """
 
 from __future__ import annotations
