@@ -58,6 +58,7 @@ import enum
 import select
 import socket
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 from trio.lowlevel import wait_readable
@@ -69,6 +70,7 @@ __all__ = ["CHUNK", "MAX_READ", "PipeEnd", "PipeResult", "pipe", "send_all"]
 CHUNK = 65536
 MAX_READ = 262144  # upstream reads grow to this while the client keeps up
 _READS_PER_WAKE = 8  # at most this many upstream reads between two waits (fairness)
+_NO_SCOPE: Final = contextlib.nullcontext()  # reusable: for a caller that brings its scope
 _EVENTS_PER_WAKE = 64  # ready sockets the reactor takes per wake-up (the rest: the next one)
 
 
@@ -135,6 +137,7 @@ class _Reactor:
     async def run(self) -> None:
         epoll = self._epoll
         links = self.links
+        scratch = self.scratch
         try:
             while True:
                 await wait_readable(epoll)
@@ -145,9 +148,9 @@ class _Reactor:
                         continue  # ended earlier in this batch
                     try:
                         if fd == link.client_fd:
-                            link.from_client()
+                            link.from_client(scratch)
                         else:
-                            link.from_upstream()
+                            link.from_upstream(scratch)
                     except Exception as exc:  # a bug: the connection's task reports it
                         link.end(error=exc)
         finally:
@@ -192,6 +195,7 @@ class _Link:
         "slack",
         "task",
         "tls",
+        "touch_at",
         "upstream",
         "upstream_eof",
         "upstream_fd",
@@ -213,6 +217,8 @@ class _Link:
         self.result = result
         self.idle_timeout = idle_timeout
         self.slack = min(1.0, idle_timeout / 10)
+        # Activity after this moves the deadline (as the tasks' ``touch``).
+        self.touch_at = scope.deadline - idle_timeout + self.slack
         self.reactor = _reactor()
         self.task: trio.lowlevel.Task | None = None
         self.over = False  # the pipe ended in the fast path
@@ -223,15 +229,7 @@ class _Link:
         self.upstream_eof = False  # the upstream's end was read
         self.close_sent = False  # ... and close_notify and FIN went to the client
 
-    async def park(self) -> None:
-        """Hand the sockets to the reactor and sleep until it hands them back."""
-        self.task = trio.lowlevel.current_task()
-        self.reactor.add(self)
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-        if self.error is not None:
-            raise self.error
-
-    def _abort(self, _: object) -> trio.lowlevel.Abort:
+    def abort(self, _: object) -> trio.lowlevel.Abort:
         self.reactor.remove(self)  # cancelled (the idle deadline, a drain): no more events
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -247,13 +245,12 @@ class _Link:
         trio.lowlevel.reschedule(self.task)
 
     def touch(self) -> None:
+        """Move the idle deadline (``touch_at`` keeps that to about once a second)."""
         now = self.reactor.now
-        scope = self.scope
-        if scope.deadline - now < self.idle_timeout - self.slack:
-            scope.deadline = now + self.idle_timeout
+        self.scope.deadline = now + self.idle_timeout
+        self.touch_at = now + self.slack
 
-    def from_client(self) -> None:
-        scratch = self.reactor.scratch
+    def from_client(self, scratch: Scratch) -> None:
         try:
             n = self.tls.receive_into(scratch)
         except ClientBroken as exc:
@@ -273,7 +270,8 @@ class _Link:
             else:
                 self.reactor.drop(self.client_fd)
             return
-        self.touch()
+        if self.reactor.now > self.touch_at:
+            self.touch()
         try:
             sent = self.upstream.send(scratch.view[:n])
         except BlockingIOError:
@@ -288,8 +286,7 @@ class _Link:
             return
         self.result.to_upstream += n
 
-    def from_upstream(self) -> None:
-        scratch = self.reactor.scratch
+    def from_upstream(self, scratch: Scratch) -> None:
         try:
             n = self.upstream.recv_into(scratch.view)
         except BlockingIOError:
@@ -307,7 +304,8 @@ class _Link:
                 self.close_sent = True
                 self.reactor.drop(self.upstream_fd)
             return
-        self.touch()
+        if self.reactor.now > self.touch_at:
+            self.touch()
         if n == CHUNK:
             # A bulk answer: the tasks read it in growing chunks, several per wake-up.
             self.pending_to_client = bytes(scratch.view[:n])
@@ -348,14 +346,20 @@ async def pipe(
     own_scope = scope is None
     if scope is None:
         scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-    with scope if own_scope else contextlib.nullcontext():
+    with scope if own_scope else _NO_SCOPE:
         link = None
         if tls.nowait:
+            # Park: the sockets go to the reactor until it hands them back (or a cancellation,
+            # whose ``abort`` takes them out).
             link = _Link(tls, upstream, scope, result, idle_timeout)
+            link.task = trio.lowlevel.current_task()
+            link.reactor.add(link)
             try:
-                await link.park()
+                await trio.lowlevel.wait_task_rescheduled(link.abort)
             finally:
                 link.reactor.remove(link)
+            if link.error is not None:
+                raise link.error
         if link is None or not link.over:
             await _pipe_tasks(tls, upstream, idle_timeout, scope, result, link)
     if scope.cancelled_caught and result.reason is PipeEnd.DONE:
