@@ -236,13 +236,15 @@ class _Link:
     def end(self, reason: PipeEnd | None = None, error: Exception | None = None) -> None:
         """Leave the fast path: the task wakes up (``reason``: the pipe is over)."""
         self.reactor.remove(self)
+        task, self.task = self.task, None
+        if task is None:
+            return  # already woken (a handler that failed after ending its link)
         if reason is not None:
             self.over = True
             if self.result.reason is PipeEnd.DONE:
                 self.result.reason = reason
         self.error = error
-        assert self.task is not None
-        trio.lowlevel.reschedule(self.task)
+        trio.lowlevel.reschedule(task)
 
     def touch(self) -> None:
         """Move the idle deadline (``touch_at`` keeps that to about once a second)."""

@@ -22,7 +22,7 @@ from OpenSSL import SSL
 
 from edgeproxy.proxy.pipe import MAX_READ, PipeResult, pipe, send_all
 from edgeproxy.tls.contexts import build_server_context
-from edgeproxy.tls.server import ServerTLS
+from edgeproxy.tls.server import Scratch, ServerTLS
 from testkit.tlsstream import TLSStream
 
 MODES = ["memory", "socket"]
@@ -320,3 +320,35 @@ async def test_a_broken_record_from_the_client_ends_the_pipe(
     assert await up.receive_some(100) == b"request"
     raw[0].sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, bad tag
     assert (await _result(results)).reason == "client_tls_error"
+
+
+async def test_a_failing_step_fails_its_own_pipe_only(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug in one connection's fast-path step reaches that connection's task as its
+    # exception (the connection's story logs it as internal_error); the shared reactor and
+    # the other connections go on.
+    other, other_up, _ = await start("socket", nursery)
+    real = ServerTLS.receive_into
+    doomed: list[ServerTLS] = []
+
+    def receive_into(self: ServerTLS, scratch: Scratch) -> int:
+        if self in doomed:
+            raise RuntimeError("a bug")
+        return real(self, scratch)
+
+    monkeypatch.setattr(ServerTLS, "receive_into", receive_into)
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    client = _client(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    tls = _server(trustme.CA(), b, "socket")
+    async with trio.open_nursery() as n:
+        n.start_soon(client.do_handshake)
+        n.start_soon(tls.accept)
+    doomed.append(tls)
+    up_proxy, _up_app = _upstream_pair()
+    await client.send_all(b"request")
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="a bug"):
+        await pipe(tls, up_proxy, idle_timeout=10)
+    await other.send_all(b"still here")
+    assert await other_up.receive_some(100) == b"still here"
