@@ -2,8 +2,8 @@
 
 Owns: the fast path (the per-run reactor) and the two directions' loops, half-close,
 back-pressure, the idle deadline and why a pipe ended (``PipeEnd``). Must not know: OpenSSL
-(the client side is a ``tls.server.ServerTLS``: ``receive_into``, ``send_from``, ``receive``,
-``send``, ``send_eof``), certificates, routes.
+(the client side is a ``tls.server.ServerTLS``: ``receive_into``, ``send_from``,
+``send_eof_nowait``, ``receive``, ``send``, ``send_eof``), certificates, routes.
 
 Theory of operation
 -------------------
@@ -21,12 +21,15 @@ the reactor's shared ``Scratch`` buffer), write it at once to the other side (``
 ``ServerTLS.send_from`` from that same buffer: no copy). It needs socket mode and nothing
 held back (``ServerTLS.nowait``); a memory-mode connection starts in the tasks.
 
-Anything a single non-waiting step cannot finish hands the connection to the *slow path*,
-for the rest of its life: a write that has to wait (its bytes copied out of the shared
-buffer), an end read on either side (half-close), a full-sized upstream read (a bulk body),
-OpenSSL needing to write while reading. The reactor takes the sockets out of its epoll and
-wakes the task, which goes on in ``_pipe_tasks`` from exactly there: a task per direction,
-as follows. A reset or a broken record ends the pipe right in the reactor.
+Ends are the reactor's too: a reset or a broken record ends the pipe; an end read on one
+side half-closes the other at once (close_notify and FIN to the client, ``send_eof_nowait``,
+or the upstream's write side shut), that side's socket leaves the epoll, and the second end
+finishes the pipe. Anything a single non-waiting step cannot finish hands the connection to
+the *slow path*, for the rest of its life: a write that has to wait (its bytes copied out of
+the shared buffer; a close_notify too), a full-sized upstream read (a bulk body), OpenSSL
+needing to write while reading. The reactor takes the sockets out of its epoll and wakes
+the task, which goes on in ``_pipe_tasks`` from exactly there: a task per direction, as
+follows.
 
 In the tasks, upstream reads wait first, then read: in a request/response exchange the next
 bytes are almost never there yet. The exceptions: more reads after a wake-up while reads fill
