@@ -43,7 +43,6 @@ from ..addresses import HostPort, bound_socket
 from ..certs.challenges import ChallengeResponder
 from ..certs.manager import CertificateManager
 from ..logs import LogThrottle
-from ..runloop import dict_instruments
 from ..tls.tickets import TicketKeys
 from .connection import handle_connection, set_reset_on_close
 from .outcome import ConnInfo, count_closed
@@ -152,9 +151,6 @@ class Proxy:
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept until ``drain()``; connection tasks live in ``conn_nursery``."""
-        # Trio asks about (absent) instruments several times per task step, wait and spawn;
-        # a dict answers that far cheaper than trio's UserDict (see runloop).
-        dict_instruments()
         self.bound = [_addr(lst.getsockname()) for lst in listeners]
         for lst in listeners:
             # Accepted sockets inherit TCP_NODELAY from their listener (Linux): set once here,
