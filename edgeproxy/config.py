@@ -203,7 +203,7 @@ class TLSConfig(_Model):
     default_sni: str | None = None
     key_type: KeyType = "ec256"
     # Certificates kept ready in memory (LRU); a cold name loads from storage, never re-issues.
-    # Each costs ~8.7 KiB per worker (README "Memory per cached certificate"): size it to the fleet.
+    # Each costs ~4 KiB per worker (README "Memory per cached certificate"): size it to the fleet.
     cache_size: Annotated[int, Field(ge=1)] = 10000
     # TLS session resumption (stateless tickets). Off only to measure full-handshake cost.
     session_tickets: bool = True

@@ -157,7 +157,7 @@ RENEWALS_DUE = Gauge(
 )
 CERTIFICATES_CACHED = Gauge(
     "edgeproxy_certificates_cached",
-    "Certificates ready in this process's memory (at most tls.cache_size; ~8.7 KiB each).",
+    "Certificates ready in this process's memory (at most tls.cache_size; ~4 KiB each).",
     multiprocess_mode="livesum",
 )
 MAINTENANCE_PASS_SECONDS = Histogram(
