@@ -12,19 +12,21 @@ from pathlib import Path
 import trio
 
 from edgeproxy.storage import FileStorage, HostnameEntry
+from edgeproxy.storage.base import DueEntry
 from testkit.ondemand import refused_with_unrecognized_name
 from testkit.proxy import base_config, running_proxy
 from testkit.upstreams import http_handler, start_upstream
 
 
 class SlowListing(FileStorage):
-    """FileStorage whose registry listing (the full load) waits until ``release`` is set."""
+    """FileStorage whose registry listing (the full load) waits until ``release`` is set, and
+    which counts maintenance passes."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.release = trio.Event()
         self.listings = 0
-        self.cert_listings = 0
+        self.passes = 0
 
     async def list_hostnames(self, *, after: str | None = None, limit: int = 100
                              ) -> list[HostnameEntry]:  # fmt: skip
@@ -32,10 +34,9 @@ class SlowListing(FileStorage):
         await self.release.wait()
         return await super().list_hostnames(after=after, limit=limit)
 
-    async def list(self, prefix: str):  # type: ignore[no-untyped-def]
-        if prefix == "certs/":
-            self.cert_listings += 1  # a maintenance pass
-        return await super().list(prefix)
+    async def due_names(self, until: float, limit: int) -> list[DueEntry]:
+        self.passes += 1  # every maintenance pass asks the next-action index what is due
+        return await super().due_names(until, limit)
 
 
 async def get(port: int, name: str, ca: Path) -> bytes:
@@ -71,9 +72,9 @@ async def test_serving_starts_before_a_slow_registry_load(
             assert b"the customer's origin" in await get(p.port, "reg.customer.test", p.ca_path)
             assert await refused_with_unrecognized_name(p.port, "gone.customer.test")
             assert await refused_with_unrecognized_name(p.port, "stranger.customer.test")
-            assert storage.cert_listings == 0  # no maintenance pass on an unknown registry
+            assert storage.passes == 0  # no maintenance pass on an unknown registry
             storage.release.set()
-            while not p.rt.hostnames.loaded or storage.cert_listings == 0:
+            while not p.rt.hostnames.loaded or storage.passes == 0:
                 await trio.sleep(0.02)
             assert b"the customer's origin" in await get(p.port, "reg.customer.test", p.ca_path)
 
