@@ -30,11 +30,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 import trio
 
 from edgeproxy.storage import FileStorage, Storage, make_owner_id
+from testkit.procs import StopsOnExit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,8 @@ def is_complete_value(data: bytes, size: int) -> bool:
     return hashlib.sha256(body).digest() == digest
 
 
-class Children:
-    """Starts helper processes; on exit SIGKILLs and reaps every one still running."""
+class Children(StopsOnExit):
+    """Starts helper processes; on exit (``stop``) SIGKILLs and reaps every one still running."""
 
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[str]] = []
@@ -90,15 +90,7 @@ class Children:
         self._procs.append(proc)
         return proc
 
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)

@@ -35,7 +35,7 @@ def _server_context(ca: trustme.CA) -> SSL.Context:
 
     chain = [x509.load_pem_x509_certificate(b.bytes()) for b in leaf.cert_chain_pems]
     key = load_pem_private_key(leaf.private_key_pem.bytes(), None)
-    return build_server_context(chain, key)  # type: ignore[arg-type]
+    return build_server_context(chain, key)
 
 
 def _client(stream: trio.SocketStream) -> TLSStream:
