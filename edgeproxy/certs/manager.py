@@ -2,16 +2,18 @@
 
 Theory of operation
 -------------------
-The data path asks one question: ``context_for(name)``. A cached name is answered from an LRU of
-``ServerIdentity`` objects (the parsed leaf and key, served from a context shared by every name
-with the same intermediate chain: ``tls/identities.py``) with no await at all. Anything else
+The data path asks ``ready_context(name)`` first: a cached name is answered from an LRU of
+``ServerIdentity`` objects (the leaf and key, served from a context shared by every name with
+the same intermediate chain: ``tls/identities.py``), a static or managed one from its index,
+with no await at all. Only on a miss does it ask ``context_for(name)``, where anything else
 becomes a background *acquire* task (single-flight per name, in the manager's own nursery so a
 client hanging up does not abort an issuance half way): load the record from storage; if absent
 or expired, ask the on-demand policy, take the storage lease for the name, re-read storage
 (another process or replica may have finished meanwhile), issue, store the key and chain as one
 atomic record, install the new identity. Handshakes wait for that task at most ``wait`` seconds.
 
-A maintenance loop renews: it lists stored records, refreshes ARI windows (RFC 9773) when the
+A maintenance loop renews: it takes the names whose next-action time has come from the index
+in storage (a pass with nothing due reads no record), refreshes ARI windows (RFC 9773) when the
 issuer offers them, and renews due certificates under the same lease, so one process acts and
 the others notice the new record on their next pass (or sooner via ``invalidate``).
 
