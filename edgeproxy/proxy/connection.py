@@ -20,11 +20,18 @@ read before the alert goes out: closing a socket with unread data sends a reset,
 destroy the alert before the client reads it.
 
 Everything the peer can do wrong ends here as a typed ``Result`` on the connection (counted
-and logged once, in ``outcome.count_closed``), never as an exception escaping the task. The
-handshake timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow
-or silent client cannot hold a connection slot longer than ``server.handshake_timeout``; time
-spent waiting for a new name's certificate (up to ``on_demand.wait``) is not the client's and
-is added on top.
+and logged once, in ``outcome.count_closed``), never as an exception escaping. The handshake
+timeout covers PROXY header, ClientHello and the TLS handshake together, so a slow or silent
+client cannot hold a connection slot longer than ``server.handshake_timeout``; time spent
+waiting for a new name's certificate (up to ``on_demand.wait``) is not the client's and is
+added on top.
+
+The story has no trio task of its own while it only waits for its sockets: the reactor drives
+it (``proxy/reactor.py``; the waits are ``waits.py``'s), and ``info.timer`` holds its one
+deadline. The steps that wait on trio itself (a certificate not yet cached, the registry still
+loading, an ACME challenge, a slow upstream connect, the pipe's slow path) first call
+``waits.handover`` and go on in a task. The deadline ends the story as ``waits.Expired`` while
+driven and as ``trio.Cancelled`` in a task; both mean the same here.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
-from .. import metrics
+from .. import metrics, waits
 from ..errors import CertificateUnavailable, UpstreamError
 from ..names import is_ip_literal
 from ..tls.errors import TLSHandshakeError
 from ..tls.server import Servable, ServerTLS, send_all, send_quietly
+from ..waits import Expired
 from ..wire.clienthello import NEED_DATA, ClientHello, ClientHelloError, ClientHelloParser, NotTLS
 from ..wire.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
 from ..wire.tls_alert import HTTP_ON_TLS_PORT, AlertDescription, alert_record
@@ -117,23 +125,27 @@ def decide(hello: ClientHello, routes: RouteTable, overrides: RouteOverrides | N
 
 
 async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -> None:
+    """The connection's story; its coroutine is driven by the reactor (``info.timer``, made at
+    accept with the handshake deadline) until it needs a task of its own."""
     s = proxy.settings  # one snapshot per connection: a reload never changes it mid-way
-    scope = info.scope  # made at accept, with the handshake deadline (see ConnInfo)
+    timer = info.timer
     flow = PipeResult()
     est: _Established | None = None
     try:
-        with scope:
+        try:
             try:
                 est = await _establish(proxy, s, sock, info)
             finally:
                 proxy.end_handshake(info)
             if est is not None:
-                scope.deadline = trio.current_time() + s.idle_timeout
+                timer.deadline = trio.current_time() + s.idle_timeout
                 try:
-                    await _forward(proxy, s, sock, est, info, scope, flow)
+                    await _forward(proxy, s, sock, est, info, flow)
                 finally:
                     est.upstream.close()
-        if scope.cancelled_caught:
+        except (Expired, trio.Cancelled) as exc:
+            if not timer.ours(exc):
+                raise  # the proxy is shutting down
             if info.shed is not None:
                 info.result = Result(Outcome.SHED, info.shed)
             elif est is None:
@@ -151,8 +163,8 @@ async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -
     finally:
         # No trio.lowlevel.notify_closing: it exists to wake tasks waiting on the socket, and
         # every task of this connection has ended here. Closing the (never duplicated) fd
-        # drops it from trio's epoll set anyway; the call would cost an exception object and
-        # an epoll_ctl per socket per connection.
+        # drops it from trio's epoll set and the reactor's anyway; the call would cost an
+        # exception object and an epoll_ctl per socket per connection.
         if info.shed is not None:
             set_reset_on_close(sock)
         sock.close()
@@ -208,10 +220,12 @@ async def _establish(
         and not registry.loaded
     ):
         # A fresh process still loading the registry: ask for this name, then decide again.
+        await waits.handover()
         await registry.ensure(decision.sni)
         decision = decide(hello, s.routes, registry)
     if decision.action is Action.ANSWER_CHALLENGE:
         reader.settle()
+        await waits.handover()  # rare, and it may wait on the cluster's challenge store
         await _answer_challenge(proxy, sock, hello, hello_bytes, info)
         return None
     if decision.action is Action.NO_ROUTE:
@@ -367,9 +381,7 @@ async def _terminate(
     return _Established(tls, route, upstream)
 
 
-async def _certificate_for(
-    proxy: Proxy, sni: str | None, info: ConnInfo
-) -> Servable:
+async def _certificate_for(proxy: Proxy, sni: str | None, info: ConnInfo) -> Servable:
     """The certificate for a name not in the cache: loaded, or issued while the client waits.
 
     Waiting for a certificate is not the client being slow: it may last ``on_demand.wait``,
@@ -379,14 +391,15 @@ async def _certificate_for(
     sure its answer comes first), and afterwards the time spent waiting is added to the
     original deadline: the rest of the handshake keeps what was left of its own timeout.
     """
-    scope = info.scope
-    deadline = scope.deadline
+    await waits.handover()  # the manager waits on trio (issuance, storage, the ask endpoint)
+    timer = info.timer
+    deadline = timer.deadline
     start = trio.current_time()
-    scope.deadline = max(deadline, start + proxy.certs.wait + _CERT_WAIT_GRACE)
+    timer.deadline = max(deadline, start + proxy.certs.wait + _CERT_WAIT_GRACE)
     try:
         return await proxy.certs.context_for(sni)
     finally:
-        scope.deadline = deadline + (trio.current_time() - start)
+        timer.deadline = deadline + (trio.current_time() - start)
 
 
 async def _forward(
@@ -395,13 +408,12 @@ async def _forward(
     client: socket.socket,
     est: _Established,
     info: ConnInfo,
-    scope: trio.CancelScope,
     flow: PipeResult,
 ) -> None:
     """Connect the route's upstream and pipe both ways until both sides are done.
 
-    ``scope`` and ``flow`` are the connection's (see ``pipe``): the caller reads the byte
-    counts and the pipe's verdict from ``flow`` after its ``with scope`` block.
+    ``flow`` is the connection's (see ``pipe``): the caller reads the byte counts and the
+    pipe's verdict from it, also after the deadline ended the pipe.
     """
     route = est.route
     try:
@@ -425,7 +437,7 @@ async def _forward(
             except OSError:
                 info.result = PLAIN[Outcome.UPSTREAM_RESET]
                 return
-        await pipe(est.tls, upstream, idle_timeout=s.idle_timeout, scope=scope, result=flow)
+        await pipe(est.tls, upstream, idle_timeout=s.idle_timeout, scope=info.timer, result=flow)
     finally:
         upstream.close()  # the pipe's tasks have ended: see handle_connection
 

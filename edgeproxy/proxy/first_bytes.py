@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 from typing import Final
 
-from trio.lowlevel import wait_readable
+from ..waits import wait_readable
 
 _READ: Final = 16384
 _CONSUME: Final = 65536

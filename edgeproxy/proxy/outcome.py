@@ -17,11 +17,12 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Final
-
-import trio
+from typing import TYPE_CHECKING, Final
 
 from .. import metrics
+
+if TYPE_CHECKING:
+    from .reactor import Driver
 
 access_log = logging.getLogger("edgeproxy.access")
 
@@ -91,10 +92,10 @@ class ConnInfo:
     in_handshake: bool = True  # counted in Proxy.handshaking until the handshake phase ends
     extra: dict[str, str] = field(default_factory=dict)
     conn_id: int = 0  # key in Proxy.pre_hello
-    # The connection's one cancel scope: the handshake deadline first (PROXY header,
-    # ClientHello and TLS handshake together), then the idle timeout, which the pipe moves
-    # along on activity and uses to end early. A scope per phase costs measurably.
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # The connection's driver (``proxy/reactor.py``) and its one deadline: the handshake's
+    # first (PROXY header, ClientHello and TLS handshake together), then the idle timeout,
+    # which the pipe moves along on activity. Set at accept.
+    timer: Driver = field(default=None)  # type: ignore[assignment]
     shed: str | None = None  # why the overload shedding closed it, if it did
 
 

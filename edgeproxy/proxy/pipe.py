@@ -1,6 +1,6 @@
 """The hot loop: plaintext between a TLS client and an upstream socket, both ways.
 
-Owns: the fast path (the per-run reactor) and the two directions' loops, half-close,
+Owns: the fast path (on the per-run reactor) and the two directions' loops, half-close,
 back-pressure, the idle deadline and why a pipe ended (``PipeEnd``). Must not know: OpenSSL
 (the client side is a ``tls.server.ServerTLS``: ``receive_into``, ``send_from``,
 ``send_eof_nowait``, ``receive``, ``send``, ``send_eof``), certificates, routes.
@@ -12,14 +12,15 @@ per-call machinery (checkpoints, conflict detectors, cancel-scope bookkeeping) c
 than OpenSSL itself on small exchanges. The client side's own rules (socket and memory modes,
 when a read tries before waiting) are ``tls/server.py``'s.
 
-Two paths. The *fast path* (``_Link``, run by ``_Reactor``) is where a connection spends its
-keep-alive life: its task parks (``wait_task_rescheduled``: no nursery, no second task, no
-coroutine per direction) and its two sockets sit in the reactor's private ``select.epoll``,
-one per trio run, whose fd the reactor's task waits on with ``wait_readable``. A ready socket
-costs one plain method call: read one chunk (``ServerTLS.receive_into``, or ``recv_into``
-the reactor's shared ``Scratch`` buffer), write it at once to the other side (``send`` or
-``ServerTLS.send_from`` from that same buffer: no copy). It needs socket mode and nothing
-held back (``ServerTLS.nowait``); a memory-mode connection starts in the tasks.
+Two paths. The *fast path* (``_Link``, an owner on ``proxy/reactor.py``'s reactor) is where a
+connection spends its keep-alive life: the connection parks (a driven coroutine with
+``waits.park``, a task with ``wait_task_rescheduled``: no nursery, no second task, no
+coroutine per direction) and its two sockets sit, level-triggered, in the reactor's private
+``select.epoll``, one per trio run. A ready socket costs one plain method call: read one chunk
+(``ServerTLS.receive_into``, or ``recv_into`` the run's shared ``Scratch`` buffer), write it
+at once to the other side (``send`` or ``ServerTLS.send_from`` from that same buffer: no
+copy). It needs socket mode and nothing held back (``ServerTLS.nowait``); a memory-mode
+connection starts in the tasks.
 
 Ends are the reactor's too: a reset or a broken record ends the pipe; an end read on one
 side half-closes the other at once (close_notify and FIN to the client, ``send_eof_nowait``,
@@ -27,17 +28,17 @@ or the upstream's write side shut), that side's socket leaves the epoll, and the
 finishes the pipe. Anything a single non-waiting step cannot finish hands the connection to
 the *slow path*, for the rest of its life: a write that has to wait (its bytes copied out of
 the shared buffer; a close_notify too), a full-sized upstream read (a bulk body), OpenSSL
-needing to write while reading. The reactor takes the sockets out of its epoll and wakes
-the task, which goes on in ``_pipe_tasks`` from exactly there: a task per direction, as
-follows.
+needing to write while reading. The link takes the sockets out of the epoll and wakes the
+connection, which (after ``waits.handover``: a driven one gets its task here) goes on in
+``_pipe_tasks`` from exactly there: a task per direction, as follows.
 
 In the tasks, upstream reads wait first, then read: in a request/response exchange the next
 bytes are almost never there yet. The exceptions: more reads after a wake-up while reads fill
 the buffer (a bulk body), or one more after a short read until one finds nothing (an
 upstream's FIN usually follows its last answer at once); see ``upstream_to_client``. Writes
 try first: the socket buffer nearly always has room. The wait for readable data is also what
-keeps each loop fair to other tasks (and the reactor's one wait per wake-up, with at most
-``_EVENTS_PER_WAKE`` sockets served per wake-up, keeps it fair).
+keeps each loop fair to other tasks (and the reactor's one wait per wake-up, with a bounded
+number of sockets served per wake-up, keeps it fair).
 
 Half-close is honoured in both directions. Client close_notify or FIN: shut the upstream's
 write side, keep forwarding the answer. Upstream FIN: send close_notify and FIN to the client,
@@ -48,10 +49,10 @@ write finished, so a slow reader back-pressures a fast writer (on the fast path 
 whose write did not finish leaves it, and its chunk goes to the tasks). A chunk is ``CHUNK``
 bytes, except upstream reads in the tasks while the client takes everything at once: they
 grow to ``MAX_READ`` (fewer, bigger chunks: each one costs a round of Python calls) and drop
-back to ``CHUNK`` as soon as a write has to wait. One idle deadline, the cancel scope's,
-covers both directions and both paths (a parked task is cancelled like a waiting one: its
-abort takes the sockets out of the reactor); it is moved at most about once a second,
-because moving a trio deadline is a heap operation.
+back to ``CHUNK`` as soon as a write has to wait. One idle deadline, the connection's (its
+driver's, or a cancel scope's), covers both directions and both paths (a parked connection is
+ended like a waiting one, and the link's sockets leave the epoll); it is moved at most about
+once a second, because moving a deadline is a heap operation.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ import enum
 import select
 import socket
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 from trio.lowlevel import wait_readable
 
+from .. import waits
 from ..tls.server import AGAIN, ClientBroken, Failure, Scratch, ServerTLS, send_all
+from .reactor import Driver, reactor
 
 __all__ = ["CHUNK", "MAX_READ", "PipeEnd", "PipeResult", "pipe", "send_all"]
 
@@ -74,7 +77,6 @@ CHUNK = 65536
 MAX_READ = 262144  # upstream reads grow to this while the client keeps up
 _READS_PER_WAKE = 8  # at most this many upstream reads between two waits (fairness)
 _NO_SCOPE: Final = contextlib.nullcontext()  # reusable: for a caller that brings its scope
-_EVENTS_PER_WAKE = 64  # ready sockets the reactor takes per wake-up (the rest: the next one)
 
 
 class PipeEnd(enum.StrEnum):
@@ -97,96 +99,42 @@ class PipeResult:
     reason: PipeEnd = PipeEnd.DONE
 
 
-class _Reactor:
-    """One per trio run: a private ``select.epoll`` holding every parked pipe's two sockets.
-
-    Its own task waits on the epoll fd with ``wait_readable`` and, per wake-up, hands each
-    ready socket to its ``_Link`` with a plain method call. Sockets stay registered (level
-    triggered) while the link is parked, so a keep-alive request costs no per-socket
-    registration change in trio's own epoll.
-    """
-
-    __slots__ = ("_epoll", "links", "now", "scratch")
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self.links: dict[int, _Link] = {}
-        self.scratch = Scratch(CHUNK)  # shared: every link copies out what it must keep
-        self.now = 0.0  # trio's clock at the current wake-up
-
-    def add(self, link: _Link) -> None:
-        epoll = self._epoll
-        epoll.register(link.client_fd, select.EPOLLIN)
-        try:
-            epoll.register(link.upstream_fd, select.EPOLLIN)
-        except BaseException:
-            epoll.unregister(link.client_fd)
-            raise
-        self.links[link.client_fd] = self.links[link.upstream_fd] = link
-
-    def drop(self, fd: int) -> None:
-        """Stop watching one of a link's sockets (its side has ended)."""
-        del self.links[fd]
-        self._epoll.unregister(fd)
-
-    def remove(self, link: _Link) -> None:
-        links = self.links
-        for fd in (link.client_fd, link.upstream_fd):
-            if links.get(fd) is link:
-                del links[fd]
-                with contextlib.suppress(OSError, ValueError):  # ValueError: epoll closed
-                    self._epoll.unregister(fd)
-
-    async def run(self) -> None:
-        epoll = self._epoll
-        links = self.links
-        scratch = self.scratch
-        try:
-            while True:
-                await wait_readable(epoll)
-                self.now = trio.current_time()
-                for fd, _ in epoll.poll(0, _EVENTS_PER_WAKE):
-                    link = links.get(fd)
-                    if link is None:
-                        continue  # ended earlier in this batch
-                    try:
-                        if fd == link.client_fd:
-                            link.from_client(scratch)
-                        else:
-                            link.from_upstream(scratch)
-                    except Exception as exc:  # a bug: the connection's task reports it
-                        link.end(error=exc)
-        finally:
-            epoll.close()
+_SCRATCH: trio.lowlevel.RunVar[Scratch] = trio.lowlevel.RunVar("edgeproxy.pipe.scratch")
 
 
-_REACTOR: trio.lowlevel.RunVar[_Reactor] = trio.lowlevel.RunVar("edgeproxy.pipe.reactor")
-
-
-def _reactor() -> _Reactor:
+def _scratch() -> Scratch:
+    """The run's shared read buffer: every link copies out what it must keep."""
     try:
-        return _REACTOR.get()
+        return _SCRATCH.get()
     except LookupError:
-        reactor = _Reactor()
-        trio.lowlevel.spawn_system_task(reactor.run, name="edgeproxy.pipe.reactor")
-        _REACTOR.set(reactor)
-        return reactor
+        scratch = Scratch(CHUNK)
+        _SCRATCH.set(scratch)
+        return scratch
+
+
+class Deadline(Protocol):
+    """The connection's deadline, as a ``trio.CancelScope`` or a ``reactor.Driver`` has it."""
+
+    deadline: float
+
+    def cancel(self) -> None: ...
 
 
 class _Link:
-    """A pipe while its connection's task is parked: the fast path, run by ``_Reactor``.
+    """A pipe while its connection waits for it: the fast path, run by the reactor.
 
     It forwards a chunk at a time, each read and write finishing at once, and half-closes each
     way when that needs no wait (the ended side's socket leaves the epoll). Anything else ends
-    the fast path (``end``): the parked task wakes up and goes on in ``_pipe_tasks`` from
-    exactly there (``pending_*`` hold a write that did not finish, ``*_eof`` an end already
-    read), or returns when the pipe is over.
+    the fast path (``end``): the connection (its parked task, or its driven coroutine) goes on
+    in ``_pipe_tasks`` from exactly there (``pending_*`` hold a write that did not finish,
+    ``*_eof`` an end already read), or returns when the pipe is over.
     """
 
     __slots__ = (
         "client_eof",
         "client_fd",
         "close_sent",
+        "driver",
         "error",
         "idle_timeout",
         "over",
@@ -195,6 +143,7 @@ class _Link:
         "reactor",
         "result",
         "scope",
+        "scratch",
         "slack",
         "task",
         "tls",
@@ -208,7 +157,7 @@ class _Link:
         self,
         tls: ServerTLS,
         upstream: socket.socket,
-        scope: trio.CancelScope,
+        scope: Deadline,
         result: PipeResult,
         idle_timeout: float,
     ) -> None:
@@ -222,8 +171,10 @@ class _Link:
         self.slack = min(1.0, idle_timeout / 10)
         # Activity after this moves the deadline (as the tasks' ``touch``).
         self.touch_at = scope.deadline - idle_timeout + self.slack
-        self.reactor = _reactor()
-        self.task: trio.lowlevel.Task | None = None
+        self.reactor = reactor()
+        self.scratch = _scratch()
+        self.task: trio.lowlevel.Task | None = None  # the parked task (a task's pipe)
+        self.driver: Driver | None = None  # the parked coroutine's driver (a driven pipe)
         self.over = False  # the pipe ended in the fast path
         self.error: Exception | None = None
         self.pending_to_upstream = b""
@@ -232,22 +183,51 @@ class _Link:
         self.upstream_eof = False  # the upstream's end was read
         self.close_sent = False  # ... and close_notify and FIN went to the client
 
+    def add(self) -> None:
+        """Both sockets into the reactor's epoll, level-triggered (each ready event reads one
+        chunk; what is left reports again)."""
+        r = self.reactor
+        r.watch(self.client_fd, self, select.EPOLLIN)
+        try:
+            r.watch(self.upstream_fd, self, select.EPOLLIN)
+        except BaseException:
+            r.unwatch(self.client_fd, self)
+            raise
+
+    def remove(self) -> None:
+        r = self.reactor
+        r.unwatch(self.client_fd, self)
+        r.unwatch(self.upstream_fd, self)
+
+    def on_ready(self, fd: int, events: int) -> None:
+        if fd == self.client_fd:
+            self.from_client(self.scratch)
+        else:
+            self.from_upstream(self.scratch)
+
+    def on_error(self, exc: Exception) -> None:
+        self.end(error=exc)  # a bug: the connection's story reports it
+
     def abort(self, _: object) -> trio.lowlevel.Abort:
-        self.reactor.remove(self)  # cancelled (the idle deadline, a drain): no more events
+        self.remove()  # cancelled (the idle deadline, a drain): no more events
         return trio.lowlevel.Abort.SUCCEEDED
 
     def end(self, reason: PipeEnd | None = None, error: Exception | None = None) -> None:
-        """Leave the fast path: the task wakes up (``reason``: the pipe is over)."""
-        self.reactor.remove(self)
+        """Leave the fast path: the connection goes on (``reason``: the pipe is over)."""
+        self.remove()
         task, self.task = self.task, None
-        if task is None:
+        driver, self.driver = self.driver, None
+        if task is None and driver is None:
             return  # already woken (a handler that failed after ending its link)
         if reason is not None:
             self.over = True
             if self.result.reason is PipeEnd.DONE:
                 self.result.reason = reason
         self.error = error
-        trio.lowlevel.reschedule(task)
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+        elif driver is not None:
+            driver.resume()  # steps the coroutine on, here and now
 
     def touch(self) -> None:
         """Move the idle deadline (``touch_at`` keeps that to about once a second)."""
@@ -273,7 +253,7 @@ class _Link:
             if self.upstream_eof:
                 self.end(PipeEnd.DONE)
             else:
-                self.reactor.drop(self.client_fd)
+                self.reactor.unwatch(self.client_fd, self)
             return
         if self.reactor.now > self.touch_at:
             self.touch()
@@ -307,7 +287,7 @@ class _Link:
                 self.end(PipeEnd.DONE)
             else:
                 self.close_sent = True
-                self.reactor.drop(self.upstream_fd)
+                self.reactor.unwatch(self.upstream_fd, self)
             return
         if self.reactor.now > self.touch_at:
             self.touch()
@@ -333,41 +313,53 @@ async def pipe(
     upstream: socket.socket,
     *,
     idle_timeout: float,
-    scope: trio.CancelScope | None = None,
+    scope: Deadline | None = None,
     result: PipeResult | None = None,
 ) -> PipeResult:
     """Forward until both directions ended, a side resets, or ``idle_timeout`` passes.
 
     ``tls``: the client's connection, its handshake done (``ServerTLS.accept``).
 
-    ``scope``: the caller's cancel scope, already entered, with its deadline already set for
-    the idle timeout. The pipe moves that deadline on activity and cancels the scope to end
-    early, so the caller must read ``result`` (pass one in) after its own ``with`` block,
-    and treat a cancelled scope whose reason is still ``DONE`` as the idle timeout. Without
-    it the pipe makes and enters a scope of its own. (The data path shares one scope
-    between the handshake and the pipe: each scope costs measurably per connection.)
+    ``scope``: the caller's deadline (the connection's ``reactor.Driver``, or a cancel scope
+    already entered), already set for the idle timeout. The pipe moves it on activity and
+    cancels it to end early, so the caller must read ``result`` (pass one in) after the
+    cancellation (``Cancelled`` or ``waits.Expired``) reached it, and treat one whose reason
+    is still ``DONE`` as the idle timeout. Without it the pipe makes and enters a scope of its
+    own (a task's pipe).
     """
     result = PipeResult() if result is None else result
-    own_scope = scope is None
+    own_scope = None
     if scope is None:
-        scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-    with scope if own_scope else _NO_SCOPE:
+        scope = own_scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+    with own_scope if own_scope is not None else _NO_SCOPE:
         link = None
         if tls.nowait:
-            # Park: the sockets go to the reactor until it hands them back (or a cancellation,
-            # whose ``abort`` takes them out).
+            # Park: the sockets go to the reactor until it hands them back (or a cancellation
+            # or the deadline, which takes them out).
             link = _Link(tls, upstream, scope, result, idle_timeout)
-            link.task = trio.lowlevel.current_task()
-            link.reactor.add(link)
-            try:
-                await trio.lowlevel.wait_task_rescheduled(link.abort)
-            finally:
-                link.reactor.remove(link)
+            driver = waits.current
+            if driver is not None:
+                assert isinstance(driver, Driver)
+                driver.release_fds()  # the link takes the client socket over
+                link.driver = driver
+                link.add()
+                try:
+                    await waits.park()
+                finally:
+                    link.remove()
+            else:
+                link.task = trio.lowlevel.current_task()
+                link.add()
+                try:
+                    await trio.lowlevel.wait_task_rescheduled(link.abort)
+                finally:
+                    link.remove()
             if link.error is not None:
                 raise link.error
         if link is None or not link.over:
+            await waits.handover()
             await _pipe_tasks(tls, upstream, idle_timeout, scope, result, link)
-    if scope.cancelled_caught and result.reason is PipeEnd.DONE:
+    if own_scope is not None and own_scope.cancelled_caught and result.reason is PipeEnd.DONE:
         result.reason = PipeEnd.IDLE_TIMEOUT
     return result
 
@@ -376,7 +368,7 @@ async def _pipe_tasks(
     tls: ServerTLS,
     upstream: socket.socket,
     idle_timeout: float,
-    scope: trio.CancelScope,
+    scope: Deadline,
     result: PipeResult,
     link: _Link | None,
 ) -> None:

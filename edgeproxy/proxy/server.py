@@ -46,6 +46,8 @@ from ..logs import LogThrottle
 from ..tls.tickets import TicketKeys
 from .connection import handle_connection, set_reset_on_close
 from .outcome import ConnInfo, count_closed
+from .reactor import Driver
+from .reactor import reactor as the_reactor
 from .routes import RouteTable
 from .senders import AddressSet, RefusalSummary
 from .upstream import UpstreamPool
@@ -128,6 +130,7 @@ class Proxy:
         self.handshaking = 0
         # The subset of those before a complete ClientHello, oldest first: the sheddable ones.
         self.pre_hello: OrderedDict[int, ConnInfo] = OrderedDict()
+        self.live: dict[int, ConnInfo] = {}  # every open connection, by id
         self._ids = itertools.count()
         self._shed_since_log: Counter[str] = Counter()
         self.per_ip: dict[str, int] = {}
@@ -161,19 +164,27 @@ class Proxy:
             except OSError:
                 pass
         async with trio.open_nursery() as conn_nursery:
-            with self._accept_scope:
-                async with trio.open_nursery() as accept_nursery:
-                    for lst in listeners:
-                        accept_nursery.start_soon(self._accept_loop, lst, conn_nursery)
-                    accept_nursery.start_soon(self._sweep)
-                    accept_nursery.start_soon(self._summarise_refusals)
-                    task_status.started(self.bound)
-            for lst in listeners:
-                trio.lowlevel.notify_closing(lst)
-                lst.close()
-            # Fall through: conn_nursery waits for the remaining connections (drain).
+            try:
+                with self._accept_scope:
+                    async with trio.open_nursery() as accept_nursery:
+                        for lst in listeners:
+                            accept_nursery.start_soon(self._accept_loop, lst, conn_nursery)
+                        accept_nursery.start_soon(self._sweep)
+                        accept_nursery.start_soon(self._summarise_refusals)
+                        task_status.started(self.bound)
+                for lst in listeners:
+                    trio.lowlevel.notify_closing(lst)
+                    lst.close()
+                # Drain: connections are driven, not tasks the nursery would wait for.
+                await self.wait_idle()
+            finally:
+                # Cancelled (the drain timed out, or shutdown): end the driven connections
+                # (a task's is ended by the nursery's cancellation).
+                for info in list(self.live.values()):
+                    info.timer.cancel(outer=True)
 
     async def _accept_loop(self, listener: socket.socket, conn_nursery: trio.Nursery) -> None:
+        reactor = the_reactor()
         accepted = 0
         family = listener.family
         while True:
@@ -234,21 +245,20 @@ class Proxy:
             if self.active == 1:
                 self._idle = trio.Event()
             metrics.ACTIVE_UP()
-            # The connection's one cancel scope is made here, not in its task: a connection
-            # accepted but not yet started must be sheddable too.
+            # No task: the reactor drives the connection's story (proxy/reactor.py), from here
+            # on, until it needs a task of its own.
+            timer = Driver(reactor, conn_nursery, trio.current_time() + s.handshake_timeout)
             info = ConnInfo(
                 time.monotonic(),
                 peer,
                 peer,
                 counted_ip=counted_ip,
                 conn_id=next(self._ids),
-                scope=trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout),
+                timer=timer,
             )
             self.pre_hello[info.conn_id] = info
-            # A name given saves trio formatting one per task.
-            conn_nursery.start_soon(
-                handle_connection, self, sock, info, name="edgeproxy.connection"
-            )
+            self.live[info.conn_id] = info
+            timer.start(handle_connection(self, sock, info))
 
     def _shed_oldest(self, reason: str) -> bool:
         """Close the oldest connection still before its ClientHello; False if there is none.
@@ -260,8 +270,8 @@ class Proxy:
             return False
         _, info = self.pre_hello.popitem(last=False)
         info.shed = reason
-        info.scope.cancel()
         self.end_handshake(info)
+        info.timer.cancel()
         metrics.CONNECTIONS_SHED.labels(reason).inc()
         self._shed_since_log[reason] += 1
         return True
@@ -328,6 +338,7 @@ class Proxy:
 
     def connection_closed(self, info: ConnInfo) -> None:
         self.end_handshake(info)
+        self.live.pop(info.conn_id, None)
         self.active -= 1
         metrics.ACTIVE_DOWN()
         ip = info.counted_ip

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
-from trio.lowlevel import wait_writable
 
 from .. import metrics
 from ..addresses import HostPort
 from ..errors import UpstreamError
+from ..waits import handover, wait_writable
 from .routes import Route
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -77,6 +77,7 @@ async def _wait_connected(sock: socket.socket, per_attempt: float) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
+    await handover()  # the connect timeout is a trio timeout: a task's
     with trio.fail_after(per_attempt):
         await wait_writable(sock)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -152,6 +153,8 @@ class UpstreamPool:
             else:
                 self._connected(route, hp, pending.started)
                 return sock, hp
+        if order:
+            await handover()  # timeouts and DNS are trio's: a task's
         for hp in order:
             t0 = time.monotonic()
             try:

@@ -11,8 +11,9 @@ taken off the socket, if any).
 Theory of operation
 ===================
 
-No stream layers: a raw non-blocking socket, ``trio.lowlevel.wait_readable/wait_writable``
-and one ``SSL.Connection``. Profiles of a stream-stacked version showed trio's per-call
+No stream layers: a raw non-blocking socket, ``waits.wait_readable/wait_writable`` (trio's
+in a task, the reactor's in a driven connection: ``edgeproxy/waits.py``) and one
+``SSL.Connection``. Profiles of a stream-stacked version showed trio's per-call
 machinery (checkpoints, conflict detectors, cancel-scope bookkeeping) costing more than OpenSSL
 itself on small exchanges. Each OpenSSL call either finishes or says what it waits for, and
 the caller awaits exactly that (as in ``trio/_ssl.py``'s ``_retry``, but one task owns the
@@ -69,8 +70,8 @@ from typing import Final
 
 import trio
 from OpenSSL import SSL
-from trio.lowlevel import wait_readable, wait_writable
 
+from ..waits import handover, wait_readable, wait_writable
 from .contexts import ServerIdentity, new_server_connection
 from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_from_openssl
 from .openssl_internals import (
@@ -184,9 +185,18 @@ async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
 
 async def send_quietly(sock: socket.socket, data: bytes) -> None:
     """Best effort: at most ``_CLOSE_GRACE`` seconds, failures ignored (we are closing)."""
+    try:
+        sent = sock.send(data)  # a closing connection's few bytes nearly always fit at once
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return
+    if sent == len(data):
+        return
+    await handover()  # the grace is a trio timeout: a task's
     with trio.move_on_after(_CLOSE_GRACE):
         try:
-            await send_all(sock, data)
+            await send_all(sock, memoryview(data)[sent:])
         except OSError:
             pass
 
