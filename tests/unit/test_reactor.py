@@ -141,7 +141,7 @@ async def test_a_driven_step_that_awaits_trio_fails_alone(nursery: trio.Nursery)
 
     async def story() -> None:
         try:
-            await trio.sleep(0)  # a checkpoint before handover: a bug
+            await trio.lowlevel.checkpoint()  # a checkpoint before handover: a bug
         except RuntimeError as exc:
             seen.append(str(exc))
 
