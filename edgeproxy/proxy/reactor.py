@@ -58,7 +58,8 @@ __all__ = ["Driver", "Owner", "Reactor", "reactor"]
 
 log = logging.getLogger("edgeproxy.conn")
 
-_EVENTS_PER_WAKE: Final = 64  # ready sockets taken per wake-up (the rest: the next one)
+_EVENTS_PER_WAKE: Final = 64  # ready sockets taken per poll (the rest: the next one)
+_POLLS_PER_WAKE: Final = 4  # polls per wake-up, while they find something (fairness bound)
 _TICK: Final = 0.05  # the timer wakes at most this often (deadline precision)
 _WATCH: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _PROBLEM: Final = select.EPOLLERR | select.EPOLLHUP  # wakes a wait of either kind
@@ -124,15 +125,23 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
-                self.now = trio.current_time()
-                for fd, events in epoll.poll(0, _EVENTS_PER_WAKE):
-                    owner = owners.get(fd)
-                    if owner is None:
-                        continue  # ended earlier in this batch
-                    try:
-                        owner.on_ready(fd, events)
-                    except Exception as exc:  # a bug: that connection reports it
-                        owner.on_error(exc)
+                # Poll again after each batch, up to _POLLS_PER_WAKE times: what the batch
+                # caused (an upstream's answer, its FIN behind it, a request behind a
+                # client's Finished, a socket the batch just registered) is often ready by
+                # then, and an empty poll costs far less than a trip through trio's loop.
+                for _ in range(_POLLS_PER_WAKE):
+                    ready = epoll.poll(0, _EVENTS_PER_WAKE)
+                    if not ready:
+                        break
+                    self.now = trio.current_time()
+                    for fd, events in ready:
+                        owner = owners.get(fd)
+                        if owner is None:
+                            continue  # ended earlier in this batch
+                        try:
+                            owner.on_ready(fd, events)
+                        except Exception as exc:  # a bug: that connection reports it
+                            owner.on_error(exc)
         finally:
             epoll.close()
 

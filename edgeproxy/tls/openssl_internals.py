@@ -255,14 +255,30 @@ class Scratch:
             self.view = memoryview(bytearray(size))
 
 
+READ_END: Final = 0
+READ_AGAIN: Final = -1
+READ_AGAIN_WRITE: Final = -2
+
+
 def read_into(conn: SSL.Connection, scratch: Scratch) -> int:
-    """One ``SSL_read`` into ``scratch``: the byte count (> 0), or pyOpenSSL's exception, as
-    ``recv_into`` would raise it. Needs ``Internals.plaintext_calls`` (``scratch.pointer``)."""
+    """One ``SSL_read`` into ``scratch``: the byte count (> 0), or what stopped it as a value
+    (``READ_AGAIN``: no whole record yet; ``READ_AGAIN_WRITE``: OpenSSL must write first;
+    ``READ_END``: close_notify, or a FIN), since raising and classifying pyOpenSSL's exception
+    for these ordinary ends costs more Python than the read. Other failures raise pyOpenSSL's
+    exception, as ``recv_into`` would. Needs ``Internals.plaintext_calls`` (``scratch.pointer``)."""
     ssl = conn._ssl
     n: int = _lib.SSL_read(ssl, scratch.pointer, scratch.size)
-    if n <= 0:
-        conn._raise_ssl_error(ssl, n)
-    return n
+    if n > 0:
+        return n
+    err = _lib.SSL_get_error(ssl, n)
+    if err == _lib.SSL_ERROR_WANT_READ:
+        return READ_AGAIN
+    if err == _lib.SSL_ERROR_ZERO_RETURN:
+        return READ_END
+    if err == _lib.SSL_ERROR_WANT_WRITE:
+        return READ_AGAIN_WRITE
+    conn._raise_ssl_error(ssl, n)
+    raise SSL.Error("SSL_read failed")  # pragma: no cover - the line above raises
 
 
 def write_from(conn: SSL.Connection, scratch: Scratch, n: int) -> None:

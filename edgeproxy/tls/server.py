@@ -77,6 +77,8 @@ from .errors import PEER_CLOSED, TLSHandshakeError, describe_openssl, reason_fro
 from .openssl_internals import (
     HANDSHAKE_DONE,
     HANDSHAKE_WANTS_WRITE,
+    READ_AGAIN,
+    READ_AGAIN_WRITE,
     Internals,
     Scratch,
     attach_socket,
@@ -136,8 +138,8 @@ class _Next(enum.Enum):
 
 
 # What ``ServerTLS.receive_into`` returns when it cannot finish without waiting.
-AGAIN: Final = -1  # no whole record yet: wait until the socket is readable
-AGAIN_WRITE: Final = -2  # OpenSSL must write first: wait until the socket is writable
+AGAIN: Final = READ_AGAIN  # no whole record yet: wait until the socket is readable
+AGAIN_WRITE: Final = READ_AGAIN_WRITE  # OpenSSL must write first: wait until it is writable
 _NOWAIT_CODES: Final = {_Next.READ: AGAIN, _Next.WRITE: AGAIN_WRITE, _Next.END: 0}
 
 
