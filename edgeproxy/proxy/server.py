@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import select
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -36,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
-from trio.lowlevel import wait_readable
 
 from .. import metrics
 from ..addresses import HostPort, bound_socket
@@ -46,7 +46,7 @@ from ..logs import LogThrottle
 from ..tls.tickets import TicketKeys
 from .connection import handle_connection, set_reset_on_close
 from .outcome import ConnInfo, count_closed
-from .reactor import Driver
+from .reactor import Driver, Reactor
 from .reactor import reactor as the_reactor
 from .routes import RouteTable
 from .senders import AddressSet, RefusalSummary
@@ -55,6 +55,7 @@ from .upstream import UpstreamPool
 log = logging.getLogger("edgeproxy.proxy")
 
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPTS_PER_EVENT = 64  # accepts per ready event on a listener (fairness to the others)
 
 # Pre-ClientHello timeout scaling: full ``handshake_timeout`` up to this share of
 # ``max_handshakes`` in use, then down linearly to ``_HELLO_TIMEOUT_FLOOR`` when all are.
@@ -184,81 +185,85 @@ class Proxy:
                     info.timer.cancel(outer=True)
 
     async def _accept_loop(self, listener: socket.socket, conn_nursery: trio.Nursery) -> None:
+        """Accept on ``listener`` until cancelled (``stop_accepting``).
+
+        The listener is one more socket in the reactor's epoll (``_Acceptor``): accepting, a
+        connection's first steps and whatever its ClientHello starts happen in one wake-up
+        of the reactor, with no trip through trio's loop for the accept alone. This task only
+        holds the registration, and pauses it when accepting fails for want of descriptors.
+        """
         reactor = the_reactor()
-        accepted = 0
-        family = listener.family
-        while True:
-            try:
-                # ``accept()`` without its wrapper: it converts the listener's family and type
-                # to enums for every connection, more Python than the rest of an accept.
-                fd, addr = listener._accept()  # type: ignore[attr-defined]  # CPython, since 3.0
-            except BlockingIOError:
-                accepted = 0
-                await wait_readable(listener)
-                continue
-            except OSError as exc:
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    log.error("accept failed: %s; pausing 100 ms and continuing", exc)
-                    metrics.CONNECTIONS_REFUSED.labels("accept_error").inc()
-                    await trio.sleep(0.1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue  # the client gave up before we accepted: nothing to do
-                raise
-            # Accepting drains the backlog without a scheduler round trip per connection;
-            # every so often let the connections already accepted run.
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            accepted += 1
-            if accepted % 64 == 0:
-                await trio.lowlevel.checkpoint()
-            metrics.ACCEPTED_ADD()
-            s = self.settings
-            # Before anything is read: a peer that may not send a PROXY header gets nothing
-            # from us, not even a chance to send one.
-            if s.proxy_senders is not None and not s.proxy_senders.allows(addr[0]):
-                metrics.PROXY_UNTRUSTED.inc()
-                if line := self.untrusted.note(str(addr[0])):
-                    log.warning("%s", line)
+        acceptor = _Acceptor(self, listener, conn_nursery, reactor)
+        fd = listener.fileno()
+        try:
+            while True:
+                acceptor.failed = trio.Event()
+                reactor.watch(fd, acceptor, select.EPOLLIN)
+                await acceptor.failed.wait()
+                reactor.unwatch(fd, acceptor)
+                exc = acceptor.error
+                assert exc is not None
+                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
+                    raise exc
+                log.error("accept failed: %s; pausing 100 ms and continuing", exc)
+                metrics.CONNECTIONS_REFUSED.labels("accept_error").inc()
+                await trio.sleep(0.1)
+        finally:
+            reactor.unwatch(fd, acceptor)
+
+    def admit(
+        self, fd: int, addr: tuple[str, int], family: int, nursery: trio.Nursery, reactor: Reactor
+    ) -> None:
+        """One accepted connection: refused at the limits, or started (driven, no task)."""
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        metrics.ACCEPTED_ADD()
+        s = self.settings
+        # Before anything is read: a peer that may not send a PROXY header gets nothing
+        # from us, not even a chance to send one.
+        if s.proxy_senders is not None and not s.proxy_senders.allows(addr[0]):
+            metrics.PROXY_UNTRUSTED.inc()
+            if line := self.untrusted.note(str(addr[0])):
+                log.warning("%s", line)
+            _abort(sock)
+            return
+        if self.active >= s.max_connections:
+            metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
+            _abort(sock)
+            return
+        if self.handshaking >= s.max_handshakes and not self._shed_oldest("max_handshakes"):
+            metrics.CONNECTIONS_REFUSED.labels("max_handshakes").inc()
+            _abort(sock)
+            return
+        peer = addr if len(addr) == 2 else _addr(addr)  # IPv4 is (str, int) already
+        counted_ip = None
+        if s.max_connections_per_ip and s.proxy_protocol == "off":
+            ip = peer[0]
+            if self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
+                metrics.CONNECTIONS_REFUSED.labels("max_connections_per_ip").inc()
                 _abort(sock)
-                continue
-            if self.active >= s.max_connections:
-                metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
-                _abort(sock)
-                continue
-            if self.handshaking >= s.max_handshakes and not self._shed_oldest("max_handshakes"):
-                metrics.CONNECTIONS_REFUSED.labels("max_handshakes").inc()
-                _abort(sock)
-                continue
-            peer = addr if len(addr) == 2 else _addr(addr)  # IPv4 is (str, int) already
-            counted_ip = None
-            if s.max_connections_per_ip and s.proxy_protocol == "off":
-                ip = peer[0]
-                if self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
-                    metrics.CONNECTIONS_REFUSED.labels("max_connections_per_ip").inc()
-                    _abort(sock)
-                    continue
-                self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-                counted_ip = ip
-            sock.setblocking(False)  # not inherited; TCP_NODELAY is (see serve)
-            self.active += 1
-            self.handshaking += 1
-            if self.active == 1:
-                self._idle = trio.Event()
-            metrics.ACTIVE_UP()
-            # No task: the reactor drives the connection's story (proxy/reactor.py), from here
-            # on, until it needs a task of its own.
-            timer = Driver(reactor, conn_nursery, trio.current_time() + s.handshake_timeout)
-            info = ConnInfo(
-                time.monotonic(),
-                peer,
-                peer,
-                counted_ip=counted_ip,
-                conn_id=next(self._ids),
-                timer=timer,
-            )
-            self.pre_hello[info.conn_id] = info
-            self.live[info.conn_id] = info
-            timer.start(handle_connection(self, sock, info))
+                return
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            counted_ip = ip
+        sock.setblocking(False)  # not inherited; TCP_NODELAY is (see serve)
+        self.active += 1
+        self.handshaking += 1
+        if self.active == 1:
+            self._idle = trio.Event()
+        metrics.ACTIVE_UP()
+        # No task: the reactor drives the connection's story (proxy/reactor.py), from here
+        # on, until it needs a task of its own.
+        timer = Driver(reactor, nursery, trio.current_time() + s.handshake_timeout)
+        info = ConnInfo(
+            time.monotonic(),
+            peer,
+            peer,
+            counted_ip=counted_ip,
+            conn_id=next(self._ids),
+            timer=timer,
+        )
+        self.pre_hello[info.conn_id] = info
+        self.live[info.conn_id] = info
+        timer.start(handle_connection(self, sock, info))
 
     def _shed_oldest(self, reason: str) -> bool:
         """Close the oldest connection still before its ClientHello; False if there is none.
@@ -358,6 +363,50 @@ class Proxy:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+class _Acceptor:
+    """A listener as an owner in the reactor's epoll (level-triggered): each ready event
+    accepts up to ``_ACCEPTS_PER_EVENT`` connections (what is left reports again, after the
+    other sockets of that wake-up had their turn)."""
+
+    __slots__ = ("error", "failed", "family", "listener", "nursery", "proxy", "reactor")
+
+    def __init__(
+        self, proxy: Proxy, listener: socket.socket, nursery: trio.Nursery, reactor: Reactor
+    ) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.family = listener.family
+        self.nursery = nursery
+        self.reactor = reactor
+        self.failed = trio.Event()
+        self.error: OSError | None = None
+
+    def on_ready(self, fd: int, events: int) -> None:
+        listener = self.listener
+        admit = self.proxy.admit
+        for _ in range(_ACCEPTS_PER_EVENT):
+            try:
+                # ``accept()`` without its wrapper: it converts the listener's family and type
+                # to enums for every connection, more Python than the rest of an accept.
+                conn_fd, addr = listener._accept()  # type: ignore[attr-defined]  # CPython
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up before we accepted: nothing to do
+                self.on_error(exc)
+                return
+            admit(conn_fd, addr, self.family, self.nursery, self.reactor)
+
+    def on_error(self, exc: Exception) -> None:
+        """Accepting failed: the accept loop's task takes over (pauses, or raises)."""
+        self.reactor.unwatch(self.listener.fileno(), self)
+        self.error = exc if isinstance(exc, OSError) else OSError(errno.EIO, repr(exc))
+        if not isinstance(exc, OSError):
+            log.error("accepting failed", exc_info=exc)
+        self.failed.set()
 
 
 def _abort(sock: socket.socket) -> None:
