@@ -131,6 +131,7 @@ class _Link:
     """
 
     __slots__ = (
+        "added",
         "client_eof",
         "client_fd",
         "close_sent",
@@ -173,6 +174,7 @@ class _Link:
         self.touch_at = scope.deadline - idle_timeout + self.slack
         self.reactor = reactor()
         self.scratch = _scratch()
+        self.added = False  # both sockets are in the reactor's epoll
         self.task: trio.lowlevel.Task | None = None  # the parked task (a task's pipe)
         self.driver: Driver | None = None  # the parked coroutine's driver (a driven pipe)
         self.over = False  # the pipe ended in the fast path
@@ -193,11 +195,14 @@ class _Link:
         except BaseException:
             r.unwatch(self.client_fd, self)
             raise
+        self.added = True
 
     def remove(self) -> None:
-        r = self.reactor
-        r.unwatch(self.client_fd, self)
-        r.unwatch(self.upstream_fd, self)
+        if self.added:
+            self.added = False
+            r = self.reactor
+            r.unwatch(self.client_fd, self)
+            r.unwatch(self.upstream_fd, self)
 
     def on_ready(self, fd: int, events: int) -> None:
         if fd == self.client_fd:
@@ -214,9 +219,18 @@ class _Link:
 
     def end(self, reason: PipeEnd | None = None, error: Exception | None = None) -> None:
         """Leave the fast path: the connection goes on (``reason``: the pipe is over)."""
-        self.remove()
+        driver = self.driver
+        if driver is not None and reason is not None and self.added:
+            # A driven connection closes both sockets in the step this starts, which drops
+            # them from the epoll: no unregistering syscalls for sockets about to close.
+            self.added = False
+            r = self.reactor
+            r.forget(self.client_fd, self)
+            r.forget(self.upstream_fd, self)
+        else:
+            self.remove()
         task, self.task = self.task, None
-        driver, self.driver = self.driver, None
+        self.driver = None
         if task is None and driver is None:
             return  # already woken (a handler that failed after ending its link)
         if reason is not None:
@@ -248,12 +262,12 @@ class _Link:
                 self.end()  # OpenSSL must write first: the tasks wait for that
                 return
             self.client_eof = True  # close_notify, or a FIN
+            if self.upstream_eof:
+                self.end(PipeEnd.DONE)  # both ends read: the upstream is closed next, no shutdown
+                return
             with contextlib.suppress(OSError):
                 self.upstream.shutdown(socket.SHUT_WR)
-            if self.upstream_eof:
-                self.end(PipeEnd.DONE)
-            else:
-                self.reactor.unwatch(self.client_fd, self)
+            self.reactor.unwatch(self.client_fd, self)
             return
         if self.reactor.now > self.touch_at:
             self.touch()

@@ -268,8 +268,8 @@ class Proxy:
     def _shed_oldest(self, reason: str) -> bool:
         """Close the oldest connection still before its ClientHello; False if there is none.
 
-        Its handshake slot is freed at once (its task runs later, when the cancellation
-        reaches it, and resets the socket).
+        Its handshake slot is freed at once, and a driven connection ends here and now (reset);
+        one in a task of its own ends when the cancellation reaches it.
         """
         if not self.pre_hello:
             return False
