@@ -27,7 +27,16 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["Driven", "Expired", "current", "handover", "park", "wait_readable", "wait_writable"]
+__all__ = [
+    "SUSPEND",
+    "Driven",
+    "Expired",
+    "current",
+    "handover",
+    "park",
+    "wait_readable",
+    "wait_writable",
+]
 
 EPOLLIN: Final = 0x001
 EPOLLOUT: Final = 0x004
@@ -53,17 +62,13 @@ class Driven(Protocol):
 # The driver stepping a coroutine right now, None in a trio task (set by the driver only).
 current: Driven | None = None
 
-_SUSPEND: Final = object()
+# What a driven step yields when it stopped at one of ours (anything else is a trio trap).
+SUSPEND: Final = object()
 
 
 @types.coroutine
 def _suspend() -> Generator[object, None, None]:
-    yield _SUSPEND
-
-
-def is_suspend(value: object) -> bool:
-    """Whether a driven step stopped at one of ours (anything else is a trio trap)."""
-    return value is _SUSPEND
+    yield SUSPEND
 
 
 async def wait_readable(sock: socket.socket) -> None:

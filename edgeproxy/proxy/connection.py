@@ -138,7 +138,7 @@ async def handle_connection(proxy: Proxy, sock: socket.socket, info: ConnInfo) -
             finally:
                 proxy.end_handshake(info)
             if est is not None:
-                timer.deadline = trio.current_time() + s.idle_timeout
+                timer.deadline = timer.clock() + s.idle_timeout
                 try:
                     await _forward(proxy, s, sock, est, info, flow)
                 finally:

@@ -252,7 +252,7 @@ class Proxy:
         metrics.ACTIVE_UP()
         # No task: the reactor drives the connection's story (proxy/reactor.py), from here
         # on, until it needs a task of its own.
-        timer = Driver(reactor, nursery, trio.current_time() + s.handshake_timeout)
+        timer = Driver(reactor, nursery, reactor.clock() + s.handshake_timeout)
         info = ConnInfo(
             time.monotonic(),
             peer,
