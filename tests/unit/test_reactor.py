@@ -3,8 +3,8 @@
 A served name's connection must be accepted, handshaken, piped and closed without a trio task
 of its own; what a driven connection cannot do goes on in a task carrying its deadline; a
 deadline, a shutdown or a bug ends that one connection only; readiness that came while the
-connection waited for something else is not lost (the epoll is edge-triggered); the timer's
-stale entries stay bounded.
+connection waited for something else is not lost (the epoll is edge-triggered), and a write
+that has to wait resumes when there is room; the timer's stale entries stay bounded.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import trio
 
 from edgeproxy import waits
 from edgeproxy.proxy.reactor import Driver, reactor
+from edgeproxy.tls.server import send_all
 from testkit.proxy import base_config, running_proxy
 from testkit.upstreams import http_handler, start_upstream
 
@@ -210,3 +211,36 @@ async def test_stale_timer_entries_stay_bounded(nursery: trio.Nursery, count: in
         Driver(r, nursery, trio.current_time() + 3600).start(story())
     assert r.drivers == 0
     assert len(r._timers) <= 2 * r.drivers + 1024 + 1
+
+
+async def test_a_driven_write_waits_for_room(nursery: trio.Nursery) -> None:
+    # A write that fills the socket waits (driven, edge-triggered for writing) and finishes
+    # once the peer reads.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    payload = b"x" * (8 * 1024 * 1024)  # far more than two socket buffers
+    sent = trio.Event()
+    states: list[str] = []
+
+    async def story() -> None:
+        await send_all(a, payload)
+        states.append("sent")
+        sent.set()
+
+    d = Driver(reactor(), nursery, trio.current_time() + 30)
+    d.start(story())
+    assert states == []  # it had to wait: the peer has read nothing yet
+    received = 0
+
+    def drain() -> None:
+        nonlocal received
+        b.settimeout(5)  # a writer that never resumes fails the test instead of hanging it
+        while received < len(payload):
+            received += len(b.recv(1 << 20))
+
+    with trio.fail_after(10):
+        await trio.to_thread.run_sync(drain)
+        await sent.wait()
+    assert states == ["sent"] and received == len(payload)
+    a.close()
+    b.close()
