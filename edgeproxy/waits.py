@@ -20,6 +20,7 @@ trap coming out of a driven step as the bug it is (the connection ends as intern
 
 from __future__ import annotations
 
+import select
 import socket
 import types
 from collections.abc import Generator
@@ -38,8 +39,8 @@ __all__ = [
     "wait_writable",
 ]
 
-EPOLLIN: Final = 0x001
-EPOLLOUT: Final = 0x004
+EPOLLIN: Final = select.EPOLLIN
+EPOLLOUT: Final = select.EPOLLOUT
 
 
 class Expired(BaseException):

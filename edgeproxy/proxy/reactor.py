@@ -360,8 +360,8 @@ class Driver:
         self._seen = 0
 
     def unwatch_all(self) -> None:
-        """Take this connection's sockets out of the epoll (the pipe's fast path re-registers
-        them its own way; a task waits in trio's epoll)."""
+        """Take this connection's sockets out of the epoll (at handover: a task waits in
+        trio's epoll)."""
         r = self._reactor
         for fd in self._watched:
             r.unwatch(fd, self)
@@ -371,37 +371,30 @@ class Driver:
     # ---- stepping ----------------------------------------------------------------------------
 
     def _step(self, exc: BaseException | None) -> None:
+        """Send into the coroutine (or throw ``exc``) until it suspends at one of ours or ends.
+
+        Suspended at a trio trap (a bug: trio awaited before ``handover``): a ``RuntimeError``
+        goes in. Suspended after ``cancel`` came while it ran: ``Expired`` goes in.
+        """
         coro = self._coro
         assert coro is not None
         before = waits.current
         waits.current = self
-        self._state = _RUNNING
         try:
-            try:
-                yielded = coro.send(None) if exc is None else coro.throw(exc)
-            except BaseException as end:
-                self._finish(end)
-                return
             while True:
+                self._state = _RUNNING
+                try:
+                    yielded = coro.send(None) if exc is None else coro.throw(exc)
+                except BaseException as end:
+                    self._finish(end)
+                    return
                 if yielded is not SUSPEND:
-                    # A trio trap outside a task: a bug in the code before handover.
-                    self._state = _RUNNING
-                    bug = RuntimeError(f"a driven connection awaited trio itself ({yielded!r})")
-                    try:
-                        yielded = coro.throw(bug)
-                    except BaseException as end:
-                        self._finish(end)
-                        return
-                    continue
-                if self._cancelled and self._state in (_WAIT, _PARKED):
+                    exc = RuntimeError(f"a driven connection awaited trio itself ({yielded!r})")
+                elif self._cancelled and self._state in (_WAIT, _PARKED):
                     self._cancelled = False
-                    try:
-                        yielded = coro.throw(Expired())
-                    except BaseException as end:
-                        self._finish(end)
-                        return
-                    continue
-                break
+                    exc = Expired()
+                else:
+                    break
         finally:
             waits.current = before
         if self._state == _TASK:
