@@ -199,11 +199,10 @@ class Proxy:
             while True:
                 acceptor.failed = trio.Event()
                 reactor.watch(fd, acceptor, select.EPOLLIN)
-                await acceptor.failed.wait()
-                reactor.unwatch(fd, acceptor)
+                await acceptor.failed.wait()  # the acceptor has left the epoll
                 exc = acceptor.error
                 assert exc is not None
-                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
+                if not (isinstance(exc, OSError) and exc.errno in _ACCEPT_PAUSE_ERRNOS):
                     raise exc
                 log.error("accept failed: %s; pausing 100 ms and continuing", exc)
                 metrics.CONNECTIONS_REFUSED.labels("accept_error").inc()
@@ -381,7 +380,7 @@ class _Acceptor:
         self.nursery = nursery
         self.reactor = reactor
         self.failed = trio.Event()
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     def on_ready(self, fd: int, events: int) -> None:
         listener = self.listener
@@ -401,11 +400,9 @@ class _Acceptor:
             admit(conn_fd, addr, self.family, self.nursery, self.reactor)
 
     def on_error(self, exc: Exception) -> None:
-        """Accepting failed: the accept loop's task takes over (pauses, or raises)."""
+        """Accepting failed: the accept loop's task takes over (pauses, or raises ``exc``)."""
         self.reactor.unwatch(self.listener.fileno(), self)
-        self.error = exc if isinstance(exc, OSError) else OSError(errno.EIO, repr(exc))
-        if not isinstance(exc, OSError):
-            log.error("accepting failed", exc_info=exc)
+        self.error = exc
         self.failed.set()
 
 
