@@ -27,7 +27,7 @@ be a weaker one, so they raise ``RuntimeError`` instead.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
@@ -214,9 +214,14 @@ def handshake_step(conn: SSL.Connection) -> int:
         return HANDSHAKE_WANTS_READ
     if err == lib.SSL_ERROR_WANT_WRITE:
         return HANDSHAKE_WANTS_WRITE
-    # pyOpenSSL's mapping: a callback's own exception (ALPN, SNI) first, then the queue.
-    conn._raise_ssl_error(ssl, rc)
-    raise SSL.Error("SSL_do_handshake failed")  # pragma: no cover - the line above raises
+    _raise_failure(conn, rc, "SSL_do_handshake")
+
+
+def _raise_failure(conn: SSL.Connection, rc: int, call: str) -> NoReturn:
+    """Raise what pyOpenSSL raises for a failed ``call`` that returned ``rc``: a callback's
+    own exception (ALPN, SNI) first, then the error queue's."""
+    conn._raise_ssl_error(conn._ssl, rc)
+    raise SSL.Error(f"{call} failed")  # pragma: no cover - the line above raises
 
 
 def write_plaintext(conn: SSL.Connection, data: bytes) -> int:
@@ -277,8 +282,7 @@ def read_into(conn: SSL.Connection, scratch: Scratch) -> int:
         return READ_END
     if err == _lib.SSL_ERROR_WANT_WRITE:
         return READ_AGAIN_WRITE
-    conn._raise_ssl_error(ssl, n)
-    raise SSL.Error("SSL_read failed")  # pragma: no cover - the line above raises
+    _raise_failure(conn, n, "SSL_read")
 
 
 def write_from(conn: SSL.Connection, scratch: Scratch, n: int) -> None:
