@@ -95,7 +95,7 @@ class ConnInfo:
     # The connection's driver (``proxy/reactor.py``) and its one deadline: the handshake's
     # first (PROXY header, ClientHello and TLS handshake together), then the idle timeout,
     # which the pipe moves along on activity. Set at accept.
-    timer: Driver = field(default=None)  # type: ignore[assignment]
+    timer: Driver = None  # type: ignore[assignment]
     shed: str | None = None  # why the overload shedding closed it, if it did
 
 
